@@ -1,0 +1,159 @@
+"""Paged attention: the metadata one engine step hands to every attention layer, and the backends behind it.
+
+The KV cache of a layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`. Each step, the new
+tokens' K/V are first stored into their slots (`slot_mapping`), then every query attends over its sequence's
+whole context read back through its block table: cached prefix blocks, earlier chunks and the new tokens alike.
+So chunked prefill, prefix-cache hits and decode are one code path. `TorchAttention` is the plain-PyTorch
+reference (it runs on CPU and CUDA); the Triton backend of `kernels/triton_attention.py` implements the same
+`AttentionBackend` interface and is checked against this one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the new tokens of one step go and what each of them may attend to."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset); -1 = padding
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: new tokens of seq i are [start[i], start[i+1])
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step (cached + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]  # host copies, so that the reference path never syncs
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def build_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Metadata for sequences whose last `query_lens[i]` tokens of `seq_lens[i]` are new this step."""
+    slots: list[int] = []
+    for q, s, table in zip(query_lens, seq_lens, block_tables):
+        for pos in range(s - q, s):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    width = max((len(t) for t in block_tables), default=1) or 1
+    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
+
+
+class AttentionBackend(ABC):
+    """Stores new K/V into the paged cache and computes causal attention over each sequence's context."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """key/value: [num_tokens, num_kv_heads, head_dim] → their slots; slot -1 is skipped."""
+
+    @abstractmethod
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_dim] → output of the same shape (GQA: heads share kv heads)."""
+
+
+class TorchAttention(AttentionBackend):
+    """The reference: gathers each sequence's context from its blocks and runs SDPA. Runs on CPU and CUDA."""
+
+    name = "torch"
+
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        num_blocks, block_size = k_cache.shape[:2]
+        flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
+        flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+        flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+        flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.is_decode_only:
+            return self._decode(query, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(query)
+        start = 0
+        for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            k, v = _gather_context(k_cache, v_cache, meta.block_tables[i], s_len)  # [s_len, kv_heads, dim]
+            q = query[start:start + q_len]  # [q_len, heads, dim]
+            # query j sits at position s_len - q_len + j and sees keys 0..that position
+            mask = torch.ones(q_len, s_len, dtype=torch.bool, device=query.device).tril(s_len - q_len)
+            out[start:start + q_len] = _sdpa(q, k, v, mask, scale)
+            start += q_len
+        return out
+
+    def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """All sequences have one new token: one batched gather and one SDPA call with a length mask."""
+        num_seqs, max_len = meta.num_seqs, meta.max_seq_len
+        block_size = k_cache.shape[1]
+        num_blocks = (max_len + block_size - 1) // block_size
+        tables = meta.block_tables[:num_seqs, :num_blocks].long()
+        k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, kv_heads, dim]
+        v = v_cache[tables].flatten(1, 2)[:, :max_len]
+        positions = torch.arange(max_len, device=query.device)
+        mask = positions[None, :] < meta.seq_lens[:num_seqs, None]  # [num_seqs, max_len]
+        q = query[:num_seqs].unsqueeze(2)  # [num_seqs, heads, 1, dim]
+        k, v = _expand_kv(k.transpose(1, 2), q.shape[1]), _expand_kv(v.transpose(1, 2), q.shape[1])
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
+                                             scale=scale)
+        result = query.clone()
+        result[:num_seqs] = out.squeeze(2)
+        return result
+
+
+def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    block_size = k_cache.shape[1]
+    blocks = block_table[: (seq_len + block_size - 1) // block_size].long()
+    k = k_cache[blocks].flatten(0, 1)[:seq_len]
+    v = v_cache[blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[batch, kv_heads, len, dim] → [batch, num_heads, len, dim] for grouped-query attention."""
+    group = num_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [q_len, heads, dim], k/v [s_len, kv_heads, dim], mask [q_len, s_len] → [q_len, heads, dim]."""
+    qh = q.transpose(0, 1).unsqueeze(0)
+    kh = _expand_kv(k.transpose(0, 1).unsqueeze(0), q.shape[1]).to(q.dtype)
+    vh = _expand_kv(v.transpose(0, 1).unsqueeze(0), q.shape[1]).to(q.dtype)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
