@@ -1,0 +1,64 @@
+"""Plain-PyTorch reference of the model's element-wise kernels: RMSNorm, fused residual add + RMSNorm,
+SiLU-and-mul and rotary embedding.
+
+These are what the CPU runs and what the Triton kernels of `kernels/` are tested against, so their signatures
+are a contract: each is a pure function, returns the dtype it was given, and computes in float32 inside where
+Hugging Face's Qwen2 does (norms and rotary), so that fp32 results match transformers to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden], weight [hidden] → [T, hidden] in x's dtype; normalised in float32 like HF's RMSNorm."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(dim=-1, keepdim=True)  # [T, 1]
+    normed = (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+    return weight.to(x.dtype) * normed
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual = x + residual, then (rms_norm(residual), residual); both [T, hidden] in x's dtype."""
+    new_residual = x + residual  # [T, hidden]
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2*I], gate in the first half and up projection in the second → silu(gate) * up [T, I]."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: last dimension must be even, got {x.shape[-1]}")
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]) * x[..., half:]
+
+
+def rotary_cos_sin_cache(head_dim: int, max_position: int, theta: float) -> torch.Tensor:
+    """[max_position, head_dim] float32: cos(position * freq) in the first half, sin in the second."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [head_dim/2]
+    inv_freq = 1.0 / (theta ** exponents)
+    positions = torch.arange(max_position, dtype=torch.int64).float()  # [max_position]
+    freqs = torch.outer(positions, inv_freq)  # [max_position, dim/2]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (HF `rotate_half`) rotary embedding of q [T, num_heads, head_dim] and k [T, num_kv_heads,
+    head_dim] at positions [T] int64, with the [max_position, head_dim] float32 cache. Returns new q, k."""
+    half = cos_sin_cache.shape[-1] // 2
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [T, head_dim]
+    cos = cos_sin[:, :half].repeat(1, 2).unsqueeze(1)  # [T, 1, head_dim]
+    sin = cos_sin[:, half:].repeat(1, 2).unsqueeze(1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] * cos + rotate_half(x) * sin; like HF, cos/sin are cast to x's dtype first."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [T, heads, head_dim]
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
