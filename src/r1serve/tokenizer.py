@@ -58,6 +58,7 @@ R1_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
 R1_VOCAB_SIZE = 151936  # rows of the embedding / lm_head of every R1-Distill-Qwen model
 
 _ROLES = ("system", "user", "assistant", "tool")
+_KNOWN_EOS_TOKENS = (EOS_TOKEN, "<|im_end|>", "<|endoftext|>")  # R1, Qwen2.5-Instruct, Qwen2 base
 
 
 def _validate_messages(messages: Any) -> None:
@@ -201,7 +202,7 @@ class HFTokenizer(Tokenizer):
         return list(json.loads(self._tok.to_str()).get("added_tokens", []))
 
     def _find_eos_id(self) -> int:
-        """EOS from tokenizer_config.json, else from generation_config.json / config.json."""
+        """EOS from tokenizer_config.json, else generation_config.json / config.json, else a known name."""
         if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
             return int(self._tok.token_to_id(self.eos_token))
         for filename in ("generation_config.json", "config.json"):
@@ -211,6 +212,10 @@ class HFTokenizer(Tokenizer):
             if isinstance(eos, int):
                 self.eos_token = self._tok.id_to_token(eos)
                 return eos
+        for known in _KNOWN_EOS_TOKENS:
+            if self._tok.token_to_id(known) is not None:
+                self.eos_token = known
+                return int(self._tok.token_to_id(known))
         raise ValueError(f"no EOS token in {self.folder}: tokenizer_config.json needs an 'eos_token' "
                          "(or generation_config.json an 'eos_token_id')")
 
