@@ -1,0 +1,197 @@
+"""From an `EngineConfig` to a ready model on a device: which device and dtype, where the checkpoint is (local
+folder or hub id), which architecture (config.json or the built-in R1-Distill-1.5B config), and the weights.
+
+The model is built on the meta device and materialised once on the target device in the target dtype, then
+filled either from safetensors (single file or sharded with its index, streamed shard by shard behind a
+`Loading checkpoint shards` progress bar) or, for `--load-format dummy`, with seeded random weights generated
+on the device. Every failure a user can cause (model not found offline, no safetensors, a checkpoint that
+does not fit the config) is one clear error that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from r1serve.config import DEFAULT_MODEL, R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig, ModelConfig
+from r1serve.kernels.attention import AttentionBackend
+from r1serve.model.qwen2 import Qwen2ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_CONFIG_PATTERNS = ["*.json", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+SHARDS_DESC = "Loading checkpoint shards"
+DUMMY_STD = 0.02
+_DUMMY_BOUND = DUMMY_STD * 3 ** 0.5  # uniform(-b, b) has std b / sqrt(3)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local folder nor reachable on the hub (one line: what, and what to do)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda when available, else cpu; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device: {device!r} is not one of auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but no CUDA device is available (use --device cpu)")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): /proc/cpuinfo flags, else torch."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = {word for line in cpuinfo.splitlines() if line.startswith("flags") for word in line.split()}
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" → bf16 on CUDA (fp16 on a GPU without bf16), bf16 on a CPU with native bf16, else fp32."""
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype != "auto":
+        raise ValueError(f"dtype: {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    if device.type == "cuda":
+        supported = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if supported else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def resolve_model_path(model: str, revision: str | None, allow_missing: bool) -> Path | None:
+    """A local folder as is; else a hub id fetched (or found in the cache) with `huggingface_hub`.
+
+    With `allow_missing` (dummy weights) only config and tokenizer files are fetched, and a model that cannot
+    be found gives None instead of an error."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        if allow_missing:
+            return None
+        raise ModelNotFoundError(f"model folder {model} does not exist")
+    patterns = _CONFIG_PATTERNS if allow_missing else _CONFIG_PATTERNS + _WEIGHT_PATTERNS
+    try:
+        return Path(_snapshot(model, revision, patterns))
+    except Exception as e:  # the hub raises many types (offline, not found, gated, network): all = absent
+        if allow_missing:
+            logger.info("model %s not found locally or on the hub (%s); continuing without files", model,
+                        type(e).__name__)
+            return None
+        raise ModelNotFoundError(
+            f"model {model!r} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({_why(e)}); pass a local path with --model, or run with --load-format dummy"
+        ) from e
+
+
+def _why(error: Exception) -> str:
+    name = type(error).__name__
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return f"{name}: not in the local cache, and the hub is offline or unreachable"
+    return f"{name}: {str(error).splitlines()[0][:200]}" if str(error) else name
+
+
+def _snapshot(model: str, revision: str | None, patterns: list[str]) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:  # the local cache first, so that a cached model needs no network
+        return snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        return snapshot_download(model, revision=revision, allow_patterns=patterns)
+
+
+def load_model_config(config: EngineConfig, model_path: Path | None) -> ModelConfig:
+    """The folder's config.json; for dummy weights of the default model, the built-in config."""
+    if model_path is not None and (model_path / "config.json").is_file():
+        return ModelConfig.from_file(model_path / "config.json")
+    builtin_ok = config.load_format == "dummy" and _is_default_model(config.model)
+    if builtin_ok:
+        logger.info("using the built-in config of %s (no config.json found)", DEFAULT_MODEL)
+        return ModelConfig.from_hf_dict(R1_DISTILL_QWEN_1_5B_CONFIG)
+    where = f"in {model_path}" if model_path is not None else f"for {config.model!r}"
+    raise ModelNotFoundError(f"no config.json {where}: pass a model folder that has one "
+                             f"(only {DEFAULT_MODEL} has a built-in config, with --load-format dummy)")
+
+
+def _is_default_model(model: str) -> bool:
+    return model == DEFAULT_MODEL or Path(model.rstrip("/")).name == Path(DEFAULT_MODEL).name
+
+
+def load_model(config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+               device: torch.device, dtype: torch.dtype,
+               backend: AttentionBackend | None = None) -> Qwen2ForCausalLM:
+    """Build the model on `device` in `dtype`, fill it (safetensors or seeded dummy weights); eval mode."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(model_config, backend)
+    model = model.to(dtype).to_empty(device=device)  # the only allocation of the weights
+    model.tie_weights()
+    if config.load_format == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        if model_path is None:
+            raise ModelNotFoundError(f"no checkpoint folder for {config.model!r}: pass a local path, "
+                                     "or run with --load-format dummy")
+        model.load_weights(iter_safetensors(safetensors_files(model_path)))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: Qwen2ForCausalLM, seed: int) -> None:
+    """Seeded random weights of std 0.02 (uniform: twice as fast as normal on CPU), norm weights 1; generated
+    on the model's device, so the 1.5B model fills in seconds."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():  # a fixed order, so the same seed gives the same weights
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.uniform_(-_DUMMY_BOUND, _DUMMY_BOUND, generator=generators[param.device])
+
+
+def safetensors_files(model_path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those of the shard index, else model.safetensors, else any."""
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
+        files = [model_path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are not in the folder: {', '.join(absent)}")
+        return files
+    if (model_path / "model.safetensors").is_file():
+        return [model_path / "model.safetensors"]
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_path} (other formats are not "
+                                "supported): convert the checkpoint, or run with --load-format dummy")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every file, one shard open at a time, behind the `Loading checkpoint shards` bar."""
+    from safetensors import safe_open
+
+    for path in tqdm(files, desc=SHARDS_DESC, unit="shard"):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
