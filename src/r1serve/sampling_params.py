@@ -18,9 +18,14 @@ class RepetitionGuard:
     """Stops a stream caught in a loop: the last `min_repeats` windows of some period `p` (1 ≤ p ≤ max_period
     tokens) are identical and together span at least `min_span` tokens (usage rule 8)."""
 
-    max_period: int = 64
-    min_repeats: int = 8
-    min_span: int = 64
+    max_period: int = 200
+    min_repeats: int = 4
+    min_span: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("max_period", "min_repeats", "min_span"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"repetition_guard.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

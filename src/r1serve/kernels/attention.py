@@ -48,7 +48,7 @@ def build_metadata(
 ) -> AttentionMetadata:
     """Metadata for sequences whose last `query_lens[i]` tokens of `seq_lens[i]` are new this step."""
     slots: list[int] = []
-    for q, s, table in zip(query_lens, seq_lens, block_tables):
+    for q, s, table in zip(query_lens, seq_lens, block_tables, strict=True):
         for pos in range(s - q, s):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
     width = max((len(t) for t in block_tables), default=1) or 1
@@ -106,7 +106,7 @@ class TorchAttention(AttentionBackend):
             return self._decode(query, k_cache, v_cache, meta, scale)
         out = torch.empty_like(query)
         start = 0
-        for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
             k, v = _gather_context(k_cache, v_cache, meta.block_tables[i], s_len)  # [s_len, kv_heads, dim]
             q = query[start:start + q_len]  # [q_len, heads, dim]
             # query j sits at position s_len - q_len + j and sees keys 0..that position

@@ -1,0 +1,198 @@
+"""`AsyncEngine`: the engine loop on its own thread, requests streamed to and from an asyncio event loop.
+
+The server's event loop never runs model code and the engine thread never waits on HTTP: requests and aborts
+reach the engine thread through a queue, and each step's outputs go back to their streams with one
+`call_soon_threadsafe` per event loop per step. A stream whose consumer goes away (aclose, cancellation, a
+client that disconnected) aborts its request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from r1serve.config import EngineConfig, ModelConfig
+from r1serve.engine.llm_engine import EngineStats, LLMEngine
+from r1serve.outputs import RequestOutput
+from r1serve.sampling_params import SamplingParams
+from r1serve.tokenizer import Tokenizer
+
+logger = logging.getLogger("r1serve")
+
+__all__ = ["AsyncEngine", "EngineStats"]
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="r1serve-engine", daemon=True)
+                self._thread.start()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs; raises ValueError (naming the field) before yielding if it is invalid."""
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        request_id = request_id or uuid.uuid4().hex
+        prompt_ids = self.engine.encode_prompt(prompt)
+        self.engine.check_request(prompt_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self.start()
+        self._submit(_Add(request_id, prompt if isinstance(prompt, str) else prompt_ids, params))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._submit(_Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the loop thread; requests still in flight end with finish_reason "abort"."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for request_id in list(self.engine.requests):
+            out = self.engine.abort_request(request_id)
+            if out is not None:
+                self._deliver([out])
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug in the loop: fail what is in flight, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self._deliver(outputs)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self.engine.abort_request(command.request_id)
+
+    def _add(self, command: _Add) -> None:
+        if command.request_id not in self._streams:  # its consumer already left
+            return
+        try:
+            self.engine.add_request(command.prompt, command.params, command.request_id)
+        except Exception as e:
+            self._deliver_error(command.request_id, e)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                logger.exception("could not abort request %s", request_id)
+            self._deliver_error(request_id, RuntimeError(f"engine error: {error}"))
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)

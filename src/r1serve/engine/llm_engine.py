@@ -1,0 +1,254 @@
+"""The engine: requests in, `step()` = schedule → run the model → sample → detokenize → outputs.
+
+`LLMEngine` is synchronous and single-threaded; `LLM` drives it in a loop and `AsyncEngine` drives it from a
+background thread. It validates requests (a `ValueError` naming the field), fans a request out into its n
+samples, applies the R1 extensions that act on tokens (the thinking budget forces `\\n</think>\\n\\n`; the
+repetition guard stops loops), and isolates failures: an error while handling one request aborts that request,
+never the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from r1serve.config import EngineConfig, ModelConfig
+from r1serve.engine.block_manager import BlockManager
+from r1serve.engine.detokenizer import IncrementalDetokenizer
+from r1serve.engine.model_runner import ModelRunner
+from r1serve.engine.scheduler import Scheduler, SchedulerOutput
+from r1serve.engine.sequence import Request, Sequence
+from r1serve.engine.stopping import finish_reason
+from r1serve.model.loader import load_model_config, resolve_model_path
+from r1serve.outputs import FinishReason, RequestOutput
+from r1serve.sampling_params import SamplingParams
+from r1serve.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger("r1serve")
+
+THINK_CLOSE = "\n</think>\n\n"
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_usage: float
+    num_prompt_tokens: int  # prompt tokens computed (prefix-cache hits excluded), cumulative
+    num_generation_tokens: int  # tokens sampled, cumulative
+    prefix_cache_queries: int  # prompt tokens looked up, cumulative
+    prefix_cache_hits: int  # prompt tokens found cached, cumulative
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_path = resolve_model_path(config.model, config.revision, allow_missing=config.load_format == "dummy")
+        self.model_config: ModelConfig = load_model_config(config, model_path)
+        self.tokenizer: Tokenizer = load_tokenizer(config.tokenizer or model_path)
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.runner = ModelRunner(config, self.model_config, model_path, self.max_model_len, self.eos_token_id)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.think_close_ids = self.tokenizer.encode(THINK_CLOSE)
+        self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; text gets the tokenizer's BOS unless it already starts with it."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            bos = self.tokenizer.bos_token_id
+            if len(ids) > 1 and ids[0] == ids[1] == bos:
+                ids = ids[1:]
+            return ids
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validates lengths; returns the effective max_tokens."""
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt: {len(prompt_ids)} tokens do not fit max_model_len={self.max_model_len} "
+                "(at least one token must be left to generate)"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens: {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                f"max_model_len={self.max_model_len} (at most {room})"
+            )
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        return params.max_tokens or room
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_ids = self.encode_prompt(prompt)
+        self.check_request(prompt_ids, params)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params)
+        for index in range(params.n):
+            request.seqs.append(self._new_sequence(request, index))
+        self.requests[request_id] = request
+        for seq in request.seqs:
+            forced: list[int] = []
+            self._apply_thinking_budget(seq, forced)  # a budget of 0 closes the reasoning at once
+            self._emit_text(seq, forced)
+            self.scheduler.add(seq)
+        return request_id
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        params = request.params
+        seq = Sequence(request, index, list(request.prompt_token_ids), len(request.prompt_token_ids))
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        if params.seed is not None:
+            seq.generator = self.runner.make_generator(params.seed + index)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends every unfinished sample of the request with finish_reason "abort"; frees its blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        live = [s for s in request.seqs if not s.is_finished]
+        for seq in live:
+            self._finish(seq, "abort")
+        return request.to_output(live or request.seqs)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        try:
+            sampled = self.runner.execute(sched)
+        except Exception:
+            logger.exception("model step failed; aborting the %d requests it carried", len(sched.scheduled))
+            return self._abort_scheduled(sched)
+        return self._process(sched, sampled)
+
+    def _process(self, sched: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
+        progressed: dict[str, list[Sequence]] = {}
+        tokens = iter(sampled)
+        for item in sched.scheduled:
+            seq, samples = item.seq, item.samples
+            self._count_prompt_tokens(seq, item.num_new_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register_full_blocks(seq)
+            if not samples:
+                continue
+            token = next(tokens)
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            try:
+                self._append_token(seq, token)
+            except Exception:
+                logger.exception("request %s failed; aborting it", seq.request.request_id)
+                self._finish(seq, "abort")
+            progressed.setdefault(seq.request.request_id, []).append(seq)
+        return self._collect(progressed)
+
+    def _collect(self, progressed: dict[str, list[Sequence]]) -> list[RequestOutput]:
+        outputs = []
+        for request_id, seqs in progressed.items():
+            request = seqs[0].request
+            outputs.append(request.to_output(seqs))
+            if request.finished:
+                self.requests.pop(request_id, None)
+        return outputs
+
+    def _count_prompt_tokens(self, seq: Sequence, num_new: int) -> None:
+        in_prompt = min(seq.num_computed_tokens + num_new, seq.num_prompt_tokens) - seq.num_computed_tokens
+        self.num_prompt_tokens += max(0, in_prompt)
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        self.num_generation_tokens += 1
+        new_ids = [token]
+        if seq.reasoning_open:
+            if token == self.tokenizer.think_end_id:
+                seq.reasoning_open = False
+            else:
+                seq.num_reasoning_tokens += 1
+                self._apply_thinking_budget(seq, new_ids)
+        self._emit_text(seq, new_ids)
+        if seq.detokenizer is not None and seq.detokenizer.stop_reason is not None:
+            self._finish(seq, "stop", seq.detokenizer.stop_reason)
+            return
+        max_tokens = seq.params.max_tokens or self.max_model_len
+        reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len, max_tokens)
+        if reason is not None:
+            self._finish(seq, reason, stop_token)
+
+    def _apply_thinking_budget(self, seq: Sequence, new_ids: list[int]) -> None:
+        """Usage rule 7: once the reasoning has used its budget, close it with `\\n</think>\\n\\n` ourselves."""
+        budget = seq.params.max_thinking_tokens
+        if budget is None or not seq.reasoning_open or seq.num_reasoning_tokens < budget:
+            return
+        room = (seq.params.max_tokens or self.max_model_len) - seq.num_output_tokens
+        forced = self.think_close_ids[: max(0, min(room, self.max_model_len - seq.num_tokens))]
+        seq.token_ids.extend(forced)
+        new_ids.extend(forced)
+        seq.reasoning_open = False
+
+    def _emit_text(self, seq: Sequence, new_ids: list[int]) -> None:
+        if seq.detokenizer is None or not new_ids:
+            return
+        delta = seq.detokenizer.add_tokens(new_ids)
+        seq.text += delta
+        seq.pending_text += delta
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if seq.is_finished:
+            return
+        if seq.detokenizer is not None and seq.detokenizer.stop_reason is None:
+            tail = seq.detokenizer.finish()
+            seq.text += tail
+            seq.pending_text += tail
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+
+    def _abort_scheduled(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        outputs = []
+        for request_id in {s.seq.request.request_id for s in sched.scheduled}:
+            out = self.abort_request(request_id)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            kv_usage=1.0 - bm.num_free_blocks / bm.num_blocks, num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens, prefix_cache_queries=bm.num_cache_queries,
+            prefix_cache_hits=bm.num_cache_hits, num_preemptions=self.scheduler.num_preemptions,
+        )

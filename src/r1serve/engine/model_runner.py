@@ -1,0 +1,137 @@
+"""Everything that lives on the device: the weights, the KV-cache tensors, and one step's forward and sampling.
+
+The runner turns a `SchedulerOutput` into flat model inputs (the new tokens of every scheduled sequence, their
+positions, and the paged-attention metadata), runs the model, computes logits only for the sequences that
+sample this step, and samples. It sizes the KV cache itself: from `--kv-cache-space` GiB on CPU, and on CUDA
+from the memory left after the weights and a profiling forward pass, times `gpu_memory_utilization`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from r1serve.config import EngineConfig, ModelConfig
+from r1serve.engine.sampler import Sampler, SamplingBatch
+from r1serve.engine.scheduler import SchedulerOutput
+from r1serve.kernels.attention import AttentionBackend, AttentionMetadata, TorchAttention, build_metadata
+from r1serve.model.loader import load_model, resolve_device, resolve_dtype
+
+logger = logging.getLogger("r1serve")
+
+GiB = 1 << 30
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA when they import; the torch reference everywhere else."""
+    if device.type == "cuda":
+        try:
+            from r1serve.kernels.triton_attention import TritonAttention
+
+            return TritonAttention()
+        except ImportError as e:  # triton missing: still correct, only slower
+            logger.warning("Triton attention unavailable (%s); using the torch reference", e)
+    return TorchAttention()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+                 max_model_len: int, eos_token_id: int | None) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.backend = select_attention_backend(self.device)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config, model_config, model_path, self.device, self.dtype, self.backend)
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_cache = self._allocate_kv_cache(self.num_blocks)
+        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model_config.num_hidden_layers)]
+        self.sampler = Sampler(eos_token_id, seed=config.seed)
+        logger.info("model on %s (%s, attention: %s); KV cache: %d blocks of %d tokens (%.2f GiB)",
+                    self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.num_blocks,
+                    config.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.config.block_size * self.model_config.kv_cache_bytes_per_token(self.dtype.itemsize)
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            num = self._profile_cuda_blocks()
+        else:
+            num = int(self.config.kv_cache_space * GiB) // self.block_bytes
+        if num * self.config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num * self.config.block_size} tokens, fewer than max_model_len="
+                f"{self.max_model_len}: raise --kv-cache-space (CPU) / --gpu-memory-utilization (CUDA) "
+                "or lower --max-model-len"
+            )
+        return num
+
+    def _profile_cuda_blocks(self) -> int:
+        """Runs the largest prefill chunk once, then gives the KV cache what is left of the memory budget."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-num_tokens // self.config.block_size)
+        kv = self._allocate_kv_cache(blocks)
+        caches = [(kv[0, i], kv[1, i]) for i in range(self.model_config.num_hidden_layers)]
+        meta = build_metadata([num_tokens], [num_tokens], [list(range(blocks))], self.config.block_size, self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta, caches)
+        self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - kv.numel() * kv.element_size()
+        del kv, caches, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        return max(0, int(budget) // self.block_bytes)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        mc = self.model_config
+        shape = (2, mc.num_hidden_layers, num_blocks, self.config.block_size, mc.num_key_value_heads, mc.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> list[int]:
+        """Runs one step; returns the sampled token of each scheduled sequence that samples, in order."""
+        input_ids, positions, meta, logits_indices = self._prepare_inputs(sched)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[logits_indices])  # [num_sampling, vocab] float32
+        batch = SamplingBatch.build(sampling, logits.shape[-1], self.device)
+        return self.sampler(logits, batch).tolist()
+
+    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                                  torch.Tensor]:
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_indices: list[int] = []
+        for s in sched.scheduled:
+            start, end = s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens
+            ids.extend(s.seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            if s.samples:
+                logits_indices.append(len(ids) - 1)
+        meta = build_metadata(
+            [s.num_new_tokens for s in sched.scheduled],
+            [s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled],
+            [s.seq.block_table for s in sched.scheduled],
+            self.config.block_size,
+            self.device,
+        )
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64).to(self.device, non_blocking=True)
+        return as_tensor(ids), as_tensor(positions), meta, as_tensor(logits_indices)

@@ -1,0 +1,146 @@
+"""Turns a batch of logits into next tokens, each row with its own sampling parameters.
+
+Order: penalties (repetition on prompt and output, presence and frequency on output), `min_tokens` (end
+tokens masked), then greedy rows take the argmax and the others are scaled by temperature, cut by top-k,
+top-p and min-p, and drawn with the exponential-race trick (argmax of p / q, q ~ Exp(1)). A row with a seed
+draws q from its own generator, so the same seed gives the same output whatever else is in the batch. Work
+that no row needs (sorting for top-p, the penalty scatter) is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1serve.engine.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64 (vocab size when off)
+    min_p: torch.Tensor  # [B] float32
+    seqs: list[Sequence]
+    all_greedy: bool
+    any_top_p: bool
+    any_top_k: bool
+    any_min_p: bool
+    any_penalty: bool
+    any_min_tokens: bool
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
+        params = [s.params for s in seqs]
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+            seqs=seqs,
+            all_greedy=all(p.greedy for p in params),
+            any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
+            any_top_k=any(k < vocab_size for k in top_k),
+            any_min_p=any(p.min_p > 0.0 for p in params),
+            any_penalty=any(p.needs_penalties for p in params),
+            any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs),
+        )
+
+
+class Sampler:
+    def __init__(self, eos_token_id: int | None, seed: int = 0) -> None:
+        self.eos_token_id = eos_token_id
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [B, V] float32 → next token ids [B] int64."""
+        if batch.any_penalty:
+            logits = apply_penalties(logits, batch.seqs)
+        if batch.any_min_tokens:
+            logits = self._mask_end_tokens(logits, batch.seqs)
+        greedy_ids = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy_ids
+        probs = self._probabilities(logits, batch)
+        sampled = probs.div_(self._exponentials(probs, batch.seqs)).argmax(dim=-1)
+        return torch.where(batch.temperature == 0.0, greedy_ids, sampled)
+
+    def _probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)
+        logits = logits / temperature[:, None]
+        if batch.any_top_k or batch.any_top_p:
+            logits = apply_top_k_top_p(logits, batch.top_k if batch.any_top_k else None,
+                                        batch.top_p if batch.any_top_p else None)
+        probs = logits.softmax(dim=-1)
+        if batch.any_min_p:
+            threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p[:, None]
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _exponentials(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        q = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                q[i].exponential_(generator=seq.generator)
+        return q
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def _mask_end_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                ends = list(seq.params.stop_token_ids)
+                if self.eos_token_id is not None and not seq.params.ignore_eos:
+                    ends.append(self.eos_token_id)
+                if ends:
+                    logits[i, ends] = -float("inf")
+        return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Masks to -inf the logits outside each row's top-k and outside the smallest set whose mass reaches top-p."""
+    vocab = logits.shape[-1]
+    if top_p is None:  # top-k alone: a partial sort suffices
+        assert top_k is not None
+        active = top_k < vocab
+        k_max = int(top_k[active].max())
+        kth = torch.topk(logits, k_max, dim=-1).values  # [B, k_max], descending
+        threshold = kth.gather(-1, (top_k.clamp(max=k_max) - 1)[:, None])
+        threshold = threshold.masked_fill(~active[:, None], -float("inf"))
+        return logits.masked_fill(logits < threshold, -float("inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth = sorted_logits.gather(-1, (vocab - top_k)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -float("inf"))
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= 1.0 - top_p[:, None]
+    drop[:, -1] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty (HF semantics) over prompt and output; presence and frequency (OpenAI) over output."""
+    batch, vocab = logits.shape
+    device = logits.device
+    output_counts = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
+    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    for i, seq in enumerate(seqs):
+        out_ids = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=device)
+        output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
+        seen[i, torch.tensor(seq.token_ids, dtype=torch.int64, device=device)] = True
+    rep = torch.tensor([s.params.repetition_penalty for s in seqs], dtype=torch.float32, device=device)[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    freq = torch.tensor([s.params.frequency_penalty for s in seqs], dtype=torch.float32, device=device)[:, None]
+    pres = torch.tensor([s.params.presence_penalty for s in seqs], dtype=torch.float32, device=device)[:, None]
+    return logits - freq * output_counts - pres * (output_counts > 0).float()

@@ -1,0 +1,140 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Every step has a token budget (`max_num_batched_tokens`). Running sequences go first, oldest first: a decoding
+sequence takes one token, a sequence still prefilling takes the rest of its prompt or whatever budget is left
+(chunked prefill). When the KV cache has no block left for a running sequence, the newest running sequence is
+preempted by recompute: its blocks are freed and it goes back to the front of the queue. Waiting sequences are
+admitted while budget, `max_num_seqs` and blocks allow, after a prefix-cache lookup. `SchedulerOutput` is the
+only thing the model runner sees.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from r1serve.engine.block_manager import BlockManager
+from r1serve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so the step samples its next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        # Admission leaves a few blocks free so that running sequences do not preempt at once.
+        self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            self.block_manager.allocate(seq, num_new)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._waits_for_leader(seq):
+                break
+            num_new = self._admit(seq, budget)
+            if num_new is None:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Look the prefix up and allocate the first chunk; None (and no change) if the blocks are not there."""
+        matched = self.block_manager.match_prefix(seq)
+        if seq.num_output_tokens == 0:
+            seq.num_cached_tokens = matched
+        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if not self.block_manager.can_allocate(seq, num_new, reserve=self.watermark_blocks):
+            self.block_manager.free(seq)
+            return None
+        self.block_manager.allocate(seq, num_new)
+        return num_new
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Samples 2..n of a prompt wait until the first sample's prompt is cached, then share it."""
+        leader = seq.request.prefill_leader
+        return (
+            leader is not seq
+            and self.block_manager.enable_prefix_caching
+            and leader.status is not SequenceStatus.FINISHED
+            and leader.num_computed_tokens < leader.num_prompt_tokens
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,110 @@
+"""The state of one sample being generated (`Sequence`) and of the request that owns its n samples (`Request`).
+
+There are no separate prefill and decode phases: a sequence has `token_ids` (prompt, then output) and
+`num_computed_tokens` whose KV is in the cache; every step the scheduler lets the computed tokens catch up by
+a chunk, and once they reach the end the sequence samples a new token. Preemption by recompute simply sets
+`num_computed_tokens` back to zero.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput
+from r1serve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from r1serve.engine.detokenizer import IncrementalDetokenizer
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # sample index within its request (0..n-1)
+    token_ids: list[int]
+    num_prompt_tokens: int
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks, for the cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    reasoning_open: bool = True  # no </think> emitted yet (for the thinking budget)
+    num_reasoning_tokens: int = 0
+    generator: torch.Generator | None = None  # per-request seed: same seed, same output
+    num_emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
+    detokenizer: IncrementalDetokenizer | None = None
+    text: str = ""
+    pending_text: str = ""  # text produced since the last RequestOutput
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def to_output(self) -> CompletionOutput:
+        """The cumulative output so far plus the delta since the previous call."""
+        delta_ids = self.token_ids[self.num_prompt_tokens + self.num_emitted_tokens:]
+        self.num_emitted_tokens += len(delta_ids)
+        delta_text, self.pending_text = self.pending_text, ""
+        return CompletionOutput(
+            index=self.index, text=self.text, token_ids=self.output_token_ids, finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids,
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    @property
+    def prefill_leader(self) -> Sequence:
+        """The first sample: its siblings wait until its prompt is cached, then share its blocks."""
+        return self.seqs[0]
+
+    def to_output(self, seqs: list[Sequence]) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.to_output() for s in seqs], finished=self.finished,
+            num_cached_tokens=self.seqs[0].num_cached_tokens,
+        )
