@@ -20,7 +20,8 @@ _LAZY = {
     "AsyncEngine": "r1serve.engine.async_engine",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "ModelConfig", "RequestOutput",
+           "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from r1serve.config import EngineConfig, ModelConfig
