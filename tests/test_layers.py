@@ -1,0 +1,142 @@
+"""The plain-torch reference ops against straightforward formulas (and transformers' own rotary and RMSNorm),
+and the layers' swappable op table and rotary cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from r1serve.config import ModelConfig
+from r1serve.kernels import reference
+from r1serve.model.layers import REFERENCE_OPS, Qwen2MLP, RMSNorm, RotaryEmbedding
+from r1serve.model.qwen2 import Qwen2ForCausalLM
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_formula(dtype):
+    x = torch.randn(7, 48, generator=gen()).to(dtype)
+    weight = torch.rand(48, generator=gen(1)).to(dtype) + 0.5
+    out = reference.rms_norm(x, weight, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    rows = x.double()
+    expected = rows / torch.sqrt((rows ** 2).sum(-1, keepdim=True) / 48 + 1e-6) * weight.double()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_rms_norm_equals_transformers():
+    qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
+    hf_norm = qwen2.Qwen2RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        hf_norm.weight.copy_(torch.randn(32, generator=gen(2)))
+    x = torch.randn(5, 32, generator=gen(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.rms_norm(x, hf_norm.weight.to(torch.bfloat16), 1e-6),
+                                   hf_norm.to(torch.bfloat16)(x), atol=0, rtol=0)
+
+
+def test_fused_add_rms_norm_returns_sum_and_its_norm():
+    x, residual = torch.randn(4, 16, generator=gen(4)), torch.randn(4, 16, generator=gen(5))
+    weight = torch.randn(16, generator=gen(6))
+    normed, new_residual = reference.fused_add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(new_residual, x + residual)
+    torch.testing.assert_close(normed, reference.rms_norm(x + residual, weight, 1e-5))
+
+
+def test_silu_and_mul_formula():
+    x = torch.randn(3, 10, generator=gen(7))
+    gate, up = x[:, :5], x[:, 5:]
+    expected = gate / (1 + torch.exp(-gate)) * up
+    torch.testing.assert_close(reference.silu_and_mul(x), expected)
+    assert reference.silu_and_mul(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="even"):
+        reference.silu_and_mul(torch.zeros(2, 5))
+
+
+def test_rotary_cache_layout():
+    cache = reference.rotary_cos_sin_cache(head_dim=8, max_position=20, theta=10000.0)
+    assert cache.shape == (20, 8) and cache.dtype == torch.float32
+    pos, i = 13, 2
+    angle = pos / 10000.0 ** (2 * i / 8)
+    assert math.isclose(float(cache[pos, i]), math.cos(angle), abs_tol=1e-6)
+    assert math.isclose(float(cache[pos, 4 + i]), math.sin(angle), abs_tol=1e-6)
+
+
+def rotate_by_formula(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox rotary written out: pair (i, i + d/2) of each head turns by position * theta^(-2i/d)."""
+    out = x.clone().double()
+    half = x.shape[-1] // 2
+    for t, pos in enumerate(positions.tolist()):
+        for i in range(half):
+            angle = pos * theta ** (-2 * i / x.shape[-1])
+            a, b = x[t, :, i].double(), x[t, :, i + half].double()
+            out[t, :, i] = a * math.cos(angle) - b * math.sin(angle)
+            out[t, :, i + half] = b * math.cos(angle) + a * math.sin(angle)
+    return out
+
+
+def test_apply_rotary_formula():
+    q, k = torch.randn(5, 4, 8, generator=gen(8)), torch.randn(5, 2, 8, generator=gen(9))
+    positions = torch.tensor([0, 1, 7, 30, 63])
+    cache = reference.rotary_cos_sin_cache(8, 64, 500.0)
+    q_rot, k_rot = reference.apply_rotary(q, k, positions, cache)
+    assert q_rot.shape == q.shape and k_rot.shape == k.shape
+    torch.testing.assert_close(q_rot.double(), rotate_by_formula(q, positions, 500.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(k_rot.double(), rotate_by_formula(k, positions, 500.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q_rot[0], q[0])  # position 0 is the identity
+
+
+def test_apply_rotary_equals_transformers():
+    qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
+    num_tokens, head_dim = 6, 16
+    q, k = torch.randn(num_tokens, 4, head_dim, generator=gen(10)), torch.randn(num_tokens, 2, head_dim)
+    positions = torch.tensor([3, 0, 9, 100, 2, 55])
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = positions[:, None].float() * inv_freq  # [T, head_dim/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[None]  # [1, T, head_dim]
+    hf_q, hf_k = qwen2.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos(), emb.sin())
+    q_rot, k_rot = reference.apply_rotary(q, k, positions, reference.rotary_cos_sin_cache(head_dim, 128, 10000.0))
+    torch.testing.assert_close(q_rot, hf_q[0].transpose(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(k_rot, hf_k[0].transpose(0, 1), atol=1e-6, rtol=0)
+
+
+def test_rotary_cache_stays_float32_and_valid_after_cast_and_meta():
+    rotary = RotaryEmbedding(8, 32, 10000.0).to(torch.bfloat16)
+    expected = reference.rotary_cos_sin_cache(8, 32, 10000.0)
+    assert rotary.cos_sin_cache.dtype == torch.float32
+    torch.testing.assert_close(rotary.cos_sin_cache, expected)
+    with torch.device("meta"):
+        meta_rotary = RotaryEmbedding(8, 32, 10000.0)
+    torch.testing.assert_close(meta_rotary.to_empty(device="cpu").cos_sin_cache, expected)
+
+
+def test_layers_call_ops_through_the_table():
+    calls: list[str] = []
+
+    def counting(name):
+        def wrapped(*args):
+            calls.append(name)
+            return getattr(reference, name)(*args)
+        return wrapped
+
+    ops = dataclasses.replace(REFERENCE_OPS, **{f.name: counting(f.name) for f in dataclasses.fields(REFERENCE_OPS)})
+    norm = RMSNorm(8, 1e-6, ops)
+    norm(torch.randn(2, 8))
+    norm(torch.randn(2, 8), torch.randn(2, 8))
+    Qwen2MLP(8, 12, ops)(torch.randn(2, 8))
+    assert calls == ["rms_norm", "fused_add_rms_norm", "silu_and_mul"]
+    config = ModelConfig.from_hf_dict({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+                                       "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                       "num_key_value_heads": 1, "max_position_embeddings": 64})
+    model = Qwen2ForCausalLM(config)
+    model.set_ops(ops)
+    swapped = [m for m in model.modules() if hasattr(m, "ops")]
+    assert len(swapped) == 2 * 2 + 1 + 2 + 1  # 2 norms per layer, final norm, 2 MLPs, rotary
+    assert all(m.ops is ops for m in swapped)
