@@ -1,13 +1,14 @@
 """Turns streamed token ids into text deltas: UTF-8 safe, with stop strings, at O(window) cost per token.
 
 The engine produces ids one step at a time for up to hundreds of streams, and the server must send text as
-soon as it is certain. Two things make that subtle. A character may be split over several byte-level tokens,
-so the text of the newest tokens is held back while it ends in U+FFFD. A stop string may span tokens, so the
-tail that could still become a stop string is held back too (never more than the longest stop string minus
-one character), and nothing at or after a stop string is ever emitted (unless `include_stop_str_in_output`,
-which emits the stop string itself). Each step decodes only a small window of recent tokens (from a prefix
-offset, whose text is already known, to the end), so a token costs the same at position 10 and 30 000.
-The concatenation of every delta and `finish()` equals decoding the whole output at once.
+soon as it is certain. Two things make that subtle. A character may be split over several byte-level
+tokens, so a trailing U+FFFD (a character whose last bytes may still come) is held back. A stop string may
+span tokens, so the tail that could still become a stop string is held back too (never more than the longest
+stop string minus one character), and nothing at or after a stop string is ever emitted (unless
+`include_stop_str_in_output`, which emits the stop string itself). Each step decodes only a small window of
+recent tokens (from a prefix offset, whose text is already known, to the end), so a token costs the same at
+position 10 and 30 000. The concatenation of every delta and `finish()` equals decoding the whole output
+at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from r1serve.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 NUM_CONTEXT_TOKENS = 5  # prompt tokens decoded before the output, for tokenizers whose text depends on them
-MAX_PENDING_TOKENS = 8  # a real character spans at most 4 byte tokens; past this the bytes are invalid anyway
+MAX_PENDING_TOKENS = 8  # a real character spans at most 4 byte tokens; more pending means invalid bytes
 _TRIM_AT = 64  # drop ids before the window once this many have piled up
 
 
@@ -43,8 +44,9 @@ class IncrementalDetokenizer:
         self._stop_prefixes = {s[:k] for s in self.stop for k in range(1, len(s))}
         self._max_hold = max((len(s) for s in self.stop), default=1) - 1
         self._ids, self._prefix_text = self._prompt_context(prompt_token_ids)
-        self._prefix_offset = 0  # self._ids[prefix:read] decodes to self._prefix_text (a clean ending)
+        self._prefix_offset = 0  # self._ids[prefix:read] decodes to self._prefix_text, which is final
         self._read_offset = len(self._ids)  # self._ids[read:] are tokens whose text is not yet settled
+        self._num_unread_emitted = 0  # characters of the unread tokens' text already emitted
         self._held = ""  # settled text not emitted yet: it could be the start of a stop string
         self._chunks: list[str] = []
         self._finished = False
@@ -92,35 +94,42 @@ class IncrementalDetokenizer:
         return delta
 
     def _settle(self, final: bool) -> str:
-        """Text of the tokens since the read offset, once it does not end inside a character."""
-        new_text = self._decode(self._ids[self._prefix_offset:])
-        num_pending = len(self._ids) - self._read_offset
-        if new_text.endswith(REPLACEMENT_CHAR) and not final:
-            if num_pending < MAX_PENDING_TOKENS:
-                return ""
-            return self._settle_invalid()
-        return self._advance(new_text[len(self._prefix_text):], len(self._ids))
-
-    def _settle_invalid(self) -> str:
-        """Too many tokens pending: the bytes are not a character being completed. Settle up to the last
-        token boundary that ends cleanly, or everything if there is none."""
-        for end in range(len(self._ids) - 1, self._read_offset, -1):
-            text = self._decode(self._ids[self._prefix_offset:end])
-            if not text.endswith(REPLACEMENT_CHAR):
-                return self._advance(text[len(self._prefix_text):], end)
-        delta = self._decode(self._ids[self._prefix_offset:])[len(self._prefix_text):]
-        self._advance(delta, len(self._ids))
-        self._prefix_offset, self._prefix_text = self._read_offset, ""  # no context ending mid-character
+        """Text of the unread tokens that can no longer change. A lossy UTF-8 decode can only change its
+        last character, and only when that is the U+FFFD of a character still incomplete: so all but such a
+        character is certain, and the read offset moves to the end whenever the text ends cleanly."""
+        window_text = self._decode(self._ids[self._prefix_offset:])
+        unread = window_text[len(self._prefix_text):]  # text of self._ids[read:]
+        if final or not unread.endswith(REPLACEMENT_CHAR):
+            delta = unread[self._num_unread_emitted:]
+            self._advance(len(self._ids), unread, num_emitted=0)
+            return delta
+        delta = unread[self._num_unread_emitted:-1]
+        self._num_unread_emitted = max(self._num_unread_emitted, len(unread) - 1)
+        if len(self._ids) - self._read_offset >= MAX_PENDING_TOKENS:
+            self._reanchor(window_text)
         return delta
 
-    def _advance(self, delta: str, end: int) -> str:
-        """Mark ids up to `end` as settled with text `delta`; the window now starts at the old read offset."""
-        self._prefix_offset, self._read_offset, self._prefix_text = self._read_offset, end, delta
+    def _reanchor(self, window_text: str) -> None:
+        """Bytes that never complete a character keep the text ending in U+FFFD: move the read offset to the
+        last token boundary that later tokens cannot change, so the window stays small. A boundary is final
+        when decoding the two sides apart gives the same text as together and the right side has text (its
+        first byte either completes nothing before the boundary or ends it as invalid)."""
+        for end in range(len(self._ids) - 1, self._read_offset, -1):
+            head = self._decode(self._ids[self._prefix_offset:end])
+            tail = self._decode(self._ids[end:])
+            if tail and head + tail == window_text:
+                settled = head[len(self._prefix_text):]
+                self._advance(end, settled, num_emitted=self._num_unread_emitted - len(settled))
+                return
+
+    def _advance(self, end: int, settled: str, num_emitted: int) -> None:
+        """Ids up to `end` are settled with text `settled`; the window now starts at the old read offset."""
+        self._prefix_offset, self._read_offset = self._read_offset, end
+        self._prefix_text, self._num_unread_emitted = settled, num_emitted
         if self._prefix_offset >= _TRIM_AT:
             del self._ids[: self._prefix_offset]
             self._read_offset -= self._prefix_offset
             self._prefix_offset = 0
-        return delta
 
     def _emit(self, settled: str, final: bool) -> str:
         """Apply stop strings to the held text plus `settled`; return what may be sent now."""
