@@ -133,6 +133,19 @@ def test_folder_without_chat_template_is_a_clear_error(tmp_path: Path, config_na
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+@needs_real
+def test_template_errors_are_value_errors(tmp_path: Path) -> None:
+    folder = _tokenizer_folder(tmp_path, None)
+    template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+                "{{ bos_token }}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": BOS,
+                                                               "eos_token": EOS}), encoding="utf-8")
+    tok = load_tokenizer(folder)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == BOS  # no generation prompt: as is
+    with pytest.raises(ValueError, match="user first"):
+        tok.apply_chat_template([{"role": "system", "content": "hi"}])
+
+
 def test_real_decode_keeps_non_special_added_tokens(real: Tokenizer) -> None:
     ids = [151648] + real.encode("x") + [151649, 151643]
     assert real.decode(ids) == "<think>x</think>"
@@ -160,6 +173,7 @@ def test_chinese_round_trip(real: Tokenizer) -> None:
         ([{"role": "robot", "content": "x"}], r"messages\[0\]\.role"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": 3}], r"messages\[1\]\.content"),
         ([{"role": "user"}], r"messages\[0\]\.content"),
+        ([{"role": "assistant", "content": None}], r"messages\[0\]\.content"),
         (["user: hi"], r"messages\[0\] must be a dict"),
     ],
 )

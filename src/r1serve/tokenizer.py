@@ -71,7 +71,8 @@ def _validate_messages(messages: Any) -> None:
         role, content = message.get("role"), message.get("content")
         if role not in _ROLES:
             raise ValueError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}")
-        if not (isinstance(content, str) or (content is None and role == "assistant")):
+        tool_call_turn = content is None and role == "assistant" and bool(message.get("tool_calls"))
+        if not (isinstance(content, str) or tool_call_turn):
             raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
 
 
@@ -179,7 +180,8 @@ class HFTokenizer(Tokenizer):
         config = self._read_json("tokenizer_config.json")
         self.name = self.folder.resolve().name
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.all_special_ids = {int(t["id"]) for t in self._added_tokens() if t.get("special")}
+        added = self._tok.get_added_tokens_decoder()  # {id: AddedToken}
+        self.all_special_ids = {int(i) for i, token in added.items() if token.special}
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
@@ -197,9 +199,6 @@ class HFTokenizer(Tokenizer):
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-
-    def _added_tokens(self) -> list[dict[str, Any]]:
-        return list(json.loads(self._tok.to_str()).get("added_tokens", []))
 
     def _find_eos_id(self) -> int:
         """EOS from tokenizer_config.json, else generation_config.json / config.json, else a known name."""
@@ -236,8 +235,13 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"the tokenizer at {self.folder} has no chat template (no 'chat_template' in "
                              "tokenizer_config.json and no chat_template.jinja): send a plain completion "
                              "prompt instead")
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise ValueError(f"the chat template rejected the messages: {exc}") from exc
 
 
 _FALLBACK_FIRST_CHAR, _FALLBACK_NUM_CHARS = 0x21, 94  # '!' .. '~'
