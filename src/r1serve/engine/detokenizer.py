@@ -80,7 +80,7 @@ class IncrementalDetokenizer:
             if self.stop_reason is not None:
                 return ""  # tokens after a stop string are dropped
             raise RuntimeError("add_tokens() after finish(): the stream is over")
-        if not new_token_ids:
+        if len(new_token_ids) == 0:
             return ""
         self._ids.extend(new_token_ids)
         return self._emit(self._settle(final=False), final=False)
