@@ -93,16 +93,21 @@ def test_apply_rotary_formula():
     torch.testing.assert_close(q_rot[0], q[0])  # position 0 is the identity
 
 
-def test_apply_rotary_equals_transformers():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rotary_equals_transformers(dtype):
     qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
     num_tokens, head_dim = 6, 16
-    q, k = torch.randn(num_tokens, 4, head_dim, generator=gen(10)), torch.randn(num_tokens, 2, head_dim)
+    q = torch.randn(num_tokens, 4, head_dim, generator=gen(10)).to(dtype)
+    k = torch.randn(num_tokens, 2, head_dim, generator=gen(11)).to(dtype)
     positions = torch.tensor([3, 0, 9, 100, 2, 55])
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     freqs = positions[:, None].float() * inv_freq  # [T, head_dim/2]
     emb = torch.cat([freqs, freqs], dim=-1)[None]  # [1, T, head_dim]
-    hf_q, hf_k = qwen2.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos(), emb.sin())
-    q_rot, k_rot = reference.apply_rotary(q, k, positions, reference.rotary_cos_sin_cache(head_dim, 128, 10000.0))
+    hf_q, hf_k = qwen2.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                            emb.cos().to(dtype), emb.sin().to(dtype))
+    cache = reference.rotary_cos_sin_cache(head_dim, 128, 10000.0)
+    q_rot, k_rot = reference.apply_rotary(q, k, positions, cache)
+    assert q_rot.dtype == dtype and k_rot.dtype == dtype
     torch.testing.assert_close(q_rot, hf_q[0].transpose(0, 1), atol=1e-6, rtol=0)
     torch.testing.assert_close(k_rot, hf_k[0].transpose(0, 1), atol=1e-6, rtol=0)
 

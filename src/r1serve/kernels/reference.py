@@ -52,13 +52,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     head_dim] at positions [T] int64, with the [max_position, head_dim] float32 cache. Returns new q, k."""
     half = cos_sin_cache.shape[-1] // 2
     cos_sin = cos_sin_cache.index_select(0, positions)  # [T, head_dim]
-    cos = cos_sin[:, :half].repeat(1, 2).unsqueeze(1)  # [T, 1, head_dim]
-    sin = cos_sin[:, half:].repeat(1, 2).unsqueeze(1)
+    cos = cos_sin[:, None, :half].to(q.dtype)  # [T, 1, head_dim/2], cast first like HF
+    sin = cos_sin[:, None, half:].to(q.dtype)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] * cos + rotate_half(x) * sin; like HF, cos/sin are cast to x's dtype first."""
+    """x [T, heads, head_dim]: x * cos + rotate_half(x) * sin, written per half (the same products as HF)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [T, heads, head_dim]
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]  # [T, heads, head_dim/2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
