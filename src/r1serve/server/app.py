@@ -1,0 +1,119 @@
+"""`create_app(engine, settings)`: the FastAPI application of `r1serve serve`, its routes and its guards.
+
+The app is built before the model is loaded, so that the port opens at once and `/health` can answer
+"loading"; the loader attaches the engine to the app's `ServerState` when it is ready (`engine=None` here
+means "not yet"). The routes are thin: authentication and the model name are checked here, the work is done
+by `serving_chat` / `serving_completion`. Every response that is not a success is an OpenAI-shaped error.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from r1serve import __version__
+from r1serve.server.errors import APIError, CatchUnexpectedMiddleware, install_error_handlers
+from r1serve.server.metrics import HTTPMetricsMiddleware
+from r1serve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from r1serve.server.serving_chat import create_chat_completion
+from r1serve.server.serving_common import ClientDisconnected
+from r1serve.server.serving_completion import create_completion
+from r1serve.server.settings import ServerSettings
+from r1serve.server.state import EngineClient, ServerState
+
+logger = logging.getLogger("r1serve.server")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; nobody reads it
+
+
+def server_state(app: FastAPI) -> ServerState:
+    """The `ServerState` of an app made by `create_app` (where the loader attaches the engine)."""
+    return app.state.server
+
+
+def _api_key_guard(settings: ServerSettings) -> object:
+    """A dependency that demands `Authorization: Bearer <--api-key>` (compared in constant time)."""
+    expected = (settings.api_key or "").encode()
+
+    async def check(request: Request) -> None:
+        if not expected:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "missing or invalid API key: send the header `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    return Depends(check)
+
+
+def _add_system_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", summary="200 once the model is loaded, 503 while it loads or shuts down")
+    async def health() -> JSONResponse:
+        if state.load_error is not None:
+            return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+        if state.shutting_down:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version", summary="r1serve's version and how the model was loaded")
+    async def version() -> dict[str, object]:
+        settings = state.settings
+        return {"version": __version__, "model": settings.model, "served_model_names": state.model_names,
+                "load_format": settings.load_format, "dummy_weights": settings.load_format == "dummy"}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_api_routes(app: FastAPI, state: ServerState) -> None:
+    guard = _api_key_guard(state.settings)
+
+    @app.get("/v1/models", dependencies=[guard], response_model=ModelList)
+    async def list_models() -> ModelList:
+        engine = state.require_engine()
+        cards = [ModelCard(id=name, created=state.created, root=state.settings.model,
+                           max_model_len=engine.max_model_len) for name in state.model_names]
+        return ModelList(data=cards)
+
+    @app.post("/v1/chat/completions", dependencies=[guard], response_model=ChatCompletionResponse)
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await create_chat_completion(request, raw_request, state)
+
+    @app.post("/v1/completions", dependencies=[guard], response_model=CompletionResponse)
+    async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        return await create_completion(request, raw_request, state)
+
+
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI:
+    """The app serving `engine` under `settings`; with `engine=None` it answers 503 "loading" until the
+    engine is attached with `server_state(app).engine = engine`."""
+    app = FastAPI(title="r1serve", version=__version__,
+                  description="OpenAI-compatible server for DeepSeek-R1-Distill-Qwen models, with the R1 usage "
+                              "rules built in (see the x-r1serve-policy response header).")
+    state = ServerState(settings=settings, engine=engine)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
+    _add_system_routes(app, state)
+    _add_api_routes(app, state)
+    app.add_middleware(CatchUnexpectedMiddleware)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)  # outermost: also counts the 500s
+    return app

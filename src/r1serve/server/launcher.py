@@ -1,0 +1,168 @@
+"""Running `r1serve serve`: open the port, load the engine in the background, serve, shut down gracefully.
+
+The port opens first and `/health` answers 503 "loading" while the model loads on a background thread, so a
+deployment can watch start-up; when the engine is ready the log gets uvicorn's `Application startup complete.`
+line (what the seeds' check waits for). A loading failure is one log line with its fix and exit code 1.
+SIGTERM (or Ctrl+C) stops accepting connections, lets in-flight requests run for `--shutdown-grace-period`
+seconds, aborts the rest (their streams end with finish_reason "abort"), shuts the engine down and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+from types import FrameType
+
+import uvicorn
+
+from r1serve.server.app import create_app, server_state
+from r1serve.server.logs import setup_logging
+from r1serve.server.settings import ServerSettings
+from r1serve.server.state import ServerState
+
+logger = logging.getLogger("r1serve.server")
+uvicorn_logger = logging.getLogger("uvicorn.error")
+
+SHUTDOWN_BACKSTOP_S = 10.0  # after the grace period and the aborts, uvicorn cancels what is left
+
+
+class ServerStartError(Exception):
+    """A start-up failure with a one-line explanation and its fix."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port (IPv4 or IPv6), or a ServerStartError saying what to do."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ServerStartError(f"cannot resolve --host {host!r} ({exc}); use an address such as 127.0.0.1 or "
+                               "0.0.0.0") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerStartError(f"port {port} on {host} is already in use (another server?); choose a free "
+                                   "one with --port") from exc
+        raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def explain_load_failure(exc: BaseException, settings: ServerSettings) -> str:
+    """One line: what went wrong while loading the model, and the fix."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+        return (f"CUDA out of memory while loading {settings.model} ({text}); lower --gpu-memory-utilization "
+                f"(now {settings.gpu_memory_utilization}), --max-model-len (now {settings.max_model_len}) or "
+                f"--max-num-seqs (now {settings.max_num_seqs})")
+    not_found = isinstance(exc, FileNotFoundError) or "NotFound" in type(exc).__name__ or \
+        "not found" in str(exc).lower() or "does not exist" in str(exc).lower()
+    if not_found:
+        return (f"model {settings.model!r} not found ({text}); pass a local folder holding config.json and "
+                "*.safetensors to --model, or use --load-format dummy for random weights")
+    return f"failed to load model {settings.model!r}: {text}"
+
+
+class R1Server(uvicorn.Server):
+    """uvicorn's server, plus the grace period: after SIGTERM, in-flight requests get `grace_s` seconds,
+    then are aborted so that their responses end properly."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        host, port = self.config.host, self.config.port
+        uvicorn_logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                            f"[{host}]" if ":" in host else host, port)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first and self._loop is not None:
+            self.state.shutting_down = True
+            logger.info("received %s: finishing in-flight requests (grace period %.0f s)",
+                        signal.Signals(sig).name, self.state.settings.shutdown_grace_period)
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._abort_after_grace()))
+
+    async def _abort_after_grace(self) -> None:
+        await asyncio.sleep(self.state.settings.shutdown_grace_period)
+        num_aborted = await self.state.abort_all()
+        if num_aborted:
+            logger.info("grace period over: aborted %d in-flight requests", num_aborted)
+
+
+def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) -> None:
+    """The loader thread: build the engine, attach it, announce readiness; on failure stop the server."""
+    try:
+        from r1serve.engine.async_engine import AsyncEngine
+
+        engine = AsyncEngine.from_config(settings.engine_config())
+    except BaseException as exc:  # noqa: BLE001 - every failure must become one clear line and exit 1
+        state.load_error = explain_load_failure(exc, settings)
+        logger.debug("loading failed", exc_info=True)
+        logger.error(state.load_error)
+        server.should_exit = True
+        return
+    if server.should_exit:  # stopped while loading
+        engine.shutdown()
+        return
+    state.engine = engine
+    logger.info("model %s ready: answers to %s; max_model_len %d; policy %s", settings.model,
+                ", ".join(state.model_names), engine.max_model_len, _policy_summary(settings))
+    uvicorn_logger.info("Application startup complete.")
+
+
+def _policy_summary(settings: ServerSettings) -> str:
+    policy = settings.policy_config()
+    return ", ".join(f"{name}={value}" for name, value in vars(policy).items())
+
+
+def run_server(settings: ServerSettings) -> int:
+    """Serve until SIGTERM/Ctrl+C (exit 0) or a start-up failure (exit 1, one clear line)."""
+    setup_logging(settings.log_level, settings.log_file)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except ServerStartError as exc:
+        logger.error(str(exc))
+        return 1
+    app = create_app(None, settings)
+    state = server_state(app)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="off", log_config=None,
+                            access_log=settings.access_log,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_period + SHUTDOWN_BACKSTOP_S))
+    server = R1Server(config, state)
+    loader = threading.Thread(target=load_engine, args=(settings, state, server), name="r1serve-loader",
+                              daemon=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # what uvicorn re-raises after its graceful exit: a no-op
+        signal.signal(sig, lambda signum, frame: None)
+    loader.start()
+    server.run(sockets=[sock])
+    return _finish(state, loader)
+
+
+def _finish(state: ServerState, loader: threading.Thread) -> int:
+    """After uvicorn stopped: shut the engine down; exit code 1 if loading failed."""
+    state.shutting_down = True
+    if state.engine is not None:
+        state.engine.shutdown()
+        logger.info("engine shut down")
+    if state.load_error is not None:
+        return 1
+    if loader.is_alive():  # stopped while the model was still loading: do not wait for it
+        logger.info("stopped while the model was loading")
+        logging.shutdown()
+        os._exit(0)
+    return 0

@@ -1,0 +1,135 @@
+"""The R1 usage rules as a per-request policy: what the server changes in a request, and a record of it.
+
+DeepSeek's advice for the R1 models (DESIGN.md rules 1-8) is easy to get wrong from the client side: a system
+prompt, greedy decoding or a resent chain of thought all hurt the answers. The server applies the rules to
+every request itself, each rule switchable by a flag (`PolicyConfig`), and records what it did in a
+`PolicyRecord` that becomes the `x-r1serve-policy` response header and a log line, so nothing is changed
+silently. Rule 3 (forced thinking) is applied by the tokenizer's chat template, rule 5 by
+`r1serve.server.reasoning`, rules 7 and 8 by the engine from the `SamplingParams` built here; rule 6 (the
+math instruction) belongs to the client and eval, which take it from `r1serve.prompts`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P, RepetitionGuard
+
+logger = logging.getLogger("r1serve.server")
+
+THINK_END = "</think>"
+R1_TEMPERATURE_RANGE = (0.5, 0.7)  # the authors' advice: 0.5-0.7, 0.6 recommended
+OPENAI_TEMPERATURE = 1.0  # what a request that omits them gets when rule 2 is off (OpenAI's defaults)
+OPENAI_TOP_P = 1.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which usage rules the server applies; each is on by default."""
+
+    fold_system_prompt: bool = True  # rule 1
+    r1_sampling_defaults: bool = True  # rule 2: defaults and the out-of-range flag
+    enforce_temperature: bool = False  # rule 2: clamp into R1_TEMPERATURE_RANGE
+    force_thinking: bool = True  # rule 3
+    strip_history_reasoning: bool = True  # rule 4
+    reasoning_split: bool = True  # rule 5
+    thinking_budget: bool = True  # rule 7: honour max_thinking_tokens
+    default_max_thinking_tokens: int | None = None  # rule 7: budget of requests that set none
+    repetition_guard: bool = True  # rule 8
+
+
+@dataclass
+class PolicyRecord:
+    """What was applied to one request, in order; `header()` is the `x-r1serve-policy` value."""
+
+    applied: list[str] = field(default_factory=list)
+
+    def add(self, token: str) -> None:
+        if token not in self.applied:
+            self.applied.append(token)
+
+    def header(self) -> str:
+        return ",".join(self.applied) if self.applied else "none"
+
+
+def fold_system_prompt(messages: list[dict[str, Any]], record: PolicyRecord) -> list[dict[str, Any]]:
+    """Rule 1: system messages leave the conversation; their text, a blank line, then the first user turn's
+    text become that turn. With no user turn, the system text becomes the first user turn."""
+    system_texts = [m["content"] for m in messages if m["role"] == "system"]
+    if not system_texts:
+        return messages
+    record.add("system-folded")
+    system_text = "\n\n".join(system_texts)
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    for message in rest:
+        if message["role"] == "user":
+            message["content"] = f"{system_text}\n\n{message['content']}"
+            return rest
+    return [{"role": "user", "content": system_text}, *rest]
+
+
+def strip_history_reasoning(messages: list[dict[str, Any]], record: PolicyRecord) -> list[dict[str, Any]]:
+    """Rule 4: each earlier assistant turn keeps only its text after its last `</think>` (leading whitespace
+    dropped), so the model never re-reads an old chain of thought."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        content = message.get("content")
+        if message["role"] == "assistant" and isinstance(content, str) and THINK_END in content:
+            message = {**message, "content": content.rsplit(THINK_END, 1)[1].lstrip()}
+            record.add("history-stripped")
+        out.append(message)
+    return out
+
+
+def apply_message_rules(messages: list[dict[str, Any]], config: PolicyConfig,
+                        record: PolicyRecord) -> list[dict[str, Any]]:
+    """Rules 1, 3 and 4 on a chat conversation (rule 3 is recorded here, applied by the chat template)."""
+    if config.fold_system_prompt:
+        messages = fold_system_prompt(messages, record)
+    if config.strip_history_reasoning:
+        messages = strip_history_reasoning(messages, record)
+    if config.force_thinking:
+        record.add("forced-thinking")
+    return messages
+
+
+def sampling_defaults(temperature: float | None, top_p: float | None, config: PolicyConfig,
+                      record: PolicyRecord) -> tuple[float, float]:
+    """Rule 2: the R1 temperature and top_p where the request set none; a temperature outside 0.5-0.7 is
+    flagged (and clamped with `enforce_temperature`)."""
+    if not config.r1_sampling_defaults:
+        return (OPENAI_TEMPERATURE if temperature is None else temperature,
+                OPENAI_TOP_P if top_p is None else top_p)
+    if temperature is None:
+        temperature = R1_TEMPERATURE
+        record.add("default-temperature")
+    if top_p is None:
+        top_p = R1_TOP_P
+        record.add("default-top-p")
+    low, high = R1_TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        record.add("temperature-out-of-range")
+        if config.enforce_temperature:
+            temperature = min(max(temperature, low), high)
+            record.add("temperature-clamped")
+    return temperature, top_p
+
+
+def thinking_budget(requested: int | None, config: PolicyConfig, record: PolicyRecord) -> int | None:
+    """Rule 7: the request's `max_thinking_tokens`, else the server's default; None when switched off."""
+    if not config.thinking_budget:
+        return None
+    budget = config.default_max_thinking_tokens if requested is None else requested
+    if budget is not None:
+        record.add(f"thinking-budget={budget}")
+    return budget
+
+
+def repetition_guard(config: PolicyConfig, record: PolicyRecord) -> RepetitionGuard | None:
+    """Rule 8: the engine's repetition guard with its default thresholds, or None when switched off."""
+    if not config.repetition_guard:
+        return None
+    record.add("repetition-guard")
+    return RepetitionGuard()

@@ -1,0 +1,224 @@
+"""The OpenAI wire format: pydantic models of the requests r1serve accepts and of the responses it sends.
+
+Requests are validated here, field by field, so a wrong type or an out-of-range value becomes a 400 that names
+the field before any work is done; the bounds also document themselves in `/docs`. Fields OpenAI defines
+but r1serve does not implement (`logprobs`, `tools`, `echo`, `suffix`, ...) are refused by the serving code
+with a clear message rather than silently ignored; fields nobody defines are accepted and ignored, because
+the `openai` SDK and other clients send extras (`extra_body`) that must not break a drop-in server. Stream
+chunks are plain dicts built by `chat_chunk` / `completion_chunk` (a hot path; the JSON stays explicit).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FinishReason = Literal["stop", "length", "abort", "repetition"]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat and text completions (OpenAI's names, plus vLLM's and r1serve's extensions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="a name from /v1/models")
+    n: int = Field(1, ge=1, description="samples per prompt (at most --max-num-seqs)")
+    max_tokens: int | None = Field(None, ge=1, description="most output tokens (default: what fits)")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 0.6 (R1 usage rule 2)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 0.95 (R1 usage rule 2)")
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, description="per-request seed: same seed, same output")
+    stop: str | list[str] | None = Field(None, description="stop strings (not included in the output)")
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    max_thinking_tokens: int | None = Field(
+        None, ge=0, description="R1 usage rule 7: close the reasoning with </think> after this many tokens")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> list[str] | None:
+        if stop is None:
+            return None
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        if len(stops) > 16:
+            raise ValueError(f"at most 16 stop strings, got {len(stops)}")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn. `developer` is OpenAI's newer name for `system`; `reasoning_content` sent back is dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def to_template(self) -> dict[str, Any]:
+        """The `{"role", "content"}` dict the chat template reads (text parts joined, developer = system)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest turn first")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="text, or token ids (a list of one of either is accepted too)")
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = Field(None, description="the text before </think> (R1 usage rule 5)")
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "r1serve"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def chat_chunk(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
+               usage: UsageInfo | None = None) -> dict[str, Any]:
+    """One `chat.completion.chunk`; each choice is built by `chat_choice`."""
+    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "choices": choices}
+    if usage is not None:
+        chunk["usage"] = usage.model_dump()
+    return chunk
+
+
+def chat_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+                stop_reason: str | int | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
+
+
+def completion_chunk(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
+                     usage: UsageInfo | None = None) -> dict[str, Any]:
+    """One streamed `text_completion`; each choice is built by `completion_choice`."""
+    chunk: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
+                             "model": model, "choices": choices}
+    if usage is not None:
+        chunk["usage"] = usage.model_dump()
+    return chunk
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None = None,
+                      stop_reason: str | int | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}

@@ -1,0 +1,183 @@
+"""`POST /v1/chat/completions`: a conversation in, the R1 answer out, with the usage rules applied.
+
+The messages go through the policy (rules 1, 3, 4), the model's chat template and the length checks; the
+output is split into `reasoning_content` and `content` (rule 5), in full responses and in stream deltas, and
+`usage.completion_tokens_details.reasoning_tokens` counts the tokens of reasoning. A stream sends the role
+first, then one chunk per piece of reasoning or answer (never both in one chunk), a chunk with the
+`finish_reason` of each sample, the usage if asked, and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from r1serve.outputs import CompletionOutput
+from r1serve.sampling_params import SamplingParams
+from r1serve.server.errors import bad_request, error_body
+from r1serve.server.policy import PolicyRecord, apply_message_rules
+from r1serve.server.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ResponseMessage,
+    chat_choice,
+    chat_chunk,
+)
+from r1serve.server.reasoning import ReasoningSplitter, count_reasoning_tokens, split_reasoning
+from r1serve.server.serving_common import (
+    FinalOutputs,
+    build_sampling_params,
+    check_fits,
+    check_unsupported,
+    make_usage,
+    policy_headers,
+    run_to_end,
+    tracked,
+)
+from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
+from r1serve.server.state import EngineClient, ServerState
+
+logger = logging.getLogger("r1serve.server")
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """One accepted chat request, ready for the engine."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    split: bool  # rule 5 on
+    in_reasoning: bool  # the prompt ends inside <think> (rule 3 on and the tokenizer has the token)
+    include_usage: bool
+
+
+def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, state: ServerState,
+                 record: PolicyRecord) -> ChatJob:
+    """Policy, chat template, sampling parameters and length checks; any problem is a 400."""
+    check_unsupported(request)
+    messages = apply_message_rules([m.to_template() for m in request.messages], state.policy, record)
+    tokenizer = engine.tokenizer
+    try:
+        prompt_token_ids = tokenizer.encode_chat(messages, add_generation_prompt=True,
+                                                 force_thinking=state.policy.force_thinking)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from exc
+    params = build_sampling_params(request, state, record)
+    check_fits(len(prompt_token_ids), params.max_tokens, engine.max_model_len, "messages")
+    if state.policy.reasoning_split:
+        record.add("reasoning-split")
+    in_reasoning = state.policy.force_thinking and tokenizer.think_start_id is not None
+    return ChatJob(f"chatcmpl-{uuid.uuid4().hex}", request.model, prompt_token_ids, params,
+                   state.policy.reasoning_split, in_reasoning, request.include_usage)
+
+
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request,
+                                 state: ServerState) -> Response:
+    state.check_model(request.model)
+    engine = state.require_engine()
+    record = PolicyRecord()
+    job = prepare_chat(request, engine, state, record)
+    logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", job.request_id,
+                len(job.prompt_token_ids), job.params.n, job.params.max_tokens, request.stream, record.header())
+    if request.stream:
+        return SSEResponse(chat_stream(engine, job, state), headers=policy_headers(record))
+    async with tracked(state, job.request_id):
+        final = await run_to_end(engine, job.prompt_token_ids, job.params, job.request_id, state, raw_request)
+    return JSONResponse(chat_response(job, final, engine.tokenizer).model_dump(), headers=policy_headers(record))
+
+
+def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatCompletionResponse:
+    choices: list[ChatCompletionChoice] = []
+    num_reasoning = 0
+    for sample in final.ordered():
+        reasoning, content, closed = split_reasoning(sample.text, job.in_reasoning)
+        num_reasoning += count_reasoning_tokens(sample.token_ids, reasoning is not None, closed, reasoning or "",
+                                                tokenizer.think_end_id, tokenizer.encode)
+        message = (ResponseMessage(content=content, reasoning_content=reasoning) if job.split
+                   else ResponseMessage(content=sample.text))
+        choices.append(ChatCompletionChoice(index=sample.index, message=message,
+                                            finish_reason=sample.finish_reason, stop_reason=sample.stop_reason))
+    usage = make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, num_reasoning)
+    return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
+
+
+class _SampleStream:
+    """The reasoning/answer state of one sample of a stream."""
+
+    def __init__(self, in_reasoning: bool) -> None:
+        self.splitter = ReasoningSplitter(in_reasoning)
+        self.reasoning_text = ""
+
+    def choices(self, sample: CompletionOutput, split: bool) -> list[dict[str, Any]]:
+        """The stream choices one output of this sample produces, each a chunk of its own."""
+        parts = [self.splitter.feed(sample.delta_text)]
+        if sample.finished:
+            parts.append(self.splitter.flush())
+        out: list[dict[str, Any]] = []
+        for part in parts:
+            self.reasoning_text += part.reasoning
+            if split and part.reasoning:
+                out.append(chat_choice(sample.index, {"reasoning_content": part.reasoning}))
+            if split and part.content:
+                out.append(chat_choice(sample.index, {"content": part.content}))
+        if not split and sample.delta_text:
+            out.append(chat_choice(sample.index, {"content": sample.delta_text}))
+        if sample.finished:
+            out.append(chat_choice(sample.index, {}, sample.finish_reason, sample.stop_reason))
+        return out
+
+    def reasoning_tokens(self, sample: CompletionOutput, tokenizer: Any) -> int:
+        return count_reasoning_tokens(sample.token_ids, self.splitter.has_reasoning, self.splitter.closed,
+                                      self.reasoning_text, tokenizer.think_end_id, tokenizer.encode)
+
+
+async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) -> AsyncIterator[str]:
+    """The SSE events of a streamed chat completion."""
+    created = int(time.time())
+    samples = {i: _SampleStream(job.in_reasoning) for i in range(job.params.n)}
+    final, timer = FinalOutputs(), state.metrics.timer()
+
+    def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        return sse_event(chat_chunk(job.request_id, created, job.model, choices, usage))
+
+    async with tracked(state, job.request_id):
+        yield event([chat_choice(i, {"role": "assistant", "content": ""}) for i in range(job.params.n)])
+        try:
+            generate = engine.generate(job.prompt_token_ids, job.params, job.request_id)
+            async with contextlib.aclosing(generate) as stream:
+                async for output in stream:
+                    timer.tokens(final.update(output))
+                    for sample in output.outputs:
+                        for choice in samples[sample.index].choices(sample, job.split):
+                            yield event([choice])
+        except Exception as exc:  # the status line is sent already: report in-band, keep the server up
+            yield stream_error_event(job.request_id, exc)
+            yield SSE_DONE
+            return
+        timer.finished([s.finish_reason or "abort" for s in final.ordered()])
+        if job.include_usage:
+            num_reasoning = sum(samples[s.index].reasoning_tokens(s, engine.tokenizer) for s in final.ordered())
+            yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens,
+                                       num_reasoning))
+    yield SSE_DONE
+
+
+def stream_error_event(request_id: str, exc: Exception) -> str:
+    """An error inside a started stream, as an OpenAI-shaped `data:` event (logged once here)."""
+    if isinstance(exc, ValueError):
+        logger.info("%s: refused by the engine: %s", request_id, exc)
+        return sse_event(error_body(str(exc), "invalid_request_error"))
+    logger.exception("%s: engine failure while streaming", request_id)
+    return sse_event(error_body(f"the engine failed while serving this request ({type(exc).__name__}); "
+                                "the error is logged on the server", "internal_server_error"))

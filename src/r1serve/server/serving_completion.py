@@ -1,0 +1,113 @@
+"""`POST /v1/completions`: raw text (or token ids) in, continuation out, streamed or not.
+
+Text completions bypass the chat template, so rules 1, 3, 4 and 5 do not apply (the caller writes the whole
+prompt, `<think>` included if wanted, and gets the raw text back); the sampling rules 2, 7 and 8 do. A text
+prompt gets the tokenizer's BOS, as Hugging Face and vLLM add it; a token-id prompt is used as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from r1serve.sampling_params import SamplingParams
+from r1serve.server.errors import bad_request
+from r1serve.server.policy import PolicyRecord
+from r1serve.server.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    completion_choice,
+    completion_chunk,
+)
+from r1serve.server.serving_chat import stream_error_event
+from r1serve.server.serving_common import (
+    FinalOutputs,
+    build_sampling_params,
+    check_fits,
+    check_unsupported,
+    make_usage,
+    policy_headers,
+    run_to_end,
+    tracked,
+)
+from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
+from r1serve.server.state import EngineClient, ServerState
+
+logger = logging.getLogger("r1serve.server")
+
+
+def prompt_token_ids(prompt: str | list[int] | list[str] | list[list[int]], tokenizer: Any) -> list[int]:
+    """The ids of a single prompt: text (with BOS) or ids (checked against the vocabulary)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(f"batched prompts are not supported yet (got {len(prompt)}); send one request "
+                              "per prompt", param="prompt", code="unsupported")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+    vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
+    bad = [t for t in prompt if t < 0 or (vocab_size and t >= vocab_size)]
+    if bad:
+        raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
+    return list(prompt)
+
+
+async def create_completion(request: CompletionRequest, raw_request: Request, state: ServerState) -> Response:
+    state.check_model(request.model)
+    engine = state.require_engine()
+    check_unsupported(request)
+    record = PolicyRecord()
+    ids = prompt_token_ids(request.prompt, engine.tokenizer)
+    params = build_sampling_params(request, state, record)
+    check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    logger.info("%s: completion, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", request_id,
+                len(ids), params.n, params.max_tokens, request.stream, record.header())
+    if request.stream:
+        stream = completion_stream(engine, ids, params, request_id, request, state)
+        return SSEResponse(stream, headers=policy_headers(record))
+    async with tracked(state, request_id):
+        final = await run_to_end(engine, ids, params, request_id, state, raw_request)
+    choices = [CompletionChoice(index=s.index, text=s.text, finish_reason=s.finish_reason,
+                                stop_reason=s.stop_reason) for s in final.ordered()]
+    usage = make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None)
+    body = CompletionResponse(id=request_id, model=request.model, choices=choices, usage=usage)
+    return JSONResponse(body.model_dump(), headers=policy_headers(record))
+
+
+async def completion_stream(engine: EngineClient, ids: list[int], params: SamplingParams, request_id: str,
+                            request: CompletionRequest, state: ServerState) -> AsyncIterator[str]:
+    """The SSE events of a streamed text completion: text deltas, a finish chunk per sample, usage, [DONE]."""
+    created = int(time.time())
+    final, timer = FinalOutputs(), state.metrics.timer()
+
+    def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        return sse_event(completion_chunk(request_id, created, request.model, choices, usage))
+
+    async with tracked(state, request_id):
+        try:
+            async with contextlib.aclosing(engine.generate(ids, params, request_id)) as stream:
+                async for output in stream:
+                    timer.tokens(final.update(output))
+                    for sample in output.outputs:
+                        if sample.delta_text:
+                            yield event([completion_choice(sample.index, sample.delta_text)])
+                        if sample.finished:
+                            yield event([completion_choice(sample.index, "", sample.finish_reason,
+                                                           sample.stop_reason)])
+        except Exception as exc:  # the status line is sent already: report in-band, keep the server up
+            yield stream_error_event(request_id, exc)
+            yield SSE_DONE
+            return
+        timer.finished([s.finish_reason or "abort" for s in final.ordered()])
+        if request.include_usage:
+            yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None))
+    yield SSE_DONE

@@ -1,0 +1,118 @@
+"""`ServerSettings`: every option of `r1serve serve` in one validated, frozen model.
+
+The command-line flags are generated from this model (`r1serve.server.cli`), tests and embedders build it
+directly, and `create_app` reads it: one definition, so the flags, the defaults, `--help` and the validation
+never drift apart. Engine options carry vLLM's names and map one-to-one onto `EngineConfig`; the usage-rule
+switches (DESIGN.md rules 1-8) are each on by default and map onto `PolicyConfig`. Invalid combinations are
+refused here, before anything is loaded, with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from r1serve.config import DEFAULT_MODEL, EngineConfig
+from r1serve.server.policy import PolicyConfig
+
+# What `--quantization` accepts on the command line; the engine says which of these it implements today.
+QUANTIZATION_CHOICES = ("none", "fp8", "int8", "awq", "gptq")
+
+
+class ServerSettings(BaseModel):
+    """Options of `r1serve serve` (flag `--foo-bar` is field `foo_bar`; booleans also have `--no-foo-bar`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- model and engine (names follow vLLM) ---
+    model: str = Field(DEFAULT_MODEL, description="model folder or Hugging Face id")
+    served_model_name: list[str] = Field(
+        default_factory=list, description="extra name the model answers to (repeatable)")
+    tokenizer: str | None = Field(None, description="tokenizer folder (default: the model's)")
+    revision: str | None = Field(None, description="model revision on the Hugging Face hub")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        "auto", description="'dummy' builds random weights (no checkpoint needed)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="weight dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    seed: int = Field(0, description="seed of dummy weights and of requests without their own seed")
+    max_model_len: int = Field(4096, gt=0, description="context window: prompt + output tokens")
+    max_num_seqs: int = Field(256, gt=0, description="sequences decoded together (also the most `n` allowed)")
+    max_num_batched_tokens: int = Field(8192, gt=0, description="token budget of one engine step")
+    block_size: int = Field(16, gt=0, description="tokens per KV-cache block")
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0.0, le=1.0, description="fraction of GPU memory r1serve may use (weights + KV cache)")
+    kv_cache_space: float = Field(4.0, gt=0.0, description="GiB of KV cache when running on CPU")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of shared prompt prefixes")
+    enforce_eager: bool = Field(False, description="no CUDA graphs")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
+    quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
+        "none", description="weight quantization")
+
+    # --- HTTP ---
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1 routes")
+    max_pending_requests: int = Field(
+        4096, gt=0, description="requests in progress beyond which new ones get 503 (overloaded)")
+    shutdown_grace_period: float = Field(
+        30.0, ge=0.0, description="seconds in-flight requests may run after SIGTERM before they are aborted")
+    log_file: Path | None = Field(None, description="also write the log to this file")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    access_log: bool = Field(True, description="log one line per HTTP request")
+
+    # --- the R1 usage rules (DESIGN.md), each on by default ---
+    fold_system_prompt: bool = Field(
+        True, description="rule 1: fold system messages into the first user turn")
+    r1_sampling_defaults: bool = Field(
+        True, description="rule 2: temperature 0.6 / top_p 0.95 if omitted; flag temperature outside 0.5-0.7")
+    enforce_temperature: bool = Field(False, description="rule 2: clamp temperature into 0.5-0.7")
+    force_thinking: bool = Field(True, description="rule 3: the prompt ends with `<think>\\n`")
+    strip_history_reasoning: bool = Field(
+        True, description="rule 4: earlier assistant turns keep only their text after </think>")
+    reasoning_split: bool = Field(True, description="rule 5: reasoning_content apart from content")
+    thinking_budget: bool = Field(True, description="rule 7: honour max_thinking_tokens")
+    max_thinking_tokens: int | None = Field(
+        None, ge=0, description="rule 7: default thinking budget of requests that set none")
+    repetition_guard: bool = Field(
+        True, description="rule 8: stop looping streams (finish_reason 'repetition')")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_not_empty(cls, names: list[str]) -> list[str]:
+        if any(not name.strip() for name in names):
+            raise ValueError("served model names must be non-empty")
+        return names
+
+    @model_validator(mode="after")
+    def _engine_accepts(self) -> ServerSettings:
+        self.engine_config()  # EngineConfig names what it refuses (tensor parallel, quantization, ...)
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        """The `EngineConfig` these settings describe."""
+        return EngineConfig(
+            model=self.model, tokenizer=self.tokenizer, revision=self.revision, load_format=self.load_format,
+            dtype=self.dtype, device=self.device, seed=self.seed, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_space=self.kv_cache_space, enable_prefix_caching=self.enable_prefix_caching,
+            enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
+            quantization=None if self.quantization == "none" else self.quantization,
+        )
+
+    def policy_config(self) -> PolicyConfig:
+        """The usage-rule switches these settings describe."""
+        return PolicyConfig(
+            fold_system_prompt=self.fold_system_prompt, r1_sampling_defaults=self.r1_sampling_defaults,
+            enforce_temperature=self.enforce_temperature, force_thinking=self.force_thinking,
+            strip_history_reasoning=self.strip_history_reasoning, reasoning_split=self.reasoning_split,
+            thinking_budget=self.thinking_budget, default_max_thinking_tokens=self.max_thinking_tokens,
+            repetition_guard=self.repetition_guard,
+        )
+
+    def model_names(self) -> list[str]:
+        """Every name the model answers to: `served_model_name`s first, then the path and its basename."""
+        names = [*self.served_model_name, self.model, Path(self.model.rstrip("/")).name]
+        return list(dict.fromkeys(name for name in names if name))

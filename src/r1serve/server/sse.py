@@ -1,0 +1,53 @@
+"""Server-sent events as OpenAI streams them, and a streaming response that never leaks a request.
+
+OpenAI streams are `data: <json>\\n\\n` events ending with `data: [DONE]\\n\\n`. `SSEResponse` adds what the
+plain `StreamingResponse` leaves to chance: whatever ends the response (the stream finishing, the client
+disconnecting, the server shutting down), the event generator is closed right away, so the engine request it
+wraps is aborted and its KV blocks come back now rather than whenever the garbage collector runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(data: dict[str, Any]) -> str:
+    """One `data:` event of compact JSON (non-ASCII kept as is, so Chinese text is not six bytes a char)."""
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def parse_sse_data(lines: list[str]) -> list[dict[str, Any] | str]:
+    """The payloads of an SSE body's `data:` lines: decoded JSON objects, and the `[DONE]` marker as a str."""
+    payloads: list[dict[str, Any] | str] = []
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
+
+
+class SSEResponse(StreamingResponse):
+    """A `text/event-stream` response whose body generator is always closed when the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+        self._events = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):  # also when the response itself was cancelled
+                    await aclose()

@@ -1,0 +1,92 @@
+"""What one running server knows: its settings, its engine (once loaded), its metrics, its in-flight requests.
+
+The HTTP port opens before the model is loaded (so `/health` can say "loading"), and SIGTERM must be able to
+abort what is still running after the grace period: both need one object that the routes, the loader thread
+and the shutdown logic share. `ServerState` is that object; `EngineClient` is the slice of `AsyncEngine` the
+server uses, written as a protocol so tests can serve from a scripted engine too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from r1serve.outputs import RequestOutput
+from r1serve.sampling_params import SamplingParams
+from r1serve.server.errors import APIError
+from r1serve.server.metrics import ServerMetrics
+from r1serve.server.policy import PolicyConfig
+from r1serve.server.settings import ServerSettings
+
+logger = logging.getLogger("r1serve.server")
+
+
+class EngineClient(Protocol):
+    """The part of `r1serve.engine.async_engine.AsyncEngine` the server relies on."""
+
+    tokenizer: Any
+    max_model_len: int
+
+    def generate(self, prompt: str | list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> Any: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class ServerState:
+    """Shared by the routes, the loader thread and the shutdown logic of one app."""
+
+    settings: ServerSettings
+    engine: EngineClient | None = None
+    load_error: str | None = None
+    shutting_down: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: set[str] = field(default_factory=set)  # engine request ids being served
+    metrics: ServerMetrics = field(init=False)
+    policy: PolicyConfig = field(init=False)
+    model_names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.engine_stats)
+        self.policy = self.settings.policy_config()
+        self.model_names = self.settings.model_names()
+
+    def engine_stats(self) -> Any | None:
+        return None if self.engine is None else self.engine.stats()
+
+    def require_engine(self) -> EngineClient:
+        """The engine, or the 503 a client should retry later."""
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.engine is None:
+            message = "the model is still loading; retry shortly (GET /health says when it is ready)"
+            raise APIError(503, message, code="model_loading")
+        if len(self.in_flight) >= self.settings.max_pending_requests:
+            raise APIError(503, f"server overloaded: {len(self.in_flight)} requests in progress "
+                                f"(--max-pending-requests {self.settings.max_pending_requests}); retry later",
+                           code="overloaded")
+        return self.engine
+
+    def check_model(self, name: str) -> None:
+        """404 unless `name` is one of the names the model answers to."""
+        if name not in self.model_names:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in self.model_names)} (GET /v1/models)",
+                           param="model", code="model_not_found")
+
+    async def abort_all(self) -> int:
+        """Abort every in-flight request (shutdown after the grace period); returns how many."""
+        engine, request_ids = self.engine, list(self.in_flight)
+        if engine is None:
+            return 0
+        for request_id in request_ids:
+            await engine.abort(request_id)
+        return len(request_ids)
