@@ -65,6 +65,14 @@ def test_single_file_checkpoint_loads(hf_model, tmp_path):
     assert_same_logits(load_from(tmp_path), hf_model)
 
 
+def test_tied_checkpoint_loads_with_one_shared_weight(tmp_path):
+    hf = make_hf_model(tied=True, seed=6)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_from(tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_same_logits(model, hf)
+
+
 def test_checkpoint_cast_to_bfloat16(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
     model = load_from(tmp_path, dtype=torch.bfloat16)

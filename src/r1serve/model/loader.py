@@ -138,8 +138,7 @@ def load_model(config: EngineConfig, model_config: ModelConfig, model_path: Path
     """Build the model on `device` in `dtype`, fill it (safetensors or seeded dummy weights); eval mode."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(model_config, backend)
-    model = model.to(dtype).to_empty(device=device)  # the only allocation of the weights
-    model.tie_weights()
+    _materialize(model.to(dtype), device)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
@@ -149,6 +148,15 @@ def load_model(config: EngineConfig, model_config: ModelConfig, model_path: Path
         model.load_weights(iter_safetensors(safetensors_files(model_path)))
     model.requires_grad_(False)
     return model.eval()
+
+
+def _materialize(model: Qwen2ForCausalLM, device: torch.device) -> None:
+    """Allocate the meta model's parameters on `device`, once each: a tied lm_head is detached first (else
+    `to_empty` would give it storage of its own) and tied again after."""
+    if model.config.tie_word_embeddings:
+        del model.lm_head.weight
+    model.to_empty(device=device)
+    model.tie_weights()
 
 
 @torch.no_grad()
