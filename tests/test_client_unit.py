@@ -5,8 +5,12 @@ into extra_body, retries and error types. The real-server tests are in test_clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx2
@@ -101,6 +105,36 @@ class FakeServer:
         pieces.append(f"data: {json.dumps(last)}\n\n")
         pieces.append("data: [DONE]\n\n")
         return httpx2.Response(200, text="".join(pieces), headers={"content-type": "text/event-stream"})
+
+
+@contextlib.contextmanager
+def serving(fake: FakeServer) -> Iterator[str]:
+    """Serve `fake` on a loopback port (for subprocess tests); yields `http://127.0.0.1:PORT` (no /v1)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            request = httpx2.Request(self.command, f"http://fake{self.path}", content=self.rfile.read(length))
+            response = fake.handle(request)
+            self.send_response(response.status_code)
+            self.send_header("content-type", response.headers.get("content-type", "application/json"))
+            self.send_header("content-length", str(len(response.content)))
+            self.end_headers()
+            self.wfile.write(response.content)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def make_client(fake: FakeServer, **kw: Any) -> LLMClient:
