@@ -69,6 +69,9 @@ def test_sampling_defaults_switched_off_are_openai_defaults() -> None:
     assert sampling_defaults(None, None, PolicyConfig(r1_sampling_defaults=False), record) == (1.0, 1.0)
     assert sampling_defaults(1.5, None, PolicyConfig(r1_sampling_defaults=False), record) == (1.5, 1.0)
     assert record.applied == []
+    alone = PolicyConfig(r1_sampling_defaults=False, enforce_temperature=True)  # clamping works on its own
+    assert sampling_defaults(None, None, alone, record) == (0.7, 1.0)
+    assert record.applied == ["temperature-out-of-range", "temperature-clamped"]
 
 
 def test_thinking_budget_request_then_server_default_then_off() -> None:

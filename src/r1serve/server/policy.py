@@ -97,20 +97,23 @@ def apply_message_rules(messages: list[dict[str, Any]], config: PolicyConfig,
 
 def sampling_defaults(temperature: float | None, top_p: float | None, config: PolicyConfig,
                       record: PolicyRecord) -> tuple[float, float]:
-    """Rule 2: the R1 temperature and top_p where the request set none; a temperature outside 0.5-0.7 is
-    flagged (and clamped with `enforce_temperature`)."""
-    if not config.r1_sampling_defaults:
-        return (OPENAI_TEMPERATURE if temperature is None else temperature,
-                OPENAI_TOP_P if top_p is None else top_p)
-    if temperature is None:
-        temperature = R1_TEMPERATURE
-        record.add("default-temperature")
-    if top_p is None:
-        top_p = R1_TOP_P
-        record.add("default-top-p")
+    """Rule 2: the R1 temperature and top_p where the request set none (OpenAI's 1.0 and 1.0 when the rule is
+    off); a temperature outside 0.5-0.7 is flagged, and clamped into it with `enforce_temperature` (which
+    works on its own too)."""
+    if config.r1_sampling_defaults:
+        if temperature is None:
+            temperature = R1_TEMPERATURE
+            record.add("default-temperature")
+        if top_p is None:
+            top_p = R1_TOP_P
+            record.add("default-top-p")
+    temperature = OPENAI_TEMPERATURE if temperature is None else temperature
+    top_p = OPENAI_TOP_P if top_p is None else top_p
     low, high = R1_TEMPERATURE_RANGE
-    if not low <= temperature <= high:
+    if (config.r1_sampling_defaults or config.enforce_temperature) and not low <= temperature <= high:
         record.add("temperature-out-of-range")
+        logger.info("temperature %s is outside the R1 range %s-%s%s", temperature, low, high,
+                    " (clamped)" if config.enforce_temperature else " (honoured; --enforce-temperature clamps)")
         if config.enforce_temperature:
             temperature = min(max(temperature, low), high)
             record.add("temperature-clamped")
