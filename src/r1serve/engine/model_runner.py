@@ -61,8 +61,8 @@ class ModelRunner:
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        if self.device.type == "cuda":
+            num = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
             num = self._profile_cuda_blocks()
         else:
             num = int(self.config.kv_cache_space * GiB) // self.block_bytes

@@ -106,6 +106,9 @@ class Sampler:
         return logits
 
 
+TOP_P_CANDIDATES = 256  # top-p first looks among this many tokens; a whole-row sort only if they fall short
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """Masks to -inf the logits outside each row's top-k and outside the smallest set whose mass reaches top-p."""
     vocab = logits.shape[-1]
@@ -117,15 +120,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         threshold = kth.gather(-1, (top_k.clamp(max=k_max) - 1)[:, None])
         threshold = threshold.masked_fill(~active[:, None], -float("inf"))
         return logits.masked_fill(logits < threshold, -float("inf"))
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    k = min(vocab, max(TOP_P_CANDIDATES, int(top_k.max()) if top_k is not None else 0))
+    values, order = torch.topk(logits, k, dim=-1)  # [B, k], descending
+    probs = values.softmax(dim=-1) * (values.logsumexp(-1) - logits.logsumexp(-1)).exp()[:, None]
+    if k < vocab and not bool((probs.sum(-1) >= top_p).all()):
+        values, order = logits.sort(dim=-1, descending=True)  # rare for a trained model: a flat distribution
+        probs = values.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep = mass_before < top_p[:, None]
     if top_k is not None:
-        kth = sorted_logits.gather(-1, (vocab - top_k)[:, None])
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -float("inf"))
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= 1.0 - top_p[:, None]
-    drop[:, -1] = False  # always keep the most likely token
-    sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        keep &= torch.arange(keep.shape[-1], device=logits.device)[None, :] < top_k[:, None]
+    keep[:, 0] = True  # always keep the most likely token
+    out = torch.full_like(logits, -float("inf"))
+    return out.scatter_(-1, order, values.masked_fill(~keep, -float("inf")))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""The engine end to end on a tiny Qwen2: parity with transformers, batch invariance, chunked prefill,
+preemption, prefix cache, block leaks, seeds, stop strings, the R1 token rules, bad input, failure isolation."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, TOKENIZER_DIR, TOKENIZER_FILES
+from r1serve import LLM, SamplingParams
+from r1serve.config import EngineConfig
+from r1serve.engine.llm_engine import LLMEngine
+from r1serve.sampling_params import RepetitionGuard
+
+transformers = pytest.importorskip("transformers")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random transformers Qwen2 saved as sharded safetensors, with the real tokenizer beside it."""
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(**{k: v for k, v in TINY_CONFIG.items() if k != "architectures"})
+    model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    path = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
+    model.save_pretrained(path, max_shard_size="20MB", safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: Path) -> LLM:
+    return LLM(str(tiny_model_dir), load_format="dummy", dtype="float32", kv_cache_space=0.05)
+
+
+def prompts_of_mixed_lengths(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 100000) for _ in range(rng.randrange(1, 60))] for _ in range(n)]
+
+
+def greedy_tokens(llm: LLM, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_greedy_matches_transformers_generate(hf_model_dir: Path) -> None:
+    assert len(list(hf_model_dir.glob("*.safetensors"))) > 1  # really sharded
+    llm = LLM(str(hf_model_dir), dtype="float32", kv_cache_space=0.05)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(hf_model_dir, torch_dtype=torch.float32).eval()
+    prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": q}])
+               for q in ("What is 1+1?", "Tell me a story about a fox.", "你好")]
+    ours = greedy_tokens(llm, prompts, max_tokens=16)
+    for prompt, got in zip(prompts, ours, strict=True):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        assert got == ref
+
+
+def test_batch_invariance(llm: LLM) -> None:
+    prompts = prompts_of_mixed_lengths(16)
+    alone = [greedy_tokens(llm, [p])[0] for p in prompts[:6]]
+    batched = greedy_tokens(llm, prompts)
+    assert batched[:6] == alone
+
+
+def test_chunked_prefill_and_preemption_do_not_change_outputs(tiny_model_dir: Path, llm: LLM) -> None:
+    prompts = prompts_of_mixed_lengths(16, seed=1)
+    reference = greedy_tokens(llm, prompts, max_tokens=20)
+    chunked = LLM(str(tiny_model_dir), load_format="dummy", dtype="float32", kv_cache_space=0.05,
+                  max_num_batched_tokens=16)
+    assert greedy_tokens(chunked, prompts, max_tokens=20) == reference
+    tight = LLM(str(tiny_model_dir), load_format="dummy", dtype="float32", num_kv_blocks=12, block_size=16,
+                max_model_len=128)
+    assert greedy_tokens(tight, prompts, max_tokens=20) == reference
+    assert tight.engine.stats().num_preemptions > 0
+    assert tight.engine.block_manager.num_free_blocks == 12
+
+
+def test_prefix_cache_hit_is_counted_and_output_unchanged(llm: LLM) -> None:
+    prompt = prompts_of_mixed_lengths(1, seed=7)[0] * 3  # > 2 blocks
+    first = greedy_tokens(llm, [prompt])
+    hits_before = llm.engine.stats().prefix_cache_hits
+    second = greedy_tokens(llm, [prompt])
+    assert llm.engine.stats().prefix_cache_hits - hits_before >= 16 * (len(prompt) // 16 - 1)
+    assert first == second
+
+
+def test_n_samples_share_the_prompt(llm: LLM) -> None:
+    prompt = prompts_of_mixed_lengths(1, seed=8)[0] * 2
+    hits_before = llm.engine.stats().prefix_cache_hits
+    out = llm.generate([prompt], SamplingParams(n=4, max_tokens=8, seed=3, top_p=1.0))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different samples
+    assert llm.engine.stats().prefix_cache_hits - hits_before >= 3 * 16 * (len(prompt) // 16)
+
+
+def test_no_block_leaks_after_random_requests_and_aborts(llm: LLM) -> None:
+    engine = llm.engine
+    rng = random.Random(0)
+    live: list[str] = []
+    for i in range(200):
+        prompt = [rng.randrange(1000, 100000) for _ in range(rng.randrange(1, 40))]
+        params = SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randrange(1, 12), ignore_eos=True,
+                                temperature=0.0)
+        live.append(engine.add_request(prompt, params))
+        if rng.random() < 0.5:
+            engine.step()
+        if rng.random() < 0.25:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.scheduler.num_unfinished == 0
+
+
+def test_seeds_reproduce(llm: LLM) -> None:
+    prompt = [[1234, 5678, 91011]]
+    run = lambda seed: llm.generate(prompt, SamplingParams(max_tokens=16, seed=seed, temperature=1.0, top_p=1.0))[0]
+    assert run(5).outputs[0].token_ids == run(5).outputs[0].token_ids
+    assert run(5).outputs[0].token_ids != run(6).outputs[0].token_ids
+
+
+def test_stop_string_across_tokens_is_caught_and_not_emitted(llm: LLM) -> None:
+    prompt = [[4242, 777, 31337]]
+    full = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    tok = llm.tokenizer
+    pieces = [tok.decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
+    # a stop string made of the end of token 5 and the start of token 6
+    boundary = len(pieces[6])
+    stop = full.text[boundary - 2: boundary + 2]
+    assert len(stop) == 4 and stop not in full.text[: boundary - 2]
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    completion = out.outputs[0]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop
+    assert completion.text == full.text[: full.text.index(stop)]
+
+
+def test_streaming_deltas_add_up_to_the_text(llm: LLM) -> None:
+    deltas, last = [], None
+    for out in llm.stream([5, 6, 7], SamplingParams(max_tokens=20, seed=0, top_p=1.0)):
+        deltas.append(out.outputs[0].delta_text)
+        last = out
+    assert last is not None and last.finished
+    assert "".join(deltas) == last.outputs[0].text
+
+
+def test_thinking_budget_closes_reasoning(llm: LLM) -> None:
+    out = llm.chat([{"role": "user", "content": "hi"}],
+                   SamplingParams(max_tokens=10, max_thinking_tokens=4, seed=1, ignore_eos=True))[0].outputs[0]
+    think_end = llm.tokenizer.think_end_id
+    assert out.token_ids.index(think_end) == 5  # 4 reasoning tokens, "\n", then </think>
+    assert "\n</think>\n\n" in out.text
+    zero = llm.chat([{"role": "user", "content": "hi"}],
+                    SamplingParams(max_tokens=6, max_thinking_tokens=0, ignore_eos=True))[0].outputs[0]
+    assert zero.text.startswith("\n</think>\n\n")
+
+
+def test_repetition_guard_stops_a_loop(llm: LLM) -> None:
+    guard = RepetitionGuard(max_period=4, min_repeats=4, min_span=8)
+    # a huge frequency penalty of the wrong sign makes the model repeat itself
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, repetition_guard=guard,
+                            repetition_penalty=0.01)
+    out = llm.generate([[100, 200, 300]], params)[0].outputs[0]
+    assert out.finish_reason == "repetition" and len(out.token_ids) < 200
+
+
+@pytest.mark.parametrize("field, kwargs", [
+    ("max_tokens", {"max_tokens": 0}), ("top_p", {"top_p": 1.5}), ("top_p", {"top_p": 0.0}),
+    ("temperature", {"temperature": -1.0}), ("n", {"n": 0}),
+])
+def test_bad_sampling_params_name_the_field(field: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_name_the_field(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([""])
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([[1] * 5000])
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=5000))
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_a_failing_request_does_not_stop_the_engine(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = llm.engine
+    bad = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5))
+    good = engine.add_request([4, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True))
+    seq = engine.requests[bad].seqs[0]
+    monkeypatch.setattr(seq.detokenizer, "add_tokens", lambda ids: 1 / 0)
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            finals[out.request_id] = out
+    assert finals[bad].outputs[0].finish_reason == "abort"
+    assert finals[good].outputs[0].finish_reason == "length" and len(finals[good].outputs[0].token_ids) == 5
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_kv_cache_too_small_for_max_model_len_is_a_clear_error(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLMEngine(EngineConfig(model=str(tiny_model_dir), load_format="dummy", num_kv_blocks=2, max_model_len=4096))

@@ -1,0 +1,104 @@
+"""Scheduler with no model: token budget, chunked prefill, max_num_seqs, preemption, n-sample prefix sharing."""
+
+from __future__ import annotations
+
+from r1serve.engine.block_manager import BlockManager
+from r1serve.engine.scheduler import Scheduler, SchedulerOutput
+from r1serve.engine.sequence import Request, Sequence, SequenceStatus
+from r1serve.sampling_params import SamplingParams
+
+
+def make_request(prompt_len: int, n: int = 1, first_token: int = 0) -> Request:
+    tokens = list(range(first_token, first_token + prompt_len))
+    request = Request(f"r{first_token}", None, tokens, SamplingParams(n=n))
+    request.seqs = [Sequence(request, i, list(tokens), prompt_len) for i in range(n)]
+    return request
+
+
+def fake_step(bm: BlockManager, out: SchedulerOutput) -> None:
+    """Advances computed tokens as the engine would, appending token 7 where a sequence samples."""
+    for item in out.scheduled:
+        samples = item.samples
+        item.seq.num_computed_tokens += item.num_new_tokens
+        bm.register_full_blocks(item.seq)
+        if samples:
+            item.seq.token_ids.append(7)
+
+
+def test_token_budget_chunks_a_long_prompt() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    seq = make_request(25).seqs[0]
+    sched.add(seq)
+    chunks = []
+    while seq.num_computed_tokens < 25:
+        out = sched.schedule()
+        chunks.append(out.scheduled[0].num_new_tokens)
+        assert out.num_batched_tokens <= 10
+        fake_step(bm, out)
+    assert chunks == [10, 10, 5]
+    assert seq.num_tokens == 26  # sampled once, after the last chunk
+
+
+def test_decodes_first_then_new_prefills_fill_the_budget() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    a = make_request(4).seqs[0]
+    sched.add(a)
+    fake_step(bm, sched.schedule())
+    b = make_request(20, first_token=100).seqs[0]
+    sched.add(b)
+    out = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 7)]
+
+
+def test_max_num_seqs_caps_running() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(3):
+        sched.add(make_request(3, first_token=10 * i).seqs[0])
+    out = sched.schedule()
+    assert len(out.scheduled) == 2 and len(sched.waiting) == 1
+
+
+def test_preemption_by_recompute_when_blocks_run_out() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.watermark_blocks = 0
+    old, new = make_request(7).seqs[0], make_request(7, first_token=50).seqs[0]
+    sched.add(old)
+    sched.add(new)
+    fake_step(bm, sched.schedule())  # both prefilled: 2 blocks each, 8 tokens of room each
+    fake_step(bm, sched.schedule())  # both reach 8 tokens (block full)
+    out = sched.schedule()  # each needs a third block; there are none: the newest is preempted
+    assert out.preempted == [new]
+    assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and new.block_table == []
+    assert [s.seq for s in out.scheduled] == [old]
+    assert sched.num_preemptions == 1
+    assert sched.waiting[0] is new
+
+
+def test_samples_of_one_prompt_wait_for_the_first_then_share_its_blocks() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    request = make_request(10, n=3)
+    for seq in request.seqs:
+        sched.add(seq)
+    out = sched.schedule()
+    assert [s.seq.index for s in out.scheduled] == [0]
+    fake_step(bm, out)
+    out = sched.schedule()
+    siblings = [s for s in out.scheduled if s.seq.index > 0]
+    assert [s.num_new_tokens for s in siblings] == [2, 2]  # 8 of 10 prompt tokens were cached
+    assert all(s.seq.block_table[:2] == request.seqs[0].block_table[:2] for s in siblings)
+
+
+def test_finish_frees_blocks_and_dequeues() -> None:
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    seq = make_request(9).seqs[0]
+    sched.add(seq)
+    fake_step(bm, sched.schedule())
+    sched.finish(seq)
+    assert sched.num_unfinished == 0 and bm.num_free_blocks == 16
+    assert seq.status is SequenceStatus.FINISHED
