@@ -104,7 +104,7 @@ def test_no_block_leaks_after_random_requests_and_aborts(llm: LLM) -> None:
     engine = llm.engine
     rng = random.Random(0)
     live: list[str] = []
-    for i in range(200):
+    for _ in range(200):
         prompt = [rng.randrange(1000, 100000) for _ in range(rng.randrange(1, 40))]
         params = SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randrange(1, 12), ignore_eos=True,
                                 temperature=0.0)

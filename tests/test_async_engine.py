@@ -1,0 +1,85 @@
+"""AsyncEngine: streams from an asyncio loop while the engine runs on its own thread; aborts free blocks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from r1serve import AsyncEngine, EngineConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path):
+    eng = AsyncEngine.from_config(EngineConfig(model=str(tiny_model_dir), load_format="dummy", dtype="float32",
+                                               kv_cache_space=0.05))
+    yield eng
+    eng.shutdown()
+
+
+async def collect(engine: AsyncEngine, prompt: list[int], params: SamplingParams) -> tuple[str, list, str]:
+    deltas, last = [], None
+    async for out in engine.generate(prompt, params):
+        deltas.append(out.outputs[0].delta_text)
+        last = out
+    assert last is not None and last.finished
+    return "".join(deltas), last.outputs[0].token_ids, last.outputs[0].text
+
+
+def test_concurrent_streams_complete_with_consistent_deltas(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0)
+
+    async def main() -> list:
+        return await asyncio.gather(*(collect(engine, [100 + i, 7, 8], params) for i in range(16)))
+
+    results = asyncio.run(main())
+    assert all(len(ids) == 12 and joined == text for joined, ids, text in results)
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_leaving_a_stream_aborts_and_frees_blocks(engine: AsyncEngine) -> None:
+    async def main() -> None:
+        stream = engine.generate([1, 2, 3] * 20, SamplingParams(max_tokens=500, ignore_eos=True, temperature=0.0))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):  # the abort reaches the engine thread asynchronously
+            if engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_cancelled_task_aborts_its_request(engine: AsyncEngine) -> None:
+    async def main() -> None:
+        async def consume() -> None:
+            async for _ in engine.generate([5, 6, 7], SamplingParams(max_tokens=2000, ignore_eos=True,
+                                                                     temperature=0.0)):
+                pass
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_invalid_request_raises_before_streaming(engine: AsyncEngine) -> None:
+    async def main() -> None:
+        async for _ in engine.generate([1] * 10_000, SamplingParams()):
+            pass
+
+    with pytest.raises(ValueError, match="prompt"):
+        asyncio.run(main())
