@@ -1,0 +1,202 @@
+"""Offline generation speed of r1serve's engine, beside transformers' `generate` on the same weights, in one run.
+
+    python benchmarks/offline.py --model tiny --device cpu            # the CI-sized model
+    python benchmarks/offline.py --model 1.5b --device cpu --decode-tokens 32 --batch-tokens 16
+    python benchmarks/offline.py --model 1.5b --device cuda --workloads decode,batch,nano,uniform --hf decode
+
+Workloads: `decode` (one stream: 128-token prompt, N generated, ignore_eos; decode tokens/s and, on CUDA, percent of
+the weight-bandwidth roofline), `batch` (16 prompts of 128 tokens at once), `nano` (nano-vllm's: 256 requests,
+prompt and output lengths uniform in 100-1024, temperature 0.6), `uniform` (1,000 requests of 512 in / 512 out).
+The random weights are copied into a transformers `Qwen2ForCausalLM`, so both sides compute the same function.
+Prints a table, then one JSON line with every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from r1serve import LLM, SamplingParams
+from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG
+
+TINY = {**R1_DISTILL_QWEN_1_5B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@dataclass
+class Row:
+    workload: str
+    engine: str
+    requests: int
+    output_tokens: int
+    seconds: float
+    tokens_per_s: float
+    note: str = ""
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_prompts(n: int, lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 150000) for _ in range(length)] for length in lengths[:n]]
+
+
+def bench_decode(llm: LLM, tokens: int, device: str) -> Row:
+    prompt = random_prompts(1, [128], 0)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
+    stamps = []
+    for _ in llm.stream(prompt, params):
+        stamps.append(time.perf_counter())
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return Row("decode", "r1serve", 1, tokens, stamps[-1] - stamps[0], rate, "after the first token")
+
+
+def bench_requests(llm: LLM, name: str, prompts: list[list[int]], outputs: list[int], device: str,
+                   temperature: float = 0.0) -> Row:
+    params = [SamplingParams(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, max_tokens=o,
+                             ignore_eos=True, seed=i) for i, o in enumerate(outputs)]
+    llm.generate(prompts[:2], params[:2])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    sync(device)
+    seconds = time.perf_counter() - start
+    total = sum(len(r.outputs[0].token_ids) for r in results)
+    return Row(name, "r1serve", len(prompts), total, seconds, total / seconds)
+
+
+def hf_model(llm: LLM, device: str, dtype: torch.dtype) -> Any:
+    """transformers' Qwen2 holding exactly the engine's weights."""
+    import transformers
+
+    hf_config = transformers.Qwen2Config(**llm.engine.model_config.to_hf_dict())
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(hf_config).to(dtype)
+    missing, unexpected = model.load_state_dict(_unfuse(llm.engine.runner.model, llm), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model.eval()
+
+
+def _unfuse(ours: Any, llm: LLM) -> dict[str, torch.Tensor]:
+    """HF tensor names from the fused qkv_proj / gate_up_proj parameters."""
+    mc = llm.engine.model_config
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in ours.state_dict().items():
+        if ".qkv_proj." in name:
+            q, k, v = tensor.split([mc.q_size, mc.kv_size, mc.kv_size], dim=0)
+            for part, t in zip("qkv", (q, k, v), strict=True):
+                state[name.replace("qkv_proj", f"{part}_proj")] = t
+        elif ".gate_up_proj." in name:
+            gate, up = tensor.chunk(2, dim=0)
+            state[name.replace("gate_up_proj", "gate_proj")] = gate
+            state[name.replace("gate_up_proj", "up_proj")] = up
+        elif "rotary" not in name:
+            state[name] = tensor
+    return state
+
+
+@torch.inference_mode()
+def bench_hf(model: Any, name: str, prompts: list[list[int]], tokens: int, device: str) -> Row:
+    batch = torch.tensor(prompts, device=device)
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    model.generate(batch[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(batch, **kwargs)
+    sync(device)
+    seconds = time.perf_counter() - start
+    total = (out.shape[1] - batch.shape[1]) * batch.shape[0]
+    return Row(name, "transformers", len(prompts), total, seconds, total / seconds, "incl. prefill")
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    engine_args: dict[str, Any] = dict(load_format="dummy", device=args.device, dtype=args.dtype,
+                                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                       enforce_eager=args.enforce_eager)
+    if args.device == "cpu":
+        engine_args["kv_cache_space"] = args.kv_cache_space
+    model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    if args.model == "tiny":
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(tempfile.mkdtemp()) / "tiny"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(TINY))
+        model = str(folder)
+    llm = LLM(model, **engine_args)
+    rows: list[Row] = []
+    workloads = args.workloads.split(",")
+    if "decode" in workloads:
+        rows.append(bench_decode(llm, args.decode_tokens, args.device))
+    if "batch" in workloads:
+        rows.append(bench_requests(llm, "batch", random_prompts(16, [128] * 16, 1), [args.batch_tokens] * 16,
+                                   args.device))
+    if "nano" in workloads:
+        rng = random.Random(0)
+        ins = [rng.randint(100, 1024) for _ in range(256)]
+        outs = [rng.randint(100, 1024) for _ in range(256)]
+        rows.append(bench_requests(llm, "nano", random_prompts(256, ins, 2), outs, args.device, temperature=0.6))
+    if "uniform" in workloads:
+        rows.append(bench_requests(llm, "uniform", random_prompts(1000, [512] * 1000, 3), [512] * 1000, args.device,
+                                   temperature=0.6))
+    if args.hf:
+        dtype = llm.engine.runner.dtype
+        hf = hf_model(llm, args.device, dtype)
+        if "decode" in args.hf.split(","):
+            rows.append(bench_hf(hf, "decode", random_prompts(1, [128], 0), args.hf_decode_tokens, args.device))
+        if "batch" in args.hf.split(","):
+            rows.append(bench_hf(hf, "batch", random_prompts(16, [128] * 16, 1), args.batch_tokens, args.device))
+    return rows
+
+
+def report(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> None:
+    print(f"{'workload':<9} {'engine':<13} {'requests':>8} {'out tokens':>10} {'seconds':>9} {'tok/s':>10}  note")
+    for r in rows:
+        print(f"{r.workload:<9} {r.engine:<13} {r.requests:>8} {r.output_tokens:>10} {r.seconds:>9.2f} "
+              f"{r.tokens_per_s:>10.1f}  {r.note}")
+    ours = {r.workload: r.tokens_per_s for r in rows if r.engine == "r1serve"}
+    theirs = {r.workload: r.tokens_per_s for r in rows if r.engine == "transformers"}
+    ratios = {w: round(ours[w] / theirs[w], 2) for w in theirs if w in ours}
+    if ratios:
+        print("r1serve / transformers:", ", ".join(f"{w} {x}x" for w, x in ratios.items()))
+    print(json.dumps({"settings": vars(args), "rows": [asdict(r) for r in rows], "ratios": ratios, **extra}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["tiny", "1.5b"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--workloads", default="decode,batch")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--batch-tokens", type=int, default=32)
+    parser.add_argument("--hf", default="decode,batch", help="transformers workloads to run beside ('' for none)")
+    parser.add_argument("--hf-decode-tokens", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--kv-cache-space", type=float, default=2.0)
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+    args.hf_decode_tokens = args.hf_decode_tokens or args.decode_tokens
+    torch.set_num_threads(torch.get_num_threads())
+    start = time.perf_counter()
+    rows = run(args)
+    extra = {"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+             "date": time.strftime("%Y-%m-%d")}
+    report(rows, args, extra)
+
+
+if __name__ == "__main__":
+    main()
