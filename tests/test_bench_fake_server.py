@@ -194,8 +194,8 @@ def test_endpoint_rejecting_ignore_eos_is_retried_without(fake_server, tmp_path:
                            "--num-prompts", "5", "--num-warmups", "1")
     assert rc == 0
     assert result["runs"][0]["summary"]["num_completed"] == 5
-    assert result["endpoints"][server.url] == {"model": "fake-model", "max_model_len": 100000,
-                                               "ignore_eos": False, "num_probe_requests": 2}
+    assert result["endpoints"] == [{"url": server.url, "model": "fake-model", "max_model_len": 100000,
+                                    "ignore_eos": False, "num_probe_requests": 2}]
     assert any("rejects ignore_eos" in n for n in result["notes"])
     assert "rejects ignore_eos" in capsys.readouterr().err
     assert len(server.behavior.bodies) == 2 + 1 + 5  # probes, warm-up, measured
@@ -211,6 +211,7 @@ def test_two_urls_side_by_side_with_plots(fake_server, tmp_path: Path, capsys) -
     assert [(r["url"], r["load"]["concurrency"]) for r in result["runs"]] == [
         (fast.url, 1), (fast.url, 2), (slow.url, 1), (slow.url, 2)]
     assert result["settings"]["sweep"] == "concurrency" and result["partial"] is False
+    assert all(0 < r["client_cpu"] < 4 for r in result["runs"])
     assert result["command"].startswith("r1serve bench --url")
     fast_tpot = result["runs"][0]["summary"]["tpot_ms"]["p50"]
     slow_tpot = result["runs"][2]["summary"]["tpot_ms"]["p50"]

@@ -17,7 +17,8 @@ from r1serve.bench.workloads import BenchRequest
 
 def _records() -> list[RequestRecord]:
     a = RequestRecord(0, start_s=0.0, end_s=0.4, ok=True, chunk_times=[0.1, 0.15, 0.25, 0.30],
-                      prompt_tokens=10, output_tokens=4, token_source="usage", first_answer_s=0.25)
+                      prompt_tokens=10, output_tokens=4, token_source="usage", first_answer_s=0.25,
+                      reasoning_tokens=3)
     b = RequestRecord(1, start_s=0.2, end_s=1.0, ok=True, chunk_times=[0.3, 0.5],
                       prompt_tokens=20, output_tokens=5, token_source="usage")  # 5 tokens in 2 chunks
     c = RequestRecord(2, start_s=0.5, end_s=0.6, ok=False, error_type="http_500", error_message="HTTP 500: x")
@@ -45,7 +46,7 @@ def test_summary_by_hand() -> None:
     assert s.request_throughput == pytest.approx(3.0)
     assert s.output_throughput == pytest.approx(10.0)
     assert s.total_token_throughput == pytest.approx(70.0)
-    assert (s.total_input_tokens, s.total_output_tokens) == (60, 10)
+    assert (s.total_input_tokens, s.total_output_tokens, s.total_reasoning_tokens) == (60, 10, 3)
     assert s.peak_concurrency == 3
     assert s.mean_concurrency == pytest.approx((0.4 + 0.8 + 0.1 + 0.15) / 1.0)
     assert s.token_sources == {"usage": 2, "tokenizer": 1}
@@ -75,6 +76,7 @@ def test_goodput(slos: dict[str, float], num_good: int) -> None:
 def test_empty_summary() -> None:
     s = summarize([])
     assert s.num_requests == 0 and s.request_throughput == 0.0 and s.ttft_ms.p50 is None
+    assert s.total_reasoning_tokens is None
 
 
 def test_percentile_matches_numpy() -> None:

@@ -84,12 +84,13 @@ def test_stream_state_split_reasoning_server() -> None:
     state.on_data(_chat({"content": "\n\n"}), 0.15)
     state.on_data(_chat({"content": "42"}), 0.17)
     state.on_data(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), 0.18)
-    state.on_data(json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}), 0.19)
+    usage = {"prompt_tokens": 7, "completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 2}}
+    state.on_data(json.dumps({"choices": [], "usage": usage}), 0.19)
     assert state.chunk_times == [0.10, 0.12, 0.15, 0.17]
     assert state.first_token_time == 0.10
     assert state.first_answer_time == 0.17
     assert state.finish_reason == "stop"
-    assert state.usage_tokens() == (7, 5)
+    assert state.usage_tokens() == (7, 5) and state.reasoning_tokens() == 2
     assert state.output_text == "Let me think.\n\n42"
 
 
@@ -100,7 +101,7 @@ def test_stream_state_think_tag_in_text_split_across_chunks() -> None:
         state.on_data(json.dumps({"choices": [{"index": 0, "text": text}]}), t)
     assert state.first_token_time == 0.1
     assert state.first_answer_time == 0.5
-    assert state.usage_tokens() == (None, None)
+    assert state.usage_tokens() == (None, None) and state.reasoning_tokens() is None
 
 
 def test_stream_state_answer_in_the_chunk_that_closes_thinking() -> None:

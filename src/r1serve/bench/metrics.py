@@ -116,6 +116,7 @@ class RunSummary:
     total_token_throughput: float
     total_input_tokens: int
     total_output_tokens: int
+    total_reasoning_tokens: int | None  # None when no response reported reasoning tokens in its usage
     peak_concurrency: int
     mean_concurrency: float
     num_answered: int
@@ -157,6 +158,7 @@ def summarize(
         request_throughput=per_s(len(done)), output_throughput=per_s(output_tokens),
         total_token_throughput=per_s(input_tokens + output_tokens),
         total_input_tokens=input_tokens, total_output_tokens=output_tokens,
+        total_reasoning_tokens=_sum_known([r.reasoning_tokens for r in done]),
         peak_concurrency=peak_concurrency(records), mean_concurrency=per_s(sum(r.e2e_s for r in records)),
         num_answered=sum(r.first_answer_s is not None for r in done),
         ttft_ms=Distribution.of_seconds([t for r in done if (t := r.ttft_s) is not None]),
@@ -167,6 +169,11 @@ def summarize(
         token_sources=dict(Counter(str(r.token_source) for r in done)),
         goodput=goodput, error_examples=examples,
     )
+
+
+def _sum_known(values: Sequence[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def parse_slos(items: Sequence[str]) -> dict[str, float]:

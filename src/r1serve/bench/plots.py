@@ -37,9 +37,12 @@ def _latencies(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
     }
 
 
-def _run_label(run: PointRun, num_urls: int) -> str:
-    host = run.url.split("://", 1)[-1]
-    return f"{host} {run.point.label()}" if num_urls > 1 else run.point.label()
+def _endpoint_label(run: PointRun) -> str:
+    return f"[{run.endpoint + 1}] {run.url.split('://', 1)[-1]}"
+
+
+def _run_label(run: PointRun, num_endpoints: int) -> str:
+    return f"{_endpoint_label(run)} {run.point.label()}" if num_endpoints > 1 else run.point.label()
 
 
 def plot_latency_cdfs(result: BenchResult, path: Path) -> Path:
@@ -48,7 +51,7 @@ def plot_latency_cdfs(result: BenchResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    num_urls = len({r.url for r in result.runs})
+    num_urls = len(result.endpoints)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for run in result.runs:
         for ax, (name, values) in zip(axes.flat, _latencies(run.records).items(), strict=True):
@@ -80,11 +83,12 @@ def plot_sweep(result: BenchResult, path: Path) -> Path:
               ("TPOT p50 (ms)", lambda r: r.summary.tpot_ms.p50),
               ("TTFT p99 (ms)", lambda r: r.summary.ttft_ms.p99))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for url in dict.fromkeys(r.url for r in result.runs):
-        runs = {r.point: r for r in result.runs if r.url == url}
+    for index in dict.fromkeys(r.endpoint for r in result.runs):
+        runs = {r.point: r for r in result.runs if r.endpoint == index}
         for ax, (name, get) in zip(axes, panels, strict=True):
             xs = [i for i, p in enumerate(points) if p in runs and get(runs[p]) is not None]
-            ax.plot(xs, [get(runs[points[i]]) for i in xs], marker="o", label=url.split("://", 1)[-1])
+            label = _endpoint_label(next(iter(runs.values())))
+            ax.plot(xs, [get(runs[points[i]]) for i in xs], marker="o", label=label)
             ax.set_xticks(range(len(points)), labels)
             ax.set_xlabel("concurrency" if sweep == "concurrency" else "request rate (req/s)")
             ax.set_ylabel(name)

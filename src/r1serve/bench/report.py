@@ -43,6 +43,7 @@ def metric_rows() -> list[tuple[str, Getter, str]]:
         ("total throughput (tok/s)", lambda s: s.total_token_throughput, ".1f"),
         ("input tokens", lambda s: s.total_input_tokens, "d"),
         ("output tokens", lambda s: s.total_output_tokens, "d"),
+        ("of which reasoning", lambda s: s.total_reasoning_tokens, "d"),
         ("peak concurrency", lambda s: s.peak_concurrency, "d"),
         ("answered (after </think>)", lambda s: s.num_answered, "d"),
     ]
@@ -74,7 +75,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _text_rows(runs: Sequence[PointRun]) -> list[list[str]]:
     rows = [["errors", *[", ".join(f"{k}: {v}" for k, v in r.summary.errors.items()) or "-" for r in runs]],
-            ["token counts from", *[", ".join(sorted(r.summary.token_sources)) or "-" for r in runs]]]
+            ["token counts from", *[", ".join(sorted(r.summary.token_sources)) or "-" for r in runs]],
+            ["bench client CPU", *[f"{r.client_cpu:.0%}" for r in runs]]]
     return rows
 
 
@@ -99,18 +101,16 @@ def render_tables(result: BenchResult) -> str:
     """The terminal report: one table (a column per point), or per point a side-by-side of the endpoints."""
     if not result.runs:
         return "no load point was measured"
-    urls = list(dict.fromkeys(r.url for r in result.runs))
     out = []
-    if len(urls) == 1:
-        out.append(f"endpoint {urls[0]} (model {result.runs[0].model})")
+    if len(result.endpoints) == 1:
+        out.append(f"endpoint {result.endpoints[0]['url']} (model {result.endpoints[0]['model']})")
         out.append(point_table(result.runs, [r.point.label() for r in result.runs], ratios=False))
     else:
-        labels = [f"[{i + 1}]" for i in range(len(urls))]
-        out += [f"{label} {url}" for label, url in zip(labels, urls, strict=True)]
+        out += [f"[{i + 1}] {e['url']} (model {e['model']})" for i, e in enumerate(result.endpoints)]
         for point in dict.fromkeys(r.point for r in result.runs):
             runs = [r for r in result.runs if r.point == point]
             out.append(f"\n{point.label()}")
-            out.append(point_table(runs, [labels[urls.index(r.url)] for r in runs], ratios=len(runs) > 1))
+            out.append(point_table(runs, [f"[{r.endpoint + 1}]" for r in runs], ratios=len(runs) > 1))
     out += [f"note: {n}" for n in result.notes]
     if result.partial:
         out.append("PARTIAL: interrupted before the end; figures cover what finished")
@@ -121,6 +121,7 @@ def record_dict(record: RequestRecord, detailed: bool) -> dict[str, Any]:
     out = {"index": record.index, "ok": record.ok, "start_s": record.start_s, "e2e_s": record.e2e_s,
            "ttft_s": record.ttft_s, "ttfa_s": record.first_answer_s, "tpot_s": tpot_s(record),
            "prompt_tokens": record.prompt_tokens, "output_tokens": record.output_tokens,
+           "reasoning_tokens": record.reasoning_tokens,
            "token_source": record.token_source, "finish_reason": record.finish_reason,
            "error_type": record.error_type, "error_message": record.error_message}
     if detailed:
@@ -131,8 +132,8 @@ def record_dict(record: RequestRecord, detailed: bool) -> dict[str, Any]:
 def result_dict(result: BenchResult, argv: Sequence[str], with_requests: bool = True) -> dict[str, Any]:
     runs = []
     for run in result.runs:
-        entry = {"url": run.url, "model": run.model, "load": point_dict(run.point), "partial": run.partial,
-                 "summary": run.summary.to_dict()}
+        entry = {"endpoint": run.endpoint, "url": run.url, "model": run.model, "load": point_dict(run.point),
+                 "partial": run.partial, "client_cpu": run.client_cpu, "summary": run.summary.to_dict()}
         if with_requests:
             entry["requests"] = [record_dict(r, result.config.save_detailed) for r in run.records]
         runs.append(entry)

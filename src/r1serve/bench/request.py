@@ -63,6 +63,7 @@ class RequestRecord:
     first_answer_s: float | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    reasoning_tokens: int | None = None  # of output_tokens, when the server's usage says
     token_source: str | None = None  # "usage", "tokenizer" or "chunks"
     finish_reason: str | None = None
 
@@ -162,6 +163,7 @@ def _count_tokens(
     if prompt_tokens is None:
         prompt_tokens = request.prompt_len
     record.prompt_tokens, record.output_tokens = prompt_tokens, output_tokens
+    record.reasoning_tokens = state.reasoning_tokens()
 
 
 def error_message_of(body: bytes, status: int) -> str:

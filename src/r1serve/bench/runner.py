@@ -27,6 +27,7 @@ from r1serve.bench.request import Endpoint, RequestRecord, error_message_of, sen
 from r1serve.bench.tokens import Tokenizer
 from r1serve.bench.workloads import BenchRequest, build_requests
 
+CLIENT_CPU_WARNING = 0.8  # above this share of one core, the client may be what limits the figures
 DURATION_POOL = 1000  # prompts built for a --duration run without --num-prompts (cycled if it lasts longer)
 Log = Callable[[str], None]
 
@@ -39,12 +40,14 @@ class BenchError(Exception):
 class PointRun:
     """One load point measured on one endpoint."""
 
+    endpoint: int  # index into BenchResult.endpoints (the same URL may be given twice)
     url: str
     model: str
     point: LoadPoint
     summary: RunSummary
     records: list[RequestRecord]
     partial: bool
+    client_cpu: float = 0.0  # CPU seconds of this bench process per wall second while measuring (1.0 = a core)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class BenchResult:
     config: BenchConfig
     runs: list[PointRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # per URL: model, max_model_len, ...
+    endpoints: list[dict[str, Any]] = field(default_factory=list)  # per --url: url, model, max_model_len, ...
     partial: bool = False
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -116,12 +119,12 @@ class Runner:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.config.timeout_s)) as client:
             endpoints = [await self._endpoint(client, normalize_url(url)) for url in self.config.urls]
-            for endpoint in endpoints:
+            for i, endpoint in enumerate(endpoints):
                 for k, point in enumerate(self.config.points):
                     if self.stop.is_set():
                         self.result.partial = True
                         return self.result
-                    await self._run_point(client, endpoint, k, point)
+                    await self._run_point(client, i, endpoint, k, point)
         return self.result
 
     async def _endpoint(self, client: httpx.AsyncClient, url: str) -> Endpoint:
@@ -140,8 +143,8 @@ class Runner:
             probed = await probe_ignore_eos(client, endpoint, self._note)
             num_probes = 1 if probed is endpoint else 2
             endpoint = probed
-        self.result.endpoints[url] = {"model": model, "max_model_len": info.get("max_model_len"),
-                                      "ignore_eos": endpoint.ignore_eos, "num_probe_requests": num_probes}
+        self.result.endpoints.append({"url": url, "model": model, "max_model_len": info.get("max_model_len"),
+                                      "ignore_eos": endpoint.ignore_eos, "num_probe_requests": num_probes})
         return endpoint
 
     def _note(self, text: str) -> None:
@@ -155,10 +158,12 @@ class Runner:
             self._prompts[k] = build_requests(self.config.workload, count, self.config.seed + k, self.tokenizer)
         return self._prompts[k]
 
-    async def _run_point(self, client: httpx.AsyncClient, endpoint: Endpoint, k: int, point: LoadPoint) -> None:
+    async def _run_point(
+        self, client: httpx.AsyncClient, i: int, endpoint: Endpoint, k: int, point: LoadPoint
+    ) -> None:
         prompts = self.prompts(k, point)
         num_measured = len(prompts) - self.config.num_warmups
-        self._check_lengths(endpoint.url, prompts)
+        self._check_lengths(i, prompts)
         counter = self.tokenizer.count if self.tokenizer else None
 
         async def send(request: BenchRequest, index: int, run_start: float) -> RequestRecord:
@@ -170,13 +175,19 @@ class Runner:
             self.result.partial = True
             return
         tick = self.progress(f"{_host(endpoint.url)} {point.label()}", point.num_prompts) if self.progress else None
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         load = await run_load(send, prompts[:num_measured], point, self.config.seed + k, self.stop,
                               on_done=(lambda _record: tick()) if tick else None)
+        client_cpu = (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9)
         if tick:
             tick(close=True)
         summary = summarize(load.records, load.num_cancelled, self.config.goodput_slos_ms or None)
-        self.result.runs.append(PointRun(endpoint.url, endpoint.model, point, summary, load.records, load.partial))
+        self.result.runs.append(PointRun(i, endpoint.url, endpoint.model, point, summary, load.records,
+                                         load.partial, client_cpu))
         self.result.partial = self.result.partial or load.partial
+        if client_cpu > CLIENT_CPU_WARNING:
+            self._note(f"[{i + 1}] {point.label()}: the bench client used {client_cpu:.0%} of a CPU core; "
+                       "figures may be limited by the client (run it on its own cores)")
 
     async def _warm_up(self, send: Any, warmups: list[BenchRequest], point: LoadPoint) -> None:
         size = min(point.concurrency or len(warmups), len(warmups))
@@ -186,8 +197,8 @@ class Runner:
         if failed:
             self._note(f"warm-up: {len(failed)} of {len(warmups)} requests failed ({failed[0].error_message})")
 
-    def _check_lengths(self, url: str, prompts: list[BenchRequest]) -> None:
-        limit = self.result.endpoints.get(url, {}).get("max_model_len")
+    def _check_lengths(self, i: int, prompts: list[BenchRequest]) -> None:
+        url, limit = self.result.endpoints[i]["url"], self.result.endpoints[i].get("max_model_len")
         if not isinstance(limit, int):
             return
         longest = max(((p.prompt_len or 0) + (p.max_tokens or 0)) for p in prompts)

@@ -60,8 +60,13 @@ class SSEParser:
 
     def _drain(self, final: bool) -> list[SSEEvent]:
         events: list[SSEEvent] = []
-        start = 0
         buffer = self._buffer
+        if "\r" not in buffer:  # the common case (`\n` endings): split at once
+            *lines, self._buffer = buffer.split("\n")
+            for line in lines:
+                self._process_line(line, events)
+            return events
+        start = 0
         while True:
             cut = _next_line_end(buffer, start)
             if cut < 0:

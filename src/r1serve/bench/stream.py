@@ -79,8 +79,9 @@ class StreamState:
         if self._answer_started_at is None:
             if self.server_splits_reasoning:
                 self._answer_started_at = len(self.content_text) - len(content)
-            else:
-                end = self.content_text.find(THINK_END)
+            else:  # look only where a `</think>` could newly end: the chunk plus the tail before it
+                start = max(0, len(self.content_text) - len(content) - len(THINK_END) + 1)
+                end = self.content_text.find(THINK_END, start)
                 if end >= 0:
                     self._answer_started_at = end + len(THINK_END)
         if self.first_answer_time is None and self._answer_started_at is not None:
@@ -103,6 +104,13 @@ class StreamState:
         prompt, completion = self.usage.get("prompt_tokens"), self.usage.get("completion_tokens")
         return (prompt if isinstance(prompt, int) else None,
                 completion if isinstance(completion, int) else None)
+
+
+    def reasoning_tokens(self) -> int | None:
+        """`usage.completion_tokens_details.reasoning_tokens` when the server reports it (r1serve does)."""
+        details = (self.usage or {}).get("completion_tokens_details") or {}
+        value = details.get("reasoning_tokens") if isinstance(details, dict) else None
+        return value if isinstance(value, int) else None
 
 
 def _error_message(error: Any) -> str:
