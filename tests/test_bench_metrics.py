@@ -18,9 +18,9 @@ from r1serve.bench.workloads import BenchRequest
 def _records() -> list[RequestRecord]:
     a = RequestRecord(0, start_s=0.0, end_s=0.4, ok=True, chunk_times=[0.1, 0.15, 0.25, 0.30],
                       prompt_tokens=10, output_tokens=4, token_source="usage", first_answer_s=0.25,
-                      reasoning_tokens=3)
-    b = RequestRecord(1, start_s=0.2, end_s=1.0, ok=True, chunk_times=[0.3, 0.5],
-                      prompt_tokens=20, output_tokens=5, token_source="usage")  # 5 tokens in 2 chunks
+                      reasoning_tokens=3, finish_reason="length")
+    b = RequestRecord(1, start_s=0.2, end_s=1.0, ok=True, chunk_times=[0.3, 0.5],  # 5 tokens in 2 chunks
+                      prompt_tokens=20, output_tokens=5, token_source="usage", finish_reason="length")
     c = RequestRecord(2, start_s=0.5, end_s=0.6, ok=False, error_type="http_500", error_message="HTTP 500: x")
     d = RequestRecord(3, start_s=0.1, end_s=0.25, ok=True, chunk_times=[0.2],
                       prompt_tokens=30, output_tokens=1, token_source="tokenizer")
@@ -50,6 +50,7 @@ def test_summary_by_hand() -> None:
     assert s.peak_concurrency == 3
     assert s.mean_concurrency == pytest.approx((0.4 + 0.8 + 0.1 + 0.15) / 1.0)
     assert s.token_sources == {"usage": 2, "tokenizer": 1}
+    assert s.finish_reasons == {"length": 2, "None": 1}
     assert s.num_answered == 1
     assert (s.ttft_ms.count, s.ttft_ms.mean, s.ttft_ms.p50) == (3, pytest.approx(200), pytest.approx(200))
     assert s.ttft_ms.p90 == pytest.approx(280) and s.ttft_ms.p99 == pytest.approx(298)

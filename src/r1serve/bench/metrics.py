@@ -126,6 +126,7 @@ class RunSummary:
     itl_ms: Distribution
     e2el_ms: Distribution
     token_sources: dict[str, int]
+    finish_reasons: dict[str, int]
     goodput: Goodput | None = None
     error_examples: dict[str, str] = field(default_factory=dict)
 
@@ -167,6 +168,7 @@ def summarize(
         itl_ms=Distribution.of_seconds([gap for r in done for gap in itl_s(r)]),
         e2el_ms=Distribution.of_seconds([r.e2e_s for r in done]),
         token_sources=dict(Counter(str(r.token_source) for r in done)),
+        finish_reasons=dict(Counter(str(r.finish_reason) for r in done)),
         goodput=goodput, error_examples=examples,
     )
 

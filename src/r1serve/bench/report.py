@@ -76,6 +76,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _text_rows(runs: Sequence[PointRun]) -> list[list[str]]:
     rows = [["errors", *[", ".join(f"{k}: {v}" for k, v in r.summary.errors.items()) or "-" for r in runs]],
             ["token counts from", *[", ".join(sorted(r.summary.token_sources)) or "-" for r in runs]],
+            ["finish reasons", *[", ".join(f"{k}: {v}" for k, v in sorted(r.summary.finish_reasons.items()))
+                                 or "-" for r in runs]],
             ["bench client CPU", *[f"{r.client_cpu:.0%}" for r in runs]]]
     return rows
 
