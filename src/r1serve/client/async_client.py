@@ -36,6 +36,7 @@ from r1serve.client.protocol import (
     parse_server_info,
     prepare_messages,
 )
+from r1serve.client.retry import log_retry
 from r1serve.client.settings import DEFAULT_BASE_URL, ClientSettings
 from r1serve.client.types import ChatResult, MathResult, ServerInfo, StreamItem
 from r1serve.prompts import math_prompt
@@ -123,6 +124,7 @@ class AsyncLLMClient:
         fold_system_prompt: bool | None = None,
         split_reasoning: bool = True,
         backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
         http_client: Any = None,
     ) -> None:
         self.settings = ClientSettings.build(
@@ -132,6 +134,7 @@ class AsyncLLMClient:
             timeout=timeout,
             max_retries=max_retries,
             backoff_base=backoff_base,
+            backoff_max=backoff_max,
             fold_system_prompt=fold_system_prompt,
             split_reasoning=split_reasoning,
         )
@@ -157,7 +160,9 @@ class AsyncLLMClient:
             except _CAUGHT as exc:
                 if not self.settings.retry.should_retry(attempt, is_retryable(exc)):
                     raise translate_error(exc, self.base_url) from exc
-                await asyncio.sleep(self.settings.retry.delay_s(attempt, retry_after_s(exc)))
+                delay = self.settings.retry.delay_s(attempt, retry_after_s(exc))
+                log_retry(translate_error(exc, self.base_url), attempt, self.settings.retry, delay)
+                await asyncio.sleep(delay)
                 attempt += 1
 
     async def _get(self, url: str, retry: bool = True) -> Any:

@@ -101,7 +101,7 @@ class Budget:
     def for_server(cls, info: ServerInfo, args: argparse.Namespace) -> Budget:
         dummy = info.dummy_weights
         thinking = args.max_thinking_tokens if args.max_thinking_tokens is not None else (16 if dummy else 512)
-        math_thinking = 16 if dummy else 2048
+        math_thinking = args.max_thinking_tokens if args.max_thinking_tokens is not None else (16 if dummy else 2048)
         if not info.is_r1serve:  # the thinking budget is an r1serve extension; elsewhere only max_tokens
             return cls(None, args.max_tokens or 1024, None, args.max_tokens or 4096)
         return cls(thinking, args.max_tokens or thinking + (32 if dummy else 256), math_thinking,
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "question); checked even with dummy weights")
     p.add_argument("--max-tokens", type=int, default=None, help="max_tokens of each chat (default: by weights)")
     p.add_argument("--max-thinking-tokens", type=int, default=None,
-                   help="thinking budget of the chat steps on r1serve (default 16 with dummy weights, else 512)")
+                   help="thinking budget of each chat on r1serve (default 16 with dummy weights, else 512; "
+                   "2048 for the math question)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
     p.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for /health first")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

@@ -9,8 +9,11 @@ one. The sync and async clients share this policy; only their way of sleeping di
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
+
+logger = logging.getLogger("r1serve.client")
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,8 @@ class RetryPolicy:
     def should_retry(self, attempt: int, retryable: bool) -> bool:
         """Whether a failure on try number `attempt` (0 = the first) gets another try."""
         return retryable and attempt < self.max_retries
+
+
+def log_retry(error: Exception, attempt: int, policy: RetryPolicy, delay_s: float) -> None:
+    """One log line per retry, so that a client waiting for a server says what it is waiting for."""
+    logger.info("%s; retry %d of %d in %.1f s", error, attempt + 1, policy.max_retries, delay_s)

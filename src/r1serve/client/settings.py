@@ -63,12 +63,13 @@ class ClientSettings:
         timeout: float,
         max_retries: int,
         backoff_base: float,
+        backoff_max: float = 8.0,
         fold_system_prompt: bool | None,
         split_reasoning: bool,
     ) -> ClientSettings:
         """Settings from the clients' keyword arguments (`api_key` None: `$R1SERVE_API_KEY` or none)."""
         try:
-            retry = RetryPolicy(max_retries=max_retries, backoff_base=backoff_base)
+            retry = RetryPolicy(max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max)
         except ValueError as e:
             raise BadRequestError(str(e)) from e
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or NO_KEY

@@ -34,6 +34,7 @@ from r1serve.client.protocol import (
     parse_server_info,
     prepare_messages,
 )
+from r1serve.client.retry import log_retry
 from r1serve.client.settings import DEFAULT_BASE_URL, ClientSettings
 from r1serve.client.types import ChatResult, MathResult, ServerInfo, StreamItem
 from r1serve.prompts import math_prompt
@@ -107,6 +108,7 @@ class LLMClient:
         fold_system_prompt: bool | None = None,
         split_reasoning: bool = True,
         backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
         http_client: Any = None,
     ) -> None:
         self.settings = ClientSettings.build(
@@ -116,6 +118,7 @@ class LLMClient:
             timeout=timeout,
             max_retries=max_retries,
             backoff_base=backoff_base,
+            backoff_max=backoff_max,
             fold_system_prompt=fold_system_prompt,
             split_reasoning=split_reasoning,
         )
@@ -142,7 +145,9 @@ class LLMClient:
             except _CAUGHT as exc:
                 if not self.settings.retry.should_retry(attempt, is_retryable(exc)):
                     raise translate_error(exc, self.base_url) from exc
-                time.sleep(self.settings.retry.delay_s(attempt, retry_after_s(exc)))
+                delay = self.settings.retry.delay_s(attempt, retry_after_s(exc))
+                log_retry(translate_error(exc, self.base_url), attempt, self.settings.retry, delay)
+                time.sleep(delay)
                 attempt += 1
 
     def _get(self, url: str, retry: bool = True) -> Any:
