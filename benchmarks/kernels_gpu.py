@@ -1,0 +1,234 @@
+"""Times each Triton kernel against its plain-torch twin and against the bandwidth roofline, on one GPU.
+
+Why: the decode step of the 1.5B model must stay bound by its 3.09 GB of weight reads, so every kernel of a
+layer has to come close to the bytes it must move. For each case this prints the kernel's median time
+(`triton.testing.do_bench`, which clears the L2 cache before every run), the twin's, the fewest bytes the op
+must move over the copy bandwidth measured in the same run, and (for decode attention) the time per call
+inside one CUDA graph of 28 layers, each layer with its own cache, as the model runs it. It ends with one
+JSON line. Run on the device: `PYTHONPATH=src python3 benchmarks/kernels_gpu.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from r1serve.kernels import reference, triton_ops
+from r1serve.kernels import triton_attention as ta
+from r1serve.kernels.attention import AttentionMetadata, TorchAttention, build_metadata
+
+DEVICE, DTYPE = "cuda", torch.bfloat16
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, BLOCK = 12, 2, 128, 1536, 8960, 16
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    triton_us: float
+    twin_us: float
+    bytes: int
+    roofline_us: float
+    flops: float = 0.0
+    note: str = ""
+
+    @property
+    def pct_roofline(self) -> float:
+        return 100.0 * self.roofline_us / self.triton_us
+
+
+def median_us(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read and written: bytes per second."""
+    src = torch.randn(1 << 28, device=DEVICE)
+    dst = torch.empty_like(src)
+    seconds = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") * 1e-3
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    seconds = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median") * 1e-3
+    return 2 * 8192 ** 3 / seconds
+
+
+def paged_batch(query_lens: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     AttentionMetadata]:
+    needed = sum(-(-s // BLOCK) for s in seq_lens)
+    order = torch.randperm(needed).tolist()
+    tables, used = [], 0
+    for s in seq_lens:
+        n = -(-s // BLOCK)
+        tables.append(order[used:used + n])
+        used += n
+    meta = build_metadata(query_lens, seq_lens, tables, BLOCK, device=DEVICE)
+    k_cache = torch.randn(needed, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    query = torch.randn(sum(query_lens), HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    return query, k_cache, v_cache, meta
+
+
+def kv_bytes(seq_lens: list[int]) -> int:
+    return sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
+
+
+def decode_rows(bw: float, cases: list[tuple[int, int]]) -> list[Row]:
+    rows, backend, twin = [], ta.TritonAttention(), TorchAttention()
+    for batch, length in cases:
+        query, k_cache, v_cache, meta = paged_batch([1] * batch, [length] * batch)
+        nbytes = kv_bytes(meta.seq_lens_cpu) + 2 * query.numel() * 2
+        args = (query, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+        t, t_twin = median_us(partial(backend.attend, *args)), median_us(partial(twin.attend, *args))
+        splits = ta.decode_num_splits(batch, KV_HEADS, length, torch.cuda.get_device_properties(0).
+                                      multi_processor_count)
+        graph_us = decode_graph_us(batch, length)
+        rows.append(Row("decode_attention", f"B={batch} L={length}", t, t_twin, nbytes, nbytes / bw * 1e6,
+                        note=f"splits={splits}; in a 28-layer graph {graph_us:.2f} us/call"))
+    return rows
+
+
+def decode_graph_us(batch: int, length: int, layers: int = 28) -> float:
+    """Per-call time of decode attention replayed in one CUDA graph over `layers` distinct caches."""
+    backend = ta.TritonAttention()
+    batches = [paged_batch([1] * batch, [length] * batch) for _ in range(layers)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for q, k, v, meta in batches:
+            backend.attend(q, k, v, meta, HEAD_DIM ** -0.5)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for q, k, v, meta in batches:
+            backend.attend(q, k, v, meta, HEAD_DIM ** -0.5)
+    return median_us(graph.replay) / layers
+
+
+def split_sweep(bw: float, batch: int, length: int, splits: list[int]) -> list[Row]:
+    query, k_cache, v_cache, meta = paged_batch([1] * batch, [length] * batch)
+    nbytes = kv_bytes(meta.seq_lens_cpu)
+    rows = []
+    for s in splits:
+        t = median_us(partial(ta.paged_decode_attention, query, k_cache, v_cache, meta.block_tables,
+                              meta.seq_lens, HEAD_DIM ** -0.5, length, num_splits=s))
+        rows.append(Row("decode_split_sweep", f"B={batch} L={length} splits={s}", t, float("nan"), nbytes,
+                        nbytes / bw * 1e6))
+    return rows
+
+
+def prefill_rows(bw: float, mm: float, cases: dict[str, tuple[list[int], list[int]]]) -> list[Row]:
+    rows, backend, twin = [], ta.TritonAttention(), TorchAttention()
+    for name, (query_lens, seq_lens) in cases.items():
+        query, k_cache, v_cache, meta = paged_batch(query_lens, seq_lens)
+        # causal score and value products of the new tokens over their visible keys
+        pairs = zip(query_lens, seq_lens, strict=True)
+        flops = sum(4.0 * HEADS * HEAD_DIM * q * (s - q + (q + 1) / 2) for q, s in pairs)
+        nbytes = kv_bytes(seq_lens) + 2 * query.numel() * 2
+        args = (query, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+        t, t_twin = median_us(partial(backend.attend, *args)), median_us(partial(twin.attend, *args))
+        floor = max(nbytes / bw, flops / mm) * 1e6
+        rows.append(Row("prefill_attention", name, t, t_twin, nbytes, floor, flops,
+                        note=f"{flops / t * 1e-6:.0f} TFLOP/s"))
+    return rows
+
+
+def store_rows(bw: float, token_counts: list[int]) -> list[Row]:
+    rows, twin = [], TorchAttention()
+    for tokens in token_counts:
+        query, k_cache, v_cache, meta = paged_batch([tokens], [tokens])
+        key = torch.randn(tokens, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        value = torch.randn_like(key)
+        nbytes = 2 * 2 * key.numel() * 2  # read + write, K and V
+        args = (key, value, k_cache, v_cache, meta.slot_mapping)
+        t, t_twin = median_us(partial(ta.store_kv, *args)), median_us(partial(twin.store_kv, *args))
+        rows.append(Row("store_kv", f"T={tokens}", t, t_twin, nbytes, nbytes / bw * 1e6))
+    return rows
+
+
+def op_rows(bw: float, token_counts: list[int]) -> list[Row]:
+    rows = []
+    cache = reference.rotary_cos_sin_cache(HEAD_DIM, 32768, 10000.0).to(DEVICE)
+    weight = torch.rand(HIDDEN, device=DEVICE, dtype=DTYPE)
+    for t in token_counts:
+        x = torch.randn(t, HIDDEN, device=DEVICE, dtype=DTYPE)
+        res = torch.randn_like(x)
+        gate_up = torch.randn(t, 2 * INTER, device=DEVICE, dtype=DTYPE)
+        qkv = torch.randn(t, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        q = qkv[:, :HEADS * HEAD_DIM].view(t, HEADS, HEAD_DIM)
+        k = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(t, KV_HEADS, HEAD_DIM)
+        pos = torch.randint(0, 32768, (t,), device=DEVICE)
+        qk_bytes = 2 * (HEADS + KV_HEADS) * HEAD_DIM * 2 * t + t * HEAD_DIM * 4
+        cases = [  # name, op name in both modules, arguments, bytes moved
+            ("rms_norm", "rms_norm", (x, weight, 1e-6), 2 * x.numel() * 2),
+            ("fused_add_rms_norm", "fused_add_rms_norm", (x, res, weight, 1e-6), 4 * x.numel() * 2),
+            ("silu_and_mul", "silu_and_mul", (gate_up,), 3 * t * INTER * 2),
+            ("apply_rotary", "apply_rotary", (q, k, pos, cache), qk_bytes),
+        ]
+        for name, op, op_args, nbytes in cases:
+            mine, twin = getattr(triton_ops, op), getattr(reference, op)
+            rows.append(Row(name, f"T={t}", median_us(partial(mine, *op_args)),
+                            median_us(partial(twin, *op_args)), nbytes, nbytes / bw * 1e6))
+        inplace = partial(triton_ops.apply_rotary, q, k, pos, cache, inplace=True)
+        rows.append(Row("apply_rotary_inplace", f"T={t}", median_us(inplace), rows[-1].twin_us, qk_bytes,
+                        qk_bytes / bw * 1e6))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'kernel':<22}{'shape':<34}{'triton us':>10}{'twin us':>10}{'x twin':>8}"
+    head += f"{'roof us':>9}{'%roof':>7}"
+    print(head + "  note")
+    for r in rows:
+        print(f"{r.kernel:<22}{r.shape:<34}{r.triton_us:>10.2f}{r.twin_us:>10.2f}"
+              f"{r.twin_us / r.triton_us:>8.1f}{r.roofline_us:>9.2f}{r.pct_roofline:>7.1f}  {r.note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bw, mm = copy_bandwidth(), matmul_rate()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name}, {props.multi_processor_count} SMs; copy {bw / 1e12:.2f} TB/s (read+write), "
+          f"bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    decode_cases = [(1, 1024), (1, 4096), (1, 16384), (8, 4096), (64, 1024), (64, 4096), (256, 1024)]
+    prefill_cases = {
+        "1 prompt x 2048": ([2048], [2048]),
+        "1 prompt x 8192": ([8192], [8192]),
+        "8 prompts x 1024": ([1024] * 8, [1024] * 8),
+        "512 new on 4096 cached": ([512], [4608]),
+        "2048 chunk + 63 decodes@1k": ([2048] + [1] * 63, [4096] + [1024] * 63),
+    }
+    if args.quick:
+        decode_cases, prefill_cases = decode_cases[:3], dict(list(prefill_cases.items())[:2])
+    rows = decode_rows(bw, decode_cases)
+    rows += split_sweep(bw, 1, 4096, [1, 4, 8, 16, 32, 64])
+    rows += prefill_rows(bw, mm, prefill_cases)
+    rows += store_rows(bw, [1, 64, 8192])
+    rows += op_rows(bw, [1, 64, 8192])
+    print_table(rows)
+    print(json.dumps({
+        "benchmark": "kernels_gpu", "device": props.name, "copy_bandwidth_Bps": bw, "matmul_flops": mm,
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "command": " ".join(sys.argv), "dtype": "bfloat16", "block_size": BLOCK,
+        "model": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "hidden": HIDDEN,
+                  "inter": INTER},
+        "rows": [dict(asdict(r), pct_roofline=r.pct_roofline) for r in rows],
+    }))
+
+
+if __name__ == "__main__":
+    main()

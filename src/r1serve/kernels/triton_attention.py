@@ -1,0 +1,361 @@
+"""Triton paged attention: KV-cache store, split-K decode attention, varlen prefill attention over cached
+prefix blocks, and `TritonAttention`, the `AttentionBackend` that runs them on CUDA.
+
+The torch twin is `TorchAttention` in `kernels/attention.py`; this module computes the same function with the
+same cache layout (`[num_blocks, block_size, num_kv_heads, head_dim]` per layer, `slot_mapping` -1 = skip).
+Why these shapes: a decode step of the 1.5B model reads ~3 GB of weights, so each of its 28 attention calls
+must cost a few microseconds. The decode kernel gives one program to all query heads of a KV head (each KV
+block is read once for the 6 heads that share it) and splits a long context across programs (flash-decoding)
+when the batch alone would leave the GPU idle; a second small kernel merges the splits. The number of splits
+depends only on host integers the caller passes (batch size, an upper bound of the context length), and each
+program works out its share from the device-side `seq_lens`, so a captured CUDA graph replays correctly for
+any lengths up to that bound, including padded rows of length 0 and slot -1. The prefill kernel packs the
+query heads of one KV head into the rows of one tile too (row = token * group + head), which serves long
+prompts, chunked prefill, prefix-cache hits and mixed batches of decodes with one code path. Triton is
+imported lazily, so this module imports on machines without it.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
+
+try:  # Triton is absent on CPU-only machines; TorchAttention runs there
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU machines
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON", "TritonAttention", "decode_num_splits", "paged_decode_attention", "paged_prefill_attention",
+    "store_kv",
+]
+
+HAS_TRITON = triton is not None
+LOG2E = 1.4426950408889634
+DECODE_BLOCK_N = 64  # keys per decode iteration (and the smallest share of a split)
+MAX_SPLITS = 64
+PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
+PREFILL_BLOCK_N = 64
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use r1serve.kernels.attention.TorchAttention here")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                         stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                         num_kv_heads, PAGE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One token per program: copies its K and V rows (all KV heads) into its slot; slot -1 is skipped."""
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:
+            block = slot // PAGE
+            offset = slot % PAGE
+            heads = tl.arange(0, HEADS_PAD)[:, None]
+            dims = tl.arange(0, HEAD_DIM)[None, :]
+            mask = heads < num_kv_heads
+            k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+            v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+            k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
+            v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
+            tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_paged_tile(cache_ptr, table_ptr, offs_n, n_mask, kv_head, stride_b, stride_s, stride_h, dims,
+                         PAGE: tl.constexpr, MASKED: tl.constexpr):
+        """K or V of keys offs_n [N] of one sequence, read through its block table → [N, HEAD_DIM]."""
+        if MASKED:
+            pages = tl.load(table_ptr + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        else:
+            pages = tl.load(table_ptr + offs_n // PAGE).to(tl.int64)
+        rows = pages * stride_b + (offs_n % PAGE) * stride_s + kv_head * stride_h  # [N]
+        if MASKED:
+            return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=n_mask[:, None], other=0.0)
+        return tl.load(cache_ptr + rows[:, None] + dims[None, :])
+
+    @triton.jit
+    def _online_softmax_step(acc, l_i, m_i, qk, v):
+        """Fold scores qk [M, N] (log2 domain, -inf = masked) and values v [N, D] into the running state."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
+                       part_lse_ptr, scale_log2e, num_splits,
+                       stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                       stride_bt, stride_ot, stride_oh,
+                       PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
+        context. SPLIT: write the normalised partial output and its log2-sum-exp for `_merge_kernel`."""
+        seq = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * share
+        end = tl.minimum(start + share, seq_len)
+        group = tl.arange(0, GROUP_PAD)
+        heads = kv_head * GROUP + group  # [GROUP_PAD]
+        dims = tl.arange(0, HEAD_DIM)
+        q_mask = group[:, None] < GROUP
+        q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
+        q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)
+        # q: [GROUP_PAD, HEAD_DIM]
+        table = tables_ptr + seq * stride_bt
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            k = _load_paged_tile(k_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb, stride_ks, stride_kh,
+                                 dims, PAGE, True)  # [BLOCK_N, HEAD_DIM]
+            qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [GROUP_PAD, BLOCK_N]
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            v = _load_paged_tile(v_cache_ptr, table, offs_n, n_mask, kv_head, stride_vb, stride_vs, stride_vh,
+                                 dims, PAGE, True)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]  # a share (or sequence) with no keys gives 0
+        if SPLIT:
+            num_heads = tl.num_programs(1) * GROUP
+            row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD] into [B, H, S]
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + row, lse, mask=group < GROUP)
+            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], o, mask=q_mask)
+        else:
+            dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
+                      SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Program (seq, head): the split outputs weighted by exp2(lse - max); 0 if no split saw a key."""
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        row = (seq * tl.num_programs(1) + head) * num_splits
+        splits = tl.arange(0, SPLITS_PAD)
+        dims = tl.arange(0, HEAD_DIM)
+        s_mask = splits < num_splits
+        lse = tl.load(part_lse_ptr + row + splits, mask=s_mask, other=float("-inf"))  # [SPLITS_PAD]
+        m = tl.max(lse, 0)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+        part = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=(w > 0)[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
+        total = tl.sum(w, 0)
+        o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, starts_ptr, out_ptr,
+                        scale_log2e,
+                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                        stride_vh, stride_bt, stride_ot, stride_oh,
+                        PAGE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (seq, tile, kv_head): rows = (token, head of the group) of TOKENS new tokens, causal over
+        the whole context (cached prefix + new tokens). Keys before the tile's first position need no mask."""
+        TOKENS: tl.constexpr = BLOCK_M // GROUP
+        seq = tl.program_id(0).to(tl.int64)
+        tok0 = tl.program_id(1) * TOKENS
+        kv_head = tl.program_id(2)
+        q_start = tl.load(starts_ptr + seq).to(tl.int64)
+        q_len = (tl.load(starts_ptr + seq + 1) - q_start).to(tl.int32)
+        if tok0 < q_len:
+            seq_len = tl.load(seq_lens_ptr + seq)
+            ctx = seq_len - q_len  # tokens already in the cache before this step's
+            rows = tl.arange(0, BLOCK_M)
+            tok = tok0 + rows // GROUP  # [BLOCK_M]
+            heads = kv_head * GROUP + rows % GROUP
+            row_mask = (rows < TOKENS * GROUP) & (tok < q_len)
+            dims = tl.arange(0, HEAD_DIM)
+            io_mask = row_mask[:, None]
+            q_rows = q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh
+            q = tl.load(q_rows + dims[None, :], mask=io_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)
+            # q: [BLOCK_M, HEAD_DIM]
+            table = tables_ptr + seq * stride_bt
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            full_end = (ctx + tok0) // BLOCK_N * BLOCK_N
+            kv_end = tl.minimum(seq_len, ctx + tok0 + TOKENS)
+            for n0 in range(0, full_end, BLOCK_N):  # keys every row sees
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                k = _load_paged_tile(k_cache_ptr, table, offs_n, offs_n, kv_head, stride_kb, stride_ks,
+                                     stride_kh, dims, PAGE, False)
+                qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N]
+                v = _load_paged_tile(v_cache_ptr, table, offs_n, offs_n, kv_head, stride_vb, stride_vs,
+                                     stride_vh, dims, PAGE, False)
+                acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
+            q_pos = ctx + tok  # [BLOCK_M]
+            for n0 in range(full_end, kv_end, BLOCK_N):  # the diagonal: causal mask
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < kv_end
+                k = _load_paged_tile(k_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb, stride_ks,
+                                     stride_kh, dims, PAGE, True)
+                qk = tl.dot(q, tl.trans(k)) * scale_log2e
+                visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+                qk = tl.where(visible, qk, float("-inf"))
+                v = _load_paged_tile(v_cache_ptr, table, offs_n, n_mask, kv_head, stride_vb, stride_vs,
+                                     stride_vh, dims, PAGE, True)
+                acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            dst = out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Validates the paged layout [num_blocks, block_size, num_kv_heads, head_dim]; returns block_size."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"KV cache must be two equal [blocks, block_size, kv_heads, head_dim] tensors, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("KV cache: head_dim must be the contiguous dimension")
+    head_dim, block_size = k_cache.shape[3], k_cache.shape[1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"Triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"Triton attention needs a power-of-two block_size, got {block_size}")
+    return block_size
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """key/value [num_tokens, num_kv_heads, head_dim] (strided views allowed) → cache slots; -1 skipped."""
+    _require_triton()
+    block_size = _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("store_kv: head_dim of key and value must be contiguous")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), num_kv_heads, PAGE=block_size,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4)
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """How many programs share one sequence's context: enough to give every SM about two programs, never a
+    share under DECODE_BLOCK_N keys of `max_seq_len` (an upper bound, so that graphs may pass their cap)."""
+    useful = triton.cdiv(max(max_seq_len, 1), DECODE_BLOCK_N) if triton else 1
+    wanted = -(-2 * num_sms // max(num_seqs * num_kv_heads, 1))
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
+                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence: query [num_seqs(+pad), num_heads, head_dim] → output of the same shape.
+
+    seq_lens [num_seqs] int32 (device) may hold anything in 0..max_seq_len; a row of length 0 gives zeros.
+    Rows of query past num_seqs are copied through (as TorchAttention does). No host sync: graph-safe."""
+    _require_triton()
+    block_size = _check_cache(k_cache, v_cache)
+    num_seqs = seq_lens.shape[0]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query) if out is None else out
+    if query.shape[0] > num_seqs:
+        out[num_seqs:] = query[num_seqs:]
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device))
+    split = num_splits > 1
+    f32 = {"dtype": torch.float32, "device": query.device}
+    part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,), **f32)  # [B,H,S,D]
+    part_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), **f32)  # [B, H, S]
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
+        out.stride(1), PAGE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_N=DECODE_BLOCK_N, SPLIT=split, num_warps=4, num_stages=2)
+    if split:
+        _merge_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
+    return out
+
+
+def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                            scale: float, max_query_len: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen causal attention: the new tokens of sequence i are query[start[i]:start[i+1]], the last
+    positions of its seq_lens[i]; keys come through its block table (prefix hits, earlier chunks, new tokens).
+    query [num_tokens, num_heads, head_dim] → output of the same shape (rows of no sequence left as is)."""
+    _require_triton()
+    block_size = _check_cache(k_cache, v_cache)
+    num_seqs = seq_lens.shape[0]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query) if out is None else out
+    if num_seqs == 0 or max_query_len == 0:
+        return out
+    block_m = PREFILL_BLOCK_M if group <= PREFILL_BLOCK_M // 4 else triton.next_power_of_2(group) * 16
+    tokens_per_tile = block_m // group
+    grid = (num_seqs, triton.cdiv(max_query_len, tokens_per_tile), num_kv_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
+        out.stride(1), PAGE=block_size, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return out
+
+
+class TritonAttention(AttentionBackend):
+    """The CUDA backend: Triton store, split-K decode and varlen prefill kernels (see the module docstring).
+
+    For CUDA graphs, pass `meta.max_seq_len` as the captured upper bound (e.g. max_model_len): the number of
+    decode splits is fixed by it and the batch size, and the kernels read the real lengths on the device."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        _require_triton()
+
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.is_decode_only:
+            return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                          meta.max_seq_len)
+        return paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, scale, meta.max_query_len)

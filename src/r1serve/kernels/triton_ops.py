@@ -1,0 +1,181 @@
+"""Triton versions of the model's element-wise ops: RMSNorm, fused residual-add + RMSNorm, SiLU-and-mul and
+rotary embedding.
+
+Each op is memory-bound, so each kernel makes one pass over its tensors (the fused norm reads x and the
+residual once and writes both outputs in the same pass) and launches once per call, which keeps a decode step
+of 28 layers cheap. Every function has the signature of its plain-torch twin in `kernels/reference.py` and
+rounds where the twin rounds (the normalised row to the input dtype before the weight, the SiLU before the
+product, the rotary products before their sum), so results match the twin to the last bit or nearly. Triton
+is imported lazily: this module imports on a machine without it, and calling an op there raises an error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r1serve.kernels.reference import rotary_cos_sin_cache
+
+try:  # Triton is absent on CPU-only machines; the reference ops run there instead
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU machines
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON", "apply_rotary", "fused_add_rms_norm", "rms_norm", "rotary_cos_sin_cache", "silu_and_mul",
+]
+
+HAS_TRITON = triton is not None
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use r1serve.kernels.reference on this machine")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, eps,
+                         stride_x, stride_r, stride_o, stride_nr, hidden,
+                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """One row per program: (optionally) s = x + residual, then out = weight * rmsnorm(s)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's bf16 add
+            tl.store(new_residual_ptr + row * stride_nr + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        variance = tl.sum(x32 * x32, axis=0) / hidden
+        normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype).to(tl.float32)
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(x.dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (w * normed).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+        """Program (row, chunk): out[row, chunk] = silu(gate) * up, gate = x[row, :I], up = x[row, I:]."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+        g32 = gate.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+    @triton.jit
+    def _rotate_heads(x_ptr, out_ptr, token, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, num_heads,
+                      HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+        """Neox rotary of all heads of one token: [heads, half] halves, products rounded like the twin."""
+        heads = tl.arange(0, HEADS_PAD)
+        dims = tl.arange(0, HALF)
+        mask = heads[:, None] < num_heads
+        src = x_ptr + token * stride_xt + heads[:, None] * stride_xh + dims[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0)  # [HEADS_PAD, HALF]
+        x2 = tl.load(src + HALF, mask=mask, other=0.0)
+        dt = x1.dtype
+        c = cos.to(dt).to(tl.float32)[None, :]
+        s = sin.to(dt).to(tl.float32)[None, :]
+        a1 = (x1.to(tl.float32) * c).to(dt).to(tl.float32)
+        b1 = (x2.to(tl.float32) * s).to(dt).to(tl.float32)
+        a2 = (x2.to(tl.float32) * c).to(dt).to(tl.float32)
+        b2 = (x1.to(tl.float32) * s).to(dt).to(tl.float32)
+        dst = out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(dst, (a1 - b1).to(dt), mask=mask)
+        tl.store(dst + HALF, (a2 + b2).to(dt), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot,
+                       stride_koh, stride_cache, num_heads, num_kv_heads,
+                       Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+        """One token per program: reads its cos/sin row once and rotates every q and k head of the token."""
+        token = tl.program_id(0).to(tl.int64)
+        pos = tl.load(positions_ptr + token).to(tl.int64)
+        dims = tl.arange(0, HALF)
+        cos = tl.load(cache_ptr + pos * stride_cache + dims)  # [HALF] float32
+        sin = tl.load(cache_ptr + pos * stride_cache + HALF + dims)
+        _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin,
+                      num_heads, Q_HEADS_PAD, HALF)
+        _rotate_heads(k_ptr, k_out_ptr, token, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin,
+                      num_kv_heads, K_HEADS_PAD, HALF)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """View x as [rows, last] with a contiguous last dimension (copying only if it is not)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _norm_warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden], weight [hidden] → weight * x / rms(x) [T, hidden] in x's dtype (one pass)."""
+    _require_triton()
+    x2 = _rows(x)  # [T, hidden]
+    out = torch.empty_like(x2)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, eps, x2.stride(0), x2.stride(0),
+                                         out.stride(0), out.stride(0), x2.shape[1],
+                                         BLOCK=block, HAS_RESIDUAL=False, num_warps=_norm_warps(block))
+    return out.view(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = x + residual; returns (rms_norm(new_residual), new_residual), both [T, hidden]."""
+    _require_triton()
+    x2, r2 = _rows(x), _rows(residual)  # [T, hidden]
+    out, new_residual = torch.empty_like(x2), torch.empty_like(x2)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, new_residual, eps, x2.stride(0), r2.stride(0),
+                                         out.stride(0), new_residual.stride(0), x2.shape[1],
+                                         BLOCK=block, HAS_RESIDUAL=True, num_warps=_norm_warps(block))
+    return out.view(x.shape), new_residual.view(x.shape)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2*I] (gate first, up second) → silu(gate) * up [T, I]."""
+    _require_triton()
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: last dimension must be even, got {x.shape[-1]}")
+    x2 = _rows(x)  # [T, 2I]
+    inter = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)  # [T, I]
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(inter))
+        grid = (x2.shape[0], triton.cdiv(inter, block))
+        _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], inter)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox rotary of q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim] at positions [T] with the
+    [max_position, head_dim] float32 cache. q and k may be strided views (e.g. of a fused qkv output); with
+    `inplace=True` they are rotated where they lie and returned, else new tensors are returned."""
+    _require_triton()
+    head_dim = q.shape[-1]
+    if head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"apply_rotary: head_dim must be an even power of two, got {head_dim}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("apply_rotary: the last dimension of q, k and the cache must be contiguous")
+    q_out = q if inplace else torch.empty_like(q)
+    k_out = k if inplace else torch.empty_like(k)
+    if q.shape[0]:
+        _rotary_kernel[(q.shape[0],)](
+            q, k, q_out, k_out, positions, cos_sin_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
+            k_out.stride(0), k_out.stride(1), cos_sin_cache.stride(0), q.shape[1], k.shape[1],
+            Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+            HALF=head_dim // 2, num_warps=4)
+    return q_out, k_out
