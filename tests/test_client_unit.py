@@ -350,3 +350,22 @@ def test_async_client_methods() -> None:
             await make_async_client(bad, model="m").simple_chat("q")
 
     asyncio.run(main())
+
+
+def test_stream_errors_mid_stream_and_non_streaming_servers() -> None:
+    class ErrorMidStream(FakeServer):
+        def _stream(self) -> httpx2.Response:
+            first = self._chunk({"content": "thinking"})
+            error = json.dumps({"error": {"message": "engine died", "type": "server_error"}})
+            return httpx2.Response(200, text=f"{first}data: {error}\n\n", headers={"content-type": "text/event-stream"})
+
+    stream = make_client(ErrorMidStream(), model="m").stream_chat([{"role": "user", "content": "q"}])
+    with pytest.raises(ServerError, match="engine died"):
+        list(stream)
+
+    class IgnoresStream(FakeServer):
+        def _stream(self) -> httpx2.Response:
+            return self._full()
+
+    with pytest.raises(NotOpenAICompatibleError, match="no stream events"):
+        list(make_client(IgnoresStream(), model="m").stream_chat([{"role": "user", "content": "q"}]))
