@@ -1,0 +1,78 @@
+"""Start-up and shut-down of the real server process: the log lines deployment checks read (also in
+`--log-file`), SIGTERM with a request in flight (it ends with "abort", the process exits 0), and the
+one-line failures with their fix (model not found, port in use), exit code 1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server_utils import free_port, running_server, stop_server
+
+MODEL = "DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def read_stream(url: str, body: dict[str, Any], first_chunk: threading.Event, out: list[Any]) -> None:
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                data = line[len("data:"):].strip()
+                out.append(data if data == "[DONE]" else json.loads(data))
+                first_chunk.set()
+
+
+def test_sigterm_aborts_in_flight_request_and_exits_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "server.log"
+    with running_server(tiny_model_dir, "--log-file", str(log_file), "--shutdown-grace-period", "0.5") as server:
+        payloads: list[Any] = []
+        first_chunk = threading.Event()
+        body = {"model": MODEL, "prompt": "Go", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        reader = threading.Thread(target=read_stream, args=(f"{server.url}/v1/completions", body, first_chunk,
+                                                            payloads))
+        reader.start()
+        assert first_chunk.wait(30), server.read_log()
+        started = time.monotonic()
+        assert stop_server(server.process) == 0, server.read_log()
+        assert time.monotonic() - started < 15
+        reader.join(10)
+        assert not reader.is_alive()
+        assert payloads[-1] == "[DONE]"  # the stream ended properly, not cut off
+        assert payloads[-2]["choices"][0]["finish_reason"] == "abort"
+        log = log_file.read_text()
+        for line in ("Started server process", "Uvicorn running on http://127.0.0.1:", "Application startup complete.",
+                     "received SIGTERM", "Shutting down"):
+            assert line in log, line
+        assert log.index("Uvicorn running on") < log.index("Application startup complete.")
+        assert "Application startup complete." in server.read_log()  # the same lines on stderr
+
+
+def run_failing_server(*args: str) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "r1serve.server", *args], capture_output=True, text=True,
+                            timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_model_not_found_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    code, output = run_failing_server("--model", str(tmp_path / "no-such-model"), "--port", str(free_port()))
+    assert code == 1
+    errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "not found" in errors[0] and "--load-format dummy" in errors[0]
+    assert "Traceback" not in output
+
+
+def test_port_in_use_is_one_clear_line_and_exit_1() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, output = run_failing_server("--load-format", "dummy", "--port", str(port))
+    assert code == 1
+    assert f"port {port}" in output and "--port" in output and "Traceback" not in output
