@@ -267,3 +267,10 @@ def test_ctrl_c_keeps_finished_samples_and_the_same_command_resumes(fake_server,
     assert main(args) == 0
     assert len(read_jsonl(samples)) == 12
     assert len(server.behavior.bodies) - num_before == 12 - len(saved)
+
+
+def test_a_model_the_server_does_not_serve_is_refused_up_front(fake_server, tmp_path: Path, capsys) -> None:
+    server = fake_server()
+    assert main(eval_args(server.url, tmp_path, "--model", "other-model")) == 2
+    assert "does not serve the model 'other-model' (it serves: fake-r1)" in capsys.readouterr().err
+    assert server.behavior.bodies == []

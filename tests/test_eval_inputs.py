@@ -4,6 +4,8 @@ field), prompt policies, and the frozen config with its generated command line."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,10 @@ def test_config_defaults_are_the_papers_protocol() -> None:
 def test_config_refuses_bad_values(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_config(argv)
+
+
+def test_the_eval_never_imports_torch_or_the_engine() -> None:
+    code = ("import sys, r1serve.eval, r1serve.eval.cli, r1serve.eval.evaluate; "
+            "bad = [m for m in ('torch', 'r1serve.engine', 'r1serve.model') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -35,11 +35,15 @@ class ServerModel:
 
 
 def choose_model(entries: list[dict[str, Any]], requested: str | None) -> ServerModel:
-    """The requested model (or the first listed) and its `max_model_len` from the `/v1/models` entries."""
+    """The requested model (or the first listed) and its `max_model_len` from the `/v1/models` entries;
+    a model the server does not list is an `EvalSetupError` (every request would fail with 404)."""
     ids = tuple(str(e["id"]) for e in entries)
     model = requested or ids[0]
-    entry = next((e for e in entries if e["id"] == model), entries[0] if len(entries) == 1 else None)
-    length = entry.get("max_model_len") if entry else None
+    entry = next((e for e in entries if e["id"] == model), None)
+    if entry is None:
+        raise EvalSetupError(f"the server does not serve the model {model!r} (it serves: {', '.join(ids)}); "
+                             "pass one of those with --model")
+    length = entry.get("max_model_len")
     return ServerModel(model, int(length) if isinstance(length, int) and length > 0 else None, ids)
 
 

@@ -96,7 +96,15 @@ def terminal_report(metrics: RunMetrics) -> str:
 def _settings_lines(settings: dict[str, Any]) -> list[str]:
     keys = ("base_url", "model", "max_model_len", "task", "policy", "num_samples", "temperature", "top_p",
             "max_tokens", "max_thinking_tokens", "seed", "limit", "data_sources", "started", "r1serve_version")
-    return [f"- **{k}**: `{settings[k]}`" for k in keys if k in settings]
+    return [f"- **{k}**: `{_setting(settings[k])}`" for k in keys if k in settings]
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)
 
 
 def markdown_report(metrics: RunMetrics, settings: dict[str, Any], notes: Sequence[str] = ()) -> str:
