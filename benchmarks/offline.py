@@ -25,6 +25,7 @@ import torch
 from r1serve import LLM, SamplingParams
 from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG
 
+PROFILES: dict[str, float] = {}
 TINY = {**R1_DISTILL_QWEN_1_5B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2}
 
@@ -119,6 +120,62 @@ def bench_hf(model: Any, name: str, prompts: list[list[int]], tokens: int, devic
     return Row(name, "transformers", len(prompts), total, seconds, total / seconds, "incl. prefill")
 
 
+def profile_decode(llm: LLM, batch: int, steps: int = 48) -> dict[str, float]:
+    """Where a decode step's time goes at `batch` streams: wall per step, GPU busy per step, top Python costs."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4 * steps + 16, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in random_prompts(batch, [128] * batch, 5)]
+    for _ in range(4):
+        engine.step()  # prefill and warm-up
+
+    def steps_wall(n: int) -> float:
+        sync("cuda")
+        start = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        sync("cuda")
+        return (time.perf_counter() - start) / n
+
+    wall = steps_wall(steps)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        steps_wall(steps)
+    gpu_us = sum(e.self_device_time_total for e in prof.key_averages()) / steps
+    py = cProfile.Profile()
+    py.enable()
+    steps_wall(steps)
+    py.disable()
+    for request_id in ids:
+        engine.abort_request(request_id)
+    text = io.StringIO()
+    pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(14)
+    print(f"--- profile, batch {batch}: {wall * 1e3:.2f} ms/step wall, GPU busy {gpu_us / 1e3:.2f} ms/step")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-2400:])
+    return {f"profile_b{batch}_wall_ms": wall * 1e3, f"profile_b{batch}_gpu_ms": gpu_us / 1e3}
+
+
+def measure_ceilings(device: str) -> dict[str, float]:
+    """The device's own ceilings, measured now: copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    if device != "cuda":
+        return {}
+    import triton.testing
+
+    src = torch.randn(256 << 20, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda d=dst, s=src: d.copy_(s), warmup=50, rep=300, return_mode="median")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = triton.testing.do_bench(lambda x=a, y=b: x @ y, warmup=50, rep=300, return_mode="median")
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": 2 * (256 << 20) * 4 / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     engine_args: dict[str, Any] = dict(load_format="dummy", device=args.device, dtype=args.dtype,
                                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -150,6 +207,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     if "uniform" in workloads:
         rows.append(bench_requests(llm, "uniform", random_prompts(1000, [512] * 1000, 3), [512] * 1000, args.device,
                                    temperature=0.6))
+    if args.profile:
+        for batch in (int(b) for b in args.profile.split(",")):
+            PROFILES.update(profile_decode(llm, batch))
     if args.hf:
         dtype = llm.engine.runner.dtype
         hf = hf_model(llm, args.device, dtype)
@@ -187,14 +247,27 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-space", type=float, default=2.0)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile", default="", help="decode batch sizes to profile, e.g. 1,64 (CUDA)")
     args = parser.parse_args()
     args.hf_decode_tokens = args.hf_decode_tokens or args.decode_tokens
     torch.set_num_threads(torch.get_num_threads())
     start = time.perf_counter()
+    ceilings = measure_ceilings(args.device)
     rows = run(args)
     extra = {"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-             "date": time.strftime("%Y-%m-%d")}
+             "date": time.strftime("%Y-%m-%d"), **ceilings, **PROFILES}
+    decode = next((r for r in rows if r.workload == "decode" and r.engine == "r1serve"), None)
+    if ceilings and decode is not None and args.model == "1.5b":
+        from r1serve.config import ModelConfig
+
+        step_bytes = ModelConfig.from_hf_dict(R1_DISTILL_QWEN_1_5B_CONFIG).decode_bytes_per_step(2)
+        roofline = ceilings["copy_GBps"] * 1e9 / step_bytes
+        extra["decode_roofline_tok_s"] = roofline
+        extra["decode_pct_of_roofline"] = 100 * decode.tokens_per_s / roofline
+        print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_TFLOPs']:.0f} TFLOP/s; "
+              f"decode roofline {roofline:.0f} tok/s ({step_bytes / 1e9:.2f} GB/step): "
+              f"r1serve at {extra['decode_pct_of_roofline']:.0f}%")
     report(rows, args, extra)
 
 

@@ -14,14 +14,28 @@ from pathlib import Path
 import torch
 
 from r1serve.config import EngineConfig, ModelConfig
+from r1serve.engine.cuda_graphs import DecodeGraphs
 from r1serve.engine.sampler import Sampler, SamplingBatch
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import AttentionBackend, AttentionMetadata, TorchAttention, build_metadata
+from r1serve.model.layers import REFERENCE_OPS, KernelOps
 from r1serve.model.loader import load_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger("r1serve")
 
 GiB = 1 << 30
+CUDA_OVERHEAD_BYTES = GiB  # CUDA context, cuBLAS workspaces, graph pools: outside the allocator's count
+
+
+def select_kernel_ops(device: torch.device) -> KernelOps:
+    """Triton element-wise ops on CUDA when Triton is there; the torch reference everywhere else."""
+    if device.type == "cuda":
+        from r1serve.kernels import triton_ops
+
+        if triton_ops.HAS_TRITON:
+            return KernelOps(rms_norm=triton_ops.rms_norm, fused_add_rms_norm=triton_ops.fused_add_rms_norm,
+                             silu_and_mul=triton_ops.silu_and_mul, apply_rotary=triton_ops.apply_rotary)
+    return REFERENCE_OPS
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
@@ -45,12 +59,15 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.backend = select_attention_backend(self.device)
+        self._baseline_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         torch.manual_seed(config.seed)
         self.model = load_model(config, model_config, model_path, self.device, self.dtype, self.backend)
+        self.model.set_ops(select_kernel_ops(self.device))
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model_config.num_hidden_layers)]
         self.sampler = Sampler(eos_token_id, seed=config.seed)
+        self.graphs = self._capture_graphs()
         logger.info("model on %s (%s, attention: %s); KV cache: %d blocks of %d tokens (%.2f GiB)",
                     self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.num_blocks,
                     config.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
@@ -87,18 +104,27 @@ class ModelRunner:
         hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta, caches)
         self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - kv.numel() * kv.element_size()
+        # this runner's weights + activation peak (not what other engines in the process hold)
+        peak = torch.cuda.max_memory_allocated(self.device) - kv.numel() * kv.element_size() - self._baseline_bytes
         del kv, caches, hidden
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        budget = min(total * self.config.gpu_memory_utilization - peak - CUDA_OVERHEAD_BYTES,
+                     free - CUDA_OVERHEAD_BYTES)
         return max(0, int(budget) // self.block_bytes)
 
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         mc = self.model_config
         shape = (2, mc.num_hidden_layers, num_blocks, self.config.block_size, mc.num_key_value_heads, mc.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name == "torch":
+            return None
+        graphs = DecodeGraphs(self.model, self.kv_caches, min(self.config.max_num_seqs, 512), self.max_model_len,
+                              self.config.block_size, self.model_config.hidden_size, self.device)
+        graphs.capture()
+        return graphs
 
     def make_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -107,7 +133,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> list[int]:
         """Runs one step; returns the sampled token of each scheduled sequence that samples, in order."""
         input_ids, positions, meta, logits_indices = self._prepare_inputs(sched)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
+        if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        else:
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
         sampling = [s.seq for s in sched.scheduled if s.samples]
         if not sampling:
             return []
