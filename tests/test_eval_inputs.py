@@ -95,6 +95,16 @@ def test_missing_file_and_unknown_task(tmp_path: Path) -> None:
         load_task("gsm8k", limit=0)
 
 
+def test_hub_ids_need_the_datasets_package() -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DatasetError, match="needs the `datasets` package.*or pass a local JSONL"):
+            load_task("hf:someone/some-math@test")
+    else:  # machines with `datasets` would go to the hub instead
+        pytest.skip("`datasets` is installed here")
+
+
 def test_gsm8k_answer_without_marker_is_an_error(tmp_path: Path) -> None:
     folder = tmp_path / "gsm8k"
     folder.mkdir()
