@@ -76,3 +76,10 @@ def test_switched_off_rules_leave_no_trace_in_the_header(client: OpenAI) -> None
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=messages, max_tokens=1, **({"temperature": temperature} if temperature else {}))
         assert raw.headers["x-r1serve-policy"] == "temperature-out-of-range,temperature-clamped"
+
+
+def test_without_the_guard_a_loop_runs_to_max_tokens(client: OpenAI) -> None:
+    # the request that the default server stops with "repetition" after 112 tokens (tests/test_server.py)
+    out = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=130, temperature=0,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 0.05})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 130

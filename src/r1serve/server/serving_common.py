@@ -19,7 +19,7 @@ from fastapi import Request
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import SamplingParams
-from r1serve.server.errors import APIError, bad_request
+from r1serve.server.errors import bad_request
 from r1serve.server.policy import PolicyRecord, repetition_guard, sampling_defaults, thinking_budget
 from r1serve.server.protocol import (
     ChatCompletionRequest,
@@ -184,8 +184,3 @@ def make_usage(prompt_token_ids: list[int], samples: list[CompletionOutput], num
 def policy_headers(record: PolicyRecord) -> dict[str, str]:
     return {POLICY_HEADER: record.header()}
 
-
-def new_api_error_for_engine(exc: Exception) -> APIError:
-    """A mid-request engine failure, as the client sees it (the details stay in the server log)."""
-    return APIError(500, f"the engine failed while serving this request ({type(exc).__name__}); "
-                         "the error is logged on the server")
