@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from server_utils import free_port, running_server, stop_server
 
@@ -76,3 +77,31 @@ def test_port_in_use_is_one_clear_line_and_exit_1() -> None:
         code, output = run_failing_server("--load-format", "dummy", "--port", str(port))
     assert code == 1
     assert f"port {port}" in output and "--port" in output and "Traceback" not in output
+
+
+def test_load_failures_are_explained_with_their_fix() -> None:
+    from r1serve.server.launcher import explain_load_failure
+    from r1serve.server.settings import ServerSettings
+
+    settings = ServerSettings(model="some/model", max_model_len=8192, max_num_seqs=64)
+    oom = explain_load_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), settings)
+    assert "CUDA out of memory" in oom and "--gpu-memory-utilization" in oom and "--max-model-len (now 8192)" in oom
+    assert "--max-num-seqs (now 64)" in oom and "\n" not in oom
+    missing = explain_load_failure(FileNotFoundError("no config.json in /x"), settings)
+    assert "not found" in missing and "--load-format dummy" in missing
+    other = explain_load_failure(ValueError("config.json: hidden_act 'gelu' is not supported"), settings)
+    assert other.startswith("failed to load model 'some/model'") and "gelu" in other
+
+
+def test_bind_socket_names_the_fix() -> None:
+    from r1serve.server.launcher import ServerStartError, bind_socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ServerStartError, match="--port"):
+            bind_socket("127.0.0.1", busy.getsockname()[1])
+    with pytest.raises(ServerStartError, match="--host"):
+        bind_socket("no-such-host.invalid", 8000)
+    sock = bind_socket("127.0.0.1", 0)
+    sock.close()
