@@ -35,7 +35,7 @@ def test_sigterm_aborts_in_flight_request_and_exits_zero(tiny_model_dir: Path, t
     with running_server(tiny_model_dir, "--log-file", str(log_file), "--shutdown-grace-period", "0.5") as server:
         payloads: list[Any] = []
         first_chunk = threading.Event()
-        body = {"model": MODEL, "prompt": "Go", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        body = {"model": MODEL, "prompt": "Go", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         reader = threading.Thread(target=read_stream, args=(f"{server.url}/v1/completions", body, first_chunk,
                                                             payloads))
         reader.start()
