@@ -222,6 +222,24 @@ def test_two_urls_side_by_side_with_plots(fake_server, tmp_path: Path, capsys) -
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_workers_share_the_load(fake_server, tmp_path: Path) -> None:
+    """Three processes: every request sent once, concurrency held to the total, one time origin."""
+    server = fake_server(delay_s=0.01)
+    rc, result = run_bench(tmp_path, "--url", server.url, "--input-len", "8", "--output-len", "5",
+                           "--num-prompts", "24", "--concurrency", "6", "--num-workers", "3", "--num-warmups", "0")
+    assert rc == 0
+    run = result["runs"][0]
+    summary = run["summary"]
+    assert summary["num_completed"] == 24 and summary["total_output_tokens"] == 24 * 5
+    assert sorted(r["index"] for r in run["requests"]) == list(range(24))
+    assert summary["peak_concurrency"] == 6
+    assert len(server.behavior.bodies) == 1 + 24  # the probe, then each request once
+    prompts = [b["prompt"] for b in server.behavior.bodies[1:]]
+    assert len(set(prompts)) == 24
+    starts = sorted(r["start_s"] for r in run["requests"])
+    assert 0 <= starts[0] < 0.5 and summary["duration_s"] < 5  # one time origin for all workers
+
+
 def test_unreachable_endpoint_is_one_clear_line(capsys) -> None:
     rc = main(["--url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "2", "--no-progress"])
     captured = capsys.readouterr()
@@ -231,15 +249,18 @@ def test_unreachable_endpoint_is_one_clear_line(capsys) -> None:
     assert captured.out == ""
 
 
-def test_ctrl_c_writes_partial_results(fake_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_ctrl_c_writes_partial_results(fake_server, tmp_path: Path, num_workers: int) -> None:
+    """SIGINT to the bench process alone (as `kill -INT` sends it); with workers it forwards it to them."""
     server = fake_server(delay_s=0.05)
     out = tmp_path / "partial.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "r1serve.bench", "--url", server.url, "--input-len", "8", "--output-len", "20",
-           "--num-prompts", "200", "--concurrency", "2", "--num-warmups", "0", "--no-plots", "--output", str(out)]
+           "--num-prompts", "200", "--concurrency", "2", "--num-warmups", "0", "--no-plots", "--output", str(out),
+           "--num-workers", str(num_workers)]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 30
-    while len(server.behavior.bodies) < 6 and time.monotonic() < deadline:  # probe + a few measured
+    while len(server.behavior.bodies) < 8 and time.monotonic() < deadline:  # probe + a few measured
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=30)

@@ -184,3 +184,18 @@ def test_stop_event_cancels_in_flight_and_marks_partial() -> None:
 def test_bad_load_points(kwargs: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         LoadPoint(**kwargs)
+
+
+def test_split_point_over_workers() -> None:
+    from r1serve.bench.workers import num_workers_for, split_point
+
+    shares = split_point(LoadPoint(concurrency=7, request_rate=16.0, num_prompts=10), 3)
+    assert [s.concurrency for s in shares] == [3, 2, 2]
+    assert [s.num_prompts for s in shares] == [4, 3, 3]
+    assert all(s.request_rate == pytest.approx(16.0 / 3) for s in shares)
+    unlimited = split_point(LoadPoint(num_prompts=5), 2)
+    assert [(s.concurrency, s.request_rate, s.num_prompts) for s in unlimited] == [(None, math.inf, 3),
+                                                                                  (None, math.inf, 2)]
+    assert num_workers_for(LoadPoint(concurrency=1, num_prompts=100), 4) == 1
+    assert num_workers_for(LoadPoint(num_prompts=3), 8) == 3
+    assert num_workers_for(LoadPoint(concurrency=64, duration_s=5.0), 4) == 4

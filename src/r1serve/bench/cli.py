@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", help="max requests in flight, or a comma list to sweep")
     load.add_argument("--request-rate", default="inf", help="Poisson requests/s (inf: all at once), or a list")
     load.add_argument("--num-warmups", type=int, default=1, help="unmeasured requests before each point")
+    load.add_argument("--num-workers", type=int, default=1,
+                      help="bench processes sharing each point, for loads one process cannot read (default 1)")
     load.add_argument("--seed", type=int, default=0)
     req = p.add_argument_group("request fields")
     req.add_argument("--temperature", type=float, help="sent only when given (else the server's default)")
@@ -132,7 +134,8 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     return BenchConfig(
         urls=tuple(args.url or [DEFAULT_URL]), points=points, workload=workload, endpoint=args.endpoint,
         sweep=sweep, model=args.model, api_key=args.api_key, tokenizer=args.tokenizer,
-        num_warmups=args.num_warmups, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
+        num_warmups=args.num_warmups, num_workers=args.num_workers, seed=args.seed,
+        temperature=args.temperature, ignore_eos=args.ignore_eos,
         prompt_template=args.prompt_template, extra_body=_extra_body(args),
         goodput_slos_ms=parse_slos(args.goodput), timeout_s=args.timeout, output=args.output, plots=args.plots,
         progress=args.progress, save_detailed=args.save_detailed)
@@ -142,15 +145,19 @@ def _log(text: str) -> None:
     print(f"r1serve bench: {text}", file=sys.stderr, flush=True)
 
 
-def _progress(desc: str, total: int | None) -> Callable[..., None]:
+def _progress(desc: str, total: int | None) -> Callable[[int | None], None]:
+    """A progress bar on stderr; the returned function takes the number done so far, or None to close it."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
 
-    def tick(close: bool = False) -> None:
-        bar.close() if close else bar.update(1)
+    def update(num_done: int | None) -> None:
+        if num_done is None:
+            bar.close()
+        elif num_done > bar.n:
+            bar.update(num_done - bar.n)
 
-    return tick
+    return update
 
 
 async def _run(config: BenchConfig) -> tuple[BenchResult, bool]:

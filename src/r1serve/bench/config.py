@@ -35,6 +35,7 @@ class BenchConfig:
     api_key: str | None = field(default=None, repr=False)
     tokenizer: str | None = None
     num_warmups: int = 1
+    num_workers: int = 1  # bench processes sharing each load point (see workers.py)
     seed: int = 0
     temperature: float | None = None
     ignore_eos: bool = True
@@ -52,6 +53,8 @@ class BenchConfig:
             raise ValueError("give at least one --url")
         if not self.points:
             raise ValueError("no load point to run")
+        if self.num_workers < 1:
+            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
         if self.num_warmups < 0:
             raise ValueError(f"--num-warmups must be >= 0, got {self.num_warmups}")
         if self.endpoint not in ("completions", "chat"):

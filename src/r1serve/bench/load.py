@@ -76,16 +76,20 @@ def arrival_gaps(rate: float, rng: random.Random) -> Callable[[], float]:
 
 async def run_load(
     send: SendFn, requests: Sequence[BenchRequest], point: LoadPoint, seed: int,
-    stop: asyncio.Event | None = None, on_done: OnDone | None = None,
+    stop: asyncio.Event | None = None, on_done: OnDone | None = None, start_at: float | None = None,
 ) -> LoadResult:
-    """Run one load point; returns the records of every request that finished (successfully or not)."""
+    """Run one load point; returns the records of every request that finished (successfully or not).
+
+    `start_at` (a `time.perf_counter()` value, the same clock in every process) makes several processes
+    share one time origin; by default the run starts now.
+    """
     if not requests:
         raise ValueError("no requests to send")
     stop = stop or asyncio.Event()
     records: list[RequestRecord] = []
     in_flight: set[asyncio.Task[None]] = set()
     slots = asyncio.Semaphore(point.concurrency) if point.concurrency else None
-    run_start = time.perf_counter()
+    run_start = time.perf_counter() if start_at is None else start_at
     num_sent = 0
 
     async def one(request: BenchRequest, index: int) -> None:

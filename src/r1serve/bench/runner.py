@@ -21,15 +21,18 @@ from typing import Any
 import httpx
 
 from r1serve.bench.config import BenchConfig
-from r1serve.bench.load import LoadPoint, run_load
+from r1serve.bench.load import LoadPoint, LoadResult, run_load
 from r1serve.bench.metrics import RunSummary, summarize
 from r1serve.bench.request import Endpoint, RequestRecord, error_message_of, send_request
 from r1serve.bench.tokens import Tokenizer
+from r1serve.bench.workers import WorkerError, make_tasks, num_workers_for, run_load_in_workers
 from r1serve.bench.workloads import BenchRequest, build_requests
 
 CLIENT_CPU_WARNING = 0.8  # above this share of one core, the client may be what limits the figures
 DURATION_POOL = 1000  # prompts built for a --duration run without --num-prompts (cycled if it lasts longer)
 Log = Callable[[str], None]
+# (label, total) -> update(number done so far; None closes it)
+Progress = Callable[[str, int | None], Callable[[int | None], None]]
 
 
 class BenchError(Exception):
@@ -105,8 +108,7 @@ async def probe_ignore_eos(client: httpx.AsyncClient, endpoint: Endpoint, log: L
 class Runner:
     """Runs `config` against each URL; `stop` set (Ctrl-C) ends it early with what was measured."""
 
-    def __init__(self, config: BenchConfig, stop: asyncio.Event, log: Log,
-                 progress: Callable[[str, int | None], Any] | None = None) -> None:
+    def __init__(self, config: BenchConfig, stop: asyncio.Event, log: Log, progress: Progress | None = None) -> None:
         self.config = config
         self.stop = stop
         self.log = log
@@ -174,20 +176,48 @@ class Runner:
         if self.stop.is_set():
             self.result.partial = True
             return
-        tick = self.progress(f"{_host(endpoint.url)} {point.label()}", point.num_prompts) if self.progress else None
-        cpu_start, wall_start = time.process_time(), time.perf_counter()
-        load = await run_load(send, prompts[:num_measured], point, self.config.seed + k, self.stop,
-                              on_done=(lambda _record: tick()) if tick else None)
-        client_cpu = (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9)
-        if tick:
-            tick(close=True)
+        update = self.progress(f"{_host(endpoint.url)} {point.label()}", point.num_prompts) if self.progress else None
+        try:
+            if num_workers_for(point, self.config.num_workers) > 1:
+                load, client_cpu = await self._measure_in_workers(endpoint, prompts[:num_measured], k, point, update)
+            else:
+                load, client_cpu = await self._measure(send, prompts[:num_measured], k, point, update)
+        finally:
+            if update:
+                update(None)
         summary = summarize(load.records, load.num_cancelled, self.config.goodput_slos_ms or None)
         self.result.runs.append(PointRun(i, endpoint.url, endpoint.model, point, summary, load.records,
                                          load.partial, client_cpu))
         self.result.partial = self.result.partial or load.partial
         if client_cpu > CLIENT_CPU_WARNING:
-            self._note(f"[{i + 1}] {point.label()}: the bench client used {client_cpu:.0%} of a CPU core; "
-                       "figures may be limited by the client (run it on its own cores)")
+            self._note(f"[{i + 1}] {point.label()}: a bench process used {client_cpu:.0%} of a CPU core; "
+                       "figures may be limited by the client (use more --num-workers, or free cores)")
+
+    async def _measure(
+        self, send: Any, requests: list[BenchRequest], k: int, point: LoadPoint, update: Any
+    ) -> tuple[LoadResult, float]:
+        """The point in this process; returns the records and this process's CPU share while measuring."""
+        done = [0]
+
+        def on_done(_record: RequestRecord) -> None:
+            done[0] += 1
+            if update:
+                update(done[0])
+
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        load = await run_load(send, requests, point, self.config.seed + k, self.stop, on_done=on_done)
+        return load, (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9)
+
+    async def _measure_in_workers(
+        self, endpoint: Endpoint, requests: list[BenchRequest], k: int, point: LoadPoint, update: Any
+    ) -> tuple[LoadResult, float]:
+        """The point spread over `--num-workers` processes (see workers.py)."""
+        tasks = make_tasks(endpoint, requests, point, self.config.seed + k, self.config.tokenizer,
+                           num_workers_for(point, self.config.num_workers))
+        try:
+            return await run_load_in_workers(tasks, self.stop, on_progress=update)
+        except WorkerError as e:
+            raise BenchError(str(e)) from e
 
     async def _warm_up(self, send: Any, warmups: list[BenchRequest], point: LoadPoint) -> None:
         size = min(point.concurrency or len(warmups), len(warmups))
