@@ -83,3 +83,17 @@ def test_invalid_request_raises_before_streaming(engine: AsyncEngine) -> None:
 
     with pytest.raises(ValueError, match="prompt"):
         asyncio.run(main())
+
+
+def test_abort_delivers_a_final_output_to_the_waiting_stream(engine: AsyncEngine) -> None:
+    async def main() -> list:
+        outs = []
+        async for out in engine.generate([9, 8, 7], SamplingParams(max_tokens=3000, ignore_eos=True,
+                                                                  temperature=0.0), request_id="to-abort"):
+            outs.append(out)
+            if len(outs) == 2:
+                await engine.abort("to-abort")
+        return outs
+
+    outs = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"

@@ -207,3 +207,9 @@ def test_a_failing_request_does_not_stop_the_engine(llm: LLM, monkeypatch: pytes
 def test_kv_cache_too_small_for_max_model_len_is_a_clear_error(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_model_len"):
         LLMEngine(EngineConfig(model=str(tiny_model_dir), load_format="dummy", num_kv_blocks=2, max_model_len=4096))
+
+
+def test_thinking_budget_applies_only_inside_reasoning(llm: LLM) -> None:
+    plain = llm.generate([[100, 200, 300]], SamplingParams(max_tokens=8, max_thinking_tokens=2, ignore_eos=True,
+                                                            temperature=0.0))[0].outputs[0]
+    assert llm.tokenizer.think_end_id not in plain.token_ids  # no <think> in the prompt: nothing to close

@@ -53,6 +53,9 @@ def test_logits_match_the_cpu_reference(model_dir: Path) -> None:
     common = dict(load_format="dummy", max_model_len=1024)
     cuda = LLM(str(model_dir), dtype="bfloat16", gpu_memory_utilization=0.3, **common)
     cpu = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_space=0.5, **common)
+    # dummy weights come from each device's own generator: give the CUDA model the CPU model's weights
+    state = {k: v.to("cuda", torch.bfloat16) for k, v in cpu.engine.runner.model.state_dict().items()}
+    cuda.engine.runner.model.load_state_dict(state)
     for engine in (cuda.engine, cpu.engine):
         engine.add_request(prompts()[4], SamplingParams(temperature=0.0, max_tokens=1))
     logits = []

@@ -157,7 +157,9 @@ class AsyncEngine:
             if isinstance(command, _Add):
                 self._add(command)
             else:
-                self.engine.abort_request(command.request_id)
+                out = self.engine.abort_request(command.request_id)
+                if out is not None:  # a stream still waiting gets its final "abort" output
+                    self._deliver([out])
 
     def _add(self, command: _Add) -> None:
         if command.request_id not in self._streams:  # its consumer already left

@@ -119,6 +119,8 @@ class LLMEngine:
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         params = request.params
         seq = Sequence(request, index, list(request.prompt_token_ids), len(request.prompt_token_ids))
+        # reasoning is open when the prompt ends in "<think>" or "<think>\n" (forced thinking)
+        seq.reasoning_open = self.tokenizer.think_start_id in request.prompt_token_ids[-2:]
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
@@ -191,7 +193,9 @@ class LLMEngine:
         seq.token_ids.append(token)
         self.num_generation_tokens += 1
         new_ids = [token]
-        if seq.reasoning_open:
+        if token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
+            seq.reasoning_open = True  # the model opened its reasoning itself
+        elif seq.reasoning_open:
             if token == self.tokenizer.think_end_id:
                 seq.reasoning_open = False
             else:

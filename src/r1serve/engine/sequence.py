@@ -45,7 +45,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    reasoning_open: bool = True  # no </think> emitted yet (for the thinking budget)
+    reasoning_open: bool = False  # inside <think> … </think> (for the thinking budget)
     num_reasoning_tokens: int = 0
     generator: torch.Generator | None = None  # per-request seed: same seed, same output
     num_emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
