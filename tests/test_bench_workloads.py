@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 from pathlib import Path
 
 import pytest
@@ -125,18 +126,29 @@ def test_payloads() -> None:
     assert "ignore_eos" not in comp and "max_tokens" not in comp and comp["temperature"] == 0.6
 
 
+def documented_h100_commands() -> list[list[str]]:
+    """The `r1serve bench` commands of docs/bench.md's H100 section, as argument lists."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text()
+    section = text.split("## The H100 runs", 1)[1].split("\n## ", 1)[0]
+    joined = section.replace("\\\n", " ")
+    return [shlex.split(line)[2:] for line in joined.splitlines() if line.startswith("r1serve bench ")]
+
+
 def test_cli_expresses_the_h100_runs() -> None:
-    """The two documented commands parse into the intended load points."""
-    rate = parse_config(["--input-len", "512", "--output-len", "128", "--num-prompts", "500",
-                         "--request-rate", "inf,16"])
-    assert rate.sweep == "request_rate"
+    """The two commands of docs/bench.md parse into the load points issue 8 asks for."""
+    rate_args, conc_args = documented_h100_commands()
+    rate = parse_config(rate_args)
+    assert rate.sweep == "request_rate" and rate.workload.name == "random"
+    assert (rate.workload.input_len, rate.workload.output_len) == (LengthRange(512, 512), LengthRange(128, 128))
     assert [(p.request_rate, p.num_prompts, p.concurrency) for p in rate.points] == [(math.inf, 500, None),
                                                                                     (16.0, 500, None)]
-    conc = parse_config(["--input-len", "1024", "--output-len", "1024", "--concurrency", "1,16,64,256",
-                         "--num-prompts", "16,64,256,1024", "--url", "http://a:1/v1", "--url", "http://b:2"])
-    assert conc.sweep == "concurrency" and conc.urls == ("http://a:1/v1", "http://b:2")
-    assert [(p.concurrency, p.num_prompts) for p in conc.points] == [(1, 16), (16, 64), (64, 256), (256, 1024)]
-    assert conc.workload.input_len == LengthRange(1024, 1024)
+    conc = parse_config(conc_args)
+    assert conc.sweep == "concurrency"
+    assert (conc.workload.input_len, conc.workload.output_len) == (LengthRange(1024, 1024),) * 2
+    assert [p.concurrency for p in conc.points] == [1, 16, 64, 256]
+    assert all(p.num_prompts >= p.concurrency for p in conc.points)
+    two = parse_config(["--url", "http://a:1/v1", "--url", "http://b:2"])
+    assert two.urls == ("http://a:1/v1", "http://b:2")
 
 
 def test_cli_settings_are_json_and_complete() -> None:
