@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # e.g. an unreadable --tokenizer or dataset
         _log(f"error: {e}")
         return 2
+    except KeyboardInterrupt:  # the second Ctrl-C: quit without a report
+        _log("interrupted again: quitting without results")
+        return EXIT_INTERRUPTED
     report(result, argv)
     if interrupted:
         return EXIT_INTERRUPTED
