@@ -2,11 +2,14 @@
 
 Why: the decode step of the 1.5B model must stay bound by its 3.09 GB of weight reads, so every kernel of a
 layer has to come close to the bytes it must move. For each case this prints the kernel's median time
-(`triton.testing.do_bench`, which clears the L2 cache before every run), the twin's, the fewest bytes the op
-must move over the copy bandwidth measured in the same run, and (for decode attention) the time per call
-inside one CUDA graph of 28 layers, each layer with its own cache, as the model runs it. It ends with one
-JSON line. Run on the device: `PYTHONPATH=src python3 benchmarks/kernels_gpu.py`.
+per call replayed in a CUDA graph of 28 calls, as the model runs them (decode attention: each call on its
+own cache, so that the L2 cache does not hold the context; the ops: the same inputs), its eager time
+(`triton.testing.do_bench` median, L2 cleared before each run; at small sizes that is launch overhead), the
+twin's eager time, and the fewest bytes the op must move over the copy bandwidth measured in the same run.
+Sweeps of the decode split count and the prefill tile follow. It ends with one JSON line.
+Run on the device: `PYTHONPATH=src python3 benchmarks/kernels_gpu.py` (`--quick` for fewer cases).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,51 +87,76 @@ def kv_bytes(seq_lens: list[int]) -> int:
     return sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
 
 
+def graph_us(fns: list[Callable[[], object]]) -> float:
+    """Per-call time of `fns` captured back to back into one CUDA graph: the replay's median / len(fns)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and allocate outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return median_us(graph.replay) / len(fns)
+
+
+def decode_graph_us(batch: int, length: int, layers: int = 28, **kwargs: object) -> float:
+    """Decode attention as the model runs it: one graph over `layers` calls, each on its own cache."""
+    calls = []
+    for _ in range(layers):
+        q, k, v, meta = paged_batch([1] * batch, [length] * batch)
+        calls.append(partial(ta.paged_decode_attention, q, k, v, meta.block_tables, meta.seq_lens,
+                             HEAD_DIM ** -0.5, length, **kwargs))
+    us = graph_us(calls)
+    del calls
+    torch.cuda.empty_cache()
+    return us
+
+
 def decode_rows(bw: float, cases: list[tuple[int, int]]) -> list[Row]:
     rows, backend, twin = [], ta.TritonAttention(), TorchAttention()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, length in cases:
         query, k_cache, v_cache, meta = paged_batch([1] * batch, [length] * batch)
         nbytes = kv_bytes(meta.seq_lens_cpu) + 2 * query.numel() * 2
         args = (query, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
-        t, t_twin = median_us(partial(backend.attend, *args)), median_us(partial(twin.attend, *args))
-        splits = ta.decode_num_splits(batch, KV_HEADS, length, torch.cuda.get_device_properties(0).
-                                      multi_processor_count)
-        graph_us = decode_graph_us(batch, length)
-        rows.append(Row("decode_attention", f"B={batch} L={length}", t, t_twin, nbytes, nbytes / bw * 1e6,
-                        note=f"splits={splits}; in a 28-layer graph {graph_us:.2f} us/call"))
+        eager, t_twin = median_us(partial(backend.attend, *args)), median_us(partial(twin.attend, *args))
+        fused = decode_graph_us(batch, length, fused_merge=True)
+        two_kernels = decode_graph_us(batch, length, fused_merge=False)
+        splits = ta.decode_num_splits(batch, KV_HEADS, length, sms)
+        rows.append(Row("decode_attention", f"B={batch} L={length}", fused, t_twin, nbytes, nbytes / bw * 1e6,
+                        note=f"graph of 28 layers; splits={splits}; merge kernel instead: "
+                             f"{two_kernels:.2f} us; eager call {eager:.1f} us"))
     return rows
 
 
-def decode_graph_us(batch: int, length: int, layers: int = 28) -> float:
-    """Per-call time of decode attention replayed in one CUDA graph over `layers` distinct caches."""
-    backend = ta.TritonAttention()
-    batches = [paged_batch([1] * batch, [length] * batch) for _ in range(layers)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for q, k, v, meta in batches:
-            backend.attend(q, k, v, meta, HEAD_DIM ** -0.5)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for q, k, v, meta in batches:
-            backend.attend(q, k, v, meta, HEAD_DIM ** -0.5)
-    return median_us(graph.replay) / layers
-
-
-def split_sweep(bw: float, batch: int, length: int, splits: list[int]) -> list[Row]:
-    query, k_cache, v_cache, meta = paged_batch([1] * batch, [length] * batch)
-    nbytes = kv_bytes(meta.seq_lens_cpu)
+def split_sweep(bw: float, cases: list[tuple[int, int]], splits: list[int]) -> list[Row]:
     rows = []
-    for s in splits:
-        t = median_us(partial(ta.paged_decode_attention, query, k_cache, v_cache, meta.block_tables,
-                              meta.seq_lens, HEAD_DIM ** -0.5, length, num_splits=s))
-        rows.append(Row("decode_split_sweep", f"B={batch} L={length} splits={s}", t, float("nan"), nbytes,
-                        nbytes / bw * 1e6))
+    for batch, length in cases:
+        nbytes = kv_bytes([length] * batch)
+        for s in splits:
+            if s > -(-length // ta.DECODE_BLOCK_N):
+                continue
+            t = decode_graph_us(batch, length, num_splits=s)
+            t2 = decode_graph_us(batch, length, num_splits=s, fused_merge=False) if s > 1 else t
+            rows.append(Row("decode_split_sweep", f"B={batch} L={length} splits={s}", t, float("nan"), nbytes,
+                            nbytes / bw * 1e6, note=f"graph; merge kernel instead: {t2:.2f} us"))
     return rows
 
 
-def prefill_rows(bw: float, mm: float, cases: dict[str, tuple[list[int], list[int]]]) -> list[Row]:
+def sdpa_us(query_len: int) -> float:
+    """PyTorch's own causal SDPA over contiguous q/k/v of one prompt (no paging), GQA, for comparison."""
+    q = torch.randn(1, HEADS, query_len, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(1, KV_HEADS, query_len, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v = torch.randn_like(k)
+    fn = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
+    return median_us(fn)
+
+
+def prefill_rows(bw: float, mm: float, cases: dict[str, tuple[list[int], list[int]]],
+                 with_twin: bool = True) -> list[Row]:
     rows, backend, twin = [], ta.TritonAttention(), TorchAttention()
     for name, (query_lens, seq_lens) in cases.items():
         query, k_cache, v_cache, meta = paged_batch(query_lens, seq_lens)
@@ -137,10 +165,27 @@ def prefill_rows(bw: float, mm: float, cases: dict[str, tuple[list[int], list[in
         flops = sum(4.0 * HEADS * HEAD_DIM * q * (s - q + (q + 1) / 2) for q, s in pairs)
         nbytes = kv_bytes(seq_lens) + 2 * query.numel() * 2
         args = (query, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
-        t, t_twin = median_us(partial(backend.attend, *args)), median_us(partial(twin.attend, *args))
+        t = median_us(partial(backend.attend, *args))
+        t_twin = median_us(partial(twin.attend, *args)) if with_twin else float("nan")
         floor = max(nbytes / bw, flops / mm) * 1e6
-        rows.append(Row("prefill_attention", name, t, t_twin, nbytes, floor, flops,
-                        note=f"{flops / t * 1e-6:.0f} TFLOP/s"))
+        note = f"{flops / t * 1e-6:.0f} TFLOP/s"
+        if len(query_lens) == 1 and query_lens == seq_lens:
+            note += f"; torch SDPA causal, contiguous: {sdpa_us(query_lens[0]):.1f} us"
+        rows.append(Row("prefill_attention", name, t, t_twin, nbytes, floor, flops, note=note))
+    return rows
+
+
+def prefill_sweep(bw: float, mm: float, cases: dict[str, tuple[list[int], list[int]]]) -> list[Row]:
+    """The prefill kernel's key-tile width and pipeline depth, tried on a few cases."""
+    rows, default = [], (ta.PREFILL_BLOCK_N, ta.PREFILL_NUM_STAGES)
+    try:
+        for block_n, stages in [(32, 2), (64, 2), (64, 3), (128, 2)]:
+            ta.PREFILL_BLOCK_N, ta.PREFILL_NUM_STAGES = block_n, stages
+            for row in prefill_rows(bw, mm, cases, with_twin=False):
+                row.kernel, row.shape = "prefill_sweep", f"{row.shape} N={block_n} st={stages}"
+                rows.append(row)
+    finally:
+        ta.PREFILL_BLOCK_N, ta.PREFILL_NUM_STAGES = default
     return rows
 
 
@@ -152,8 +197,10 @@ def store_rows(bw: float, token_counts: list[int]) -> list[Row]:
         value = torch.randn_like(key)
         nbytes = 2 * 2 * key.numel() * 2  # read + write, K and V
         args = (key, value, k_cache, v_cache, meta.slot_mapping)
-        t, t_twin = median_us(partial(ta.store_kv, *args)), median_us(partial(twin.store_kv, *args))
-        rows.append(Row("store_kv", f"T={tokens}", t, t_twin, nbytes, nbytes / bw * 1e6))
+        mine = partial(ta.store_kv, *args)
+        t, t_twin = graph_us([mine] * 28), median_us(partial(twin.store_kv, *args))
+        rows.append(Row("store_kv", f"T={tokens}", t, t_twin, nbytes, nbytes / bw * 1e6,
+                        note=f"eager call {median_us(mine):.1f} us"))
     return rows
 
 
@@ -177,12 +224,12 @@ def op_rows(bw: float, token_counts: list[int]) -> list[Row]:
             ("apply_rotary", "apply_rotary", (q, k, pos, cache), qk_bytes),
         ]
         for name, op, op_args, nbytes in cases:
-            mine, twin = getattr(triton_ops, op), getattr(reference, op)
-            rows.append(Row(name, f"T={t}", median_us(partial(mine, *op_args)),
-                            median_us(partial(twin, *op_args)), nbytes, nbytes / bw * 1e6))
+            mine, twin = partial(getattr(triton_ops, op), *op_args), partial(getattr(reference, op), *op_args)
+            rows.append(Row(name, f"T={t}", graph_us([mine] * 28), median_us(twin), nbytes, nbytes / bw * 1e6,
+                            note=f"eager call {median_us(mine):.1f} us"))
         inplace = partial(triton_ops.apply_rotary, q, k, pos, cache, inplace=True)
-        rows.append(Row("apply_rotary_inplace", f"T={t}", median_us(inplace), rows[-1].twin_us, qk_bytes,
-                        qk_bytes / bw * 1e6))
+        rows.append(Row("apply_rotary_inplace", f"T={t}", graph_us([inplace] * 28), rows[-1].twin_us,
+                        qk_bytes, qk_bytes / bw * 1e6, note=f"eager call {median_us(inplace):.1f} us"))
     return rows
 
 
@@ -215,8 +262,13 @@ def main() -> None:
     if args.quick:
         decode_cases, prefill_cases = decode_cases[:3], dict(list(prefill_cases.items())[:2])
     rows = decode_rows(bw, decode_cases)
-    rows += split_sweep(bw, 1, 4096, [1, 4, 8, 16, 32, 64])
+    if not args.quick:
+        rows += split_sweep(bw, [(1, 1024), (1, 4096), (1, 16384), (8, 4096), (32, 2048)],
+                            [1, 2, 4, 8, 16, 32, 64])
     rows += prefill_rows(bw, mm, prefill_cases)
+    if not args.quick:
+        sweep_names = ["1 prompt x 8192", "512 new on 4096 cached", "2048 chunk + 63 decodes@1k"]
+        rows += prefill_sweep(bw, mm, {n: prefill_cases[n] for n in sweep_names})
     rows += store_rows(bw, [1, 64, 8192])
     rows += op_rows(bw, [1, 64, 8192])
     print_table(rows)

@@ -38,8 +38,11 @@ HAS_TRITON = triton is not None
 LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 64  # keys per decode iteration (and the smallest share of a split)
 MAX_SPLITS = 64
+DECODE_NUM_WARPS = 4
+DECODE_FUSED_MERGE = True  # the last split of each (sequence, KV head) merges, instead of a second kernel
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
 PREFILL_BLOCK_N = 64
+PREFILL_NUM_STAGES = 2
 
 
 def _require_triton() -> None:
@@ -71,17 +74,25 @@ if triton is not None:
             tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_paged_tile(cache_ptr, table_ptr, offs_n, n_mask, kv_head, stride_b, stride_s, stride_h, dims,
-                         PAGE: tl.constexpr, MASKED: tl.constexpr):
-        """K or V of keys offs_n [N] of one sequence, read through its block table → [N, HEAD_DIM]."""
+    def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, offs_n, n_mask, kv_head, stride_kb, stride_ks,
+                      stride_kh, stride_vb, stride_vs, stride_vh, dims,
+                      PAGE: tl.constexpr, MASKED: tl.constexpr):
+        """K and V of keys offs_n [N] of one sequence through one read of its block table: two [N, HEAD_DIM],
+        both loads issued before either is used."""
         if MASKED:
             pages = tl.load(table_ptr + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         else:
             pages = tl.load(table_ptr + offs_n // PAGE).to(tl.int64)
-        rows = pages * stride_b + (offs_n % PAGE) * stride_s + kv_head * stride_h  # [N]
+        in_page = offs_n % PAGE
+        k_rows = pages * stride_kb + in_page * stride_ks + kv_head * stride_kh  # [N]
+        v_rows = pages * stride_vb + in_page * stride_vs + kv_head * stride_vh
         if MASKED:
-            return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=n_mask[:, None], other=0.0)
-        return tl.load(cache_ptr + rows[:, None] + dims[None, :])
+            k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=n_mask[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=n_mask[:, None], other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :])
+            v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
+        return k, v
 
     @triton.jit
     def _online_softmax_step(acc, l_i, m_i, qk, v):
@@ -96,13 +107,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
-                       part_lse_ptr, scale_log2e, num_splits,
+                       part_lse_ptr, counters_ptr, scale_log2e, num_splits,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                        stride_bt, stride_ot, stride_oh,
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                       FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr):
         """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
-        context. SPLIT: write the normalised partial output and its log2-sum-exp for `_merge_kernel`."""
+        context. SPLIT: write the normalised partial output and its log2-sum-exp; then either
+        `_merge_kernel` merges them, or (FUSED_MERGE) the last program of (seq, kv_head) to finish does,
+        found by a self-resetting atomic ticket, which saves a launch."""
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -124,12 +138,11 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            k = _load_paged_tile(k_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb, stride_ks, stride_kh,
-                                 dims, PAGE, True)  # [BLOCK_N, HEAD_DIM]
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb,
+                                 stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
+            # k, v: [BLOCK_N, HEAD_DIM]
             qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [GROUP_PAD, BLOCK_N]
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            v = _load_paged_tile(v_cache_ptr, table, offs_n, n_mask, kv_head, stride_vb, stride_vs, stride_vh,
-                                 dims, PAGE, True)
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]  # a share (or sequence) with no keys gives 0
@@ -139,9 +152,38 @@ if triton is not None:
             lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
             tl.store(part_lse_ptr + row, lse, mask=group < GROUP)
             tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], o, mask=q_mask)
+            if FUSED_MERGE:
+                tl.debug_barrier()  # every thread's partial stores precede the release below
+                counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if ticket == num_splits - 1:  # the others have all published their partials
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                    out_rows = out_ptr + seq * stride_ot + heads * stride_oh  # [GROUP_PAD]
+                    _merge_group(part_out_ptr, part_lse_ptr, out_rows, row - split, group < GROUP, dims,
+                                 num_splits, SPLITS_PAD)
         else:
             dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _merge_group(part_out_ptr, part_lse_ptr, out_rows, row0, g_mask, dims, num_splits,
+                     SPLITS_PAD: tl.constexpr):
+        """The fused merge: rows row0 [G] of [B*H, S] partials → the G output rows at out_rows [G]."""
+        splits = tl.arange(0, SPLITS_PAD)
+        both = g_mask[:, None] & (splits[None, :] < num_splits)
+        lse = tl.load(part_lse_ptr + row0[:, None] + splits[None, :], mask=both, other=float("-inf"),
+                      cache_modifier=".cg")  # [G, SPLITS_PAD]
+        m = tl.max(lse, 1)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0)
+        total = tl.sum(w, 1)
+        acc = tl.zeros([row0.shape[0], dims.shape[0]], tl.float32)
+        for s in range(0, num_splits):
+            w_s = tl.sum(tl.where(splits[None, :] == s, w, 0.0), 1)  # [G]
+            part = tl.load(part_out_ptr + (row0 + s)[:, None] * dims.shape[0] + dims[None, :],
+                           mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # [G, HEAD_DIM]
+            acc += w_s[:, None] * part
+        o = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out_rows[:, None] + dims[None, :], o.to(out_rows.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit
     def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
@@ -171,7 +213,7 @@ if triton is not None:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (seq, tile, kv_head): rows = (token, head of the group) of TOKENS new tokens, causal over
         the whole context (cached prefix + new tokens). Keys before the tile's first position need no mask."""
-        TOKENS: tl.constexpr = BLOCK_M // GROUP
+        TOKENS = BLOCK_M // GROUP  # new tokens per tile
         seq = tl.program_id(0).to(tl.int64)
         tok0 = tl.program_id(1) * TOKENS
         kv_head = tl.program_id(2)
@@ -197,23 +239,19 @@ if triton is not None:
             kv_end = tl.minimum(seq_len, ctx + tok0 + TOKENS)
             for n0 in range(0, full_end, BLOCK_N):  # keys every row sees
                 offs_n = n0 + tl.arange(0, BLOCK_N)
-                k = _load_paged_tile(k_cache_ptr, table, offs_n, offs_n, kv_head, stride_kb, stride_ks,
-                                     stride_kh, dims, PAGE, False)
+                k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, offs_n, kv_head, stride_kb,
+                                     stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, False)
                 qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N]
-                v = _load_paged_tile(v_cache_ptr, table, offs_n, offs_n, kv_head, stride_vb, stride_vs,
-                                     stride_vh, dims, PAGE, False)
                 acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
             q_pos = ctx + tok  # [BLOCK_M]
             for n0 in range(full_end, kv_end, BLOCK_N):  # the diagonal: causal mask
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 n_mask = offs_n < kv_end
-                k = _load_paged_tile(k_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb, stride_ks,
-                                     stride_kh, dims, PAGE, True)
+                k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb,
+                                     stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
                 qk = tl.dot(q, tl.trans(k)) * scale_log2e
                 visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
                 qk = tl.where(visible, qk, float("-inf"))
-                v = _load_paged_tile(v_cache_ptr, table, offs_n, n_mask, kv_head, stride_vb, stride_vs,
-                                     stride_vh, dims, PAGE, True)
                 acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             dst = out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
@@ -272,19 +310,33 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the fused merge's self-resetting tickets
+
+
+def _merge_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed int32 tickets, one per (sequence, KV head); every launch leaves them at zero again."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < needed:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_decode_attention: run one eager call of the largest batch before "
+                               "capturing a CUDA graph (it allocates the split-merge counters)")
+        counters = torch.zeros(max(needed, 1 << 14), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           fused_merge: bool | None = None) -> torch.Tensor:
     """One new token per sequence: query [num_seqs(+pad), num_heads, head_dim] → output of the same shape.
 
     seq_lens [num_seqs] int32 (device) may hold anything in 0..max_seq_len; a row of length 0 gives zeros.
     Rows of query past num_seqs are copied through (as TorchAttention does). No host sync: graph-safe."""
     _require_triton()
     block_size = _check_cache(k_cache, v_cache)
-    num_seqs = seq_lens.shape[0]
-    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_seqs, num_heads, head_dim = seq_lens.shape[0], query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(query) if out is None else out
     if query.shape[0] > num_seqs:
         out[num_seqs:] = query[num_seqs:]
@@ -293,20 +345,33 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device))
     split = num_splits > 1
+    fused = split and (DECODE_FUSED_MERGE if fused_merge is None else fused_merge)
     f32 = {"dtype": torch.float32, "device": query.device}
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,), **f32)  # [B,H,S,D]
     part_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), **f32)  # [B, H, S]
+    counters = _merge_counters(query.device, num_seqs * num_kv_heads) if fused else part_lse
+    splits_pad = triton.next_power_of_2(num_splits)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2E, num_splits,
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters, scale * LOG2E,
+        num_splits, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1), PAGE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_N=DECODE_BLOCK_N, SPLIT=split, num_warps=4, num_stages=2)
-    if split:
+        out.stride(1), PAGE=block_size, GROUP=num_heads // num_kv_heads,
+        GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
+        BLOCK_N=DECODE_BLOCK_N, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad,
+        num_warps=DECODE_NUM_WARPS, num_stages=2)
+    if split and not fused:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
+            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, num_warps=4)
     return out
+
+
+def _prefill_tile(group: int, num_seqs: int, max_query_len: int, num_kv_heads: int, num_sms: int) -> int:
+    """Rows (token, head) per prefill tile: 128, or 64 when 128-row tiles would leave SMs idle."""
+    if group > PREFILL_BLOCK_M // 4:
+        return triton.next_power_of_2(group) * 16
+    tiles = num_seqs * triton.cdiv(max_query_len, PREFILL_BLOCK_M // group) * num_kv_heads
+    return PREFILL_BLOCK_M if tiles >= 2 * num_sms or group > 16 else PREFILL_BLOCK_M // 2
 
 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -325,15 +390,14 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     out = torch.empty_like(query) if out is None else out
     if num_seqs == 0 or max_query_len == 0:
         return out
-    block_m = PREFILL_BLOCK_M if group <= PREFILL_BLOCK_M // 4 else triton.next_power_of_2(group) * 16
-    tokens_per_tile = block_m // group
-    grid = (num_seqs, triton.cdiv(max_query_len, tokens_per_tile), num_kv_heads)
+    block_m = _prefill_tile(group, num_seqs, max_query_len, num_kv_heads, _device_sms(query.device))
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1), PAGE=block_size, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+        out.stride(1), PAGE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        BLOCK_N=PREFILL_BLOCK_N, num_warps=8 if block_m >= 128 else 4, num_stages=PREFILL_NUM_STAGES)
     return out
 
 

@@ -5,8 +5,9 @@ Each op is memory-bound, so each kernel makes one pass over its tensors (the fus
 residual once and writes both outputs in the same pass) and launches once per call, which keeps a decode step
 of 28 layers cheap. Every function has the signature of its plain-torch twin in `kernels/reference.py` and
 rounds where the twin rounds (the normalised row to the input dtype before the weight, the SiLU before the
-product, the rotary products before their sum), so results match the twin to the last bit or nearly. Triton
-is imported lazily: this module imports on a machine without it, and calling an op there raises an error.
+product), so results match the twin to the last bit or nearly; rotary computes in float32 and rounds once
+(within an ulp of the twin, closer to the exact value). Triton is imported lazily: this module imports on a
+machine without it, and calling an op there raises an error.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ if triton is not None:
     @triton.jit
     def _rotate_heads(x_ptr, out_ptr, token, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, num_heads,
                       HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
-        """Neox rotary of all heads of one token: [heads, half] halves, products rounded like the twin."""
+        """Neox rotary of all heads of one token as [heads, half] halves, in float32, rounded once."""
         heads = tl.arange(0, HEADS_PAD)
         dims = tl.arange(0, HALF)
         mask = heads[:, None] < num_heads
@@ -78,15 +79,13 @@ if triton is not None:
         x1 = tl.load(src, mask=mask, other=0.0)  # [HEADS_PAD, HALF]
         x2 = tl.load(src + HALF, mask=mask, other=0.0)
         dt = x1.dtype
-        c = cos.to(dt).to(tl.float32)[None, :]
+        c = cos.to(dt).to(tl.float32)[None, :]  # the twin (like HF) casts cos/sin to x's dtype first
         s = sin.to(dt).to(tl.float32)[None, :]
-        a1 = (x1.to(tl.float32) * c).to(dt).to(tl.float32)
-        b1 = (x2.to(tl.float32) * s).to(dt).to(tl.float32)
-        a2 = (x2.to(tl.float32) * c).to(dt).to(tl.float32)
-        b2 = (x1.to(tl.float32) * s).to(dt).to(tl.float32)
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
         dst = out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(dst, (a1 - b1).to(dt), mask=mask)
-        tl.store(dst + HALF, (a2 + b2).to(dt), mask=mask)
+        tl.store(dst, (a * c - b * s).to(dt), mask=mask)
+        tl.store(dst + HALF, (b * c + a * s).to(dt), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr,
