@@ -165,12 +165,15 @@ def prefill_rows(bw: float, mm: float, cases: dict[str, tuple[list[int], list[in
         flops = sum(4.0 * HEADS * HEAD_DIM * q * (s - q + (q + 1) / 2) for q, s in pairs)
         nbytes = kv_bytes(seq_lens) + 2 * query.numel() * 2
         args = (query, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
-        t = median_us(partial(backend.attend, *args))
+        t = median_us(partial(ta.paged_prefill_attention, query, k_cache, v_cache, meta.block_tables,
+                              meta.seq_lens, meta.query_start_loc, HEAD_DIM ** -0.5, meta.max_query_len))
         t_twin = median_us(partial(twin.attend, *args)) if with_twin else float("nan")
         floor = max(nbytes / bw, flops / mm) * 1e6
-        note = f"{flops / t * 1e-6:.0f} TFLOP/s"
-        if len(query_lens) == 1 and query_lens == seq_lens:
-            note += f"; torch SDPA causal, contiguous: {sdpa_us(query_lens[0]):.1f} us"
+        note = f"Triton kernel {flops / t * 1e-6:.0f} TFLOP/s"
+        if with_twin and ta._sdpa_fits(meta):
+            note += f"; TritonAttention (SDPA path): {median_us(partial(backend.attend, *args)):.1f} us"
+        if with_twin and len(query_lens) == 1 and query_lens == seq_lens:
+            note += f"; bare SDPA causal, contiguous: {sdpa_us(query_lens[0]):.1f} us"
         rows.append(Row("prefill_attention", name, t, t_twin, nbytes, floor, flops, note=note))
     return rows
 
@@ -179,9 +182,14 @@ def prefill_sweep(bw: float, mm: float, cases: dict[str, tuple[list[int], list[i
     """The prefill kernel's key-tile width and pipeline depth, tried on a few cases."""
     rows, default = [], (ta.PREFILL_BLOCK_N, ta.PREFILL_NUM_STAGES)
     try:
-        for block_n, stages in [(32, 2), (64, 2), (64, 3), (128, 2)]:
+        for block_n, stages in [(64, 2), (64, 3), (128, 2), (128, 3)]:
             ta.PREFILL_BLOCK_N, ta.PREFILL_NUM_STAGES = block_n, stages
-            for row in prefill_rows(bw, mm, cases, with_twin=False):
+            try:
+                swept = prefill_rows(bw, mm, cases, with_twin=False)
+            except triton.runtime.errors.OutOfResources as e:  # too much shared memory for this config
+                print(f"prefill N={block_n} stages={stages}: {e}")
+                continue
+            for row in swept:
                 row.kernel, row.shape = "prefill_sweep", f"{row.shape} N={block_n} st={stages}"
                 rows.append(row)
     finally:

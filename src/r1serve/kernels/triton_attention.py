@@ -11,14 +11,17 @@ depends only on host integers the caller passes (batch size, an upper bound of t
 program works out its share from the device-side `seq_lens`, so a captured CUDA graph replays correctly for
 any lengths up to that bound, including padded rows of length 0 and slot -1. The prefill kernel packs the
 query heads of one KV head into the rows of one tile too (row = token * group + head), which serves long
-prompts, chunked prefill, prefix-cache hits and mixed batches of decodes with one code path. Triton is
-imported lazily, so this module imports on machines without it.
+prompts, chunked prefill, prefix-cache hits and mixed batches of decodes with one code path; a step of a
+few long whole prompts (no cached prefix) goes to PyTorch's causal SDPA instead, measured faster there.
+Triton is imported lazily, so this module imports on machines without it.
 """
+
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
 
@@ -31,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
 
 __all__ = [
     "HAS_TRITON", "TritonAttention", "decode_num_splits", "paged_decode_attention", "paged_prefill_attention",
-    "store_kv",
+    "sdpa_prefill_attention", "store_kv",
 ]
 
 HAS_TRITON = triton is not None
@@ -39,10 +42,16 @@ LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 64  # keys per decode iteration (and the smallest share of a split)
 MAX_SPLITS = 64
 DECODE_NUM_WARPS = 4
-DECODE_FUSED_MERGE = True  # the last split of each (sequence, KV head) merges, instead of a second kernel
+# The last split of each (sequence, KV head) merges instead of a second kernel: measured slower on the H100
+# past 8 splits (its merge loop is serial), equal below, so off by default (docs/kernels.md).
+DECODE_FUSED_MERGE = False
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
-PREFILL_BLOCK_N = 64
+PREFILL_BLOCK_N = 128  # keys per prefill iteration (the H100 sweep's best of 32/64/128)
 PREFILL_NUM_STAGES = 2
+# Prompts with no cached prefix go to PyTorch's causal SDPA (flash), ~1.8x faster than the paged kernel on the
+# H100 at 2k-8k tokens, when they are few and long enough for its per-sequence launches to pay.
+SDPA_MIN_PROMPT = 512
+SDPA_MAX_SEQS = 8
 
 
 def _require_triton() -> None:
@@ -401,8 +410,33 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
+def _sdpa_fits(meta: AttentionMetadata) -> bool:
+    """Whether this step is only a few whole prompts with no cached prefix (host lists: no sync)."""
+    return (0 < meta.num_seqs <= SDPA_MAX_SEQS and meta.query_lens_cpu == meta.seq_lens_cpu
+            and min(meta.query_lens_cpu) >= SDPA_MIN_PROMPT)
+
+
+def sdpa_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Whole prompts (query_len == seq_len): gathers each prompt's K/V from its blocks and runs PyTorch's
+    causal SDPA with grouped-query heads. query [num_tokens, num_heads, head_dim] → output, same shape."""
+    out = torch.empty_like(query)
+    block_size, start = k_cache.shape[1], 0
+    for i, length in enumerate(meta.seq_lens_cpu):
+        blocks = meta.block_tables[i, : -(-length // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [kv_heads, length, head_dim]
+        v = v_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)
+        q = query[start:start + length].transpose(0, 1)  # [num_heads, length, head_dim]
+        o = F.scaled_dot_product_attention(q[None], k[None].to(q.dtype), v[None].to(q.dtype), is_causal=True,
+                                           scale=scale, enable_gqa=True)
+        out[start:start + length] = o[0].transpose(0, 1)
+        start += length
+    return out
+
+
 class TritonAttention(AttentionBackend):
-    """The CUDA backend: Triton store, split-K decode and varlen prefill kernels (see the module docstring).
+    """The CUDA backend: Triton store, split-K decode and varlen prefill kernels (see the module docstring);
+    a step of only a few long whole prompts goes to PyTorch's causal SDPA instead (measured faster).
 
     For CUDA graphs, pass `meta.max_seq_len` as the captured upper bound (e.g. max_model_len): the number of
     decode splits is fixed by it and the batch size, and the kernels read the real lengths on the device."""
@@ -421,5 +455,7 @@ class TritonAttention(AttentionBackend):
         if meta.is_decode_only:
             return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                           meta.max_seq_len)
+        if _sdpa_fits(meta):
+            return sdpa_prefill_attention(query, k_cache, v_cache, meta, scale)
         return paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, scale, meta.max_query_len)
