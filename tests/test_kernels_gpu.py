@@ -282,11 +282,12 @@ def test_backend_store_then_attend_matches_twin() -> None:
 def test_backend_sends_few_long_whole_prompts_to_sdpa() -> None:
     """Two whole prompts with no cached prefix take the SDPA path; the result still matches the twin."""
     ta, _ = _triton_modules()
-    query, _, _, k_cache, v_cache, meta = make_batch([600, 1111], [600, 1111])
+    lengths = [ta.SDPA_MIN_PROMPT, ta.SDPA_MIN_PROMPT + 333]
+    query, _, _, k_cache, v_cache, meta = make_batch(lengths, lengths)
     assert ta._sdpa_fits(meta)
     out = ta.TritonAttention().attend(query, k_cache, v_cache, meta, 128 ** -0.5)
     assert rel_err(out, reference_attention(query, k_cache, v_cache, meta)) < BF16_TOL
-    _, _, _, _, _, with_prefix = make_batch([600, 1111], [600, 1200])
+    _, _, _, _, _, with_prefix = make_batch(lengths, [lengths[0], lengths[1] + 20])
     assert not ta._sdpa_fits(with_prefix)
 
 

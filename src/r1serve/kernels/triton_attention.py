@@ -46,12 +46,13 @@ DECODE_NUM_WARPS = 4
 # past 8 splits (its merge loop is serial), equal below, so off by default (docs/kernels.md).
 DECODE_FUSED_MERGE = False
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
-PREFILL_BLOCK_N = 128  # keys per prefill iteration (the H100 sweep's best of 32/64/128)
-PREFILL_NUM_STAGES = 2
-# Prompts with no cached prefix go to PyTorch's causal SDPA (flash), ~1.8x faster than the paged kernel on the
-# H100 at 2k-8k tokens, when they are few and long enough for its per-sequence launches to pay.
-SDPA_MIN_PROMPT = 512
-SDPA_MAX_SEQS = 8
+PREFILL_BLOCK_N = 128  # keys per prefill iteration, and pipeline depth: the H100 sweep's best
+PREFILL_NUM_STAGES = 3
+# A few whole prompts with no cached prefix go to PyTorch's causal SDPA: on the H100 it took 416 us against
+# the paged kernel's 699 us for one 8192-token prompt, but 111 against 91 us at 2048 (gather and per-prompt
+# launches), so only long prompts take it.
+SDPA_MIN_PROMPT = 4096
+SDPA_MAX_SEQS = 4
 
 
 def _require_triton() -> None:
