@@ -22,7 +22,7 @@ def fake_step(bm: BlockManager, out: SchedulerOutput) -> None:
         item.seq.num_computed_tokens += item.num_new_tokens
         bm.register_full_blocks(item.seq)
         if samples:
-            item.seq.token_ids.append(7)
+            item.seq.append_tokens([7])
 
 
 def test_token_budget_chunks_a_long_prompt() -> None:

@@ -16,7 +16,7 @@ FinishReason = Literal["stop", "length", "abort", "repetition"]
 class CompletionOutput:
     index: int
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # live while running (no per-step copy): copy to snapshot
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
     delta_text: str = ""

@@ -190,7 +190,7 @@ class LLMEngine:
         self.num_prompt_tokens += max(0, in_prompt)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
+        seq.append_tokens([token])
         self.num_generation_tokens += 1
         new_ids = [token]
         if token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
@@ -217,7 +217,7 @@ class LLMEngine:
             return
         room = (seq.params.max_tokens or self.max_model_len) - seq.num_output_tokens
         forced = self.think_close_ids[: max(0, min(room, self.max_model_len - seq.num_tokens))]
-        seq.token_ids.extend(forced)
+        seq.append_tokens(forced)
         new_ids.extend(forced)
         seq.reasoning_open = False
 
@@ -237,6 +237,7 @@ class LLMEngine:
             seq.pending_text += tail
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        seq.request.num_finished += 1
         self.scheduler.finish(seq)
 
     def _abort_scheduled(self, sched: SchedulerOutput) -> list[RequestOutput]:

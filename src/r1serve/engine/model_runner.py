@@ -15,9 +15,10 @@ import torch
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.cuda_graphs import DecodeGraphs
+from r1serve.engine.input_batch import InputPacker
 from r1serve.engine.sampler import Sampler, SamplingBatch
 from r1serve.engine.scheduler import SchedulerOutput
-from r1serve.kernels.attention import AttentionBackend, AttentionMetadata, TorchAttention, build_metadata
+from r1serve.kernels.attention import AttentionBackend, TorchAttention, build_metadata
 from r1serve.model.layers import REFERENCE_OPS, KernelOps
 from r1serve.model.loader import load_model, resolve_device, resolve_dtype
 
@@ -67,6 +68,7 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model_config.num_hidden_layers)]
         self.sampler = Sampler(eos_token_id, seed=config.seed)
+        self.packer = InputPacker(config.block_size, self.device)
         self.graphs = self._capture_graphs()
         logger.info("model on %s (%s, attention: %s); KV cache: %d blocks of %d tokens (%.2f GiB)",
                     self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.num_blocks,
@@ -132,35 +134,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[int]:
         """Runs one step; returns the sampled token of each scheduled sequence that samples, in order."""
-        input_ids, positions, meta, logits_indices = self._prepare_inputs(sched)
+        inputs = self.packer.pack(sched)
+        meta = inputs.meta
         if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping, meta.seq_lens,
+                                     meta.block_tables)
         else:
-            hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
+            hidden = self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)  # [num_tokens, hidden]
         sampling = [s.seq for s in sched.scheduled if s.samples]
         if not sampling:
             return []
-        logits = self.model.compute_logits(hidden[logits_indices])  # [num_sampling, vocab] float32
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab] float32
         batch = SamplingBatch.build(sampling, logits.shape[-1], self.device)
         return self.sampler(logits, batch).tolist()
-
-    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                                  torch.Tensor]:
-        ids: list[int] = []
-        positions: list[int] = []
-        logits_indices: list[int] = []
-        for s in sched.scheduled:
-            start, end = s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens
-            ids.extend(s.seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            if s.samples:
-                logits_indices.append(len(ids) - 1)
-        meta = build_metadata(
-            [s.num_new_tokens for s in sched.scheduled],
-            [s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled],
-            [s.seq.block_table for s in sched.scheduled],
-            self.config.block_size,
-            self.device,
-        )
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64).to(self.device, non_blocking=True)
-        return as_tensor(ids), as_tensor(positions), meta, as_tensor(logits_indices)

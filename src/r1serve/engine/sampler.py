@@ -18,12 +18,8 @@ from r1serve.engine.sequence import Sequence
 
 @dataclass
 class SamplingBatch:
-    """Per-row parameters as tensors on the logits' device."""
+    """Per-row parameters; the tensors (on the logits' device) exist only when some row samples."""
 
-    temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
-    top_p: torch.Tensor  # [B] float32
-    top_k: torch.Tensor  # [B] int64 (vocab size when off)
-    min_p: torch.Tensor  # [B] float32
     seqs: list[Sequence]
     all_greedy: bool
     any_top_p: bool
@@ -31,16 +27,16 @@ class SamplingBatch:
     any_min_p: bool
     any_penalty: bool
     any_min_tokens: bool
+    temperature: torch.Tensor | None = None  # [B] float32 (0 for greedy rows)
+    top_p: torch.Tensor | None = None  # [B] float32
+    top_k: torch.Tensor | None = None  # [B] int64 (vocab size when off)
+    min_p: torch.Tensor | None = None  # [B] float32
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
         params = [s.params for s in seqs]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+        batch = cls(
             seqs=seqs,
             all_greedy=all(p.greedy for p in params),
             any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
@@ -49,6 +45,12 @@ class SamplingBatch:
             any_penalty=any(p.needs_penalties for p in params),
             any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs),
         )
+        if not batch.all_greedy:  # one host-to-device copy for all four rows of parameters
+            rows = [[p.temperature for p in params], [p.top_p for p in params], top_k, [p.min_p for p in params]]
+            packed = torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
+            batch.temperature, batch.top_p = packed[0].float(), packed[1].float()
+            batch.top_k, batch.min_p = packed[2].long(), packed[3].float()
+        return batch
 
 
 class Sampler:

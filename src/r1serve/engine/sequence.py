@@ -48,10 +48,15 @@ class Sequence:
     reasoning_open: bool = False  # inside <think> … </think> (for the thinking budget)
     num_reasoning_tokens: int = 0
     generator: torch.Generator | None = None  # per-request seed: same seed, same output
+    output_ids: list[int] = field(default_factory=list)  # the output part of token_ids, grown in step with it
     num_emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
     detokenizer: IncrementalDetokenizer | None = None
     text: str = ""
     pending_text: str = ""  # text produced since the last RequestOutput
+
+    def __post_init__(self) -> None:
+        if not self.output_ids:
+            self.output_ids = self.token_ids[self.num_prompt_tokens:]
 
     @property
     def params(self) -> SamplingParams:
@@ -63,11 +68,16 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.output_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The output so far: a live list (no copy) that grows while the sequence runs."""
+        return self.output_ids
+
+    def append_tokens(self, token_ids: list[int]) -> None:
+        self.token_ids.extend(token_ids)
+        self.output_ids.extend(token_ids)
 
     @property
     def is_finished(self) -> bool:
@@ -75,7 +85,7 @@ class Sequence:
 
     def to_output(self) -> CompletionOutput:
         """The cumulative output so far plus the delta since the previous call."""
-        delta_ids = self.token_ids[self.num_prompt_tokens + self.num_emitted_tokens:]
+        delta_ids = self.output_ids[self.num_emitted_tokens:]
         self.num_emitted_tokens += len(delta_ids)
         delta_text, self.pending_text = self.pending_text, ""
         return CompletionOutput(
@@ -92,10 +102,11 @@ class Request:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
+    num_finished: int = 0  # samples that have finished (the engine counts them as they end)
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return self.num_finished == len(self.seqs)
 
     @property
     def prefill_leader(self) -> Sequence:
