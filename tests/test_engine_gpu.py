@@ -61,9 +61,9 @@ def test_logits_match_the_cpu_reference(model_dir: Path) -> None:
     logits = []
     for engine in (cuda.engine, cpu.engine):
         sched = engine.scheduler.schedule()
-        ids, pos, meta, idx = engine.runner._prepare_inputs(sched)
+        inputs = engine.runner.packer.pack(sched)
         with torch.inference_mode():
-            hidden = engine.runner.model(ids, pos, meta, engine.runner.kv_caches)
+            hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.meta, engine.runner.kv_caches)
             logits.append(engine.runner.model.compute_logits(hidden).float().cpu())
     err = (logits[0] - logits[1]).norm() / logits[1].norm()
     assert err < 2e-2, f"relative error {err:.2e}"

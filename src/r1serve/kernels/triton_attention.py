@@ -401,13 +401,16 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if num_seqs == 0 or max_query_len == 0:
         return out
     block_m = _prefill_tile(group, num_seqs, max_query_len, num_kv_heads, _device_sms(query.device))
+    block_n, num_stages = PREFILL_BLOCK_N, PREFILL_NUM_STAGES
+    if query.element_size() > 2:  # fp32 tiles take twice the shared memory: smaller tiles, shallower pipeline
+        block_m, block_n, num_stages = min(block_m, max(64, triton.next_power_of_2(group) * 16)), 64, 2
     grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), PAGE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_N=PREFILL_BLOCK_N, num_warps=8 if block_m >= 128 else 4, num_stages=PREFILL_NUM_STAGES)
+        BLOCK_N=block_n, num_warps=8 if block_m >= 128 else 4, num_stages=num_stages)
     return out
 
 
