@@ -1,9 +1,10 @@
 """`AsyncEngine`: the engine loop on its own thread, requests streamed to and from an asyncio event loop.
 
-The server's event loop never runs model code and the engine thread never waits on HTTP: requests and aborts
-reach the engine thread through a queue, and each step's outputs go back to their streams with one
-`call_soon_threadsafe` per event loop per step. A stream whose consumer goes away (aclose, cancellation, a
-client that disconnected) aborts its request, which frees its KV blocks.
+`StreamingEngine` is the half that every async engine shares: `generate()` validates a request, registers an
+asyncio queue for it and hands it to the back end; outputs come back in batches with one
+`call_soon_threadsafe` per event loop; a stream whose consumer goes away (aclose, cancellation, a client that
+disconnected) aborts its request, which frees its KV blocks. `AsyncEngine` runs the `LLMEngine` on a thread of
+this process; `ProcessEngine` (engine/process_engine.py) runs it in a child process, off this process's GIL.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import logging
 import queue
 import threading
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from r1serve.config import EngineConfig, ModelConfig
-from r1serve.engine.llm_engine import EngineStats, LLMEngine
+from r1serve.engine.llm_engine import EngineStats, LLMEngine, check_request, encode_prompt
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer
 
 logger = logging.getLogger("r1serve")
 
-__all__ = ["AsyncEngine", "EngineStats"]
+__all__ = ["AsyncEngine", "EngineStats", "StreamingEngine"]
 
 
 @dataclass
@@ -34,56 +36,42 @@ class _Stream:
 
 
 @dataclass
-class _Add:
+class Add:
     request_id: str
     prompt: str | list[int]
     params: SamplingParams
+    prompt_ids: list[int] | None = None  # the validated token ids (the child process uses them as they are)
 
 
 @dataclass
-class _Abort:
+class Abort:
     request_id: str
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+class StreamingEngine(ABC):
+    """Async streams over an engine that runs elsewhere (a thread or a process)."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
-        self._wakeup = threading.Event()
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(LLMEngine(config))
+    @abstractmethod
+    def _submit(self, command: Add | Abort) -> None:
+        """Hands a command to the engine's back end (never blocks on it)."""
 
-    @property
-    def config(self) -> EngineConfig:
-        return self.engine.config
+    @abstractmethod
+    def start(self) -> None: ...
 
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.engine.model_config
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="r1serve-engine", daemon=True)
-                self._thread.start()
+    @abstractmethod
+    def shutdown(self, timeout: float = 10.0) -> None: ...
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -91,14 +79,14 @@ class AsyncEngine:
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         request_id = request_id or uuid.uuid4().hex
-        prompt_ids = self.engine.encode_prompt(prompt)
-        self.engine.check_request(prompt_ids, params)
+        prompt_ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
+        check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self.start()
-        self._submit(_Add(request_id, prompt if isinstance(prompt, str) else prompt_ids, params))
+        self._submit(Add(request_id, prompt if isinstance(prompt, str) else prompt_ids, params, prompt_ids))
         finished = False
         try:
             while not finished:
@@ -110,10 +98,60 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._submit(_Abort(request_id))
+                self._submit(Abort(request_id))
 
     async def abort(self, request_id: str) -> None:
-        self._submit(_Abort(request_id))
+        self._submit(Abort(request_id))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:
+                pass
+
+
+class AsyncEngine(StreamingEngine):
+    """The `LLMEngine` stepped on a background thread of this process."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.config = engine.config
+        self.model_config = engine.model_config
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: queue.SimpleQueue[Add | Abort] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="r1serve-engine", daemon=True)
+                self._thread.start()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -129,7 +167,7 @@ class AsyncEngine:
             if out is not None:
                 self._deliver([out])
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def _submit(self, command: Add | Abort) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -154,37 +192,20 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add):
+            if isinstance(command, Add):
                 self._add(command)
             else:
                 out = self.engine.abort_request(command.request_id)
                 if out is not None:  # a stream still waiting gets its final "abort" output
                     self._deliver([out])
 
-    def _add(self, command: _Add) -> None:
+    def _add(self, command: Add) -> None:
         if command.request_id not in self._streams:  # its consumer already left
             return
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id)
         except Exception as e:
             self._deliver_error(command.request_id, e)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed
-                pass
-
-    def _deliver_error(self, request_id: str, error: BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

@@ -63,39 +63,10 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt; text gets the tokenizer's BOS unless it already starts with it."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            bos = self.tokenizer.bos_token_id
-            if len(ids) > 1 and ids[0] == ids[1] == bos:
-                ids = ids[1:]
-            return ids
-        ids = list(prompt)
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        return ids
+        return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Validates lengths; returns the effective max_tokens."""
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise ValueError(
-                f"prompt: {len(prompt_ids)} tokens do not fit max_model_len={self.max_model_len} "
-                "(at least one token must be left to generate)"
-            )
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
-                f"max_tokens: {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-                f"max_model_len={self.max_model_len} (at most {room})"
-            )
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        return params.max_tokens or room
+        return check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -257,3 +228,39 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens, prefix_cache_queries=bm.num_cache_queries,
             prefix_cache_hits=bm.num_cache_hits, num_preemptions=self.scheduler.num_preemptions,
         )
+
+
+def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt; text gets the tokenizer's BOS unless it already starts with it."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        bos = tokenizer.bos_token_id
+        if len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return ids
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, max_model_len: int, max_num_seqs: int) -> int:
+    """Validates lengths and n (a ValueError naming the field); returns the effective max_tokens."""
+    room = max_model_len - len(prompt_ids)
+    if room < 1:
+        raise ValueError(
+            f"prompt: {len(prompt_ids)} tokens do not fit max_model_len={max_model_len} "
+            "(at least one token must be left to generate)"
+        )
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise ValueError(
+            f"max_tokens: {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+            f"max_model_len={max_model_len} (at most {room})"
+        )
+    if params.n > max_num_seqs:
+        raise ValueError(f"n: {params.n} exceeds max_num_seqs={max_num_seqs}")
+    return params.max_tokens or room

@@ -107,9 +107,9 @@ class R1Server(uvicorn.Server):
 def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) -> None:
     """The loader thread: build the engine, attach it, announce readiness; on failure stop the server."""
     try:
-        from r1serve.engine.async_engine import AsyncEngine
+        from r1serve.engine.process_engine import make_engine
 
-        engine = AsyncEngine.from_config(settings.engine_config())
+        engine = make_engine(settings.engine_config(), in_process=not settings.engine_process)
     except BaseException as exc:  # noqa: BLE001 - every failure must become one clear line and exit 1
         state.load_error = explain_load_failure(exc, settings)
         logger.debug("loading failed", exc_info=True)

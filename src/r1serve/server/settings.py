@@ -46,6 +46,8 @@ class ServerSettings(BaseModel):
     kv_cache_space: float = Field(4.0, gt=0.0, description="GiB of KV cache when running on CPU")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of shared prompt prefixes")
     enforce_eager: bool = Field(False, description="no CUDA graphs")
+    engine_process: bool = Field(
+        False, description="run the engine in a child process, off the HTTP server's GIL (else on a thread)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
     quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
         "none", description="weight quantization")
