@@ -1,5 +1,5 @@
-"""The server with `--engine-process`: the engine in a child process serves the same API, frees the blocks of
-a client that leaves, and shuts down cleanly on SIGTERM."""
+"""The server with `--engine-process` (the default) and `--no-engine-process`: the engine in a child process or
+on a thread serves the same API, frees the blocks of a client that leaves, and shuts down cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from test_server import wait_all_blocks_free
 MODEL = "DeepSeek-R1-Distill-Qwen-1.5B"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path):
-    with running_server(tiny_model_dir, "--engine-process", "--max-model-len", "512") as handle:
+@pytest.fixture(scope="module", params=["--engine-process", "--no-engine-process"])
+def server(tiny_model_dir: Path, request: pytest.FixtureRequest):
+    with running_server(tiny_model_dir, request.param, "--max-model-len", "512") as handle:
         yield handle
 
 

@@ -47,7 +47,7 @@ class ServerSettings(BaseModel):
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of shared prompt prefixes")
     enforce_eager: bool = Field(False, description="no CUDA graphs")
     engine_process: bool = Field(
-        False, description="run the engine in a child process, off the HTTP server's GIL (else on a thread)")
+        True, description="run the engine in a child process, off the HTTP server's GIL (--no-: on a thread)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
     quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
         "none", description="weight quantization")
