@@ -143,10 +143,6 @@ class AsyncEngine(StreamingEngine):
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
         return cls(LLMEngine(config))
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
     def start(self) -> None:
         with self._lock:
             if self._thread is None:

@@ -15,7 +15,7 @@ from itertools import chain
 import torch
 
 from r1serve.engine.scheduler import SchedulerOutput
-from r1serve.kernels.attention import AttentionMetadata
+from r1serve.kernels.attention import AttentionMetadata, paged_layout
 
 
 @dataclass
@@ -70,23 +70,15 @@ def _columns(sched: SchedulerOutput, block_size: int) -> list[list[int]]:
     """ids, positions, slots, logits indices, query starts, sequence lengths, flat padded block tables."""
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     logits_idx: list[int] = []
-    starts = [0]
-    seq_lens: list[int] = []
-    width = max((len(s.seq.block_table) for s in sched.scheduled), default=1) or 1
-    tables: list[int] = []
-    for s in sched.scheduled:
-        seq, start = s.seq, s.seq.num_computed_tokens
-        end = start + s.num_new_tokens
-        table = seq.block_table
-        ids.extend(seq.token_ids[start:end])
+    query_lens = [s.num_new_tokens for s in sched.scheduled]
+    seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in sched.scheduled]
+    for s, end in zip(sched.scheduled, seq_lens, strict=True):
+        start = s.seq.num_computed_tokens
+        ids.extend(s.seq.token_ids[start:end])
         positions.extend(range(start, end))
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        if end == seq.num_tokens:
+        if end == s.seq.num_tokens:
             logits_idx.append(len(ids) - 1)
-        starts.append(len(ids))
-        seq_lens.append(end)
-        tables.extend(table)
-        tables.extend([0] * (width - len(table)))
+    slots, starts, tables, _ = paged_layout(query_lens, seq_lens, [s.seq.block_table for s in sched.scheduled],
+                                            block_size)
     return [ids, positions, slots, logits_idx, starts, seq_lens, tables]

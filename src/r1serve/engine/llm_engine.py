@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.block_manager import BlockManager
@@ -44,13 +45,31 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """What the model's folder (or hub id) says, without loading weights: enough to validate requests."""
+
+    path: Path | None  # None: dummy weights with no folder
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> ModelFiles:
+        path = resolve_model_path(config.model, config.revision, allow_missing=config.load_format == "dummy")
+        model_config = load_model_config(config, path)
+        tokenizer = load_tokenizer(config.tokenizer or path)
+        return cls(path, model_config, tokenizer, min(config.max_model_len, model_config.max_position_embeddings))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        model_path = resolve_model_path(config.model, config.revision, allow_missing=config.load_format == "dummy")
-        self.model_config: ModelConfig = load_model_config(config, model_path)
-        self.tokenizer: Tokenizer = load_tokenizer(config.tokenizer or model_path)
-        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        files = ModelFiles.load(config)
+        model_path = files.path
+        self.model_config: ModelConfig = files.model_config
+        self.tokenizer: Tokenizer = files.tokenizer
+        self.max_model_len = files.max_model_len
         self.eos_token_id = self.tokenizer.eos_token_id
         self.runner = ModelRunner(config, self.model_config, model_path, self.max_model_len, self.eos_token_id)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -75,8 +94,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_ids = self.encode_prompt(prompt)
-        self.check_request(prompt_ids, params)
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params)
+        max_tokens = self.check_request(prompt_ids, params)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, max_tokens)
         for index in range(params.n):
             request.seqs.append(self._new_sequence(request, index))
         self.requests[request_id] = request
@@ -176,8 +195,7 @@ class LLMEngine:
         if seq.detokenizer is not None and seq.detokenizer.stop_reason is not None:
             self._finish(seq, "stop", seq.detokenizer.stop_reason)
             return
-        max_tokens = seq.params.max_tokens or self.max_model_len
-        reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len, max_tokens)
+        reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len)
         if reason is not None:
             self._finish(seq, reason, stop_token)
 
@@ -186,7 +204,7 @@ class LLMEngine:
         budget = seq.params.max_thinking_tokens
         if budget is None or not seq.reasoning_open or seq.num_reasoning_tokens < budget:
             return
-        room = (seq.params.max_tokens or self.max_model_len) - seq.num_output_tokens
+        room = seq.request.max_tokens - seq.num_output_tokens
         forced = self.think_close_ids[: max(0, min(room, self.max_model_len - seq.num_tokens))]
         seq.append_tokens(forced)
         new_ids.extend(forced)

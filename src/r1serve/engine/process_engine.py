@@ -22,10 +22,8 @@ from typing import Any
 
 from r1serve.config import EngineConfig
 from r1serve.engine.async_engine import Abort, Add, StreamingEngine
-from r1serve.engine.llm_engine import EngineStats, LLMEngine
-from r1serve.model.loader import load_model_config, resolve_model_path
+from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
 from r1serve.outputs import CompletionOutput, RequestOutput
-from r1serve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("r1serve")
 
@@ -108,10 +106,8 @@ class ProcessEngine(StreamingEngine):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         self.config = config
-        model_path = resolve_model_path(config.model, config.revision, allow_missing=config.load_format == "dummy")
-        self.model_config = load_model_config(config, model_path)
-        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
-        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        files = ModelFiles.load(config)  # the child loads the same again, with the weights
+        self.model_config, self.tokenizer, self.max_model_len = files.model_config, files.tokenizer, files.max_model_len
         self._requests: dict[str, _RequestState] = {}
         self._stats = EngineStats(0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0)
         self._send_lock = threading.Lock()
@@ -140,10 +136,6 @@ class ProcessEngine(StreamingEngine):
             self._process.join(5)
             raise payload
 
-    @property
-    def is_running(self) -> bool:
-        return self._process.is_alive() and not self._stopping
-
     def start(self) -> None:
         """The child starts with the engine; nothing to do."""
 
@@ -154,9 +146,12 @@ class ProcessEngine(StreamingEngine):
         if isinstance(command, Add):
             self._requests[command.request_id] = _RequestState(
                 command.prompt if isinstance(command.prompt, str) else None, list(command.prompt_ids or []))
+        self._send(command)
+
+    def _send(self, message: Add | Abort | None) -> None:
         try:
             with self._send_lock:
-                self._commands.send(command)
+                self._commands.send(message)
         except (OSError, ValueError):  # the child is gone; the reader fails the streams
             pass
 
@@ -203,19 +198,12 @@ class ProcessEngine(StreamingEngine):
     def shutdown(self, timeout: float = 10.0) -> None:
         """Asks the child to abort what is in flight and exit; waits for it, then makes sure it is gone."""
         self._stopping = True
-        self._submit_shutdown()
+        self._send(None)
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
         self._reader.join(timeout)
-
-    def _submit_shutdown(self) -> None:
-        try:
-            with self._send_lock:
-                self._commands.send(None)
-        except (OSError, ValueError):
-            pass
 
 
 def make_engine(config: EngineConfig, in_process: bool = False) -> Any:

@@ -144,7 +144,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     output_counts = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
     seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
     for i, seq in enumerate(seqs):
-        out_ids = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=device)
+        out_ids = torch.tensor(seq.output_ids, dtype=torch.int64, device=device)
         output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
         seen[i, torch.tensor(seq.token_ids, dtype=torch.int64, device=device)] = True
     rep = torch.tensor([s.params.repetition_penalty for s in seqs], dtype=torch.float32, device=device)[:, None]

@@ -48,7 +48,7 @@ class Sequence:
     reasoning_open: bool = False  # inside <think> … </think> (for the thinking budget)
     num_reasoning_tokens: int = 0
     generator: torch.Generator | None = None  # per-request seed: same seed, same output
-    output_ids: list[int] = field(default_factory=list)  # the output part of token_ids, grown in step with it
+    output_ids: list[int] = field(default_factory=list)  # token_ids' output part, a live list grown with it
     num_emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
     detokenizer: IncrementalDetokenizer | None = None
     text: str = ""
@@ -70,11 +70,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        """The output so far: a live list (no copy) that grows while the sequence runs."""
-        return self.output_ids
-
     def append_tokens(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
         self.output_ids.extend(token_ids)
@@ -89,7 +84,7 @@ class Sequence:
         self.num_emitted_tokens += len(delta_ids)
         delta_text, self.pending_text = self.pending_text, ""
         return CompletionOutput(
-            index=self.index, text=self.text, token_ids=self.output_token_ids, finish_reason=self.finish_reason,
+            index=self.index, text=self.text, token_ids=self.output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids,
         )
 
@@ -100,6 +95,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    max_tokens: int = 0  # the effective limit, set by the engine (params.max_tokens or what the context leaves)
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_finished: int = 0  # samples that have finished (the engine counts them as they end)
