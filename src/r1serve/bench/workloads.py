@@ -10,14 +10,13 @@ up to `--output-len` where given.
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from r1serve.bench.tokens import Tokenizer, approximate_text
+from r1serve.jsonl import iter_jsonl
 from r1serve.prompts import math_prompt
 
 WorkloadName = Literal["random", "gsm8k", "math500", "shared-prefix", "jsonl"]
@@ -163,7 +162,7 @@ def load_dataset_rows(name: str, path: Path) -> list[tuple[str, int | None]]:
     file = dataset_file(name, Path(path))
     field = DATASET_FIELDS[name]
     rows = []
-    for line_no, record in _read_jsonl(file):
+    for line_no, record in iter_jsonl(file):
         value = record.get(field)
         if not isinstance(value, str) or not value:
             raise ValueError(f"{file}:{line_no}: no non-empty string field {field!r}")
@@ -175,16 +174,3 @@ def load_dataset_rows(name: str, path: Path) -> list[tuple[str, int | None]]:
         raise ValueError(f"{file}: no records")
     return rows
 
-
-def _read_jsonl(file: Path) -> Iterator[tuple[int, dict]]:
-    with open(file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{line_no}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{file}:{line_no}: expected a JSON object per line")
-            yield line_no, record

@@ -10,13 +10,14 @@ data folder (`--data-dir`, `$R1SERVE_DATA_DIR`, or `../shared/data` beside a che
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from r1serve.jsonl import iter_jsonl as read_jsonl
 
 AnswerKind = Literal["numeric", "math"]
 
@@ -90,17 +91,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number from 1, record) for each non-blank line; a bad line raises a DatasetError naming it."""
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    yield from read_jsonl(path, DatasetError)
 
 
 def problem_from_record(spec: TaskSpec, record: Mapping[str, Any], where: str, index: int) -> Problem:
