@@ -213,3 +213,33 @@ def test_thinking_budget_applies_only_inside_reasoning(llm: LLM) -> None:
     plain = llm.generate([[100, 200, 300]], SamplingParams(max_tokens=8, max_thinking_tokens=2, ignore_eos=True,
                                                             temperature=0.0))[0].outputs[0]
     assert llm.tokenizer.think_end_id not in plain.token_ids  # no <think> in the prompt: nothing to close
+
+
+def test_pipelined_steps_give_the_outputs_of_steps_read_one_at_a_time(llm: LLM) -> None:
+    """The engine launches step N+1 before reading step N; forcing it to read first must change nothing, also for
+    the thinking budget (whose forced tokens void a sample in flight), seeds, n, stop strings and length limits."""
+    chat = llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    requests = [
+        (chat, SamplingParams(max_tokens=14, max_thinking_tokens=3, temperature=0.0, ignore_eos=True)),
+        (chat, SamplingParams(max_tokens=14, max_thinking_tokens=5, seed=3, temperature=1.0, top_p=0.9, n=2,
+                              ignore_eos=True)),
+        ([4242, 777, 31337], SamplingParams(max_tokens=1, temperature=0.0)),
+        ([11, 22, 33, 44], SamplingParams(max_tokens=20, seed=7, temperature=0.8, min_tokens=5)),
+        ([5, 6, 7], SamplingParams(max_tokens=9, temperature=0.0, stop=["a"], ignore_eos=True)),
+    ]
+
+    def run() -> list[list[tuple[list[int], str | None]]]:
+        outs = llm.generate([p for p, _ in requests], [sp for _, sp in requests])
+        return [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs]
+
+    pipelined = run()
+    llm.engine.num_sync_requests += 1  # as if a request with penalties were running: read each step first
+    try:
+        one_at_a_time = run()
+    finally:
+        llm.engine.num_sync_requests -= 1
+    assert pipelined == one_at_a_time
+    budget = pipelined[0][0][0]
+    assert budget.index(llm.tokenizer.think_end_id) == 4  # 3 reasoning tokens, "\n", </think>
+    assert len(pipelined[2][0][0]) == 1
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

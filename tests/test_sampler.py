@@ -20,8 +20,7 @@ def make_seqs(params: list[SamplingParams], prompt: list[int] | None = None,
         prompt_ids = prompt or [1, 2, 3]
         request = Request(f"r{i}", None, prompt_ids, p)
         seq = Sequence(request, 0, prompt_ids + (outputs or []), len(prompt_ids))
-        if p.seed is not None:
-            seq.generator = torch.Generator().manual_seed(p.seed)
+        seq.num_computed_tokens = seq.num_tokens
         request.seqs.append(seq)
         seqs.append(seq)
     return seqs

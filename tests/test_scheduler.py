@@ -16,12 +16,10 @@ def make_request(prompt_len: int, n: int = 1, first_token: int = 0) -> Request:
 
 
 def fake_step(bm: BlockManager, out: SchedulerOutput) -> None:
-    """Advances computed tokens as the engine would, appending token 7 where a sequence samples."""
+    """Reads the step as the engine would: every sample becomes token 7 (the scheduler advanced the rest)."""
     for item in out.scheduled:
-        samples = item.samples
-        item.seq.num_computed_tokens += item.num_new_tokens
-        bm.register_full_blocks(item.seq)
-        if samples:
+        if item.samples:
+            item.seq.num_pending -= 1
             item.seq.append_tokens([7])
 
 
@@ -80,17 +78,51 @@ def test_preemption_by_recompute_when_blocks_run_out() -> None:
 
 def test_samples_of_one_prompt_wait_for_the_first_then_share_its_blocks() -> None:
     bm = BlockManager(64, 4)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=12)
     request = make_request(10, n=3)
     for seq in request.seqs:
         sched.add(seq)
-    out = sched.schedule()
-    assert [s.seq.index for s in out.scheduled] == [0]
+    out = sched.schedule()  # the leader's whole prompt is scheduled: its full blocks are named at once
+    siblings = [s for s in out.scheduled if s.seq.index > 0]
+    assert [s.seq.index for s in out.scheduled] == [0, 1]  # the budget (12) leaves 2 tokens: one sibling fits
+    assert [s.num_new_tokens for s in siblings] == [2]  # 8 of 10 prompt tokens were cached
     fake_step(bm, out)
     out = sched.schedule()
-    siblings = [s for s in out.scheduled if s.seq.index > 0]
-    assert [s.num_new_tokens for s in siblings] == [2, 2]  # 8 of 10 prompt tokens were cached
-    assert all(s.seq.block_table[:2] == request.seqs[0].block_table[:2] for s in siblings)
+    assert [(s.seq.index, s.num_new_tokens) for s in out.scheduled] == [(0, 1), (1, 1), (2, 2)]
+    assert all(s.block_table[:2] == request.seqs[0].block_table[:2] for s in request.seqs[1:])
+
+
+def test_leader_chunked_prompt_holds_siblings_back() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=6)
+    request = make_request(10, n=2)
+    for seq in request.seqs:
+        sched.add(seq)
+    out = sched.schedule()
+    assert [(s.seq.index, s.num_new_tokens) for s in out.scheduled] == [(0, 6)]  # first chunk only
+
+
+def test_pending_sample_is_decoded_next_step_before_it_is_read() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    seq = make_request(5).seqs[0]
+    sched.add(seq)
+    first = sched.schedule()
+    assert first.scheduled[0].samples and seq.num_pending == 1 and seq.num_computed_tokens == 5
+    second = sched.schedule()  # the first step's token is not read yet: decode it from the device
+    item = second.scheduled[0]
+    assert (item.start, item.num_new_tokens, item.samples) == (5, 1, True)
+    assert seq.num_pending == 2 and seq.num_tokens == 5
+
+
+def test_no_step_past_max_tokens_while_the_last_sample_is_pending() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    request = make_request(5)
+    request.max_tokens = 1
+    sched.add(request.seqs[0])
+    sched.schedule()
+    assert sched.schedule().is_empty  # its one token is in flight: nothing more to run
 
 
 def test_finish_frees_blocks_and_dequeues() -> None:

@@ -35,7 +35,7 @@ class LLM:
         """Generates for every prompt (text or token ids) and returns the final outputs in prompt order."""
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompt_list, params, strict=True)]
+        ids = [self.engine.add_request(p, sp, stream=False) for p, sp in zip(prompt_list, params, strict=True)]
         final: dict[str, RequestOutput] = {}
         try:
             while self.engine.has_unfinished():

@@ -52,13 +52,14 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
         return self.blocks_needed(seq, num_new_tokens) + reserve <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Give `seq` the blocks its next `num_new_tokens` tokens need (call `can_allocate` first)."""
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give `seq` the blocks its next `num_new_tokens` tokens need; False (and no change) if too few are free."""
         needed = self.blocks_needed(seq, num_new_tokens)
-        if needed > self.num_free_blocks:
-            raise RuntimeError(f"out of KV blocks: need {needed}, have {self.num_free_blocks}")
+        if needed > len(self.free_queue):
+            return False
         for _ in range(needed):
             seq.block_table.append(self._take_free_block())
+        return True
 
     def match_prefix(self, seq: Sequence) -> int:
         """Share the cached blocks of `seq`'s leading full blocks; returns the number of tokens matched.
@@ -87,10 +88,13 @@ class BlockManager:
         return matched
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Name the blocks that the last step filled, so that later sequences can share them."""
+        """Name the full blocks of known, scheduled tokens, so that later sequences can share them (their KV is
+        written by a step launched before any step that reads it)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        if num_full <= len(seq.block_hashes):
+            return
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             parent = seq.block_hashes[-1] if seq.block_hashes else None

@@ -17,7 +17,7 @@ from pathlib import Path
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.block_manager import BlockManager
 from r1serve.engine.detokenizer import IncrementalDetokenizer
-from r1serve.engine.model_runner import ModelRunner
+from r1serve.engine.model_runner import ModelRunner, SampledTokens
 from r1serve.engine.scheduler import Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
@@ -43,6 +43,14 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up, cumulative
     prefix_cache_hits: int  # prompt tokens found cached, cumulative
     num_preemptions: int
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A step launched on the device: what was scheduled, and its sampled tokens once they are there."""
+
+    sched: SchedulerOutput
+    sampled: SampledTokens
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.think_close_ids = self.tokenizer.encode(THINK_CLOSE)
         self.requests: dict[str, Request] = {}
+        self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
+        self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -88,17 +98,21 @@ class LLMEngine:
         return check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Queues a request. `stream=False`: `step()` reports it only once finished, and (without stop strings) its
+        text is decoded once at the end rather than token by token, which saves host time per step."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_ids = self.encode_prompt(prompt)
         max_tokens = self.check_request(prompt_ids, params)
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, max_tokens)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, max_tokens,
+                          stream=stream)
         for index in range(params.n):
             request.seqs.append(self._new_sequence(request, index))
         self.requests[request_id] = request
+        self.num_sync_requests += params.needs_penalties
         for seq in request.seqs:
             forced: list[int] = []
             self._apply_thinking_budget(seq, forced)  # a budget of 0 closes the reasoning at once
@@ -111,17 +125,16 @@ class LLMEngine:
         seq = Sequence(request, index, list(request.prompt_token_ids), len(request.prompt_token_ids))
         # reasoning is open when the prompt ends in "<think>" or "<think>\n" (forced thinking)
         seq.reasoning_open = self.tokenizer.think_start_id in request.prompt_token_ids[-2:]
+        seq.defer_text = not request.stream and not params.stop
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
         )
-        if params.seed is not None:
-            seq.generator = self.runner.make_generator(params.seed + index)
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Ends every unfinished sample of the request with finish_reason "abort"; frees its blocks."""
-        request = self.requests.pop(request_id, None)
+        request = self._forget(request_id)
         if request is None:
             return None
         live = [s for s in request.seqs if not s.is_finished]
@@ -135,29 +148,50 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches a step, then reads the step launched before it, so that the host's work for one
+        step (scheduling, packing, detokenizing) overlaps the device's work for the other. Returns the outputs of
+        the step read. While a request that needs its output tokens on the host to sample (penalties) runs, the
+        step before is read first instead."""
+        outputs: list[RequestOutput] = []
+        if self.num_sync_requests and self.in_flight is not None:
+            done, self.in_flight = self.in_flight, None
+            outputs += self._read(done)
+        previous, self.in_flight = self.in_flight, None
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
+        if not sched.is_empty:
+            try:
+                self.in_flight = InFlight(sched, self.runner.execute(sched))
+            except Exception:
+                outputs += self._fail(sched)
+        if previous is not None:
+            outputs += self._read(previous)
+        return outputs
+
+    def _read(self, done: InFlight) -> list[RequestOutput]:
         try:
-            sampled = self.runner.execute(sched)
+            tokens = done.sampled.tolist()  # waits for the device
         except Exception:
-            logger.exception("model step failed; aborting the %d requests it carried", len(sched.scheduled))
-            return self._abort_scheduled(sched)
-        return self._process(sched, sampled)
+            return self._fail(done.sched)
+        return self._process(done.sched, tokens)
+
+    def _fail(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """A step failed: abort the requests it carried; drop the prefix cache (blocks it was to fill are named)."""
+        logger.exception("model step failed; aborting the %d requests it carried", len(sched.scheduled))
+        self.block_manager.reset_prefix_cache()
+        return self._abort_scheduled(sched)
 
     def _process(self, sched: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
         progressed: dict[str, list[Sequence]] = {}
         tokens = iter(sampled)
         for item in sched.scheduled:
-            seq, samples = item.seq, item.samples
-            self._count_prompt_tokens(seq, item.num_new_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.register_full_blocks(seq)
-            if not samples:
+            seq = item.seq
+            self._count_prompt_tokens(seq, item.start, item.num_new_tokens)
+            if not item.samples:
                 continue
             token = next(tokens)
-            if seq.is_finished:  # aborted while the step ran
+            if seq.is_finished or item.epoch != seq.epoch:  # aborted, or its tokens changed while it ran
                 continue
+            seq.num_pending -= 1
             try:
                 self._append_token(seq, token)
             except Exception:
@@ -170,14 +204,22 @@ class LLMEngine:
         outputs = []
         for request_id, seqs in progressed.items():
             request = seqs[0].request
-            outputs.append(request.to_output(seqs))
+            if request.stream:
+                outputs.append(request.to_output(seqs))
+            elif request.finished:
+                outputs.append(request.to_output(request.seqs))
             if request.finished:
-                self.requests.pop(request_id, None)
+                self._forget(request_id)
         return outputs
 
-    def _count_prompt_tokens(self, seq: Sequence, num_new: int) -> None:
-        in_prompt = min(seq.num_computed_tokens + num_new, seq.num_prompt_tokens) - seq.num_computed_tokens
-        self.num_prompt_tokens += max(0, in_prompt)
+    def _forget(self, request_id: str) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.num_sync_requests -= request.params.needs_penalties
+        return request
+
+    def _count_prompt_tokens(self, seq: Sequence, start: int, num_new: int) -> None:
+        self.num_prompt_tokens += max(0, min(start + num_new, seq.num_prompt_tokens) - start)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.append_tokens([token])
@@ -207,11 +249,12 @@ class LLMEngine:
         room = seq.request.max_tokens - seq.num_output_tokens
         forced = self.think_close_ids[: max(0, min(room, self.max_model_len - seq.num_tokens))]
         seq.append_tokens(forced)
+        seq.void_pending()  # a sample in flight was drawn for the position the forced tokens now hold
         new_ids.extend(forced)
         seq.reasoning_open = False
 
     def _emit_text(self, seq: Sequence, new_ids: list[int]) -> None:
-        if seq.detokenizer is None or not new_ids:
+        if seq.detokenizer is None or not new_ids or seq.defer_text:
             return
         delta = seq.detokenizer.add_tokens(new_ids)
         seq.text += delta
@@ -220,6 +263,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         if seq.is_finished:
             return
+        if seq.defer_text:  # decode the whole output at once
+            seq.defer_text = False
+            self._emit_text(seq, seq.output_ids)
         if seq.detokenizer is not None and seq.detokenizer.stop_reason is None:
             tail = seq.detokenizer.finish()
             seq.text += tail

@@ -2,8 +2,10 @@
 
 The runner turns a `SchedulerOutput` into flat model inputs (the new tokens of every scheduled sequence, their
 positions, and the paged-attention metadata), runs the model, computes logits only for the sequences that
-sample this step, and samples. It sizes the KV cache itself: from `--kv-cache-space` GiB on CPU, and on CUDA
-from the memory left after the weights and a profiling forward pass, times `gpu_memory_utilization`.
+sample this step, and samples, all without waiting for the device: the sampled ids come back as `SampledTokens`,
+read once the engine has launched the next step. It sizes the KV cache itself: from `--kv-cache-space` GiB on
+CPU, and on CUDA from the memory left after the weights and a profiling forward pass, times
+`gpu_memory_utilization`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import torch
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.cuda_graphs import DecodeGraphs
-from r1serve.engine.input_batch import InputPacker
-from r1serve.engine.sampler import Sampler, SamplingBatch
+from r1serve.engine.input_batch import InputPacker, StepInputs
+from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import AttentionBackend, TorchAttention, build_metadata
 from r1serve.model.layers import REFERENCE_OPS, KernelOps
@@ -70,6 +72,9 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_id, seed=config.seed)
         self.packer = InputPacker(config.block_size, self.device)
         self.graphs = self._capture_graphs()
+        self.last_sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
+        self._host_ids = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self._turn = 0
         logger.info("model on %s (%s, attention: %s); KV cache: %d blocks of %d tokens (%.2f GiB)",
                     self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.num_blocks,
                     config.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
@@ -128,22 +133,55 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
-    def make_generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[int]:
-        """Runs one step; returns the sampled token of each scheduled sequence that samples, in order."""
+    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+        """Launches one step; returns its sampled tokens (one per scheduled sequence that samples, in order),
+        which reach the host when the device is done: the caller reads them after launching the next step."""
         inputs = self.packer.pack(sched)
-        meta = inputs.meta
-        if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping, meta.seq_lens,
-                                     meta.block_tables)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)  # [num_tokens, hidden]
+        if len(inputs.pending_dst):  # decodes of tokens the previous step sampled: fill them in on the device
+            inputs.input_ids.index_copy_(0, inputs.pending_dst, self.last_sampled.index_select(0, inputs.pending_src))
+        hidden = self._forward(inputs)
         sampling = [s.seq for s in sched.scheduled if s.samples]
         if not sampling:
-            return []
+            return SampledTokens(None, None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab] float32
-        batch = SamplingBatch.build(sampling, logits.shape[-1], self.device)
-        return self.sampler(logits, batch).tolist()
+        batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
+        self.last_sampled = self.sampler(logits, batch)
+        return self._to_host(self.last_sampled)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        meta = inputs.meta
+        if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping, meta.seq_lens,
+                                   meta.block_tables)
+        return self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)  # [num_tokens, hidden]
+
+    def _to_host(self, sampled: torch.Tensor) -> SampledTokens:
+        """Starts the copy of the sampled ids to the host (pinned, non-blocking on CUDA; two buffers in turn, since
+        a step's tokens are read only after the next step has launched)."""
+        if self.device.type != "cuda":
+            return SampledTokens(sampled, None)
+        self._turn ^= 1
+        if self._host_ids[self._turn].numel() < sampled.numel():
+            self._host_ids[self._turn] = torch.empty(max(sampled.numel(), self.config.max_num_seqs),
+                                                     dtype=torch.int64, pin_memory=True)
+        host = self._host_ids[self._turn][: sampled.numel()]
+        host.copy_(sampled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return SampledTokens(host, done)
+
+
+class SampledTokens:
+    """One step's sampled token ids, on their way to the host; `tolist()` waits for them."""
+
+    def __init__(self, ids: torch.Tensor | None, ready: torch.cuda.Event | None) -> None:
+        self._ids = ids
+        self._ready = ready
+
+    def tolist(self) -> list[int]:
+        if self._ids is None:
+            return []
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._ids.tolist()

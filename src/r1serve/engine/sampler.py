@@ -2,13 +2,16 @@
 
 Order: penalties (repetition on prompt and output, presence and frequency on output), `min_tokens` (end
 tokens masked), then greedy rows take the argmax and the others are scaled by temperature, cut by top-k,
-top-p and min-p, and drawn with the exponential-race trick (argmax of p / q, q ~ Exp(1)). A row with a seed
-draws q from its own generator, so the same seed gives the same output whatever else is in the batch. Work
-that no row needs (sorting for top-p, the penalty scatter) is skipped.
+top-p and min-p, and drawn with the exponential-race trick (argmax of p / q, q ~ Exp(1)). Every row draws its
+randomness from its own 63-bit seed: for a request with a seed, a hash of (seed, sample index, token position),
+so the same seed gives the same output whatever else is in the batch and however the steps were pipelined; for
+the others, a fresh number from the sampler's own random stream. Work that no row needs (sorting for top-p, the
+penalty scatter) is skipped.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +30,19 @@ class SamplingBatch:
     any_min_p: bool
     any_penalty: bool
     any_min_tokens: bool
+    seeds: list[int]  # one 63-bit seed per row
+    seeded: list[bool]  # rows whose request has a seed
     temperature: torch.Tensor | None = None  # [B] float32 (0 for greedy rows)
     top_p: torch.Tensor | None = None  # [B] float32
     top_k: torch.Tensor | None = None  # [B] int64 (vocab size when off)
     min_p: torch.Tensor | None = None  # [B] float32
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
+              rng: random.Random | None = None) -> SamplingBatch:
         params = [s.params for s in seqs]
+        rng = rng or random.Random(0)
+        seeded = [p.seed is not None for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         batch = cls(
             seqs=seqs,
@@ -43,7 +51,9 @@ class SamplingBatch:
             any_top_k=any(k < vocab_size for k in top_k),
             any_min_p=any(p.min_p > 0.0 for p in params),
             any_penalty=any(p.needs_penalties for p in params),
-            any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs),
+            any_min_tokens=any(_outputs_before(s) < s.params.min_tokens for s in seqs),
+            seeds=[row_seed(s) if has_seed else rng.getrandbits(63) for s, has_seed in zip(seqs, seeded, strict=True)],
+            seeded=seeded,
         )
         if not batch.all_greedy:  # one host-to-device copy for all four rows of parameters
             rows = [[p.temperature for p in params], [p.top_p for p in params], top_k, [p.min_p for p in params]]
@@ -53,11 +63,23 @@ class SamplingBatch:
         return batch
 
 
+def row_seed(seq: Sequence) -> int:
+    """The seed of a seeded request's draw at the position being sampled (its computed tokens' end)."""
+    return hash((seq.params.seed, seq.index, seq.num_computed_tokens)) & SEED_MASK
+
+
+SEED_MASK = (1 << 63) - 1
+
+
 class Sampler:
     def __init__(self, eos_token_id: int | None, seed: int = 0) -> None:
         self.eos_token_id = eos_token_id
         self.seed = seed
+        self.rng = random.Random(seed)  # the seeds of rows whose request has none
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def batch(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
+        return SamplingBatch.build(seqs, vocab_size, device, self.rng)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [B, V] float32 → next token ids [B] int64."""
@@ -69,7 +91,7 @@ class Sampler:
         if batch.all_greedy:
             return greedy_ids
         probs = self._probabilities(logits, batch)
-        sampled = probs.div_(self._exponentials(probs, batch.seqs)).argmax(dim=-1)
+        sampled = probs.div_(self._exponentials(probs, batch)).argmax(dim=-1)
         return torch.where(batch.temperature == 0.0, greedy_ids, sampled)
 
     def _probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -84,11 +106,12 @@ class Sampler:
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
 
-    def _exponentials(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _exponentials(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """q ~ Exp(1) per element: seeded rows from a generator seeded by their row seed, the rest in one draw."""
         q = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                q[i].exponential_(generator=seq.generator)
+        for i, (seed, seeded) in enumerate(zip(batch.seeds, batch.seeded, strict=True)):
+            if seeded:
+                q[i].exponential_(generator=torch.Generator(device=probs.device).manual_seed(seed))
         return q
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -99,13 +122,18 @@ class Sampler:
     def _mask_end_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         logits = logits.clone()
         for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
+            if _outputs_before(seq) < seq.params.min_tokens:
                 ends = list(seq.params.stop_token_ids)
                 if self.eos_token_id is not None and not seq.params.ignore_eos:
                     ends.append(self.eos_token_id)
                 if ends:
                     logits[i, ends] = -float("inf")
         return logits
+
+
+def _outputs_before(seq: Sequence) -> int:
+    """Output tokens before the one being sampled (pending samples, this one included, are not appended yet)."""
+    return seq.num_output_tokens + max(seq.num_pending - 1, 0)
 
 
 TOP_P_CANDIDATES = 256  # top-p first looks among this many tokens; a whole-row sort only if they fall short

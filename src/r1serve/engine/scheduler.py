@@ -6,6 +6,10 @@ sequence takes one token, a sequence still prefilling takes the rest of its prom
 preempted by recompute: its blocks are freed and it goes back to the front of the queue. Waiting sequences are
 admitted while budget, `max_num_seqs` and blocks allow, after a prefix-cache lookup. `SchedulerOutput` is the
 only thing the model runner sees.
+
+Scheduling advances `num_computed_tokens` at once and counts a sample as pending, so the next step can be scheduled
+while this one still runs on the device (the engine reads the tokens afterwards). A sequence whose pending sample
+will reach its `max_tokens` is left out: it ends when that sample is read.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from r1serve.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step
+    num_new_tokens: int  # tokens [start, start + num_new_tokens) run this step
+    start: int  # num_computed_tokens before this step
+    samples: bool  # the chunk reaches the end of the sequence, so the step samples its next token
+    epoch: int  # the sequence's epoch when scheduled: a sample of an older epoch is dropped
 
     @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence, so the step samples its next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
 
 
 @dataclass
@@ -81,8 +87,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, num_new):
+            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
+            if num_new <= 0 or (seq.num_pending and _ends_by_length(seq)):
+                i += 1  # nothing to run before its pending token is read
+                continue
+            while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -90,8 +99,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            self.block_manager.allocate(seq, num_new)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            self._advance(out, seq, num_new)
             budget -= num_new
             i += 1
         return budget
@@ -99,7 +107,7 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_leader(seq):
+            if seq.num_pending or self._waits_for_leader(seq):
                 break
             num_new = self._admit(seq, budget)
             if num_new is None:
@@ -107,8 +115,18 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            self._advance(out, seq, num_new)
             budget -= num_new
+
+    def _advance(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        """Schedule `num_new` tokens of `seq`: they count as computed, and a sample at the end as pending."""
+        start = seq.num_computed_tokens
+        samples = start + num_new == seq.num_tokens_with_pending
+        out.scheduled.append(ScheduledSeq(seq, num_new, start, samples, seq.epoch))
+        seq.num_computed_tokens = start + num_new
+        if samples:
+            seq.num_pending += 1
+        self.block_manager.register_full_blocks(seq)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Look the prefix up and allocate the first chunk; None (and no change) if the blocks are not there."""
@@ -132,9 +150,14 @@ class Scheduler:
             and leader.num_computed_tokens < leader.num_prompt_tokens
         )
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> None:  # a pending sample stays valid: it is appended when read
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _ends_by_length(seq: Sequence) -> bool:
+    """Whether the pending samples bring `seq` to its `max_tokens` (so scheduling more would be wasted)."""
+    return seq.num_output_tokens + seq.num_pending >= seq.request.max_tokens > 0

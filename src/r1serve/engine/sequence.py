@@ -1,9 +1,14 @@
 """The state of one sample being generated (`Sequence`) and of the request that owns its n samples (`Request`).
 
 There are no separate prefill and decode phases: a sequence has `token_ids` (prompt, then output) and
-`num_computed_tokens` whose KV is in the cache; every step the scheduler lets the computed tokens catch up by
-a chunk, and once they reach the end the sequence samples a new token. Preemption by recompute simply sets
-`num_computed_tokens` back to zero.
+`num_computed_tokens` whose KV is in the cache (or will be, once the steps already launched have run); every step
+the scheduler lets the computed tokens catch up by a chunk, and once they reach the end the sequence samples a new
+token. Preemption by recompute simply sets `num_computed_tokens` back to zero.
+
+Steps are pipelined (the engine schedules step N+1 before it has read step N's tokens), so a sequence can have a
+sampled token that is not yet known on the host: `num_pending` counts those, and the next step reads it on the
+device. When the engine changes a sequence's tokens itself (the thinking budget's forced tokens), the samples in
+flight were drawn for the wrong position: it bumps `epoch`, and samples of an older epoch are dropped.
 """
 
 from __future__ import annotations
@@ -13,8 +18,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import torch
 
 from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput
 from r1serve.sampling_params import SamplingParams
@@ -39,7 +42,10 @@ class Sequence:
     num_prompt_tokens: int
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # advanced when a step is scheduled
+    num_pending: int = 0  # tokens sampled by launched steps, not yet appended
+    epoch: int = 0  # bumped when the engine appends tokens itself: in-flight samples of older epochs are void
+    sample_row: int = -1  # this sequence's row in the sampled tokens of the last launched step
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks, for the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
@@ -47,10 +53,10 @@ class Sequence:
     stop_reason: str | int | None = None
     reasoning_open: bool = False  # inside <think> … </think> (for the thinking budget)
     num_reasoning_tokens: int = 0
-    generator: torch.Generator | None = None  # per-request seed: same seed, same output
     output_ids: list[int] = field(default_factory=list)  # token_ids' output part, a live list grown with it
     num_emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
     detokenizer: IncrementalDetokenizer | None = None
+    defer_text: bool = False  # decode the text once at the end (nobody reads it before, and no stop strings)
     text: str = ""
     pending_text: str = ""  # text produced since the last RequestOutput
 
@@ -69,6 +75,16 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Tokens known plus tokens sampled on the device and not yet read back."""
+        return len(self.token_ids) + self.num_pending
+
+    def void_pending(self) -> None:
+        """The in-flight samples no longer follow the tokens (the engine appended some itself): drop them."""
+        self.epoch += 1
+        self.num_pending = 0
 
     def append_tokens(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
@@ -99,6 +115,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_finished: int = 0  # samples that have finished (the engine counts them as they end)
+    stream: bool = True  # report every step's progress; False: only the final output
 
     @property
     def finished(self) -> bool:
