@@ -1,0 +1,93 @@
+"""Host time per engine step with the model stubbed out: what the Python around the GPU costs per step.
+
+    python benchmarks/host_overhead.py --batch 256 --steps 200 [--profile]
+
+Runs the real scheduler, input packing, sampling-parameter batching, token bookkeeping, detokenizer and outputs
+on CPU; the forward pass and the sampler are replaced by stubs that return random tokens at once. On a GPU the
+step's host time overlaps the device's (the engine pipelines steps), so a step costs the larger of the two: this
+script measures the host side alone, on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from r1serve import SamplingParams
+from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig
+from r1serve.engine.llm_engine import LLMEngine
+
+TINY = {**R1_DISTILL_QWEN_1_5B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def stub_model(engine: LLMEngine) -> None:
+    """Forward, logits and sampling become near-free stubs with the real shapes of their outputs."""
+    runner = engine.runner
+    hidden = runner.model_config.hidden_size
+    vocab = runner.model_config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    runner._forward = lambda inputs: torch.zeros(inputs.input_ids.shape[0], hidden)  # type: ignore[method-assign]
+    runner.model.compute_logits = lambda h: h  # type: ignore[method-assign]
+    runner.sampler.__call__ = None  # type: ignore[assignment]
+
+    class StubSampler:
+        def __init__(self, real) -> None:  # noqa: ANN001
+            self.real = real
+
+        def batch(self, seqs, vocab_size, device):  # noqa: ANN001, ANN201
+            return self.real.batch(seqs, vocab_size, device)
+
+        def __call__(self, logits, batch):  # noqa: ANN001, ANN204
+            return torch.randint(1000, vocab - 1000, (logits.shape[0],), generator=generator)
+
+    runner.sampler = StubSampler(runner.sampler)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prompt-len", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--stream", action="store_true", help="report every step (as the server does), not only "
+                        "the final outputs (as LLM.generate does)")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(TINY))
+    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device="cpu", dtype="float32",
+                                    max_num_seqs=args.batch, kv_cache_space=1.0, max_model_len=4096))
+    stub_model(engine)
+    params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.steps + 50, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request([1000 + (i * 31 + j) % 90000 for j in range(args.prompt_len)], params, stream=args.stream)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    profiler = cProfile.Profile() if args.profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for _ in range(args.steps):
+        engine.step()
+    if profiler:
+        profiler.disable()
+    per_step = (time.perf_counter() - start) / args.steps
+    print(f"host time per decode step at batch {args.batch}{' (streamed)' if args.stream else ''}: "
+          f"{per_step * 1e3:.2f} ms "
+          f"({per_step / args.batch * 1e6:.1f} us per sequence)")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()

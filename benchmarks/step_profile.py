@@ -1,0 +1,237 @@
+"""Where a decode step's time goes on CUDA: the kernels of one step, each projection's achieved bandwidth, and the
+sampler, for the 1.5B model with dummy weights.
+
+    python benchmarks/step_profile.py --batches 1,256 --out profile.json
+
+Prints, per batch size: wall and GPU-busy time per engine step and the top kernels by GPU time per step; then every
+linear layer of the model timed alone at batch 1 (28 weight copies in a CUDA graph, so each read comes from HBM, as in
+the model) as a share of the copy bandwidth; then the sampler on flat and on peaked logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from r1serve import LLM, SamplingParams
+from r1serve.engine.sampler import Sampler
+
+MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def step_profile(llm: LLM, batch: int, params: SamplingParams, steps: int = 32, top: int = 18) -> dict[str, Any]:
+    """Wall and GPU time per decode step at `batch` streams, and the kernels that take the GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    prompts = [[1000 + (7 * i + j) % 50000 for j in range(128)] for i in range(batch)]
+    ids = [engine.add_request(p, params) for p in prompts]
+    for _ in range(6):
+        engine.step()  # prefill, warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    for request_id in ids:
+        engine.abort_request(request_id)
+    kernels = [(e.key, e.self_device_time_total / steps, e.count / steps) for e in prof.key_averages()
+               if e.self_device_time_total > 0]
+    kernels.sort(key=lambda k: -k[1])
+    gpu_us = sum(k[1] for k in kernels)
+    print(f"--- batch {batch} (temperature {params.temperature}, top_p {params.top_p}): "
+          f"{wall_ms:.3f} ms/step wall, {gpu_us / 1e3:.3f} ms/step GPU busy")
+    for name, us, count in kernels[:top]:
+        print(f"  {us:8.1f} us  {count:5.1f}x  {name[:110]}")
+    return {"batch": batch, "wall_ms": wall_ms, "gpu_ms": gpu_us / 1e3,
+            "kernels": [{"name": n, "us": u, "calls": c} for n, u, c in kernels[:40]]}
+
+
+def prefill_profile(llm: LLM, num_prompts: int = 8, length: int = 1024, top: int = 14) -> dict[str, Any]:
+    """One full-budget prefill step (num_prompts x length new tokens, no cached prefix): wall time and kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=1, ignore_eos=True)
+
+    def run(seed: int) -> float:
+        engine.block_manager.reset_prefix_cache()
+        prompts = [[1000 + (seed * 7919 + 31 * i + j) % 100000 for j in range(length)] for i in range(num_prompts)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(0)
+    wall_ms = min(run(s) for s in (1, 2, 3)) * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(4)
+    kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                      if e.self_device_time_total > 0), key=lambda k: -k[1])
+    gpu_us = sum(k[1] for k in kernels)
+    print(f"--- prefill {num_prompts} x {length} tokens: {wall_ms:.1f} ms wall, {gpu_us / 1e3:.1f} ms GPU busy")
+    for name, us, count in kernels[:top]:
+        print(f"  {us:9.1f} us  {count:5d}x  {name[:110]}")
+    return {"prefill_wall_ms": wall_ms, "prefill_gpu_ms": gpu_us / 1e3,
+            "kernels": [{"name": n, "us": u, "calls": c} for n, u, c in kernels[:30]]}
+
+
+def graph_time_us(fn: Any, reps: int = 50) -> float:
+    """Median time of `fn` captured once into a CUDA graph and replayed."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=20, rep=reps, return_mode="median") * 1e3
+
+
+def linear_rates(llm: LLM, copy_gbps: float, batch: int = 1) -> list[dict[str, Any]]:
+    """Each projection at `batch` rows over 28 distinct weight copies (no L2 reuse): us per call and % of copy GB/s."""
+    cfg = llm.engine.model_config
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    shapes = {"qkv_proj (bias)": (q + 2 * kv, h, True), "o_proj": (h, q, False),
+              "gate_up_proj": (2 * inter, h, False), "down_proj": (h, inter, False)}
+    rows = []
+    for name, (n, k, bias) in shapes.items():
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(28)]
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+        x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+        us = graph_time_us(lambda ws=weights, x=x, b=b: [F.linear(x, w, b) for w in ws]) / 28
+        gbps = n * k * 2 / us / 1e3
+        rows.append({"layer": name, "shape": [n, k], "us": us, "GBps": gbps, "pct_copy": 100 * gbps / copy_gbps})
+        del weights
+    head = llm.engine.runner.model.lm_head.weight
+    x = torch.randn(batch, head.shape[1], device="cuda", dtype=head.dtype)
+    us = graph_time_us(lambda: F.linear(x, head).float())
+    gbps = head.numel() * 2 / us / 1e3
+    rows.append({"layer": "lm_head + float()", "shape": list(head.shape), "us": us, "GBps": gbps,
+                 "pct_copy": 100 * gbps / copy_gbps})
+    print(f"--- projections at batch {batch} (each over 28 weight copies, CUDA graph)")
+    for r in rows:
+        print(f"  {r['layer']:<20} {str(r['shape']):<16} {r['us']:8.1f} us  {r['GBps']:7.0f} GB/s  "
+              f"{r['pct_copy']:5.1f}% of copy")
+    return rows
+
+
+def sampler_times(llm: LLM, batches: list[int]) -> list[dict[str, Any]]:
+    """The sampler alone (temperature 0.6, top_p 0.95) on flat (random-weight-like) and peaked logits."""
+    import triton.testing
+
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    sampler = Sampler(engine.eos_token_id)
+    rows = []
+    for batch in batches:
+        params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=8)
+        request_ids = [engine.add_request([1000 + i, 2000], params) for i in range(batch)]
+        seqs = [engine.requests[r].seqs[0] for r in request_ids]
+        for kind, scale in (("flat", 1.0), ("peaked", 30.0)):
+            logits = torch.randn(batch, vocab, device="cuda") * scale
+            ms = triton.testing.do_bench(
+                lambda s=seqs, lg=logits: sampler(lg, sampler.batch(s, vocab, lg.device)).tolist(),
+                warmup=20, rep=100, return_mode="median")
+            rows.append({"batch": batch, "logits": kind, "us": ms * 1e3})
+            print(f"--- sampler, batch {batch}, {kind} logits: {ms * 1e3:.1f} us (incl. host and .tolist())")
+        for r in request_ids:
+            engine.abort_request(r)
+    return rows
+
+
+def nano_split(llm: LLM, seeded: bool) -> dict[str, Any]:
+    """The nano-vllm workload, with the time of engine steps that launch prefill apart from decode-only ones (a step
+    also reads the step launched before it, so its time is the pipeline's time per step)."""
+    import random
+
+    engine = llm.engine
+    timings: dict[str, list[float]] = {"prefill": [], "decode": []}
+    schedule, step = engine.scheduler.schedule, engine.step
+    kinds: list[str] = []
+
+    def schedule_and_note() -> Any:
+        out = schedule()
+        kinds.append("decode" if all(s.num_new_tokens == 1 for s in out.scheduled) else "prefill")
+        return out
+
+    def timed_step() -> Any:
+        start = time.perf_counter()
+        out = step()
+        timings[kinds[-1]].append(time.perf_counter() - start)
+        return out
+
+    rng = random.Random(0)
+    ins = [rng.randint(100, 1024) for _ in range(256)]
+    outs = [rng.randint(100, 1024) for _ in range(256)]
+    prompts = [[rng.randrange(1000, 150000) for _ in range(n)] for n in ins]
+    params = [SamplingParams(temperature=0.6, top_p=0.95, max_tokens=o, ignore_eos=True,
+                             seed=i if seeded else None) for i, o in enumerate(outs)]
+    engine.block_manager.reset_prefix_cache()  # every run prefills its prompts
+    engine.scheduler.schedule, engine.step = schedule_and_note, timed_step  # type: ignore[method-assign]
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        total = time.perf_counter() - start
+    finally:
+        engine.scheduler.schedule, engine.step = schedule, step  # type: ignore[method-assign]
+    row = {"seeded": seeded, "seconds": total, "tok_per_s": sum(outs) / total,
+           **{f"{k}_steps": len(v) for k, v in timings.items()}, **{f"{k}_s": sum(v) for k, v in timings.items()}}
+    print(f"--- nano workload{' (seed per request)' if seeded else ''}: {total:.2f} s, {row['tok_per_s']:.0f} tok/s; "
+          f"steps launching prefill: {row['prefill_steps']} / {row['prefill_s']:.2f} s, decode-only steps "
+          f"{row['decode_steps']} / {row['decode_s']:.2f} s")
+    return row
+
+
+def copy_bandwidth() -> float:
+    import triton.testing
+
+    src = torch.randn(256 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,256")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--nano", action="store_true", help="also time the nano-vllm workload, steps split by kind")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=args.max_model_len,
+              enforce_eager=args.enforce_eager)
+    result: dict[str, Any] = {"copy_GBps": copy_gbps, "steps": []}
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
+        for params in (SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
+                       SamplingParams(temperature=0.6, top_p=0.95, max_tokens=200, ignore_eos=True)):
+            result["steps"].append(step_profile(llm, batch, params))
+    result["prefill"] = prefill_profile(llm)
+    result["linear_b1"] = linear_rates(llm, copy_gbps, 1)
+    result["linear_b256"] = linear_rates(llm, copy_gbps, 256)
+    result["sampler"] = sampler_times(llm, batches)
+    if args.nano:
+        result["nano"] = [nano_split(llm, seeded=False), nano_split(llm, seeded=True)]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
