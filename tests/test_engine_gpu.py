@@ -87,3 +87,28 @@ def test_greedy_matches_transformers(model_dir: Path) -> None:
                           do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         assert got == ref
     assert transformers is not None
+
+
+def test_pipelined_steps_equal_steps_read_one_at_a_time(model_dir: Path) -> None:
+    """On CUDA the engine launches step N+1 (graphs, pending tokens filled in on the device) before reading step
+    N: forcing it to read each step first must give the same tokens, seeded sampling and n included."""
+    llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=11, n=2, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=1),
+              SamplingParams(temperature=0.6, top_p=0.95, seed=9, max_tokens=33, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)]
+
+    def run() -> list[list[list[int]]]:
+        return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts(), params)]
+
+    pipelined = run()
+    llm.engine.num_sync_requests += 1
+    try:
+        one_at_a_time = run()
+    finally:
+        llm.engine.num_sync_requests -= 1
+    assert pipelined == one_at_a_time
+    assert [len(o[0]) for o in pipelined] == [20, 20, 1, 33, 7, 40]
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
