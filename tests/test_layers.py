@@ -1,5 +1,5 @@
 """The plain-torch reference ops against straightforward formulas (and transformers' own rotary and RMSNorm),
-and the layers' swappable op table and rotary cache."""
+the fused references against their compositions, and the layers' swappable op table and rotary cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from r1serve.config import ModelConfig
 from r1serve.kernels import reference
-from r1serve.model.layers import REFERENCE_OPS, Qwen2MLP, RMSNorm, RotaryEmbedding
+from r1serve.model.layers import REFERENCE_OPS, KernelOps, Qwen2MLP, RMSNorm, RotaryEmbedding
 from r1serve.model.qwen2 import Qwen2ForCausalLM
 
 
@@ -122,26 +122,102 @@ def test_rotary_cache_stays_float32_and_valid_after_cast_and_meta():
     torch.testing.assert_close(meta_rotary.to_empty(device="cpu").cos_sin_cache, expected)
 
 
-def test_layers_call_ops_through_the_table():
-    calls: list[str] = []
+BASIC_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "apply_rotary", "linear")
+FUSED_OPS = {"fused_norm_linear": "rms_norm_linear", "fused_silu_mul_linear": "silu_mul_linear",
+             "fused_rotary_store_kv": "rotary_store_kv"}
 
-    def counting(name):
+
+def counting_ops(calls: list[str], fused: bool) -> KernelOps:
+    """REFERENCE_OPS with every op wrapped to log its name; with `fused`, the fused entries set too."""
+    def counting(name: str, target: str):
         def wrapped(*args):
             calls.append(name)
-            return getattr(reference, name)(*args)
+            return getattr(reference, target)(*args)
         return wrapped
 
-    ops = dataclasses.replace(REFERENCE_OPS, **{f.name: counting(f.name) for f in dataclasses.fields(REFERENCE_OPS)})
+    ops = {name: counting(name, name) for name in BASIC_OPS}
+    if fused:
+        ops |= {name: counting(name, target) for name, target in FUSED_OPS.items()}
+    return dataclasses.replace(REFERENCE_OPS, **ops)
+
+
+def tiny_model() -> Qwen2ForCausalLM:
+    config = ModelConfig.from_hf_dict({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+                                       "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                       "num_key_value_heads": 1, "max_position_embeddings": 64})
+    return Qwen2ForCausalLM(config)
+
+
+def test_layers_call_ops_through_the_table():
+    calls: list[str] = []
+    ops = counting_ops(calls, fused=False)
     norm = RMSNorm(8, 1e-6, ops)
     norm(torch.randn(2, 8))
     norm(torch.randn(2, 8), torch.randn(2, 8))
     Qwen2MLP(8, 12, ops)(torch.randn(2, 8))
-    assert calls == ["rms_norm", "fused_add_rms_norm", "silu_and_mul"]
-    config = ModelConfig.from_hf_dict({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
-                                       "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                       "num_key_value_heads": 1, "max_position_embeddings": 64})
-    model = Qwen2ForCausalLM(config)
+    assert calls == ["rms_norm", "fused_add_rms_norm", "linear", "silu_and_mul", "linear"]
+    model = tiny_model()
     model.set_ops(ops)
     swapped = [m for m in model.modules() if hasattr(m, "ops")]
-    assert len(swapped) == 2 * 2 + 1 + 2 + 1  # 2 norms per layer, final norm, 2 MLPs, rotary
+    assert len(swapped) == 2 * 4 + 1 + 1  # per layer: 2 norms, attention, MLP; the final norm; rotary
     assert all(m.ops is ops for m in swapped)
+
+
+def run_decode_step(model: Qwen2ForCausalLM) -> torch.Tensor:
+    """Two sequences, a prefill of 5 and 3 tokens then one decode step each; returns the decode's hidden rows."""
+    from r1serve.kernels.attention import build_metadata
+
+    cfg = model.config
+    shape = (8, 4, cfg.num_key_value_heads, cfg.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+    tables = [[3, 5], [1]]
+    with torch.no_grad():
+        model(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8]), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]),
+              build_metadata([5, 3], [5, 3], tables, 4), caches)
+        return model(torch.tensor([9, 10]), torch.tensor([5, 3]), build_metadata([1, 1], [6, 4], tables, 4), caches)
+
+
+def test_decoder_layer_runs_the_fused_entries_and_they_equal_the_composition():
+    """A table with the fused entries set calls them (and nothing they replace); the model's output is the
+    same as with the entries left empty, which composes the element-wise ops."""
+    model = tiny_model()
+    unfused_calls: list[str] = []
+    model.set_ops(counting_ops(unfused_calls, fused=False))
+    unfused = run_decode_step(model)
+    fused_calls: list[str] = []
+    model.set_ops(counting_ops(fused_calls, fused=True))
+    fused = run_decode_step(model)
+    torch.testing.assert_close(fused, unfused, atol=0, rtol=0)
+    assert set(unfused_calls) == set(BASIC_OPS)
+    per_layer = ["fused_norm_linear", "fused_rotary_store_kv", "linear", "fused_norm_linear",
+                 "fused_silu_mul_linear"]
+    assert fused_calls == 2 * (per_layer * 2 + ["fused_add_rms_norm"])  # 2 steps of 2 layers and the final norm
+
+
+def test_fused_references_equal_their_compositions():
+    g = gen(12)
+    x, residual = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    norm_w, weight, bias = torch.rand(16, generator=g) + 0.5, torch.randn(10, 16, generator=g), torch.randn(10)
+    out, new_residual = reference.rms_norm_linear(x, residual, norm_w, 1e-6, weight, bias)
+    torch.testing.assert_close(new_residual, x + residual)
+    torch.testing.assert_close(out, reference.rms_norm(x + residual, norm_w, 1e-6) @ weight.T + bias)
+    out, same = reference.rms_norm_linear(x, None, norm_w, 1e-6, weight, None)
+    assert same is x
+    torch.testing.assert_close(out, reference.rms_norm(x, norm_w, 1e-6) @ weight.T)
+    gate_up, down = torch.randn(3, 20, generator=g), torch.randn(16, 10, generator=g)
+    torch.testing.assert_close(reference.silu_mul_linear(gate_up, down), reference.silu_and_mul(gate_up) @ down.T)
+
+
+def test_rotary_store_reference_rotates_stores_and_skips_padding():
+    g = gen(13)
+    q, k, v = (torch.randn(3, h, 8, generator=g) for h in (4, 2, 2))
+    positions, slots = torch.tensor([4, 0, 9]), torch.tensor([5, -1, 12])
+    cache = reference.rotary_cos_sin_cache(8, 16, 10000.0)
+    k_cache, v_cache = torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)
+    q_rot = reference.rotary_store_kv(q, k, v, positions, cache, k_cache, v_cache, slots)
+    ref_q, ref_k = reference.apply_rotary(q, k, positions, cache)
+    torch.testing.assert_close(q_rot, ref_q)
+    flat_k, flat_v = k_cache.view(16, 2, 8), v_cache.view(16, 2, 8)
+    torch.testing.assert_close(flat_k[[5, 12]], ref_k[[0, 2]])
+    torch.testing.assert_close(flat_v[[5, 12]], v[[0, 2]])
+    assert flat_k.count_nonzero() == ref_k[[0, 2]].count_nonzero()  # the padding row wrote nothing

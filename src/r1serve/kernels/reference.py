@@ -1,9 +1,11 @@
 """Plain-PyTorch reference of the model's element-wise kernels: RMSNorm, fused residual add + RMSNorm,
-SiLU-and-mul and rotary embedding.
+SiLU-and-mul and rotary embedding; and of the fused ops built from them (norm then projection, SiLU-and-mul
+then projection, rotary then KV-cache store), written as the composition they fuse.
 
 These are what the CPU runs and what the Triton kernels of `kernels/` are tested against, so their signatures
-are a contract: each is a pure function, returns the dtype it was given, and computes in float32 inside where
-Hugging Face's Qwen2 does (norms and rotary), so that fp32 results match transformers to rounding.
+are a contract: each is a pure function (the store writes only the cache slots it is given), returns the dtype
+it was given, and computes in float32 inside where Hugging Face's Qwen2 does (norms and rotary), so that fp32
+results match transformers to rounding. A fused kernel rounds where its composition rounds.
 """
 
 from __future__ import annotations
@@ -62,3 +64,36 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # [T, heads, head_dim/2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in], weight [out, in], bias [out] or None → x @ weight.T + bias [T, out] (`nn.Linear`'s product)."""
+    return F.linear(x, weight, bias)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm projection of a decoder layer: with a residual, residual = x + residual first; then
+    linear(rms_norm(residual or x)). Returns (projection [T, out], the residual stream [T, hidden])."""
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), residual
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The MLP's down projection of the fused gate/up output: x [T, 2*I] → linear(silu_and_mul(x)) [T, out]."""
+    return linear(silu_and_mul(x), weight)
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotates q [T, heads, D] and k [T, kv_heads, D], writes the rotated k and v [T, kv_heads, D] into their
+    cache slots ([num_blocks, block_size, kv_heads, D] caches; slot -1 is skipped) and returns the rotated q."""
+    q, k = apply_rotary(q, k, positions, cos_sin_cache)
+    valid = slot_mapping >= 0  # a host sync: fine for the reference, never used under a CUDA graph
+    slots = slot_mapping[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[valid].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[valid].to(v_cache.dtype))
+    return q

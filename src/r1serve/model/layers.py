@@ -1,16 +1,20 @@
 """The building blocks of a Qwen2 decoder layer: RMSNorm, rotary embedding, paged grouped-query attention
-and the SwiGLU MLP, as small `nn.Module`s over the element-wise ops of `kernels.reference`.
+and the SwiGLU MLP, as small `nn.Module`s over the ops of `kernels.reference`.
 
 Every layer calls its ops through a `KernelOps` table held in `self.ops`, not through direct imports, so
 the model runner can point a whole model at Triton kernels on CUDA (`set_ops`) without touching any
-layer. Attention goes through an `AttentionBackend` (`kernels.attention`) that owns the paged KV cache layout.
-Parameter names (`qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`) are vLLM's fused forms of Hugging Face's.
+layer. The table also names the fused ops a decoder layer is built from (norm then projection, SiLU-and-mul
+then projection, rotary then KV store); an entry left empty runs as the composition of the table's own
+element-wise ops, so a table of element-wise kernels alone still runs the whole model. Attention goes through
+an `AttentionBackend` (`kernels.attention`) that owns the paged KV cache layout. Parameter names (`qkv_proj`,
+`o_proj`, `gate_up_proj`, `down_proj`) are vLLM's fused forms of Hugging Face's; the `nn.Linear` modules hold
+the weights, and the ops table computes their products.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -19,10 +23,21 @@ from r1serve.config import ModelConfig
 from r1serve.kernels import reference
 from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
 
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+NormLinear = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor, torch.Tensor | None],
+                      tuple[torch.Tensor, torch.Tensor]]
+SiluMulLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RotaryStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        torch.Tensor, torch.Tensor], torch.Tensor]
+StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The element-wise ops a model runs, with `kernels.reference`'s signatures (Triton twins may replace)."""
+    """The ops a model runs, with `kernels.reference`'s signatures (Triton twins may replace them).
+
+    The four element-wise ops and `linear` are always set. The fused entries may be None: then the methods
+    `norm_linear`, `silu_mul_linear` and `rotary_store_kv` run the composition of this table's own ops."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float],
@@ -30,6 +45,37 @@ class KernelOps:
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                            tuple[torch.Tensor, torch.Tensor]]
+    linear: Linear = reference.linear
+    fused_norm_linear: NormLinear | None = None
+    fused_silu_mul_linear: SiluMulLinear | None = None
+    fused_rotary_store_kv: RotaryStore | None = None
+
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reference.rms_norm_linear`: (linear(norm(x [+ residual])), the residual stream)."""
+        if self.fused_norm_linear is not None:
+            return self.fused_norm_linear(x, residual, norm_weight, eps, weight, bias)
+        if residual is None:
+            return self.linear(self.rms_norm(x, norm_weight, eps), weight, bias), x
+        normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)
+        return self.linear(normed, weight, bias), residual
+
+    def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`reference.silu_mul_linear`: linear(silu_and_mul(x)), no bias."""
+        if self.fused_silu_mul_linear is not None:
+            return self.fused_silu_mul_linear(x, weight)
+        return self.linear(self.silu_and_mul(x), weight, None)
+
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, store_kv: StoreKV) -> torch.Tensor:
+        """`reference.rotary_store_kv`: rotates q and k, stores k and v; returns q. Unfused, the store is the
+        attention backend's `store_kv` (same cache layout), so the fused kernel and the backend agree."""
+        if self.fused_rotary_store_kv is not None:
+            return self.fused_rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        q, k = self.apply_rotary(q, k, positions, cos_sin_cache)
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
 
 REFERENCE_OPS = KernelOps(
@@ -38,6 +84,20 @@ REFERENCE_OPS = KernelOps(
     silu_and_mul=reference.silu_and_mul,
     apply_rotary=reference.apply_rotary,
 )
+
+
+def triton_kernel_ops(fused: bool = True) -> KernelOps:
+    """The CUDA table: Triton element-wise kernels and, with `fused`, the skinny-product kernels of
+    `kernels.triton_linear` (a few rows; cuBLAS beyond) and the fused rotary + KV store. Needs Triton."""
+    from r1serve.kernels import triton_attention, triton_linear, triton_ops
+
+    elementwise = KernelOps(rms_norm=triton_ops.rms_norm, fused_add_rms_norm=triton_ops.fused_add_rms_norm,
+                            silu_and_mul=triton_ops.silu_and_mul, apply_rotary=triton_ops.apply_rotary)
+    if not fused:
+        return elementwise
+    return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
+                   fused_silu_mul_linear=triton_linear.silu_mul_linear,
+                   fused_rotary_store_kv=triton_attention.rotary_store_kv)
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +114,12 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def project(self, x: torch.Tensor, residual: torch.Tensor | None, proj: nn.Linear
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """proj(norm(x [+ residual])) and the residual stream (x itself when there is no residual yet): the
+        norm and the projection as one op where the ops table fuses them."""
+        return self.ops.norm_linear(x, residual, self.weight, self.eps, proj.weight, proj.bias)
 
 
 class RotaryEmbedding(nn.Module):
@@ -93,7 +159,7 @@ class RotaryEmbedding(nn.Module):
 class Qwen2Attention(nn.Module):
     """Grouped-query self-attention with a fused QKV projection (bias) over the paged KV cache."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: KernelOps = REFERENCE_OPS) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -104,23 +170,29 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.backend = backend
+        self.ops = ops
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], rotary_emb: RotaryEmbedding) -> torch.Tensor:
-        """hidden [T, hidden_size] → [T, hidden_size]; stores this step's K/V into `kv_cache` first.
+        """hidden [T, hidden_size] (normed) → [T, hidden_size]; stores this step's K/V into `kv_cache` first.
 
         `rotary_emb` is the model's one shared rotary module (one cos/sin cache for all layers)."""
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        qkv = self.ops.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)  # [T, q_size + 2 * kv_size]
+        return self.attend(positions, qkv, meta, kv_cache, rotary_emb)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata,
+               kv_cache: tuple[torch.Tensor, torch.Tensor], rotary_emb: RotaryEmbedding) -> torch.Tensor:
+        """The rest of `forward` from the QKV projection's output qkv [T, q_size + 2 * kv_size]."""
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary_emb(positions, q, k)
         k_cache, v_cache = kv_cache
-        self.backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.ops.rotary_store_kv(q, k, v, positions, rotary_emb.cos_sin_cache, k_cache, v_cache,
+                                     meta.slot_mapping, self.backend.store_kv)
         out = self.backend.attend(q, k_cache, v_cache, meta, self.scale)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, None)
 
 
 class Qwen2MLP(nn.Module):
@@ -133,9 +205,12 @@ class Qwen2MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] → [T, hidden]."""
-        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
-        return self.down_proj(self.ops.silu_and_mul(gate_up))
+        """x [T, hidden] (normed) → [T, hidden]."""
+        return self.down(self.ops.linear(x, self.gate_up_proj.weight, None))  # gate_up: [T, 2 * intermediate]
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The rest of `forward` from the gate/up projection's output [T, 2 * intermediate] → [T, hidden]."""
+        return self.ops.silu_mul_linear(gate_up, self.down_proj.weight)
 
 
 def set_ops(module: nn.Module, ops: KernelOps) -> None:

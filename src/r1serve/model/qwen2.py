@@ -36,22 +36,20 @@ class Qwen2DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: KernelOps) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Qwen2Attention(config, backend)
+        self.self_attn = Qwen2Attention(config, backend, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size, ops)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata, kv_cache: KVCache,
                 rotary_emb: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden, residual [T, hidden_size] → (this layer's output, the residual before it), [T, hidden]."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta, kv_cache, rotary_emb)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """hidden, residual [T, hidden_size] → (this layer's output, the residual before it), [T, hidden].
+
+        Each norm runs with the projection after it (`RMSNorm.project`: one kernel where the ops fuse them)."""
+        qkv, residual = self.input_layernorm.project(hidden, residual, self.self_attn.qkv_proj)
+        hidden = self.self_attn.attend(positions, qkv, meta, kv_cache, rotary_emb)
+        gate_up, residual = self.post_attention_layernorm.project(hidden, residual, self.mlp.gate_up_proj)
+        return self.mlp.down(gate_up), residual
 
 
 class Qwen2Model(nn.Module):
