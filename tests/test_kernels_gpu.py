@@ -349,3 +349,241 @@ def test_apply_rotary_on_qkv_views(tokens: int, inplace: bool) -> None:
     assert rel_err(out_q, ref_q) < BF16_TOL and rel_err(out_k, ref_k) < BF16_TOL
     assert rel_err(out_q, bf_q) < 5e-3 and rel_err(out_k, bf_k) < 5e-3  # the twin rounds 3 times, we once
     assert torch.equal(qkv[:, 14 * 128:], value_before)  # v is never touched
+
+
+# ---------------------------------------------------------------- skinny products (kernels/triton_linear.py)
+
+ACTS = ("plain", "silu_mul", "rms_norm", "add_rms_norm")
+
+
+def _linear_module():
+    from r1serve.kernels import triton_linear
+
+    return triton_linear
+
+
+def skinny_case(act: str, m: int, n: int, k: int, bias: bool) -> dict[str, torch.Tensor | None]:
+    """Fresh random inputs of one fused product: x (gate/up for silu_mul), weight, bias, residual, norm weight."""
+    x = torch.randn(m, 2 * k if act == "silu_mul" else k, device=DEVICE, dtype=DTYPE) * 2
+    return {
+        "x": x, "weight": torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5,
+        "bias": torch.randn(n, device=DEVICE, dtype=DTYPE) if bias else None,
+        "residual": torch.randn(m, k, device=DEVICE, dtype=DTYPE) if act == "add_rms_norm" else None,
+        "norm_weight": torch.rand(k, device=DEVICE, dtype=DTYPE) + 0.5,
+    }
+
+
+def skinny_activation(act: str, case: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The twin's bf16 activation: what the kernel must feed its product."""
+    x, residual, norm_weight = case["x"], case["residual"], case["norm_weight"]
+    if act == "silu_mul":
+        return reference.silu_and_mul(x)
+    if act == "rms_norm":
+        return reference.rms_norm(x, norm_weight, 1e-6)
+    if act == "add_rms_norm":
+        return reference.fused_add_rms_norm(x, residual, norm_weight, 1e-6)[0]
+    return x
+
+
+def skinny_reference(act: str, case: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The fused op's twin in float32 on upcast inputs."""
+    up = {key: None if t is None else t.float() for key, t in case.items()}
+    return reference.linear(skinny_activation(act, up), up["weight"], up["bias"])
+
+
+def run_skinny(act: str, case: dict[str, torch.Tensor | None], config=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tl_ = _linear_module()
+    code = {"plain": tl_.ACT_PLAIN, "silu_mul": tl_.ACT_SILU_MUL, "rms_norm": tl_.ACT_RMS_NORM,
+            "add_rms_norm": tl_.ACT_ADD_RMS_NORM}[act]
+    return tl_.skinny_linear(case["x"], case["weight"], case["bias"], act=code, residual=case["residual"],
+                             norm_weight=case["norm_weight"], eps=1e-6, config=config)
+
+
+def check_skinny(act: str, case: dict[str, torch.Tensor | None], config=None) -> None:
+    m, n = case["x"].shape[0], case["weight"].shape[0]
+    poisoned = poison_next_allocations((m, n))
+    y, new_res = run_skinny(act, case, config)
+    assert y.data_ptr() in poisoned and y.shape == (m, n)
+    assert rel_err(y, skinny_reference(act, case)) < BF16_TOL
+    up_w = case["weight"].float()
+    same_act = reference.linear(skinny_activation(act, case).float(), up_w,
+                                None if case["bias"] is None else case["bias"].float())
+    assert rel_err(y, same_act) < 4e-3  # the same bf16 activation: only the output's rounding differs
+    if act == "add_rms_norm":
+        assert torch.equal(new_res, case["x"] + case["residual"])
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
+def test_skinny_matches_twin_at_model_shapes(act: str, m: int) -> None:
+    """The configs the ops choose for the 1.5B model's projections, every M they serve."""
+    shapes = {"plain": (1536, 1536, False), "silu_mul": (1536, 8960, False), "rms_norm": (2048, 1536, True),
+              "add_rms_norm": (17920, 1536, False)}
+    n, k, bias = shapes[act]
+    check_skinny(act, skinny_case(act, m, n, k, bias))
+    if act == "add_rms_norm":
+        check_skinny(act, skinny_case(act, m, 2048, 1536, True))  # qkv: bias in the epilogue
+
+
+def _explicit_configs():
+    tl_ = _linear_module()
+    cfg = tl_.SkinnyConfig
+    return [cfg(8, 64), cfg(4, 128, split_k=3), cfg(16, 32, split_k=5, warps=8), cfg(32, 256, warps=8),
+            cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3), cfg(64, 128, split_k=2, dot=True)]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("m", [1, 4, 7, 16])
+@pytest.mark.parametrize("shape", [(37, 200, True), (129, 1000, False), (300, 968, True)])
+def test_skinny_any_config_odd_sizes(act: str, m: int, shape: tuple[int, int, bool]) -> None:
+    """Odd N and K (partial row blocks, partial column chunks, splits of unequal work), every product form."""
+    n, k, bias = shape
+    case = skinny_case(act, m, n, k, bias)
+    for config in _explicit_configs():
+        check_skinny(act, case, config)
+
+
+def test_skinny_split_k_is_deterministic_and_tickets_reset() -> None:
+    tl_ = _linear_module()
+    case = skinny_case("silu_mul", 3, 1536, 8960, False)
+    config = tl_.SkinnyConfig(4, 256, split_k=8)
+    first, _ = run_skinny("silu_mul", case, config)
+    for _ in range(3):
+        again, _ = run_skinny("silu_mul", case, config)
+        assert torch.equal(again, first)
+    _, tickets = tl_._workspace(torch.device(DEVICE, torch.cuda.current_device()))
+    assert tickets.count_nonzero() == 0
+
+
+def test_fused_ops_fall_back_past_the_skinny_range() -> None:
+    """Many rows, or float32: the ops run the unfused composition (Triton norm / SiLU, cuBLAS)."""
+    tl_ = _linear_module()
+    _, ops = _triton_modules()
+    for dtype, m in ((DTYPE, tl_.SKINNY_MAX_M + 1), (torch.float32, 2)):
+        x = torch.randn(m, 256, device=DEVICE, dtype=dtype)
+        residual = torch.randn_like(x)
+        w, nw = torch.randn(96, 256, device=DEVICE, dtype=dtype), torch.rand(256, device=DEVICE, dtype=dtype) + 0.5
+        out, new_res = tl_.rms_norm_linear(x, residual, nw, 1e-6, w, None)
+        normed, expected_res = ops.fused_add_rms_norm(x, residual, nw, 1e-6)
+        assert torch.equal(new_res, expected_res) and torch.equal(out, torch.nn.functional.linear(normed, w))
+        gate_up = torch.randn(m, 512, device=DEVICE, dtype=dtype)
+        assert torch.equal(tl_.silu_mul_linear(gate_up, w), torch.nn.functional.linear(ops.silu_and_mul(gate_up), w))
+        assert torch.equal(tl_.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_fused_ops_first_layer_norm_without_residual() -> None:
+    tl_ = _linear_module()
+    case = skinny_case("rms_norm", 1, 2048, 1536, True)
+    out, residual = tl_.rms_norm_linear(case["x"], None, case["norm_weight"], 1e-6, case["weight"], case["bias"])
+    assert residual is case["x"]
+    assert rel_err(out, skinny_reference("rms_norm", case)) < BF16_TOL
+
+
+def test_skinny_cuda_graph_replay_equals_eager() -> None:
+    """All four fused forms captured once (split-K and tickets included), replayed on new inputs."""
+    tl_ = _linear_module()
+    cases = {act: skinny_case(act, 5, 1536, 8960 if act == "silu_mul" else 1536, act != "plain") for act in ACTS}
+    configs = {"plain": tl_.SkinnyConfig(8, 256, split_k=4), "silu_mul": tl_.SkinnyConfig(4, 512, split_k=2),
+               "rms_norm": tl_.SkinnyConfig(32, 64, split_k=3, dot=True), "add_rms_norm": None}
+    for act in ACTS:
+        run_skinny(act, cases[act], configs[act])  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = {act: run_skinny(act, cases[act], configs[act]) for act in ACTS}
+    for act in ACTS:  # new inputs in the captured buffers
+        for t in cases[act].values():
+            if t is not None:
+                t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    for act in ACTS:
+        eager, eager_res = run_skinny(act, cases[act], configs[act])
+        assert torch.equal(outs[act][0], eager)
+        if act == "add_rms_norm":
+            assert torch.equal(outs[act][1], eager_res)
+
+
+# ---------------------------------------------------------------- fused rotary + KV store
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 300])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_rotary_store_equals_rotary_then_store(tokens: int, block_size: int) -> None:
+    ta, ops = _triton_modules()
+    cache = reference.rotary_cos_sin_cache(128, 8192, 10000.0).to(DEVICE)
+    qkv = torch.randn(tokens, (12 + 2 + 2) * 128, device=DEVICE, dtype=DTYPE)
+    q, k, v = qkv.split([12 * 128, 2 * 128, 2 * 128], dim=-1)
+    q, k, v = q.view(tokens, 12, 128), k.view(tokens, 2, 128), v.view(tokens, 2, 128)
+    positions = torch.randint(0, 8192, (tokens,), device=DEVICE)
+    num_blocks = tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[::3] = -1  # padding rows store nothing
+    k_cache = torch.randn(num_blocks, block_size, 2, 128, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref, k_rot = ops.apply_rotary(q, k, positions, cache)
+    ta.store_kv(k_rot, v, k_ref, v_ref, slots)
+    q_bf, _ = reference.apply_rotary(q, k, positions, cache)
+    q_fp, _ = reference.apply_rotary(q.float(), k.float(), positions, cache)
+    out = ta.rotary_store_kv(q, k, v, positions, cache, k_cache, v_cache, slots)
+    assert out.data_ptr() == q.data_ptr()  # rotated in place in the qkv buffer
+    assert torch.equal(out, q_ref)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert rel_err(out, q_fp) < BF16_TOL and rel_err(out, q_bf) < 5e-3
+
+
+# ---------------------------------------------------------------- a model on the fused ops
+
+
+def _fused_model(layers: int = 2):
+    """A 2-layer model with the 1.5B model's layer shapes (random weights), Triton attention, bf16 on CUDA."""
+    from r1serve.config import ModelConfig
+    from r1serve.kernels.triton_attention import TritonAttention
+    from r1serve.model.qwen2 import Qwen2ForCausalLM
+
+    config = ModelConfig.from_hf_dict({
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 1536, "intermediate_size": 8960,
+        "num_hidden_layers": layers, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6})
+    torch.manual_seed(random.randrange(1 << 30))
+    model = Qwen2ForCausalLM(config, TritonAttention()).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else p * 4 if "bias" in name else p)
+    return model
+
+
+def test_model_on_fused_ops_matches_unfused_and_graph_equals_eager() -> None:
+    """Prefill 16 sequences, then a decode step at batch 1, 3 and 16: the fused table matches the element-wise
+    one within bf16 tolerance, and a CUDA graph of the fused step replays exactly what eager computes."""
+    from r1serve.engine.cuda_graphs import DecodeGraphs
+    from r1serve.model.layers import triton_kernel_ops
+
+    model = _fused_model()
+    cfg, block, cap = model.config, 16, 1024
+    kv = torch.zeros(2, cfg.num_hidden_layers, 256, block, 2, 128, device=DEVICE, dtype=DTYPE)
+    caches = [(kv[0, i], kv[1, i]) for i in range(cfg.num_hidden_layers)]
+    prompt_lens = [random.randint(1, 250) for _ in range(16)]
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(16)]
+    model.set_ops(triton_kernel_ops())
+    with torch.inference_mode():
+        model(torch.randint(0, 1000, (sum(prompt_lens),), device=DEVICE),
+              torch.cat([torch.arange(n, device=DEVICE) for n in prompt_lens]),
+              build_metadata(prompt_lens, prompt_lens, tables, block, DEVICE), caches)
+    graphs = DecodeGraphs(model, caches, 16, cap, block, cfg.hidden_size, torch.device(DEVICE))
+    graphs.capture()
+    for batch in (1, 3, 16):
+        ids = torch.randint(0, 1000, (batch,), device=DEVICE)
+        lens = [n + 1 for n in prompt_lens[:batch]]
+        meta = build_metadata([1] * batch, lens, tables[:batch], block, DEVICE)
+        meta.max_seq_len = cap  # the graph's bound: the same decode splits as the replay
+        positions = torch.tensor([n - 1 for n in lens], device=DEVICE)
+        with torch.inference_mode():
+            replayed = graphs.run(ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables).clone()
+            model.set_ops(triton_kernel_ops())
+            eager = model(ids, positions, meta, caches)
+            model.set_ops(triton_kernel_ops(fused=False))
+            unfused = model(ids, positions, meta, caches)
+        assert torch.equal(replayed, eager), f"batch {batch}: graph replay differs from eager"
+        assert rel_err(eager, unfused) < BF16_TOL

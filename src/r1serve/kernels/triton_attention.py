@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
 
 __all__ = [
     "HAS_TRITON", "TritonAttention", "decode_num_splits", "paged_decode_attention", "paged_prefill_attention",
-    "sdpa_prefill_attention", "store_kv",
+    "rotary_store_kv", "sdpa_prefill_attention", "store_kv",
 ]
 
 HAS_TRITON = triton is not None
@@ -61,6 +61,7 @@ def _require_triton() -> None:
 
 
 if triton is not None:
+    from r1serve.kernels.triton_ops import _rotate_heads
 
     @triton.jit
     def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -82,6 +83,33 @@ if triton is not None:
             v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
             tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
             tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
+                             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                             num_heads, num_kv_heads, PAGE: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
+                             K_HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+        """One token per program: rotates its q heads in place, and writes its rotated k heads and its v
+        heads into its cache slot (slot -1: q only). One read of the token's cos/sin row."""
+        token = tl.program_id(0).to(tl.int64)
+        pos = tl.load(positions_ptr + token).to(tl.int64)
+        dims = tl.arange(0, HALF)
+        cos = tl.load(cos_sin_ptr + pos * stride_cache + dims)  # [HALF] float32
+        sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + dims)
+        _rotate_heads(q_ptr, q_ptr, token, stride_qt, stride_qh, stride_qt, stride_qh, cos, sin, num_heads,
+                      Q_HEADS_PAD, HALF)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:
+            k_dst = k_cache_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
+            _rotate_heads(k_ptr, k_dst, token, stride_kt, stride_kh, 0, stride_kch, cos, sin, num_kv_heads,
+                          K_HEADS_PAD, HALF)
+            heads = tl.arange(0, K_HEADS_PAD)[:, None]
+            cols = tl.arange(0, 2 * HALF)[None, :]
+            mask = heads < num_kv_heads
+            v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + cols, mask=mask)
+            v_dst = v_cache_ptr + (slot // PAGE) * stride_vcb + (slot % PAGE) * stride_vcs + heads * stride_vch
+            tl.store(v_dst + cols, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, offs_n, n_mask, kv_head, stride_kb, stride_ks,
@@ -169,16 +197,18 @@ if triton is not None:
                 if ticket == num_splits - 1:  # the others have all published their partials
                     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
                     out_rows = out_ptr + seq * stride_ot + heads * stride_oh  # [GROUP_PAD]
+                    active = tl.where(share > 0, tl.cdiv(seq_len, tl.maximum(share, 1)), 0)  # splits with keys
                     _merge_group(part_out_ptr, part_lse_ptr, out_rows, row - split, group < GROUP, dims,
-                                 num_splits, SPLITS_PAD)
+                                 num_splits, active, SPLITS_PAD)
         else:
             dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
 
     @triton.jit
-    def _merge_group(part_out_ptr, part_lse_ptr, out_rows, row0, g_mask, dims, num_splits,
+    def _merge_group(part_out_ptr, part_lse_ptr, out_rows, row0, g_mask, dims, num_splits, active,
                      SPLITS_PAD: tl.constexpr):
-        """The fused merge: rows row0 [G] of [B*H, S] partials → the G output rows at out_rows [G]."""
+        """The fused merge: rows row0 [G] of [B*H, S] partials → the G output rows at out_rows [G]. Only the
+        first `active` splits saw keys (the rest have weight 0), so only their partials are read."""
         splits = tl.arange(0, SPLITS_PAD)
         both = g_mask[:, None] & (splits[None, :] < num_splits)
         lse = tl.load(part_lse_ptr + row0[:, None] + splits[None, :], mask=both, other=float("-inf"),
@@ -187,7 +217,7 @@ if triton is not None:
         w = tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0)
         total = tl.sum(w, 1)
         acc = tl.zeros([row0.shape[0], dims.shape[0]], tl.float32)
-        for s in range(0, num_splits):
+        for s in range(0, active):
             w_s = tl.sum(tl.where(splits[None, :] == s, w, 0.0), 1)  # [G]
             part = tl.load(part_out_ptr + (row0 + s)[:, None] * dims.shape[0] + dims[None, :],
                            mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # [G, HEAD_DIM]
@@ -310,6 +340,29 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
         v_cache.stride(1), v_cache.stride(2), num_kv_heads, PAGE=block_size,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
         num_warps=1 if num_kv_heads * head_dim <= 512 else 4)
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`reference.rotary_store_kv` in one launch: q [T, heads, D] is rotated in place and returned; the
+    rotated k and v [T, kv_heads, D] (strided views of the fused qkv output allowed) go to their slots."""
+    _require_triton()
+    block_size = _check_cache(k_cache, v_cache)
+    head_dim = q.shape[-1]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("rotary_store_kv: the last dimension of q, k, v and the cache must be contiguous")
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"rotary_store_kv: the cache holds {k_cache.dtype}, q is {q.dtype}")
+    if q.shape[0]:
+        _rotary_store_kernel[(q.shape[0],)](
+            q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2), q.shape[1], k.shape[1], PAGE=block_size,
+            Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+            HALF=head_dim // 2, num_warps=4)
+    return q
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:

@@ -1,0 +1,353 @@
+"""One decode step of DeepSeek-R1-Distill-Qwen-1.5B (dummy weights, bf16, CUDA graph) before and after the fused
+skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear.py`, all in one run.
+
+    python benchmarks/decode_step_gpu.py --ctx 200 --batches 1,2,4,8,16 --out decode_step.json
+
+1. Projections: each of the model's products at M = 1..16 rows over 28 distinct weight copies in one CUDA graph
+   (every weight read comes from HBM, as in the model): cuBLAS alone, the op as the model ran it before (Triton
+   norm / SiLU kernel + cuBLAS), and the fused skinny kernel with every candidate config (the sweep); prints the
+   fastest per shape and the `TUNED` table that encodes it, then runs the rest of the benchmark with it.
+2. The step: the forward graph of one decode step (the runner's `DecodeGraphs`, ~`--ctx`-token contexts) for the
+   op tables side by side: before (element-wise Triton + cuBLAS), after (fused), and after with programmatic
+   dependent launch; µs per replay (median) and the torch.profiler kernel table per step; and the logits
+   projection at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from r1serve import LLM
+from r1serve.engine.cuda_graphs import DecodeGraphs
+from r1serve.kernels import triton_attention, triton_linear, triton_ops
+from r1serve.kernels.triton_linear import SkinnyConfig, m_bucket
+from r1serve.model.layers import triton_kernel_ops
+
+MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+LAYERS = 28
+# name → (N, K, fused activation, bias): the products of one decoder layer, and the logits projection
+PROJECTIONS: dict[str, tuple[int, int, int, bool]] = {
+    "qkv_proj": (2048, 1536, triton_linear.ACT_ADD_RMS_NORM, True),
+    "o_proj": (1536, 1536, triton_linear.ACT_PLAIN, False),
+    "gate_up_proj": (17920, 1536, triton_linear.ACT_ADD_RMS_NORM, False),
+    "down_proj": (1536, 8960, triton_linear.ACT_SILU_MUL, False),
+    "lm_head": (151936, 1536, triton_linear.ACT_PLAIN, False),
+}
+Inputs = dict[str, Any]
+
+
+def graph_us(fn: Callable[[], object], rep_ms: int = 25) -> float:
+    """Median µs of one replay of `fn` captured into a CUDA graph."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    import triton.testing
+
+    src = torch.randn(256 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# ---------------------------------------------------------------- projections
+
+
+def make_inputs(name: str, m: int) -> Inputs:
+    """Random inputs of one projection at m rows: `copies` distinct weights (28; 1 for lm_head, larger than L2)."""
+    n, k, act, bias = PROJECTIONS[name]
+    copies = 1 if name == "lm_head" else LAYERS
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+    return {
+        "weights": [torch.randn(n, k, **bf) * k ** -0.5 for _ in range(copies)],
+        "bias": torch.randn(n, **bf) if bias else None,
+        "x": torch.randn(m, 2 * k if act == triton_linear.ACT_SILU_MUL else k, **bf),
+        "plain_x": torch.randn(m, k, **bf),
+        "residual": torch.randn(m, k, **bf),
+        "norm_weight": torch.rand(k, **bf) + 0.5,
+        "act": act,
+    }
+
+
+def cublas_alone(inp: Inputs) -> Callable[[], object]:
+    return lambda: [F.linear(inp["plain_x"], w, inp["bias"]) for w in inp["weights"]]
+
+
+def skinny_alone(inp: Inputs, config: SkinnyConfig) -> Callable[[], object]:
+    return lambda: [triton_linear.skinny_linear(inp["plain_x"], w, inp["bias"], config=config) for w in inp["weights"]]
+
+
+def before_op(inp: Inputs) -> Callable[[], object]:
+    """The op as the model ran it before: Triton (add +) RMSNorm or SiLU-and-mul, then cuBLAS."""
+    def run() -> None:
+        for w in inp["weights"]:
+            if inp["act"] == triton_linear.ACT_ADD_RMS_NORM:
+                normed, _ = triton_ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["norm_weight"], 1e-6)
+                F.linear(normed, w, inp["bias"])
+            elif inp["act"] == triton_linear.ACT_SILU_MUL:
+                F.linear(triton_ops.silu_and_mul(inp["x"]), w)
+            else:
+                F.linear(inp["x"], w, inp["bias"])
+    return run
+
+
+def after_op(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) -> Callable[[], object]:
+    """The fused skinny op with `config`."""
+    def run() -> None:
+        for w in inp["weights"][:1] if compile_only else inp["weights"]:
+            triton_linear.skinny_linear(inp["x"], w, inp["bias"], act=inp["act"], residual=inp["residual"],
+                                        norm_weight=inp["norm_weight"], eps=1e-6, config=config,
+                                        compile_only=compile_only)
+    return run
+
+
+def candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
+    """The sweep: FMA tiles for up to 8 rows, tensor-core tiles from 4 rows; split-K where the row blocks alone
+    would leave SMs idle."""
+    bm, found = m_bucket(m), []
+    if bm <= 8:
+        for bn in (2, 4, 8, 16, 32):
+            for bk in (256, 512, 1024):
+                size = bn * bk * bm
+                if bk > k or not 1024 <= size <= 16384:
+                    continue
+                found += [SkinnyConfig(bn, bk, s, warps=8 if size >= 8192 else 4) for s in _splits(n, k, bn, bk, 264)]
+    if bm >= 4:
+        for bn in (32, 64, 128):
+            for bk in (64, 128, 256):
+                if bn * bk <= 16384:  # 4 stages of the weight tile in shared memory
+                    found += [SkinnyConfig(bn, bk, s, dot=True, stages=4) for s in _splits(n, k, bn, bk, 132)]
+    return found
+
+
+def _splits(n: int, k: int, bn: int, bk: int, programs: int) -> list[int]:
+    """1, and the smallest power-of-two split that gives `programs` programs (at least 2 chunks per split)."""
+    blocks, split = -(-n // bn), 1
+    while blocks * split < programs and bk * split * 4 <= k:
+        split *= 2
+    return sorted({1, split})
+
+
+def precompile(jobs: list[Callable[[], object]]) -> float:
+    """Compile every candidate on 16 threads first (Triton's async compile); seconds taken."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    start = time.perf_counter()
+    with AsyncCompileMode(ThreadPoolExecutor(16), ignore_errors=True):
+        for job in jobs:
+            job()
+    return time.perf_counter() - start
+
+
+def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[str, Any]:
+    n, k, _, _ = PROJECTIONS[name]
+    inp = make_inputs(name, m)
+    configs = candidates(n, k, m)
+    compile_s = precompile([after_op(inp, c, compile_only=True) for c in configs])
+    timed = []
+    for config in configs:
+        try:
+            timed.append((graph_us(after_op(inp, config), rep_ms), config))
+        except Exception as e:  # a config that does not compile or fit: reported, skipped
+            print(f"    {name} M={m} {config}: failed ({type(e).__name__}: {str(e)[:120]})")
+    timed.sort(key=lambda t: t[0])
+    best_us, best = timed[0]
+    copies = len(inp["weights"])
+    row = {"op": name, "M": m, "N": n, "K": k, "compile_s": compile_s, "candidates": len(timed),
+           "cublas_us": graph_us(cublas_alone(inp), rep_ms) / copies,
+           "skinny_alone_us": graph_us(skinny_alone(inp, best), rep_ms) / copies,
+           "before_us": graph_us(before_op(inp), rep_ms) / copies, "after_us": best_us / copies,
+           "best": str(best), "best_config": best, "runner_up": [(round(u / copies, 2), str(c)) for u, c in timed[1:4]]}
+    row["pct_copy"] = 100 * n * k * 2 / row["skinny_alone_us"] / 1e3 / copy_gbps
+    del inp
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep(copy_gbps: float, batches: list[int], rep_ms: int) -> list[dict[str, Any]]:
+    rows = []
+    print("--- projections (µs per call, over 28 weight copies in a CUDA graph; lm_head: 1 copy)")
+    print(f"  {'op':<13} {'M':>2} {'cuBLAS':>8} {'skinny':>8} {'%copy':>6} {'before op':>10} {'fused op':>9}  "
+          f"best config (of n)")
+    for m in batches:
+        for name in PROJECTIONS:
+            if name == "lm_head" and m > 4:
+                continue
+            row = sweep_projection(name, m, copy_gbps, rep_ms)
+            rows.append(row)
+            print(f"  {name:<13} {m:>2} {row['cublas_us']:8.2f} {row['skinny_alone_us']:8.2f} {row['pct_copy']:6.1f} "
+                  f"{row['before_us']:10.2f} {row['after_us']:9.2f}  {row['best']} (of {row['candidates']}; "
+                  f"compiled in {row['compile_s']:.1f} s); next: {row['runner_up']}", flush=True)
+    return rows
+
+
+def tuned_table(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], SkinnyConfig | None]:
+    """(N, K, M bucket) → the fastest config where the fused op beat the op before; None where it did not."""
+    table: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+    for r in rows:
+        faster = r["after_us"] < r["before_us"]
+        table[(r["N"], r["K"], m_bucket(r["M"]))] = r["best_config"] if faster else None
+    print("--- TUNED (paste into kernels/triton_linear.py)")
+    for key, config in sorted(table.items()):
+        print(f"    {key}: {_literal(config)},")
+    return table
+
+
+def _literal(config: SkinnyConfig | None) -> str:
+    if config is None:
+        return "None"
+    extra = "".join(f", {f}={getattr(config, f)!r}" for f in ("split_k", "dot", "warps", "stages")
+                    if getattr(config, f) != SkinnyConfig.__dataclass_fields__[f].default)
+    return f"SkinnyConfig({config.block_n}, {config.block_k}{extra})"
+
+
+# ---------------------------------------------------------------- the whole step
+
+
+def step_inputs(llm: LLM, batch: int, ctx: int) -> dict[str, torch.Tensor]:
+    """Decode inputs for `batch` sequences of `ctx` tokens (the new one included) over distinct random blocks."""
+    runner = llm.engine.runner
+    block = llm.engine.config.block_size
+    per_seq = -(-ctx // block)
+    tables = torch.arange(batch * per_seq, dtype=torch.int32, device="cuda").view(batch, per_seq)
+    runner.kv_cache[:, :, : batch * per_seq].normal_()  # never attend over zeros
+    positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device="cuda")
+    slots = tables[:, (ctx - 1) // block].long() * block + (ctx - 1) % block
+    return {"input_ids": torch.randint(1000, 150000, (batch,), device="cuda"), "positions": positions,
+            "slot_mapping": slots, "seq_lens": torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+            "block_tables": tables}
+
+
+def capture(llm: LLM, max_batch: int) -> DecodeGraphs:
+    runner = llm.engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, max_batch, llm.engine.max_model_len,
+                          llm.engine.config.block_size, runner.model_config.hidden_size, runner.device)
+    graphs.capture()
+    return graphs
+
+
+def time_step(llm: LLM, graphs: DecodeGraphs, batch: int, ctx: int) -> tuple[float, torch.Tensor]:
+    """µs per replay of the batch's graph (median), and its output."""
+    import triton.testing
+
+    out = graphs.run(**step_inputs(llm, batch, ctx))
+    replay = graphs.graphs[next(b for b in graphs.buckets if b >= batch)].replay
+    us = triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median") * 1e3
+    return us, out.clone()
+
+
+def profile_step(graphs: DecodeGraphs, batch: int, steps: int = 32, top: int = 24) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    replay = graphs.graphs[next(b for b in graphs.buckets if b >= batch)].replay
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    kernels = [{"name": e.key, "us": e.self_device_time_total / steps, "calls": e.count / steps}
+               for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels.sort(key=lambda r: -r["us"])
+    busy = sum(r["us"] for r in kernels)
+    print(f"    GPU busy {busy:.1f} µs per step (sum of kernel times); top kernels per step:")
+    for r in kernels[:top]:
+        print(f"    {r['us']:8.1f} us {r['calls']:5.1f}x  {r['name'][:100]}")
+    return kernels
+
+
+def logits_us(llm: LLM, rep_ms: int) -> dict[str, float]:
+    """compute_logits at batch 1 (outside the graph): cuBLAS as before, and through the fused table."""
+    model = llm.engine.runner.model
+    hidden = torch.randn(1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    return {"cublas": graph_us(lambda: F.linear(hidden, model.lm_head.weight).float(), rep_ms),
+            "skinny": graph_us(lambda: triton_linear.linear(hidden, model.lm_head.weight).float(), rep_ms)}
+
+
+def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]]:
+    """The step's graph for each op table, same inputs; checks every variant's output against the first."""
+    model = llm.engine.runner.model
+    variants: list[tuple[str, Any, bool, bool]] = [
+        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False),
+        ("after: fused skinny kernels", triton_kernel_ops(), False, False),
+        ("after + decode merge in the last split", triton_kernel_ops(), False, True),
+        ("after + programmatic dependent launch", triton_kernel_ops(), True, False),
+    ]
+    results, reference_out = [], {}
+    for label, ops, pdl, fused_merge in variants:
+        triton_linear.USE_PDL, triton_attention.DECODE_FUSED_MERGE = pdl, fused_merge
+        model.set_ops(ops)
+        print(f"--- step: {label}", flush=True)
+        try:
+            graphs = capture(llm, max(batches))
+        except Exception as e:  # e.g. PDL not capturable: reported, not fatal
+            print(f"    capture failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        row: dict[str, Any] = {"variant": label, "us": {}}
+        for batch in batches:
+            us, out = time_step(llm, graphs, batch, ctx)
+            row["us"][batch] = us
+            ref = reference_out.setdefault(batch, out)
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            print(f"    batch {batch:>2}: {us:8.1f} µs per step ({1e6 / us:6.0f} steps/s); "
+                  f"rel. diff to the first variant {err:.1e}", flush=True)
+        row["profile_b1"] = profile_step(graphs, 1)
+        results.append(row)
+        del graphs
+        torch.cuda.empty_cache()
+    triton_linear.USE_PDL, triton_attention.DECODE_FUSED_MERGE = False, False
+    model.set_ops(triton_kernel_ops())
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ctx", type=int, default=200, help="context length of the decode step's sequences")
+    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--sweep-batches", default="1,2,4,8,16")
+    parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
+    parser.add_argument("--rep-ms", type=int, default=25)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}")
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
+    result: dict[str, Any] = {"copy_GBps": copy_gbps}
+    if not args.no_sweep:
+        rows = sweep(copy_gbps, [int(b) for b in args.sweep_batches.split(",")], args.rep_ms)
+        triton_linear.TUNED.update(tuned_table(rows))
+        result["projections"] = [{k: v for k, v in r.items() if k != "best_config"} for r in rows]
+    start = time.perf_counter()
+    llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=2048, max_num_seqs=16,
+              gpu_memory_utilization=0.5)
+    print(f"engine up in {time.perf_counter() - start:.1f} s")
+    result["logits_b1_us"] = logits_us(llm, args.rep_ms)
+    print(f"--- logits at batch 1 (lm_head + float()): cuBLAS {result['logits_b1_us']['cublas']:.1f} µs, "
+          f"skinny {result['logits_b1_us']['skinny']:.1f} µs")
+    result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx)
+    print("--- summary: µs per decode-step forward graph (median replay), same run")
+    for row in result["steps"]:
+        print(f"  {row['variant']:<42} " + "  ".join(f"b{b}: {us:7.1f}" for b, us in row["us"].items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Skinny matrix products for decode steps: y = act(x) @ W.T (+ bias) for a few rows of x (M ≤ 16), with the
+op in front of each of a decoder layer's projections fused into the product's prologue.
+
+Why: at batch 1 a decode step is a stream of weight reads (3.09 GB for the 1.5B model, ~1 ms at the H100's
+copy bandwidth). cuBLAS tiles suit large M; at M = 1 its kernels for the 1.5B model's small projections ran at
+28-34% of copy bandwidth (qkv, o_proj), gate_up at 79%, and down_proj needed a split-K reduce kernel, while the
+norms, SiLU and bias around them were separate launches of ~2 µs each. Here one program owns `block_n` weight
+rows (and, with `split_k`, a share of the reduction): it streams its rows in `block_k` chunks, holding the next
+chunk's load in flight while it multiplies the current one, and computes the activation chunk itself from the
+previous op's output: plain x, `silu(gate) * up` from the fused gate/up output (down_proj), or the RMSNorm of
+x, or of x + residual (qkv_proj, gate_up_proj; each program recomputes the row's norm from the 1536-element
+row, and program 0 writes the new residual). Every activation is rounded where its plain-torch twin rounds
+(`kernels/reference.py`: the norm before the weight, the SiLU before the product), so the product sees the
+same bf16 operands; the sum runs in float32 and is rounded once, with the bias added before that (cuBLAS's
+epilogue does the same). With split-K, each program stores its float32 partial and the last of a column's
+programs to finish (a self-resetting atomic ticket) sums them in split order: deterministic, one launch.
+Two product forms: FMA (broadcast multiply and row sums, any M) and `tl.dot` (tensor cores, x padded to 16
+rows). Which form and tiles serve a (N, K, M) shape was measured (`TUNED`, benchmarks/decode_step_gpu.py);
+above `SKINNY_MAX_M` rows, or for float32 weights, the ops fall back to the unfused composition with cuBLAS.
+Optionally (`USE_PDL`) the kernels are launched as programmatic dependent launches on Hopper: a program
+issues its first weight load, then waits for the previous kernel (`griddepcontrol.wait`), so weight streaming
+overlaps the previous kernel's tail. Triton is imported lazily: the module imports without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from r1serve.kernels import reference
+
+try:  # Triton is absent on CPU-only machines; the reference ops run there instead
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU machines
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_linear", "silu_mul_linear",
+    "skinny_config", "skinny_linear",
+]
+
+HAS_TRITON = triton is not None
+SKINNY_MAX_M = 16
+# The activation each kernel computes from its input (the op fused in front of the product).
+ACT_PLAIN, ACT_SILU_MUL, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2, 3
+USE_PDL = os.environ.get("R1SERVE_PDL", "0") == "1"
+_WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
+_TICKETS = 1 << 14
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tiles of one skinny product: `block_n` weight rows per program, `block_k` columns per step, the
+    reduction shared by `split_k` programs, tensor cores (`dot`) or FMA, and the launch's warps and stages."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    dot: bool = False
+    warps: int = 4
+    stages: int = 1
+
+    def __str__(self) -> str:
+        return (f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} "
+                f"w{self.warps} st{self.stages}")
+
+
+# Measured on the H100 (benchmarks/decode_step_gpu.py, docs/kernels.md): (N, K, M bucket) → the fastest
+# config, or None where cuBLAS was faster. Shapes not listed take `_default_config`.
+TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use r1serve.kernels.reference on this machine")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _hidden_chunk(x_ptr, res_ptr, rows, ks, mask, stride_xm, stride_rm, ACT: tl.constexpr):
+        """x (ACT_RMS_NORM) or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM): the row the norm sees."""
+        h = tl.load(x_ptr + rows * stride_xm + ks, mask=mask, other=0.0)
+        if ACT == 3:
+            r = tl.load(res_ptr + rows * stride_rm + ks, mask=mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # rounded like torch's bf16 add
+        return h
+
+    @triton.jit
+    def _inv_rms(x_ptr, res_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm,
+                 ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """1 / rms of each row of x (+ residual) over all K columns: [BLOCK_M] float32."""
+        sum_sq = tl.zeros([offs_m.shape[0]], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (ks < K)[None, :]
+            h = _hidden_chunk(x_ptr, res_ptr, offs_m[:, None], ks[None, :], mask, stride_xm, stride_rm, ACT)
+            h32 = h.to(tl.float32)
+            sum_sq += tl.sum(h32 * h32, axis=1)
+        return tl.rsqrt(sum_sq / K + eps)
+
+    @triton.jit
+    def _act_chunk(x_ptr, res_ptr, nw_ptr, offs_m, ks, mask, inv_rms, K, stride_xm, stride_rm,
+                   ACT: tl.constexpr):
+        """The [BLOCK_M, BLOCK_K] activation chunk the product consumes, rounded where the twin rounds."""
+        rows = offs_m[:, None]
+        cols = ks[None, :]
+        if ACT == 1:  # silu(gate) * up from the fused gate/up output [M, 2K]
+            gate = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
+            up = tl.load(x_ptr + rows * stride_xm + K + cols, mask=mask, other=0.0)
+            g32 = gate.to(tl.float32)
+            silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
+            a = (silu * up.to(tl.float32)).to(gate.dtype)
+        elif ACT >= 2:  # weight * rmsnorm(x [+ residual])
+            h = _hidden_chunk(x_ptr, res_ptr, rows, cols, mask, stride_xm, stride_rm, ACT)
+            normed = (h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32)
+            nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(h.dtype).to(tl.float32)
+            a = (nw[None, :] * normed).to(h.dtype)
+        else:
+            a = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
+        return a
+
+    @triton.jit
+    def _multiply_add(acc, w, a, DOT: tl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, BLOCK_K] @ a.T ([BLOCK_M, BLOCK_K]), float32 sums."""
+        if DOT:
+            acc = tl.dot(w, tl.trans(a.to(w.dtype)), acc)
+        else:
+            prod = w.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :]  # [BLOCK_N, BLOCK_M, BLOCK_K]
+            acc += tl.sum(prod, axis=2)
+        return acc
+
+    @triton.jit
+    def _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS: tl.constexpr):
+        """y[m, n] = acc[n, m] (+ bias[n]), rounded once to y's dtype."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        dst = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+    @triton.jit
+    def _store_new_residual(x_ptr, res_ptr, new_res_ptr, offs_m, m_mask, K, stride_xm, stride_rm, stride_nm,
+                            BLOCK_K: tl.constexpr):
+        """new_residual = x + residual (rounded) for all M rows: written by one program."""
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (ks < K)[None, :]
+            h = _hidden_chunk(x_ptr, res_ptr, offs_m[:, None], ks[None, :], mask, stride_xm, stride_rm, 3)
+            tl.store(new_res_ptr + offs_m[:, None] * stride_nm + ks[None, :], h, mask=mask)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _skinny_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, new_res_ptr, ws_ptr, tickets_ptr,
+                       M, N, K, eps, split_span,
+                       stride_xm, stride_rm, stride_wn, stride_ym, stride_nm,
+                       ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_hi) of the reduction, for
+        all M rows of x; `split_span` columns per split (a multiple of BLOCK_K)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        k_lo = pid_k * split_span
+        k_end = k_lo + split_span  # the split's end; columns past K are masked too
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        ks = k_lo + tl.arange(0, BLOCK_K)
+        w_next = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & ((ks < K) & (ks < k_end))[None, :],
+                         other=0.0)  # the first weight chunk depends on no earlier kernel
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # the activations do: wait for the kernel that wrote them
+        if ACT >= 2:
+            inv_rms = _inv_rms(x_ptr, res_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT, BLOCK_K)
+        else:
+            inv_rms = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
+            w = w_next
+            ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's load is in flight meanwhile
+            w_next = tl.load(w_rows + ks_next[None, :],
+                             mask=n_mask[:, None] & ((ks_next < K) & (ks_next < k_end))[None, :], other=0.0)
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (ks < K)[None, :]
+            a = _act_chunk(x_ptr, res_ptr, nw_ptr, offs_m, ks, mask, inv_rms, K, stride_xm, stride_rm, ACT)
+            acc = _multiply_add(acc, w, a, DOT)
+        if ACT == 3:
+            if (pid_n == 0) & (pid_k == 0):
+                _store_new_residual(x_ptr, res_ptr, new_res_ptr, offs_m, m_mask, K, stride_xm, stride_rm,
+                                    stride_nm, BLOCK_K)
+        if SPLIT_K == 1:
+            _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+        else:
+            parts = ws_ptr + (offs_n[:, None] * BLOCK_M + offs_m[None, :])  # [SPLIT_K, N, BLOCK_M] float32
+            tl.store(parts + pid_k * N * BLOCK_M, acc, mask=n_mask[:, None])
+            tl.debug_barrier()  # every thread's partial precedes the release below
+            ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:  # the column's other programs have all published their partials
+                tl.atomic_xchg(tickets_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                for s in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on who is last
+                    total += tl.load(parts + s * N * BLOCK_M, mask=n_mask[:, None], other=0.0,
+                                     cache_modifier=".cg")
+                _store_out(y_ptr, b_ptr, total, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+
+
+def _default_config(m_bucket: int, n: int, k: int) -> SkinnyConfig | None:
+    """A config for shapes the H100 sweep did not cover: FMA for up to 4 rows, cuBLAS above."""
+    if m_bucket > 4:
+        return None
+    block_n = 8 if m_bucket == 1 else 4
+    block_k = 512 if m_bucket <= 2 else 256
+    split = 1
+    while triton.cdiv(n, block_n) * split < 264 and k >= 2 * split * block_k:
+        split *= 2
+    return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=split)
+
+
+def m_bucket(m: int) -> int:
+    """The power of two ≥ m that a config is chosen (and the FMA form's rows padded) for."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def skinny_config(m: int, n: int, k: int) -> SkinnyConfig | None:
+    """The config the ops use for an (M, N, K) product, or None to leave it to cuBLAS."""
+    if m > SKINNY_MAX_M or m < 1:
+        return None
+    key = (n, k, m_bucket(m))
+    if key in TUNED:
+        return TUNED[key]
+    return _default_config(key[2], n, k)
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per device: float32 split-K partials and zeroed int32 tickets (every launch leaves them at zero)."""
+    space = _WORKSPACES.get(device)
+    if space is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny linear: run one eager call before capturing a CUDA graph (it allocates "
+                               "the split-K workspace)")
+        space = (torch.empty(_WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+                 torch.zeros(_TICKETS, dtype=torch.int32, device=device))
+        _WORKSPACES[device] = space
+    return space
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, columns] with a contiguous last dimension."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _fits(config: SkinnyConfig, block_m: int, n: int, split: int) -> bool:
+    """Whether the split-K partials and tickets fit the workspace."""
+    return split == 1 or (split * n * block_m <= _WORKSPACE_FLOATS and triton.cdiv(n, config.block_n) <= _TICKETS)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: int = ACT_PLAIN,
+                  residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                  config: SkinnyConfig | None = None, compile_only: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """act(x) @ weight.T (+ bias) for x [M ≤ 16, K_in] in one launch; returns (y [M, N], new residual or None).
+
+    act: ACT_PLAIN (x), ACT_SILU_MUL (x is [M, 2K]: silu(gate) * up), ACT_RMS_NORM (norm_weight * rmsnorm(x)),
+    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual). `config` overrides the
+    measured choice (the benchmark's sweep); `compile_only` compiles the kernel without running it (so a sweep
+    can compile its candidates in parallel first)."""
+    _require_triton()
+    x2 = _rows(x)
+    m, n, k = x2.shape[0], weight.shape[0], weight.shape[1]
+    if weight.stride(-1) != 1:
+        raise ValueError("skinny_linear: the weight's rows must be contiguous")
+    if x2.shape[1] != (2 * k if act == ACT_SILU_MUL else k):
+        raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns for a weight of {k} (act {act})")
+    config = config or skinny_config(m, n, k)
+    if config is None or m > SKINNY_MAX_M:
+        raise ValueError(f"skinny_linear: no config for M={m}, N={n}, K={k}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res2 = _rows(residual) if residual is not None else x2
+    new_res = torch.empty_like(x2) if act == ACT_ADD_RMS_NORM else None
+    if m == 0:
+        return y, new_res
+    block_m = 16 if config.dot else m_bucket(m)
+    chunks = triton.cdiv(k, config.block_k)
+    per_split = triton.cdiv(chunks, min(config.split_k, chunks))
+    split = triton.cdiv(chunks, per_split)  # no empty splits
+    if not _fits(config, block_m, n, split):
+        split, per_split = 1, chunks
+    ws, tickets = _workspace(x.device) if split > 1 else (y, y)
+    launch = {"launch_pdl": True} if USE_PDL else {}
+    grid = (triton.cdiv(n, config.block_n), split)
+    kernel = _skinny_kernel[grid] if not compile_only else functools.partial(_skinny_kernel.warmup, grid=grid)
+    kernel(
+        x2, res2, norm_weight if norm_weight is not None else x2, weight, bias if bias is not None else weight, y,
+        new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
+        x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
+        ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=split, DOT=config.dot, USE_PDL=USE_PDL, num_warps=config.warps, num_stages=config.stages, **launch)
+    return y, new_res
+
+
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, k: int) -> SkinnyConfig | None:
+    """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes)."""
+    if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1:
+        return None
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return skinny_config(m, weight.shape[0], k)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference.linear`: the skinny kernel for a few rows, cuBLAS otherwise."""
+    if _skinny_ok(x, weight, weight.shape[1]) is None:
+        return reference.linear(x, weight, bias)
+    y, _ = skinny_linear(x, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`reference.silu_mul_linear` in one launch for a few rows; Triton SiLU-and-mul + cuBLAS otherwise."""
+    if _skinny_ok(x, weight, weight.shape[1]) is None:
+        from r1serve.kernels import triton_ops
+
+        act = triton_ops.silu_and_mul(x) if x.is_cuda and triton is not None else reference.silu_and_mul(x)
+        return reference.linear(act, weight)
+    y, _ = skinny_linear(x, weight, act=ACT_SILU_MUL)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.rms_norm_linear` in one launch for a few rows; Triton (add +) RMSNorm + cuBLAS otherwise."""
+    if _skinny_ok(x, weight, weight.shape[1]) is None:
+        from r1serve.kernels import triton_ops
+
+        if not (x.is_cuda and triton is not None):
+            return reference.rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
+        if residual is None:
+            return reference.linear(triton_ops.rms_norm(x, norm_weight, eps), weight, bias), x
+        normed, residual = triton_ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+        return reference.linear(normed, weight, bias), residual
+    act = ACT_RMS_NORM if residual is None else ACT_ADD_RMS_NORM
+    y, new_res = skinny_linear(x, weight, bias, act=act, residual=residual, norm_weight=norm_weight, eps=eps)
+    out = y.view(*x.shape[:-1], weight.shape[0])
+    return out, (x if new_res is None else new_res.view(x.shape))
