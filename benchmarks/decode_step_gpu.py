@@ -2,15 +2,18 @@
 skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear.py`, all in one run.
 
     python benchmarks/decode_step_gpu.py --ctx 200 --batches 1,2,4,8,16 --out decode_step.json
+    python benchmarks/decode_step_gpu.py --no-sweep    # the committed TUNED / FUSED tables
 
-1. Projections: each of the model's products at M = 1..16 rows over 28 distinct weight copies in one CUDA graph
-   (every weight read comes from HBM, as in the model): cuBLAS alone, the op as the model ran it before (Triton
-   norm / SiLU kernel + cuBLAS), and the fused skinny kernel with every candidate config (the sweep); prints the
-   fastest per shape and the `TUNED` table that encodes it, then runs the rest of the benchmark with it.
-2. The step: the forward graph of one decode step (the runner's `DecodeGraphs`, ~`--ctx`-token contexts) for the
-   op tables side by side: before (element-wise Triton + cuBLAS), after (fused), and after with programmatic
-   dependent launch; µs per replay (median) and the torch.profiler kernel table per step; and the logits
-   projection at batch 1.
+1. Projections (unless --no-sweep): each of the model's products at M = 1, 2, 4 rows over 28 distinct weight
+   copies in one CUDA graph (every weight read comes from HBM, as in the model): cuBLAS alone, the skinny kernel
+   alone with every candidate config, the op as the model ran it before (Triton norm / SiLU kernel + cuBLAS),
+   that kernel + the best skinny product, and the fused skinny op with every candidate; prints the fastest per
+   shape and the `TUNED` / `FUSED` tables that encode them, then runs the rest of the benchmark with them.
+2. The logits projection at batch 1, cuBLAS against the table's `linear`.
+3. The step: the forward graph of one decode step (the runner's `DecodeGraphs`, `--ctx`-token contexts, 2048 as
+   the graph's bound) for several op tables side by side on the same inputs: before (element-wise Triton +
+   cuBLAS, the runner's table today), after (all fused kernels, programmatic dependent launch), and after
+   without one piece each; µs per replay (median) and the torch.profiler kernel table per step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -88,21 +92,30 @@ def cublas_alone(inp: Inputs) -> Callable[[], object]:
     return lambda: [F.linear(inp["plain_x"], w, inp["bias"]) for w in inp["weights"]]
 
 
-def skinny_alone(inp: Inputs, config: SkinnyConfig) -> Callable[[], object]:
-    return lambda: [triton_linear.skinny_linear(inp["plain_x"], w, inp["bias"], config=config) for w in inp["weights"]]
+def skinny_alone(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) -> Callable[[], object]:
+    weights = inp["weights"][:1] if compile_only else inp["weights"]
+    return lambda: [triton_linear.skinny_linear(inp["plain_x"], w, inp["bias"], config=config,
+                                                compile_only=compile_only) for w in weights]
 
 
-def before_op(inp: Inputs) -> Callable[[], object]:
-    """The op as the model ran it before: Triton (add +) RMSNorm or SiLU-and-mul, then cuBLAS."""
+def before_op(inp: Inputs, plain: SkinnyConfig | None = None) -> Callable[[], object]:
+    """The op unfused, as the model ran it before: Triton (add +) RMSNorm or SiLU-and-mul, then cuBLAS (or the
+    skinny product with `plain`)."""
+    def product(a: torch.Tensor, w: torch.Tensor) -> None:
+        if plain is None:
+            F.linear(a, w, inp["bias"])
+        else:
+            triton_linear.skinny_linear(a, w, inp["bias"], config=plain)
+
     def run() -> None:
         for w in inp["weights"]:
             if inp["act"] == triton_linear.ACT_ADD_RMS_NORM:
                 normed, _ = triton_ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["norm_weight"], 1e-6)
-                F.linear(normed, w, inp["bias"])
+                product(normed, w)
             elif inp["act"] == triton_linear.ACT_SILU_MUL:
-                F.linear(triton_ops.silu_and_mul(inp["x"]), w)
+                product(triton_ops.silu_and_mul(inp["x"]), w)
             else:
-                F.linear(inp["x"], w, inp["bias"])
+                product(inp["x"], w)
     return run
 
 
@@ -117,17 +130,17 @@ def after_op(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) -> C
 
 
 def candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
-    """The sweep: FMA tiles for up to 8 rows, tensor-core tiles from 4 rows; split-K where the row blocks alone
-    would leave SMs idle."""
+    """The sweep: FMA tiles (a whole-K chunk where K fits 2048 columns) up to 4 rows, tensor-core tiles from 8;
+    split-K where the row blocks alone would leave SMs idle."""
     bm, found = m_bucket(m), []
-    if bm <= 8:
-        for bn in (2, 4, 8, 16, 32):
-            for bk in (256, 512, 1024):
+    if bm <= 4:
+        for bn in (1, 2, 4, 8, 16):
+            for bk in (512, 1024, 2048):
                 size = bn * bk * bm
-                if bk > k or not 1024 <= size <= 16384:
+                if bk > 2 * k or not 1024 <= size <= 16384:
                     continue
                 found += [SkinnyConfig(bn, bk, s, warps=8 if size >= 8192 else 4) for s in _splits(n, k, bn, bk, 264)]
-    if bm >= 4:
+    else:
         for bn in (32, 64, 128):
             for bk in (64, 128, 256):
                 if bn * bk <= 16384:  # 4 stages of the weight tile in shared memory
@@ -154,26 +167,42 @@ def precompile(jobs: list[Callable[[], object]]) -> float:
     return time.perf_counter() - start
 
 
-def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[str, Any]:
-    n, k, _, _ = PROJECTIONS[name]
-    inp = make_inputs(name, m)
-    configs = candidates(n, k, m)
-    compile_s = precompile([after_op(inp, c, compile_only=True) for c in configs])
+def best_config(inp: Inputs, configs: list[SkinnyConfig], fused: bool, rep_ms: int
+                ) -> tuple[float, SkinnyConfig, list[tuple[float, str]], float]:
+    """Times every config of the fused op (`fused`) or the plain product: (µs of the best per call, the best,
+    the next three, seconds spent compiling)."""
+    job = (lambda c: after_op(inp, c, compile_only=True)) if fused else \
+        (lambda c: skinny_alone(inp, c, compile_only=True))
+    compile_s = precompile([job(c) for c in configs])
     timed = []
     for config in configs:
         try:
-            timed.append((graph_us(after_op(inp, config), rep_ms), config))
+            timed.append((graph_us(after_op(inp, config) if fused else skinny_alone(inp, config), rep_ms), config))
         except Exception as e:  # a config that does not compile or fit: reported, skipped
-            print(f"    {name} M={m} {config}: failed ({type(e).__name__}: {str(e)[:120]})")
+            print(f"    {config}: failed ({type(e).__name__}: {str(e)[:120]})")
     timed.sort(key=lambda t: t[0])
-    best_us, best = timed[0]
     copies = len(inp["weights"])
-    row = {"op": name, "M": m, "N": n, "K": k, "compile_s": compile_s, "candidates": len(timed),
-           "cublas_us": graph_us(cublas_alone(inp), rep_ms) / copies,
-           "skinny_alone_us": graph_us(skinny_alone(inp, best), rep_ms) / copies,
-           "before_us": graph_us(before_op(inp), rep_ms) / copies, "after_us": best_us / copies,
-           "best": str(best), "best_config": best, "runner_up": [(round(u / copies, 2), str(c)) for u, c in timed[1:4]]}
-    row["pct_copy"] = 100 * n * k * 2 / row["skinny_alone_us"] / 1e3 / copy_gbps
+    return timed[0][0] / copies, timed[0][1], [(round(u / copies, 2), str(c)) for u, c in timed[1:4]], compile_s
+
+
+def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[str, Any]:
+    """One projection at m rows: cuBLAS, the best plain skinny config, the op before (activation kernel + cuBLAS),
+    the activation kernel + the best plain config, and the best fused config."""
+    n, k, act, _ = PROJECTIONS[name]
+    inp = make_inputs(name, m)
+    configs = candidates(n, k, m)
+    copies = len(inp["weights"])
+    plain_us, plain, plain_next, compile_s = best_config(inp, configs, False, rep_ms)
+    row = {"op": name, "M": m, "N": n, "K": k, "candidates": len(configs),
+           "cublas_us": graph_us(cublas_alone(inp), rep_ms) / copies, "plain_us": plain_us, "plain": plain,
+           "plain_next": plain_next, "pct_copy": 100 * n * k * 2 / plain_us / 1e3 / copy_gbps}
+    if act != triton_linear.ACT_PLAIN:
+        fused_us, fused, fused_next, fused_compile_s = best_config(inp, configs, True, rep_ms)
+        compile_s += fused_compile_s
+        row |= {"before_us": graph_us(before_op(inp), rep_ms) / copies,
+                "unfused_skinny_us": graph_us(before_op(inp, plain), rep_ms) / copies,
+                "fused_us": fused_us, "fused": fused, "fused_next": fused_next}
+    row["compile_s"] = compile_s
     del inp
     torch.cuda.empty_cache()
     return row
@@ -182,30 +211,39 @@ def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[s
 def sweep(copy_gbps: float, batches: list[int], rep_ms: int) -> list[dict[str, Any]]:
     rows = []
     print("--- projections (µs per call, over 28 weight copies in a CUDA graph; lm_head: 1 copy)")
-    print(f"  {'op':<13} {'M':>2} {'cuBLAS':>8} {'skinny':>8} {'%copy':>6} {'before op':>10} {'fused op':>9}  "
-          f"best config (of n)")
+    print("  op          M | product alone: cuBLAS  skinny %copy | op with its norm / SiLU: before (kernel + "
+          "cuBLAS)  kernel + skinny  fused | best configs")
     for m in batches:
         for name in PROJECTIONS:
-            if name == "lm_head" and m > 4:
-                continue
-            row = sweep_projection(name, m, copy_gbps, rep_ms)
-            rows.append(row)
-            print(f"  {name:<13} {m:>2} {row['cublas_us']:8.2f} {row['skinny_alone_us']:8.2f} {row['pct_copy']:6.1f} "
-                  f"{row['before_us']:10.2f} {row['after_us']:9.2f}  {row['best']} (of {row['candidates']}; "
-                  f"compiled in {row['compile_s']:.1f} s); next: {row['runner_up']}", flush=True)
+            r = sweep_projection(name, m, copy_gbps, rep_ms)
+            rows.append(r)
+            op = (f"{r['before_us']:8.2f} {r['unfused_skinny_us']:8.2f} {r['fused_us']:8.2f}" if "fused" in r
+                  else f"{'':>8} {'':>8} {'':>8}")
+            print(f"  {name:<12} {m:>2} | {r['cublas_us']:8.2f} {r['plain_us']:8.2f} {r['pct_copy']:5.1f} | {op} | "
+                  f"plain {r['plain']}" + (f", fused {r['fused']}" if "fused" in r else "")
+                  + f" (of {r['candidates']}; compiled in {r['compile_s']:.1f} s)", flush=True)
+            print(f"  {'':15}   next plain: {r['plain_next']}" + (f"; next fused: {r['fused_next']}"
+                                                                   if "fused" in r else ""), flush=True)
     return rows
 
 
-def tuned_table(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], SkinnyConfig | None]:
-    """(N, K, M bucket) → the fastest config where the fused op beat the op before; None where it did not."""
-    table: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+def tuned_tables(rows: list[dict[str, Any]]) -> tuple[dict[tuple[int, int, int], SkinnyConfig | None], ...]:
+    """TUNED: the plain config where it beat cuBLAS, else None. FUSED: the fused config where it beat the unfused
+    op that TUNED's choice gives (activation kernel + skinny or cuBLAS), else None."""
+    tuned: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+    fused: dict[tuple[int, int, int], SkinnyConfig | None] = {}
     for r in rows:
-        faster = r["after_us"] < r["before_us"]
-        table[(r["N"], r["K"], m_bucket(r["M"]))] = r["best_config"] if faster else None
-    print("--- TUNED (paste into kernels/triton_linear.py)")
-    for key, config in sorted(table.items()):
-        print(f"    {key}: {_literal(config)},")
-    return table
+        key = (r["N"], r["K"], m_bucket(r["M"]))
+        plain_wins = r["plain_us"] < r["cublas_us"]
+        tuned[key] = r["plain"] if plain_wins else None
+        if "fused" in r:
+            unfused = r["unfused_skinny_us"] if plain_wins else r["before_us"]
+            fused[key] = r["fused"] if r["fused_us"] < unfused else None
+    for label, table in (("TUNED", tuned), ("FUSED", fused)):
+        print(f"--- {label} (kernels/triton_linear.py)")
+        for key, config in sorted(table.items()):
+            print(f"    {key}: {_literal(config)},")
+    return tuned, fused
 
 
 def _literal(config: SkinnyConfig | None) -> str:
@@ -225,10 +263,12 @@ def step_inputs(llm: LLM, batch: int, ctx: int) -> dict[str, torch.Tensor]:
     block = llm.engine.config.block_size
     per_seq = -(-ctx // block)
     tables = torch.arange(batch * per_seq, dtype=torch.int32, device="cuda").view(batch, per_seq)
-    runner.kv_cache[:, :, : batch * per_seq].normal_()  # never attend over zeros
+    gen = torch.Generator(device="cuda").manual_seed(batch)  # the same inputs for every variant
+    runner.kv_cache[:, :, : batch * per_seq].normal_(generator=gen)  # never attend over zeros
     positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device="cuda")
     slots = tables[:, (ctx - 1) // block].long() * block + (ctx - 1) % block
-    return {"input_ids": torch.randint(1000, 150000, (batch,), device="cuda"), "positions": positions,
+    ids = torch.randint(1000, 150000, (batch,), device="cuda", generator=gen)
+    return {"input_ids": ids, "positions": positions,
             "slot_mapping": slots, "seq_lens": torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
             "block_tables": tables}
 
@@ -276,21 +316,23 @@ def logits_us(llm: LLM, rep_ms: int) -> dict[str, float]:
     model = llm.engine.runner.model
     hidden = torch.randn(1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     return {"cublas": graph_us(lambda: F.linear(hidden, model.lm_head.weight).float(), rep_ms),
-            "skinny": graph_us(lambda: triton_linear.linear(hidden, model.lm_head.weight).float(), rep_ms)}
+            "ops.linear": graph_us(lambda: triton_linear.linear(hidden, model.lm_head.weight).float(), rep_ms)}
 
 
 def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]]:
     """The step's graph for each op table, same inputs; checks every variant's output against the first."""
     model = llm.engine.runner.model
+    after = triton_kernel_ops()
     variants: list[tuple[str, Any, bool, bool]] = [
         ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False),
-        ("after: fused skinny kernels", triton_kernel_ops(), False, False),
-        ("after + decode merge in the last split", triton_kernel_ops(), False, True),
-        ("after + programmatic dependent launch", triton_kernel_ops(), True, False),
+        ("after (PDL, rotary + store in decode)", after, True, False),
+        ("after without PDL", after, False, False),
+        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False),
+        ("after + decode merge in the last split", after, True, True),
     ]
     results, reference_out = [], {}
     for label, ops, pdl, fused_merge in variants:
-        triton_linear.USE_PDL, triton_attention.DECODE_FUSED_MERGE = pdl, fused_merge
+        triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE = pdl, fused_merge
         model.set_ops(ops)
         print(f"--- step: {label}", flush=True)
         try:
@@ -310,7 +352,7 @@ def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]
         results.append(row)
         del graphs
         torch.cuda.empty_cache()
-    triton_linear.USE_PDL, triton_attention.DECODE_FUSED_MERGE = False, False
+    triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE = None, False
     model.set_ops(triton_kernel_ops())
     return results
 
@@ -319,7 +361,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ctx", type=int, default=200, help="context length of the decode step's sequences")
     parser.add_argument("--batches", default="1,2,4,8,16")
-    parser.add_argument("--sweep-batches", default="1,2,4,8,16")
+    parser.add_argument("--sweep-batches", default="1,2,4")
     parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
     parser.add_argument("--rep-ms", type=int, default=25)
     parser.add_argument("--out", default="")
@@ -331,15 +373,17 @@ def main() -> None:
     result: dict[str, Any] = {"copy_GBps": copy_gbps}
     if not args.no_sweep:
         rows = sweep(copy_gbps, [int(b) for b in args.sweep_batches.split(",")], args.rep_ms)
-        triton_linear.TUNED.update(tuned_table(rows))
-        result["projections"] = [{k: v for k, v in r.items() if k != "best_config"} for r in rows]
+        tuned, fused = tuned_tables(rows)
+        triton_linear.TUNED.update(tuned)
+        triton_linear.FUSED.update(fused)
+        result["projections"] = rows
     start = time.perf_counter()
     llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=2048, max_num_seqs=16,
               gpu_memory_utilization=0.5)
     print(f"engine up in {time.perf_counter() - start:.1f} s")
     result["logits_b1_us"] = logits_us(llm, args.rep_ms)
     print(f"--- logits at batch 1 (lm_head + float()): cuBLAS {result['logits_b1_us']['cublas']:.1f} µs, "
-          f"skinny {result['logits_b1_us']['skinny']:.1f} µs")
+          f"through the table's linear {result['logits_b1_us']['ops.linear']:.1f} µs")
     result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx)
     print("--- summary: µs per decode-step forward graph (median replay), same run")
     for row in result["steps"]:

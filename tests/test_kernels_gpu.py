@@ -413,33 +413,54 @@ def check_skinny(act: str, case: dict[str, torch.Tensor | None], config=None) ->
         assert torch.equal(new_res, case["x"] + case["residual"])
 
 
+def run_op(act: str, case: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The op as the model calls it: the measured skinny config, or the unfused fallback."""
+    tl_ = _linear_module()
+    if act == "plain":
+        return tl_.linear(case["x"], case["weight"], case["bias"])
+    if act == "silu_mul":
+        return tl_.silu_mul_linear(case["x"], case["weight"])
+    residual = case["residual"] if act == "add_rms_norm" else None
+    out, _ = tl_.rms_norm_linear(case["x"], residual, case["norm_weight"], 1e-6, case["weight"], case["bias"])
+    return out
+
+
+MODEL_SHAPES = {"plain": (1536, 1536, False), "silu_mul": (1536, 8960, False), "rms_norm": (2048, 1536, True),
+                "add_rms_norm": (17920, 1536, False)}
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
-def test_skinny_matches_twin_at_model_shapes(act: str, m: int) -> None:
-    """The configs the ops choose for the 1.5B model's projections, every M they serve."""
-    shapes = {"plain": (1536, 1536, False), "silu_mul": (1536, 8960, False), "rms_norm": (2048, 1536, True),
-              "add_rms_norm": (17920, 1536, False)}
-    n, k, bias = shapes[act]
-    check_skinny(act, skinny_case(act, m, n, k, bias))
-    if act == "add_rms_norm":
-        check_skinny(act, skinny_case(act, m, 2048, 1536, True))  # qkv: bias in the epilogue
-
-
-def _explicit_configs():
+def test_fused_ops_match_twin_at_model_shapes(act: str, m: int) -> None:
+    """The 1.5B model's projections at every M the graphs run: the op (whatever it chose) against the twin, and
+    the chosen kernel itself (poisoned output, the same-activation bound) where a config serves this M."""
     tl_ = _linear_module()
-    cfg = tl_.SkinnyConfig
-    return [cfg(8, 64), cfg(4, 128, split_k=3), cfg(16, 32, split_k=5, warps=8), cfg(32, 256, warps=8),
-            cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3), cfg(64, 128, split_k=2, dot=True)]
+    shapes = [MODEL_SHAPES[act]] + ([(2048, 1536, True)] if act == "add_rms_norm" else [])  # qkv: bias epilogue
+    for n, k, bias in shapes:
+        case = skinny_case(act, m, n, k, bias)
+        assert rel_err(run_op(act, case), skinny_reference(act, case)) < BF16_TOL
+        config = tl_.skinny_config(m, n, k, fused=act != "plain")
+        if config is not None:
+            check_skinny(act, case, config)
+
+
+def _explicit_configs(m: int) -> list:
+    """Configs of every form the sweep may pick for m rows: FMA up to 4 rows (several chunks, split-K, one
+    whole-K chunk, one row per program), tensor cores from 4."""
+    cfg = _linear_module().SkinnyConfig
+    if m <= 4:
+        return [cfg(8, 64), cfg(4, 128, split_k=3), cfg(2, 2048), cfg(1, 1024), cfg(16, 32, split_k=5, warps=8)]
+    return [cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3)]
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("m", [1, 4, 7, 16])
-@pytest.mark.parametrize("shape", [(37, 200, True), (129, 1000, False), (300, 968, True)])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("shape", [(37, 200, True), (129, 1000, False)])
 def test_skinny_any_config_odd_sizes(act: str, m: int, shape: tuple[int, int, bool]) -> None:
     """Odd N and K (partial row blocks, partial column chunks, splits of unequal work), every product form."""
     n, k, bias = shape
     case = skinny_case(act, m, n, k, bias)
-    for config in _explicit_configs():
+    for config in _explicit_configs(m):
         check_skinny(act, case, config)
 
 
@@ -484,7 +505,8 @@ def test_skinny_cuda_graph_replay_equals_eager() -> None:
     tl_ = _linear_module()
     cases = {act: skinny_case(act, 5, 1536, 8960 if act == "silu_mul" else 1536, act != "plain") for act in ACTS}
     configs = {"plain": tl_.SkinnyConfig(8, 256, split_k=4), "silu_mul": tl_.SkinnyConfig(4, 512, split_k=2),
-               "rms_norm": tl_.SkinnyConfig(32, 64, split_k=3, dot=True), "add_rms_norm": None}
+               "rms_norm": tl_.SkinnyConfig(32, 64, split_k=3, dot=True),
+               "add_rms_norm": tl_.SkinnyConfig(64, 128, dot=True, stages=3)}
     for act in ACTS:
         run_skinny(act, cases[act], configs[act])  # compile and allocate outside the capture
     torch.cuda.synchronize()
@@ -533,6 +555,42 @@ def test_rotary_store_equals_rotary_then_store(tokens: int, block_size: int) -> 
     assert rel_err(out, q_fp) < BF16_TOL and rel_err(out, q_bf) < 5e-3
 
 
+@pytest.mark.parametrize("num_splits", [1, 5, 32, None])
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | None, fused_merge: bool) -> None:
+    """The decode kernel with the rotary and the KV store folded in: the same output and cache as the fused
+    rotary + store kernel followed by plain decode, and the twin's result; slot -1 and length 0 rows too."""
+    ta, _ = _triton_modules()
+    seq_lens = [5, 200, 64, 65, 1, 1000, 17]
+    query, key, value, k_cache, v_cache, meta = make_batch([1] * len(seq_lens), seq_lens)
+    cache = reference.rotary_cos_sin_cache(128, 4096, 10000.0).to(DEVICE)
+    positions = (meta.seq_lens - 1).long()
+    slots = meta.slot_mapping.clone()
+    slots[4] = -1  # stores nothing
+    seq_lens_t = meta.seq_lens.clone()
+    seq_lens_t[6] = 0  # a padded row: reads nothing, writes zeros
+    padded = AttentionMetadata(slots, meta.query_start_loc, seq_lens_t, meta.block_tables, 1, 4096,
+                               [1] * len(seq_lens), seq_lens_t.tolist())
+    k_cache.view(-1, 2, 128)[meta.slot_mapping] = float("nan")  # the kernel must write the new slots
+    v_cache.view(-1, 2, 128)[meta.slot_mapping] = float("nan")
+    k_cache.view(-1, 2, 128)[meta.slot_mapping[4]] = 0.0  # the skipped slot stays as it was
+    v_cache.view(-1, 2, 128)[meta.slot_mapping[4]] = 0.0
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_rot = ta.rotary_store_kv(query.clone(), key, value, positions, cache, k_ref, v_ref, slots)
+    ref = run_decode(q_rot, k_ref, v_ref, padded, num_splits=num_splits, max_seq_len=4096, fused_merge=fused_merge)
+    out = torch.full_like(query, float("nan"))
+    ta.paged_decode_attention(query, k_cache, v_cache, padded.block_tables, padded.seq_lens, 128 ** -0.5, 4096,
+                              num_splits=num_splits, out=out, fused_merge=fused_merge,
+                              rotary=ta.DecodeRotary(key, value, positions, cache, slots))
+    assert torch.equal(v_cache, v_ref)
+    assert rel_err(k_cache, k_ref) < 1e-3  # the same rotation; at most a last-bit difference
+    assert rel_err(out, ref) < 2e-3
+    assert torch.equal(out[6], torch.zeros_like(out[6]))
+    twin_q, _ = reference.apply_rotary(query.float(), key.float(), positions, cache)
+    twin = reference_attention(twin_q, k_ref, v_ref, padded)
+    assert rel_err(out[:6], twin[:6]) < BF16_TOL
+
+
 # ---------------------------------------------------------------- a model on the fused ops
 
 
@@ -554,9 +612,21 @@ def _fused_model(layers: int = 2):
     return model
 
 
-def test_model_on_fused_ops_matches_unfused_and_graph_equals_eager() -> None:
+@pytest.fixture
+def pdl(request: pytest.FixtureRequest):
+    """Programmatic dependent launch on (param True) or off for the test, restored after."""
+    _, ops = _triton_modules()
+    before = ops.USE_PDL
+    ops.USE_PDL = request.param
+    yield request.param
+    ops.USE_PDL = before
+
+
+@pytest.mark.parametrize("pdl", [False, True], indirect=True)
+def test_model_on_fused_ops_matches_unfused_and_graph_equals_eager(pdl: bool) -> None:
     """Prefill 16 sequences, then a decode step at batch 1, 3 and 16: the fused table matches the element-wise
-    one within bf16 tolerance, and a CUDA graph of the fused step replays exactly what eager computes."""
+    one within bf16 tolerance, and a CUDA graph of the fused step replays exactly what eager computes (with
+    programmatic dependent launch too: every kernel waits for its predecessor before reading its output)."""
     from r1serve.engine.cuda_graphs import DecodeGraphs
     from r1serve.model.layers import triton_kernel_ops
 

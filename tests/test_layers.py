@@ -123,19 +123,20 @@ def test_rotary_cache_stays_float32_and_valid_after_cast_and_meta():
 
 
 BASIC_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "apply_rotary", "linear")
-FUSED_OPS = {"fused_norm_linear": "rms_norm_linear", "fused_silu_mul_linear": "silu_mul_linear",
-             "fused_rotary_store_kv": "rotary_store_kv"}
+FUSED_OPS = {"fused_norm_linear": reference.rms_norm_linear, "fused_silu_mul_linear": reference.silu_mul_linear,
+             "fused_rotary_store_kv": reference.rotary_store_kv,
+             "fused_rotary_store_attend": REFERENCE_OPS.rotary_store_attend}
 
 
 def counting_ops(calls: list[str], fused: bool) -> KernelOps:
     """REFERENCE_OPS with every op wrapped to log its name; with `fused`, the fused entries set too."""
-    def counting(name: str, target: str):
+    def counting(name: str, target):
         def wrapped(*args):
             calls.append(name)
-            return getattr(reference, target)(*args)
+            return target(*args)
         return wrapped
 
-    ops = {name: counting(name, name) for name in BASIC_OPS}
+    ops = {name: counting(name, getattr(reference, name)) for name in BASIC_OPS}
     if fused:
         ops |= {name: counting(name, target) for name, target in FUSED_OPS.items()}
     return dataclasses.replace(REFERENCE_OPS, **ops)
@@ -159,7 +160,7 @@ def test_layers_call_ops_through_the_table():
     model = tiny_model()
     model.set_ops(ops)
     swapped = [m for m in model.modules() if hasattr(m, "ops")]
-    assert len(swapped) == 2 * 4 + 1 + 1  # per layer: 2 norms, attention, MLP; the final norm; rotary
+    assert len(swapped) == 2 * 4 + 1 + 1 + 1  # per layer: 2 norms, attention, MLP; final norm; rotary; lm_head
     assert all(m.ops is ops for m in swapped)
 
 
@@ -189,7 +190,7 @@ def test_decoder_layer_runs_the_fused_entries_and_they_equal_the_composition():
     fused = run_decode_step(model)
     torch.testing.assert_close(fused, unfused, atol=0, rtol=0)
     assert set(unfused_calls) == set(BASIC_OPS)
-    per_layer = ["fused_norm_linear", "fused_rotary_store_kv", "linear", "fused_norm_linear",
+    per_layer = ["fused_norm_linear", "fused_rotary_store_attend", "linear", "fused_norm_linear",
                  "fused_silu_mul_linear"]
     assert fused_calls == 2 * (per_layer * 2 + ["fused_add_rms_norm"])  # 2 steps of 2 layers and the final norm
 

@@ -19,6 +19,7 @@ Triton is imported lazily, so this module imports on machines without it.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
     tl = None
 
 __all__ = [
-    "HAS_TRITON", "TritonAttention", "decode_num_splits", "paged_decode_attention", "paged_prefill_attention",
-    "rotary_store_kv", "sdpa_prefill_attention", "store_kv",
+    "HAS_TRITON", "DecodeRotary", "TritonAttention", "decode_num_splits", "paged_decode_attention",
+    "paged_prefill_attention", "rotary_store_attend", "rotary_store_kv", "sdpa_prefill_attention", "store_kv",
 ]
 
 HAS_TRITON = triton is not None
@@ -61,7 +62,8 @@ def _require_triton() -> None:
 
 
 if triton is not None:
-    from r1serve.kernels.triton_ops import _rotate_heads
+    from r1serve.kernels import triton_ops
+    from r1serve.kernels.triton_ops import _pdl_start, _rotate_heads
 
     @triton.jit
     def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -89,10 +91,11 @@ if triton is not None:
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
                              stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                              num_heads, num_kv_heads, PAGE: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
-                             K_HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+                             K_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr):
         """One token per program: rotates its q heads in place, and writes its rotated k heads and its v
         heads into its cache slot (slot -1: q only). One read of the token's cos/sin row."""
         token = tl.program_id(0).to(tl.int64)
+        _pdl_start(USE_PDL)
         pos = tl.load(positions_ptr + token).to(tl.int64)
         dims = tl.arange(0, HALF)
         cos = tl.load(cos_sin_ptr + pos * stride_cache + dims)  # [HALF] float32
@@ -110,6 +113,32 @@ if triton is not None:
             v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + cols, mask=mask)
             v_dst = v_cache_ptr + (slot // PAGE) * stride_vcb + (slot % PAGE) * stride_vcs + heads * stride_vch
             tl.store(v_dst + cols, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate_loaded(x, partner, cos, sin, dims, HALF: tl.constexpr):
+        """Neox rotary of rows x [..., D] given `partner`, the same rows with their halves swapped:
+        x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); cos/sin [D] float32 (each half repeated),
+        cast to x's dtype first like the twin, computed in float32 and rounded once."""
+        dt = x.dtype
+        sign = tl.where(dims < HALF, -1.0, 1.0)
+        c = cos.to(dt).to(tl.float32)
+        s = sin.to(dt).to(tl.float32)
+        return (x.to(tl.float32) * c + sign * partner.to(tl.float32) * s).to(dt)
+
+    @triton.jit
+    def _store_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot, kv_head, cos, sin, dims,
+                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                      PAGE: tl.constexpr, HALF: tl.constexpr):
+        """The decode token's rotated key and its value (rows at k_ptr / v_ptr, one KV head) into its slot."""
+        swapped = (dims + HALF) % (2 * HALF)
+        k = _rotate_loaded(tl.load(k_ptr + dims), tl.load(k_ptr + swapped), cos, sin, dims, HALF)
+        v = tl.load(v_ptr + dims)
+        page = slot // PAGE
+        offset = slot % PAGE
+        tl.store(k_cache_ptr + page * stride_kb + offset * stride_ks + kv_head * stride_kh + dims,
+                 k.to(k_cache_ptr.dtype.element_ty))
+        tl.store(v_cache_ptr + page * stride_vb + offset * stride_vs + kv_head * stride_vh + dims,
+                 v.to(v_cache_ptr.dtype.element_ty))
 
     @triton.jit
     def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, offs_n, n_mask, kv_head, stride_kb, stride_ks,
@@ -145,20 +174,25 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
-                       part_lse_ptr, counters_ptr, scale_log2e, num_splits,
+                       part_lse_ptr, counters_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
+                       scale_log2e, num_splits,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                       stride_bt, stride_ot, stride_oh,
+                       stride_bt, stride_ot, stride_oh, stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cs,
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                       FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                       FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, ROTARY: tl.constexpr,
+                       USE_PDL: tl.constexpr):
         """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
         context. SPLIT: write the normalised partial output and its log2-sum-exp; then either
         `_merge_kernel` merges them, or (FUSED_MERGE) the last program of (seq, kv_head) to finish does,
-        found by a self-resetting atomic ticket, which saves a launch."""
+        found by a self-resetting atomic ticket, which saves a launch. ROTARY: q is not rotated yet, and the
+        decode token's key and value are not in the cache yet: the program rotates its q heads in registers,
+        and the split holding the newest key first writes that key (rotated) and value into the slot."""
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        seq_len = tl.load(seq_lens_ptr + seq)
+        seq_len = tl.load(seq_lens_ptr + seq)  # a step input: written before the graph, not by a kernel
+        _pdl_start(USE_PDL)
         share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * share
         end = tl.minimum(start + share, seq_len)
@@ -167,8 +201,23 @@ if triton is not None:
         dims = tl.arange(0, HEAD_DIM)
         q_mask = group[:, None] < GROUP
         q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
-        q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)
-        # q: [GROUP_PAD, HEAD_DIM]
+        q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM]
+        if ROTARY:
+            half: tl.constexpr = HEAD_DIM // 2
+            cs_row = cos_sin_ptr + tl.load(positions_ptr + seq) * stride_cs
+            cos = tl.load(cs_row + dims % half)  # [HEAD_DIM]: each half's angles twice
+            sin = tl.load(cs_row + half + dims % half)
+            partner = tl.load(q_rows + ((dims + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0)
+            q = _rotate_loaded(q, partner, cos, sin, dims, half)
+            if (end > start) & (end == seq_len):  # this split holds the newest key
+                slot = tl.load(slots_ptr + seq)
+                if slot >= 0:
+                    _store_new_kv(new_k_ptr + seq * stride_nkt + kv_head * stride_nkh,
+                                  new_v_ptr + seq * stride_nvt + kv_head * stride_nvh, k_cache_ptr, v_cache_ptr,
+                                  slot.to(tl.int64), kv_head, cos, sin, dims, stride_kb, stride_ks, stride_kh,
+                                  stride_vb, stride_vs, stride_vh, PAGE, half)
+                tl.debug_barrier()  # the tile loads below read the slot back
+        q = q.to(k_cache_ptr.dtype.element_ty)
         table = tables_ptr + seq * stride_bt
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -227,8 +276,9 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
-                      SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                      SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (seq, head): the split outputs weighted by exp2(lse - max); 0 if no split saw a key."""
+        _pdl_start(USE_PDL)
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         row = (seq * tl.num_programs(1) + head) * num_splits
@@ -361,8 +411,22 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
             v_cache.stride(2), q.shape[1], k.shape[1], PAGE=block_size,
             Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF=head_dim // 2, num_warps=4)
+            HALF=head_dim // 2, USE_PDL=triton_ops.use_pdl(), num_warps=4, **triton_ops.pdl_launch())
     return q
+
+
+def rotary_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float, backend: AttentionBackend) -> torch.Tensor:
+    """`KernelOps.rotary_store_attend`: rotary, KV store and attention of one layer. A decode-only step on this
+    backend is one decode kernel (plus its merge) with the rotary and store folded in; anything else runs
+    `rotary_store_kv`, then the backend's attention."""
+    if meta.is_decode_only and isinstance(backend, TritonAttention):
+        rotary = DecodeRotary(k, v, positions, cos_sin_cache, meta.slot_mapping)
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                      meta.max_seq_len, rotary=rotary)
+    q = rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+    return backend.attend(q, k_cache, v_cache, meta, scale)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -388,14 +452,27 @@ def _merge_counters(device: torch.device, needed: int) -> torch.Tensor:
     return counters
 
 
+class DecodeRotary(NamedTuple):
+    """What a decode step still has to do before attending, done inside the decode kernel: rotate q and the new
+    key by `positions`, and store key and value [num_seqs, kv_heads, head_dim] in their slots (-1: none)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           fused_merge: bool | None = None) -> torch.Tensor:
+                           fused_merge: bool | None = None, rotary: DecodeRotary | None = None) -> torch.Tensor:
     """One new token per sequence: query [num_seqs(+pad), num_heads, head_dim] → output of the same shape.
 
     seq_lens [num_seqs] int32 (device) may hold anything in 0..max_seq_len; a row of length 0 gives zeros.
-    Rows of query past num_seqs are copied through (as TorchAttention does). No host sync: graph-safe."""
+    Rows of query past num_seqs are copied through (as TorchAttention does). No host sync: graph-safe.
+    With `rotary`, query is not rotated yet and the new key/value are not stored yet: the kernel does both
+    (the same function as `rotary_store_kv` followed by this call without it)."""
     _require_triton()
     block_size = _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = seq_lens.shape[0], query.shape[1], query.shape[2]
@@ -414,18 +491,24 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     part_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), **f32)  # [B, H, S]
     counters = _merge_counters(query.device, num_seqs * num_kv_heads) if fused else part_lse
     splits_pad = triton.next_power_of_2(num_splits)
+    rot = rotary or DecodeRotary(query, query, seq_lens, part_lse, seq_lens)  # unused pointers without rotary
+    if rotary is not None and (rot.key.stride(-1) != 1 or rot.value.stride(-1) != 1 or k_cache.dtype != query.dtype):
+        raise ValueError("paged_decode_attention: rotary key/value need a contiguous head_dim and the cache's dtype")
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters, scale * LOG2E,
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters, rot.key, rot.value,
+        rot.positions, rot.cos_sin_cache, rot.slot_mapping, scale * LOG2E,
         num_splits, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1), PAGE=block_size, GROUP=num_heads // num_kv_heads,
+        out.stride(1), rot.key.stride(0), rot.key.stride(1), rot.value.stride(0), rot.value.stride(1),
+        rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
-        BLOCK_N=DECODE_BLOCK_N, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad,
-        num_warps=DECODE_NUM_WARPS, num_stages=2)
+        BLOCK_N=DECODE_BLOCK_N, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
+        USE_PDL=triton_ops.use_pdl(), num_warps=DECODE_NUM_WARPS, num_stages=2, **triton_ops.pdl_launch())
     if split and not fused:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, num_warps=4)
+            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, USE_PDL=triton_ops.use_pdl(), num_warps=4,
+            **triton_ops.pdl_launch())
     return out
 
 

@@ -1,36 +1,35 @@
 """Skinny matrix products for decode steps: y = act(x) @ W.T (+ bias) for a few rows of x (M ≤ 16), with the
-op in front of each of a decoder layer's projections fused into the product's prologue.
+op in front of a decoder layer's projection optionally fused into the product's prologue.
 
 Why: at batch 1 a decode step is a stream of weight reads (3.09 GB for the 1.5B model, ~1 ms at the H100's
-copy bandwidth). cuBLAS tiles suit large M; at M = 1 its kernels for the 1.5B model's small projections ran at
-28-34% of copy bandwidth (qkv, o_proj), gate_up at 79%, and down_proj needed a split-K reduce kernel, while the
-norms, SiLU and bias around them were separate launches of ~2 µs each. Here one program owns `block_n` weight
-rows (and, with `split_k`, a share of the reduction): it streams its rows in `block_k` chunks, holding the next
-chunk's load in flight while it multiplies the current one, and computes the activation chunk itself from the
-previous op's output: plain x, `silu(gate) * up` from the fused gate/up output (down_proj), or the RMSNorm of
-x, or of x + residual (qkv_proj, gate_up_proj; each program recomputes the row's norm from the 1536-element
-row, and program 0 writes the new residual). Every activation is rounded where its plain-torch twin rounds
-(`kernels/reference.py`: the norm before the weight, the SiLU before the product), so the product sees the
-same bf16 operands; the sum runs in float32 and is rounded once, with the bias added before that (cuBLAS's
-epilogue does the same). With split-K, each program stores its float32 partial and the last of a column's
-programs to finish (a self-resetting atomic ticket) sums them in split order: deterministic, one launch.
-Two product forms: FMA (broadcast multiply and row sums, any M) and `tl.dot` (tensor cores, x padded to 16
-rows). Which form and tiles serve a (N, K, M) shape was measured (`TUNED`, benchmarks/decode_step_gpu.py);
-above `SKINNY_MAX_M` rows, or for float32 weights, the ops fall back to the unfused composition with cuBLAS.
-Optionally (`USE_PDL`) the kernels are launched as programmatic dependent launches on Hopper: a program
-issues its first weight load, then waits for the previous kernel (`griddepcontrol.wait`), so weight streaming
-overlaps the previous kernel's tail. Triton is imported lazily: the module imports without it.
+copy bandwidth). cuBLAS tiles suit large M; at M = 1 its kernels for the 1.5B model's projections ran at 28-34%
+of copy bandwidth (qkv, o_proj) to 79% (gate_up), down_proj needed a split-K reduce kernel, and the norms and
+SiLU around them were launches of their own. Here one program owns `block_n` weight rows (and, with
+`split_k`, a share of the reduction). Where one chunk of `block_k` columns holds all of K (the 1536-wide
+products), the program issues its whole weight slice and the activation row at once, so it waits for memory
+once; otherwise it streams chunks with the next chunk's weights and activations in flight while it multiplies
+the current one. The activation is computed in the prologue from the previous op's output: plain x,
+`silu(gate) * up` from the fused gate/up output, or the RMSNorm of x or of x + residual (each program
+recomputes the row's norm, and program 0 writes the new residual). It is rounded where its plain-torch twin
+rounds (`kernels/reference.py`), so the product sees the twin's bf16 operands; the sum runs in float32 and is
+rounded once, bias added first (cuBLAS's epilogue does the same). With split-K each program stores its float32
+partial and the last of a column's programs to arrive (a self-resetting atomic ticket) sums them in split
+order: deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor
+cores, x padded to 16 rows). Which tiles serve a (N, K, M) shape, and whether fusing the activation pays, was
+measured on the H100 (`TUNED`, `FUSED`; benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every
+shape from 4 rows on. On Hopper the kernel launches as a programmatic dependent launch (`triton_ops.use_pdl`):
+it issues its first weight load, then waits for the previous kernel, so the weight stream starts during that
+kernel's tail. Triton is imported lazily: the module imports without it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-from r1serve.kernels import reference
+from r1serve.kernels import reference, triton_ops
 
 try:  # Triton is absent on CPU-only machines; the reference ops run there instead
     import triton
@@ -40,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
     tl = None
 
 __all__ = [
-    "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_linear", "silu_mul_linear",
+    "FUSED", "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_linear", "silu_mul_linear",
     "skinny_config", "skinny_linear",
 ]
 
@@ -48,7 +47,6 @@ HAS_TRITON = triton is not None
 SKINNY_MAX_M = 16
 # The activation each kernel computes from its input (the op fused in front of the product).
 ACT_PLAIN, ACT_SILU_MUL, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2, 3
-USE_PDL = os.environ.get("R1SERVE_PDL", "0") == "1"
 _WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
 _TICKETS = 1 << 14
 
@@ -70,9 +68,41 @@ class SkinnyConfig:
                 f"w{self.warps} st{self.stages}")
 
 
-# Measured on the H100 (benchmarks/decode_step_gpu.py, docs/kernels.md): (N, K, M bucket) → the fastest
-# config, or None where cuBLAS was faster. Shapes not listed take `_default_config`.
-TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+# Measured on the H100 (benchmarks/decode_step_gpu.py, docs/kernels.md), keyed (N, K, M bucket). TUNED: the
+# plain product's config, or None where cuBLAS was faster. FUSED: the config of the product with its activation
+# fused in, or None where the activation's own kernel followed by the plain product was faster. Shapes not
+# listed take `_default_config`.
+# H100 run of 2026-11-25, µs per call (28 weight copies in a graph): e.g. M=1 qkv 4.92 vs cuBLAS 6.20, o_proj 4.44
+# vs 5.72, gate_up 20.69 vs 23.10, down 12.43 vs 14.86, lm_head 161.7 vs 176.8; fused with their norm: qkv 5.33
+# vs 7.95 (norm kernel + cuBLAS), gate_up 21.82 vs 25.56. From 4 rows on cuBLAS won every shape.
+TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {
+    (1536, 1536, 1): SkinnyConfig(1, 2048),  # o_proj
+    (1536, 1536, 2): SkinnyConfig(2, 2048, warps=8),
+    (1536, 1536, 4): None,
+    (1536, 8960, 1): SkinnyConfig(2, 1024),  # down_proj
+    (1536, 8960, 2): SkinnyConfig(2, 1024),
+    (1536, 8960, 4): None,
+    (2048, 1536, 1): SkinnyConfig(1, 2048),  # qkv_proj
+    (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
+    (2048, 1536, 4): None,
+    (17920, 1536, 1): SkinnyConfig(2, 2048),  # gate_up_proj
+    (17920, 1536, 2): None,
+    (17920, 1536, 4): None,
+    (151936, 1536, 1): SkinnyConfig(2, 2048),  # lm_head
+    (151936, 1536, 2): None,
+    (151936, 1536, 4): None,
+}
+FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
+    (1536, 8960, 1): None,  # SiLU fused: 13.98 µs, SiLU kernel + the plain product: 13.93
+    (1536, 8960, 2): None,
+    (1536, 8960, 4): None,
+    (2048, 1536, 1): SkinnyConfig(2, 2048),
+    (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
+    (2048, 1536, 4): None,
+    (17920, 1536, 1): SkinnyConfig(2, 2048),
+    (17920, 1536, 2): None,
+    (17920, 1536, 4): None,
+}
 
 
 def _require_triton() -> None:
@@ -83,47 +113,48 @@ def _require_triton() -> None:
 if triton is not None:
 
     @triton.jit
-    def _hidden_chunk(x_ptr, res_ptr, rows, ks, mask, stride_xm, stride_rm, ACT: tl.constexpr):
-        """x (ACT_RMS_NORM) or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM): the row the norm sees."""
-        h = tl.load(x_ptr + rows * stride_xm + ks, mask=mask, other=0.0)
+    def _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, mask, K, stride_xm, stride_rm, ACT: tl.constexpr):
+        """What the activation of columns `cols` is computed from, loaded together: (h, up, norm weight).
+        h: x, gate (ACT_SILU_MUL), or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM)."""
+        h = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
+        up = h
+        nw = h
+        if ACT == 1:
+            up = tl.load(x_ptr + rows * stride_xm + K + cols, mask=mask, other=0.0)
         if ACT == 3:
-            r = tl.load(res_ptr + rows * stride_rm + ks, mask=mask, other=0.0)
+            r = tl.load(res_ptr + rows * stride_rm + cols, mask=mask, other=0.0)
             h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # rounded like torch's bf16 add
-        return h
+        if ACT >= 2:
+            nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
+        return h, up, nw
 
     @triton.jit
-    def _inv_rms(x_ptr, res_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm,
+    def _activation(h, up, nw, inv_rms, ACT: tl.constexpr):
+        """The [BLOCK_M, BLOCK_K] activation chunk the product consumes, rounded where the twin rounds."""
+        if ACT == 1:  # silu(gate) * up
+            g32 = h.to(tl.float32)
+            silu = (g32 / (1.0 + tl.exp(-g32))).to(h.dtype).to(tl.float32)
+            a = (silu * up.to(tl.float32)).to(h.dtype)
+        elif ACT >= 2:  # weight * rmsnorm(h)
+            normed = (h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32)
+            a = (nw.to(h.dtype).to(tl.float32) * normed).to(h.dtype)
+        else:
+            a = h
+        return a
+
+    @triton.jit
+    def _inv_rms(x_ptr, res_ptr, nw_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm,
                  ACT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """1 / rms of each row of x (+ residual) over all K columns: [BLOCK_M] float32."""
+        """1 / rms of each row of x (+ residual) over all K columns: [BLOCK_M] float32 (a pass of its own, for
+        reductions longer than one chunk)."""
         sum_sq = tl.zeros([offs_m.shape[0]], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (ks < K)[None, :]
-            h = _hidden_chunk(x_ptr, res_ptr, offs_m[:, None], ks[None, :], mask, stride_xm, stride_rm, ACT)
+            ks = (k0 + tl.arange(0, BLOCK_K))[None, :]
+            h, _, _ = _load_raw(x_ptr, res_ptr, nw_ptr, offs_m[:, None], ks, m_mask[:, None] & (ks < K), K,
+                                stride_xm, stride_rm, ACT)
             h32 = h.to(tl.float32)
             sum_sq += tl.sum(h32 * h32, axis=1)
         return tl.rsqrt(sum_sq / K + eps)
-
-    @triton.jit
-    def _act_chunk(x_ptr, res_ptr, nw_ptr, offs_m, ks, mask, inv_rms, K, stride_xm, stride_rm,
-                   ACT: tl.constexpr):
-        """The [BLOCK_M, BLOCK_K] activation chunk the product consumes, rounded where the twin rounds."""
-        rows = offs_m[:, None]
-        cols = ks[None, :]
-        if ACT == 1:  # silu(gate) * up from the fused gate/up output [M, 2K]
-            gate = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
-            up = tl.load(x_ptr + rows * stride_xm + K + cols, mask=mask, other=0.0)
-            g32 = gate.to(tl.float32)
-            silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
-            a = (silu * up.to(tl.float32)).to(gate.dtype)
-        elif ACT >= 2:  # weight * rmsnorm(x [+ residual])
-            h = _hidden_chunk(x_ptr, res_ptr, rows, cols, mask, stride_xm, stride_rm, ACT)
-            normed = (h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32)
-            nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(h.dtype).to(tl.float32)
-            a = (nw[None, :] * normed).to(h.dtype)
-        else:
-            a = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
-        return a
 
     @triton.jit
     def _multiply_add(acc, w, a, DOT: tl.constexpr):
@@ -148,10 +179,27 @@ if triton is not None:
                             BLOCK_K: tl.constexpr):
         """new_residual = x + residual (rounded) for all M rows: written by one program."""
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (ks < K)[None, :]
-            h = _hidden_chunk(x_ptr, res_ptr, offs_m[:, None], ks[None, :], mask, stride_xm, stride_rm, 3)
-            tl.store(new_res_ptr + offs_m[:, None] * stride_nm + ks[None, :], h, mask=mask)
+            ks = (k0 + tl.arange(0, BLOCK_K))[None, :]
+            mask = m_mask[:, None] & (ks < K)
+            h, _, _ = _load_raw(x_ptr, res_ptr, x_ptr, offs_m[:, None], ks, mask, K, stride_xm, stride_rm, 3)
+            tl.store(new_res_ptr + offs_m[:, None] * stride_nm + ks, h, mask=mask)
+
+    @triton.jit
+    def _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Publishes this split's float32 partial; the column's last program to arrive gets (True, the sum of
+        all partials in split order), the others (False, acc)."""
+        parts = ws_ptr + (offs_n[:, None] * BLOCK_M + offs_m[None, :])  # [SPLIT_K, N, BLOCK_M] float32
+        tl.store(parts + pid_k * N * BLOCK_M, acc, mask=n_mask[:, None])
+        tl.debug_barrier()  # every thread's partial precedes the release below
+        ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        last = ticket == SPLIT_K - 1
+        if last:  # the column's other programs have all published their partials
+            tl.atomic_xchg(tickets_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on who is last
+                acc += tl.load(parts + s * N * BLOCK_M, mask=n_mask[:, None], other=0.0, cache_modifier=".cg")
+        return last, acc
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, new_res_ptr, ws_ptr, tickets_ptr,
@@ -159,9 +207,9 @@ if triton is not None:
                        stride_xm, stride_rm, stride_wn, stride_ym, stride_nm,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       DOT: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_hi) of the reduction, for
-        all M rows of x; `split_span` columns per split (a multiple of BLOCK_K)."""
+                       SINGLE: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
+        reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,20 +225,35 @@ if triton is not None:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # the activations do: wait for the kernel that wrote them
-        if ACT >= 2:
-            inv_rms = _inv_rms(x_ptr, res_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT, BLOCK_K)
+        rows = offs_m[:, None]
+        if SINGLE:
+            cols = ks[None, :]
+            h, up, nw = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
+                                  stride_xm, stride_rm, ACT)
+            inv_rms = tl.zeros([BLOCK_M], tl.float32)
+            if ACT >= 2:  # the norm's statistics from the same registers (masked columns are 0)
+                h32 = h.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(h32 * h32, axis=1) / K + eps)
+            acc = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w_next,
+                                _activation(h, up, nw, inv_rms, ACT), DOT)
         else:
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
-            w = w_next
-            ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's load is in flight meanwhile
-            w_next = tl.load(w_rows + ks_next[None, :],
-                             mask=n_mask[:, None] & ((ks_next < K) & (ks_next < k_end))[None, :], other=0.0)
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (ks < K)[None, :]
-            a = _act_chunk(x_ptr, res_ptr, nw_ptr, offs_m, ks, mask, inv_rms, K, stride_xm, stride_rm, ACT)
-            acc = _multiply_add(acc, w, a, DOT)
+            if ACT >= 2:
+                inv_rms = _inv_rms(x_ptr, res_ptr, nw_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT,
+                                   BLOCK_K)
+            cols = ks[None, :]
+            h_next, up_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K),
+                                                 K, stride_xm, stride_rm, ACT)
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
+                w, h, up, nw = w_next, h_next, up_next, nw_next
+                ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's loads are in flight meanwhile
+                in_split = (ks_next < K) & (ks_next < k_end)
+                w_next = tl.load(w_rows + ks_next[None, :], mask=n_mask[:, None] & in_split[None, :], other=0.0)
+                h_next, up_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
+                                                     m_mask[:, None] & in_split[None, :], K, stride_xm, stride_rm,
+                                                     ACT)
+                acc = _multiply_add(acc, w, _activation(h, up, nw, inv_rms, ACT), DOT)
         if ACT == 3:
             if (pid_n == 0) & (pid_k == 0):
                 _store_new_residual(x_ptr, res_ptr, new_res_ptr, offs_m, m_mask, K, stride_xm, stride_rm,
@@ -198,16 +261,9 @@ if triton is not None:
         if SPLIT_K == 1:
             _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         else:
-            parts = ws_ptr + (offs_n[:, None] * BLOCK_M + offs_m[None, :])  # [SPLIT_K, N, BLOCK_M] float32
-            tl.store(parts + pid_k * N * BLOCK_M, acc, mask=n_mask[:, None])
-            tl.debug_barrier()  # every thread's partial precedes the release below
-            ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLIT_K - 1:  # the column's other programs have all published their partials
-                tl.atomic_xchg(tickets_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                for s in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on who is last
-                    total += tl.load(parts + s * N * BLOCK_M, mask=n_mask[:, None], other=0.0,
-                                     cache_modifier=".cg")
+            last, total = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                                       BLOCK_M, BLOCK_N, SPLIT_K)
+            if last:
                 _store_out(y_ptr, b_ptr, total, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
 
@@ -228,13 +284,15 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def skinny_config(m: int, n: int, k: int) -> SkinnyConfig | None:
-    """The config the ops use for an (M, N, K) product, or None to leave it to cuBLAS."""
+def skinny_config(m: int, n: int, k: int, fused: bool = False) -> SkinnyConfig | None:
+    """The config for an (M, N, K) product (`fused`: with its activation fused in), or None: cuBLAS for the
+    plain product, the activation's own kernel first for the fused one."""
     if m > SKINNY_MAX_M or m < 1:
         return None
     key = (n, k, m_bucket(m))
-    if key in TUNED:
-        return TUNED[key]
+    table = FUSED if fused else TUNED
+    if key in table:
+        return table[key]
     return _default_config(key[2], n, k)
 
 
@@ -298,7 +356,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not _fits(config, block_m, n, split):
         split, per_split = 1, chunks
     ws, tickets = _workspace(x.device) if split > 1 else (y, y)
-    launch = {"launch_pdl": True} if USE_PDL else {}
     grid = (triton.cdiv(n, config.block_n), split)
     kernel = _skinny_kernel[grid] if not compile_only else functools.partial(_skinny_kernel.warmup, grid=grid)
     kernel(
@@ -306,52 +363,60 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
         ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, DOT=config.dot, USE_PDL=USE_PDL, num_warps=config.warps, num_stages=config.stages, **launch)
+        SPLIT_K=split, SINGLE=split == 1 and config.block_k >= k, DOT=config.dot, USE_PDL=triton_ops.use_pdl(),
+        num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
 
 
-def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, k: int) -> SkinnyConfig | None:
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> SkinnyConfig | None:
     """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes)."""
     if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1:
+    k = weight.shape[1]
+    if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1 or not x.shape[-1]:
         return None
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return skinny_config(m, weight.shape[0], k)
+    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`reference.linear`: the skinny kernel for a few rows, cuBLAS otherwise."""
-    if _skinny_ok(x, weight, weight.shape[1]) is None:
+    """`reference.linear`: the skinny kernel where it was measured faster, cuBLAS otherwise."""
+    config = _skinny_ok(x, weight, fused=False)
+    if config is None:
         return reference.linear(x, weight, bias)
-    y, _ = skinny_linear(x, weight, bias)
+    y, _ = skinny_linear(x, weight, bias, config=config)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`reference.silu_mul_linear` in one launch for a few rows; Triton SiLU-and-mul + cuBLAS otherwise."""
-    if _skinny_ok(x, weight, weight.shape[1]) is None:
+    """`reference.silu_mul_linear` in one launch where that was measured faster; else the Triton SiLU-and-mul
+    kernel, then `linear`."""
+    config = _skinny_ok(x, weight, fused=True)
+    if config is None:
+        if not (x.is_cuda and HAS_TRITON):
+            return reference.silu_mul_linear(x, weight)
         from r1serve.kernels import triton_ops
 
-        act = triton_ops.silu_and_mul(x) if x.is_cuda and triton is not None else reference.silu_and_mul(x)
-        return reference.linear(act, weight)
-    y, _ = skinny_linear(x, weight, act=ACT_SILU_MUL)
+        return linear(triton_ops.silu_and_mul(x), weight)
+    y, _ = skinny_linear(x, weight, act=ACT_SILU_MUL, config=config)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.rms_norm_linear` in one launch for a few rows; Triton (add +) RMSNorm + cuBLAS otherwise."""
-    if _skinny_ok(x, weight, weight.shape[1]) is None:
+    """`reference.rms_norm_linear` in one launch where that was measured faster; else the Triton (add +)
+    RMSNorm kernel, then `linear`."""
+    config = _skinny_ok(x, weight, fused=True)
+    if config is None:
+        if not (x.is_cuda and HAS_TRITON):
+            return reference.rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
         from r1serve.kernels import triton_ops
 
-        if not (x.is_cuda and triton is not None):
-            return reference.rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
         if residual is None:
-            return reference.linear(triton_ops.rms_norm(x, norm_weight, eps), weight, bias), x
+            return linear(triton_ops.rms_norm(x, norm_weight, eps), weight, bias), x
         normed, residual = triton_ops.fused_add_rms_norm(x, residual, norm_weight, eps)
-        return reference.linear(normed, weight, bias), residual
+        return linear(normed, weight, bias), residual
     act = ACT_RMS_NORM if residual is None else ACT_ADD_RMS_NORM
-    y, new_res = skinny_linear(x, weight, bias, act=act, residual=residual, norm_weight=norm_weight, eps=eps)
+    y, new_res = skinny_linear(x, weight, bias, act=act, residual=residual, norm_weight=norm_weight, eps=eps,
+                               config=config)
     out = y.view(*x.shape[:-1], weight.shape[0])
     return out, (x if new_res is None else new_res.view(x.shape))

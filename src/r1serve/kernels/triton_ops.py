@@ -8,9 +8,16 @@ rounds where the twin rounds (the normalised row to the input dtype before the w
 product), so results match the twin to the last bit or nearly; rotary computes in float32 and rounds once
 (within an ulp of the twin, closer to the exact value). Triton is imported lazily: this module imports on a
 machine without it, and calling an op there raises an error.
+
+On Hopper (`use_pdl()`; R1SERVE_PDL=0 turns it off) the kernels of a decode step's chain (these norms, the
+skinny products, the fused rotary + store, decode attention and its merge) launch as programmatic dependent
+launches: each lets the next kernel start early (`griddepcontrol.launch_dependents`) and waits for the previous one
+(`griddepcontrol.wait`) before it reads anything that kernel wrote, so launches overlap the previous tail.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -28,6 +35,22 @@ __all__ = [
 ]
 
 HAS_TRITON = triton is not None
+# Programmatic dependent launch: True / False, or None to decide on first use (R1SERVE_PDL=1 / 0 overrides).
+USE_PDL: bool | None = {"1": True, "0": False}.get(os.environ.get("R1SERVE_PDL", ""))
+
+
+def use_pdl() -> bool:
+    """Whether the chain's kernels launch as programmatic dependent launches: on compute capability 9.0 and
+    later (Hopper) unless USE_PDL says otherwise."""
+    global USE_PDL
+    if USE_PDL is None:
+        USE_PDL = bool(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0))
+    return USE_PDL
+
+
+def pdl_launch() -> dict[str, bool]:
+    """Launch options of a kernel that waits for its predecessor: pass with USE_PDL=use_pdl()."""
+    return {"launch_pdl": True} if use_pdl() else {}
 
 
 def _require_triton() -> None:
@@ -38,13 +61,22 @@ def _require_triton() -> None:
 if triton is not None:
 
     @triton.jit
+    def _pdl_start(USE_PDL: tl.constexpr):
+        """Programmatic dependent launch: let the next kernel launch, then wait until the previous one is done
+        and its writes are visible. A no-op without USE_PDL."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, eps,
                          stride_x, stride_r, stride_o, stride_nr, hidden,
-                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr):
         """One row per program: (optionally) s = x + residual, then out = weight * rmsnorm(s)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
+        _pdl_start(USE_PDL)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -57,11 +89,13 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (w * normed).to(x.dtype), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         """Program (row, chunk): out[row, chunk] = silu(gate) * up, gate = x[row, :I], up = x[row, I:]."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
+        _pdl_start(USE_PDL)
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
         g32 = gate.to(tl.float32)
@@ -124,7 +158,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block = triton.next_power_of_2(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, eps, x2.stride(0), x2.stride(0),
                                          out.stride(0), out.stride(0), x2.shape[1],
-                                         BLOCK=block, HAS_RESIDUAL=False, num_warps=_norm_warps(block))
+                                         BLOCK=block, HAS_RESIDUAL=False, USE_PDL=use_pdl(),
+                                         num_warps=_norm_warps(block), **pdl_launch())
     return out.view(x.shape)
 
 
@@ -138,7 +173,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         block = triton.next_power_of_2(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, new_residual, eps, x2.stride(0), r2.stride(0),
                                          out.stride(0), new_residual.stride(0), x2.shape[1],
-                                         BLOCK=block, HAS_RESIDUAL=True, num_warps=_norm_warps(block))
+                                         BLOCK=block, HAS_RESIDUAL=True, USE_PDL=use_pdl(),
+                                         num_warps=_norm_warps(block), **pdl_launch())
     return out.view(x.shape), new_residual.view(x.shape)
 
 
@@ -153,7 +189,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
         grid = (x2.shape[0], triton.cdiv(inter, block))
-        _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+        _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, USE_PDL=use_pdl(),
+                                   num_warps=4, **pdl_launch())
     return out.view(*x.shape[:-1], inter)
 
 

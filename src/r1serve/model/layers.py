@@ -30,6 +30,8 @@ SiluMulLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RotaryStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                         torch.Tensor, torch.Tensor], torch.Tensor]
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+RotaryStoreAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, AttentionMetadata, float, AttentionBackend], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class KernelOps:
     """The ops a model runs, with `kernels.reference`'s signatures (Triton twins may replace them).
 
     The four element-wise ops and `linear` are always set. The fused entries may be None: then the methods
-    `norm_linear`, `silu_mul_linear` and `rotary_store_kv` run the composition of this table's own ops."""
+    `norm_linear`, `silu_mul_linear`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
+    table's own ops (and the attention backend's)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float],
@@ -49,6 +52,7 @@ class KernelOps:
     fused_norm_linear: NormLinear | None = None
     fused_silu_mul_linear: SiluMulLinear | None = None
     fused_rotary_store_kv: RotaryStore | None = None
+    fused_rotary_store_attend: RotaryStoreAttend | None = None
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +81,17 @@ class KernelOps:
         store_kv(k, v, k_cache, v_cache, slot_mapping)
         return q
 
+    def rotary_store_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float, backend: AttentionBackend) -> torch.Tensor:
+        """`rotary_store_kv`, then `backend.attend`: q [T, heads, D] → attention output [T, heads, D]."""
+        if self.fused_rotary_store_attend is not None:
+            return self.fused_rotary_store_attend(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale,
+                                                  backend)
+        q = self.rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
+                                 backend.store_kv)
+        return backend.attend(q, k_cache, v_cache, meta, scale)
+
 
 REFERENCE_OPS = KernelOps(
     rms_norm=reference.rms_norm,
@@ -88,7 +103,8 @@ REFERENCE_OPS = KernelOps(
 
 def triton_kernel_ops(fused: bool = True) -> KernelOps:
     """The CUDA table: Triton element-wise kernels and, with `fused`, the skinny-product kernels of
-    `kernels.triton_linear` (a few rows; cuBLAS beyond) and the fused rotary + KV store. Needs Triton."""
+    `kernels.triton_linear` (a few rows; cuBLAS beyond), the fused rotary + KV store, and decode attention with
+    both folded in. Needs Triton."""
     from r1serve.kernels import triton_attention, triton_linear, triton_ops
 
     elementwise = KernelOps(rms_norm=triton_ops.rms_norm, fused_add_rms_norm=triton_ops.fused_add_rms_norm,
@@ -97,7 +113,8 @@ def triton_kernel_ops(fused: bool = True) -> KernelOps:
         return elementwise
     return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
                    fused_silu_mul_linear=triton_linear.silu_mul_linear,
-                   fused_rotary_store_kv=triton_attention.rotary_store_kv)
+                   fused_rotary_store_kv=triton_attention.rotary_store_kv,
+                   fused_rotary_store_attend=triton_attention.rotary_store_attend)
 
 
 class RMSNorm(nn.Module):
@@ -189,9 +206,8 @@ class Qwen2Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        q = self.ops.rotary_store_kv(q, k, v, positions, rotary_emb.cos_sin_cache, k_cache, v_cache,
-                                     meta.slot_mapping, self.backend.store_kv)
-        out = self.backend.attend(q, k_cache, v_cache, meta, self.scale)  # [T, heads, head_dim]
+        out = self.ops.rotary_store_attend(q, k, v, positions, rotary_emb.cos_sin_cache, k_cache, v_cache, meta,
+                                           self.scale, self.backend)  # [T, heads, head_dim]
         return self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, None)
 
 

@@ -88,6 +88,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = config
         self.model = Qwen2Model(config, backend or TorchAttention(), ops)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.ops = ops  # the logits projection's product
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -110,7 +111,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] → logits [N, vocab_size] float32."""
-        return self.lm_head(hidden).float()
+        return self.ops.linear(hidden, self.lm_head.weight, None).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
