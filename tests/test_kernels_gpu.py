@@ -587,7 +587,9 @@ def test_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | No
     assert rel_err(out, ref) < 2e-3
     assert torch.equal(out[6], torch.zeros_like(out[6]))
     twin_q, _ = reference.apply_rotary(query.float(), key.float(), positions, cache)
-    twin = reference_attention(twin_q, k_ref, v_ref, padded)
+    twin_meta = AttentionMetadata(slots, meta.query_start_loc, seq_lens_t, meta.block_tables, 1, meta.max_seq_len,
+                                  [1] * len(seq_lens), seq_lens_t.tolist())  # the twin gathers up to max_seq_len
+    twin = reference_attention(twin_q, k_ref, v_ref, twin_meta)
     assert rel_err(out[:6], twin[:6]) < BF16_TOL
 
 

@@ -209,7 +209,8 @@ if triton is not None:
             sin = tl.load(cs_row + half + dims % half)
             partner = tl.load(q_rows + ((dims + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0)
             q = _rotate_loaded(q, partner, cos, sin, dims, half)
-            if (end > start) & (end == seq_len):  # this split holds the newest key
+            newest = (end > start) & (end == seq_len)  # this split holds the newest key
+            if newest | ((seq_len == 0) & (split == 0)):  # (a row with no keys still stores, like the twin)
                 slot = tl.load(slots_ptr + seq)
                 if slot >= 0:
                     _store_new_kv(new_k_ptr + seq * stride_nkt + kv_head * stride_nkh,
