@@ -6,8 +6,12 @@ per call replayed in a CUDA graph of 28 calls, as the model runs them (decode at
 own cache, so that the L2 cache does not hold the context; the ops: the same inputs), its eager time
 (`triton.testing.do_bench` median, L2 cleared before each run; at small sizes that is launch overhead), the
 twin's eager time, and the fewest bytes the op must move over the copy bandwidth measured in the same run.
-Sweeps of the decode split count and the prefill tile follow. It ends with one JSON line.
-Run on the device: `PYTHONPATH=src python3 benchmarks/kernels_gpu.py` (`--quick` for fewer cases).
+Sweeps of the decode split count and the prefill tile follow. The sampling section times the Triton sampler
+(`kernels/triton_sampling.sample`) against the torch path (`Sampler.__call__` with a `SamplingBatch`) on flat
+(randn, random weights) and peaked (randn * 30) logits of the real vocabulary, with the number of passes over
+the logits each needed. It ends with one JSON line.
+Run on the device: `PYTHONPATH=src python3 benchmarks/kernels_gpu.py` (`--quick` for fewer cases; `--only
+sampling`, or a comma-separated list of sections, for some of them).
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from r1serve.engine.sampler import Sampler, SamplingBatch
+from r1serve.engine.sequence import Request, Sequence
 from r1serve.kernels import reference, triton_ops
 from r1serve.kernels import triton_attention as ta
+from r1serve.kernels import triton_sampling as tsm
 from r1serve.kernels.attention import AttentionMetadata, TorchAttention, build_metadata
+from r1serve.sampling_params import SamplingParams
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
-HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, BLOCK = 12, 2, 128, 1536, 8960, 16
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, BLOCK, VOCAB = 12, 2, 128, 1536, 8960, 16, 151936
+SECTIONS = ("decode", "prefill", "ops", "sampling")
 
 
 @dataclass
@@ -243,6 +252,69 @@ def op_rows(bw: float, token_counts: list[int]) -> list[Row]:
     return rows
 
 
+def sampling_batch(batch: int, params: SamplingParams) -> SamplingBatch:
+    """The torch sampler's per-step input for `batch` unseeded sequences with these parameters."""
+    seqs = []
+    for i in range(batch):
+        request = Request(f"r{i}", None, [1, 2, 3], params)
+        seq = Sequence(request, 0, [1, 2, 3], 3)
+        request.seqs.append(seq)
+        seqs.append(seq)
+    return SamplingBatch.build(seqs, VOCAB, torch.device(DEVICE))
+
+
+def sampling_rows(bw: float, batches: list[int]) -> list[Row]:
+    """`sample` (graph of 8 calls; eager; one program per row) against the torch path at temperature 0.6,
+    top_p 0.95. Bytes: one read of the float32 logits (one pass); the kernel makes `passes` of them."""
+    rows, sampler = [], Sampler(eos_token_id=None)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch in batches:
+        sb = sampling_batch(batch, SamplingParams(temperature=0.6, top_p=0.95))
+        zeros = torch.zeros(batch, device=DEVICE)
+        top_k, min_p, seeds = zeros.long(), zeros, torch.randint(0, 2**62, (batch,), device=DEVICE)
+        for kind, spread in (("flat", 1.0), ("peaked", 30.0)):
+            logits = torch.randn(batch, VOCAB, device=DEVICE) * spread
+            passes = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+            tsm.sample(logits, sb.temperature, sb.top_p, top_k, min_p, seeds, passes=passes)
+            mine = partial(tsm.sample, logits, sb.temperature, sb.top_p, top_k, min_p, seeds)
+            unsplit = partial(tsm.sample, logits, sb.temperature, sb.top_p, top_k, min_p, seeds, max_split=1)
+            nbytes = logits.numel() * logits.element_size()
+            split, _ = tsm.programs_per_row(batch, VOCAB, sms)
+            note = (f"eager {median_us(mine):.1f} us; {split} programs/row; passes mean "
+                    f"{passes.float().mean():.2f} max {int(passes.max())}")
+            if split > 1:
+                note += f"; 1 program/row: graph {graph_us([unsplit] * 8):.1f} us"
+            rows.append(Row("sample", f"B={batch} V={VOCAB} {kind} fp32", graph_us([mine] * 8),
+                            median_us(partial(sampler, logits, sb)), nbytes, nbytes / bw * 1e6, note=note))
+            bf16 = logits.to(torch.bfloat16)
+            rows.append(Row("sample", f"B={batch} V={VOCAB} {kind} bf16", graph_us(
+                [partial(tsm.sample, bf16, sb.temperature, sb.top_p, top_k, min_p, seeds)] * 8), float("nan"),
+                nbytes // 2, nbytes / 2 / bw * 1e6, note="twin: the torch path takes float32 logits"))
+    return rows
+
+
+def sampling_sweep(bw: float) -> list[Row]:
+    """`sample` with other tile shapes (graph of 8 calls, float32 logits, temperature 0.6, top_p 0.95): LANES
+    lanes, one per thread (LANES // 32 warps), so groups of BLOCK // LANES tokens."""
+    rows, default = [], (tsm.LANES, tsm.NUM_WARPS)
+    try:
+        for lanes in (128, 256):
+            tsm.LANES, tsm.NUM_WARPS = lanes, lanes // 32
+            for batch in (1, 256):
+                zeros = torch.zeros(batch, device=DEVICE)
+                seeds = torch.randint(0, 2**62, (batch,), device=DEVICE)
+                for kind, spread in (("flat", 1.0), ("peaked", 30.0)):
+                    logits = torch.randn(batch, VOCAB, device=DEVICE) * spread
+                    fn = partial(tsm.sample, logits, zeros + 0.6, zeros + 0.95, zeros.long(), zeros, seeds)
+                    nbytes = logits.numel() * logits.element_size()
+                    rows.append(Row("sample_sweep", f"B={batch} {kind} fp32 lanes={lanes}", graph_us([fn] * 8),
+                                    float("nan"), nbytes, nbytes / bw * 1e6,
+                                    note=f"{lanes // 32} warps, groups of {tsm.BLOCK // lanes} tokens"))
+    finally:
+        tsm.LANES, tsm.NUM_WARPS = default
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     head = f"{'kernel':<22}{'shape':<34}{'triton us':>10}{'twin us':>10}{'x twin':>8}"
     head += f"{'roof us':>9}{'%roof':>7}"
@@ -255,7 +327,11 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     args = parser.parse_args()
+    sections = set(args.only.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--only: unknown section(s) {sorted(sections - set(SECTIONS))}")
     torch.manual_seed(0)
     bw, mm = copy_bandwidth(), matmul_rate()
     props = torch.cuda.get_device_properties(0)
@@ -269,18 +345,28 @@ def main() -> None:
         "512 new on 4096 cached": ([512], [4608]),
         "2048 chunk + 63 decodes@1k": ([2048] + [1] * 63, [4096] + [1024] * 63),
     }
+    sample_batches = [1, 32, 256]
     if args.quick:
         decode_cases, prefill_cases = decode_cases[:3], dict(list(prefill_cases.items())[:2])
-    rows = decode_rows(bw, decode_cases)
-    if not args.quick:
-        rows += split_sweep(bw, [(1, 1024), (1, 4096), (1, 16384), (8, 4096), (32, 2048)],
-                            [1, 2, 4, 8, 16, 32, 64])
-    rows += prefill_rows(bw, mm, prefill_cases)
-    if not args.quick:
-        sweep_names = ["1 prompt x 8192", "512 new on 4096 cached", "2048 chunk + 63 decodes@1k"]
-        rows += prefill_sweep(bw, mm, {n: prefill_cases[n] for n in sweep_names})
-    rows += store_rows(bw, [1, 64, 8192])
-    rows += op_rows(bw, [1, 64, 8192])
+        sample_batches = [1, 256]
+    rows = []
+    if "decode" in sections:
+        rows += decode_rows(bw, decode_cases)
+        if not args.quick:
+            rows += split_sweep(bw, [(1, 1024), (1, 4096), (1, 16384), (8, 4096), (32, 2048)],
+                                [1, 2, 4, 8, 16, 32, 64])
+    if "prefill" in sections:
+        rows += prefill_rows(bw, mm, prefill_cases)
+        if not args.quick:
+            sweep_names = ["1 prompt x 8192", "512 new on 4096 cached", "2048 chunk + 63 decodes@1k"]
+            rows += prefill_sweep(bw, mm, {n: prefill_cases[n] for n in sweep_names})
+    if "ops" in sections:
+        rows += store_rows(bw, [1, 64, 8192])
+        rows += op_rows(bw, [1, 64, 8192])
+    if "sampling" in sections:
+        rows += sampling_rows(bw, sample_batches)
+        if not args.quick:
+            rows += sampling_sweep(bw)
     print_table(rows)
     print(json.dumps({
         "benchmark": "kernels_gpu", "device": props.name, "copy_bandwidth_Bps": bw, "matmul_flops": mm,
