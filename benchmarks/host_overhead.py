@@ -69,7 +69,8 @@ def main() -> None:
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.steps + 50, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request([1000 + (i * 31 + j) % 90000 for j in range(args.prompt_len)], params, stream=args.stream)
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
         engine.step()
     for _ in range(5):
         engine.step()

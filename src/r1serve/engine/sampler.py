@@ -6,12 +6,16 @@ top-p and min-p, and drawn with the exponential-race trick (argmax of p / q, q ~
 randomness from its own 63-bit seed: for a request with a seed, a hash of (seed, sample index, token position),
 so the same seed gives the same output whatever else is in the batch and however the steps were pipelined; for
 the others, a fresh number from the sampler's own random stream. Work that no row needs (sorting for top-p, the
-penalty scatter) is skipped.
+penalty scatter) is skipped. On CUDA the draw itself is one Triton kernel (`kernels/triton_sampling.py`: the same
+function, exact top-k/top-p/min-p by rejection, no sort and no host synchronisation); the torch code here is its
+twin and runs everywhere else.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +34,13 @@ class SamplingBatch:
     any_min_p: bool
     any_penalty: bool
     any_min_tokens: bool
-    seeds: list[int]  # one 63-bit seed per row
+    seeds: list[int]  # one 63-bit seed per row (when some row samples)
     seeded: list[bool]  # rows whose request has a seed
     temperature: torch.Tensor | None = None  # [B] float32 (0 for greedy rows)
     top_p: torch.Tensor | None = None  # [B] float32
     top_k: torch.Tensor | None = None  # [B] int64 (vocab size when off)
     min_p: torch.Tensor | None = None  # [B] float32
+    seeds_tensor: torch.Tensor | None = None  # [B] int64: `seeds` on the device
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
@@ -52,14 +57,16 @@ class SamplingBatch:
             any_min_p=any(p.min_p > 0.0 for p in params),
             any_penalty=any(p.needs_penalties for p in params),
             any_min_tokens=any(_outputs_before(s) < s.params.min_tokens for s in seqs),
-            seeds=[row_seed(s) if has_seed else rng.getrandbits(63) for s, has_seed in zip(seqs, seeded, strict=True)],
-            seeded=seeded,
+            seeds=[], seeded=seeded,
         )
-        if not batch.all_greedy:  # one host-to-device copy for all four rows of parameters
-            rows = [[p.temperature for p in params], [p.top_p for p in params], top_k, [p.min_p for p in params]]
-            packed = torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
-            batch.temperature, batch.top_p = packed[0].float(), packed[1].float()
-            batch.top_k, batch.min_p = packed[2].long(), packed[3].float()
+        if not batch.all_greedy:  # two host-to-device copies: the float parameters, then top-k and the seeds
+            batch.seeds = [row_seed(s) if has_seed else rng.getrandbits(63)
+                           for s, has_seed in zip(seqs, seeded, strict=True)]
+            floats = [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]]
+            packed = torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True)
+            batch.temperature, batch.top_p, batch.min_p = packed[0], packed[1], packed[2]
+            ints = torch.tensor([top_k, batch.seeds], dtype=torch.int64).to(device, non_blocking=True)
+            batch.top_k, batch.seeds_tensor = ints[0], ints[1]
         return batch
 
 
@@ -87,9 +94,12 @@ class Sampler:
             logits = apply_penalties(logits, batch.seqs)
         if batch.any_min_tokens:
             logits = self._mask_end_tokens(logits, batch.seqs)
-        greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy_ids
+            return logits.argmax(dim=-1)
+        if logits.is_cuda and _triton_sample() is not None:  # one kernel, no host synchronisation
+            return _triton_sample()(logits.contiguous(), batch.temperature, batch.top_p, batch.top_k, batch.min_p,
+                                    batch.seeds_tensor)
+        greedy_ids = logits.argmax(dim=-1)
         probs = self._probabilities(logits, batch)
         sampled = probs.div_(self._exponentials(probs, batch)).argmax(dim=-1)
         return torch.where(batch.temperature == 0.0, greedy_ids, sampled)
@@ -129,6 +139,15 @@ class Sampler:
                 if ends:
                     logits[i, ends] = -float("inf")
         return logits
+
+
+@functools.cache
+def _triton_sample() -> Callable[..., torch.Tensor] | None:
+    """`kernels.triton_sampling.sample` where Triton is installed (it computes the torch path's function, with
+    its own random numbers from the same per-row seeds)."""
+    from r1serve.kernels import triton_sampling
+
+    return triton_sampling.sample if triton_sampling.HAS_TRITON else None
 
 
 def _outputs_before(seq: Sequence) -> int:
