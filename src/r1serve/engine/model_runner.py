@@ -21,7 +21,7 @@ from r1serve.engine.input_batch import InputPacker, StepInputs
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import AttentionBackend, TorchAttention, build_metadata
-from r1serve.model.layers import REFERENCE_OPS, KernelOps
+from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
 from r1serve.model.loader import load_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger("r1serve")
@@ -31,13 +31,13 @@ CUDA_OVERHEAD_BYTES = GiB  # CUDA context, cuBLAS workspaces, graph pools: outsi
 
 
 def select_kernel_ops(device: torch.device) -> KernelOps:
-    """Triton element-wise ops on CUDA when Triton is there; the torch reference everywhere else."""
+    """On CUDA with Triton: Triton element-wise kernels, skinny products for few rows with the norm, SiLU and
+    bias fused in, rotary + KV store folded into decode attention (`triton_kernel_ops`); else the torch ops."""
     if device.type == "cuda":
         from r1serve.kernels import triton_ops
 
         if triton_ops.HAS_TRITON:
-            return KernelOps(rms_norm=triton_ops.rms_norm, fused_add_rms_norm=triton_ops.fused_add_rms_norm,
-                             silu_and_mul=triton_ops.silu_and_mul, apply_rotary=triton_ops.apply_rotary)
+            return triton_kernel_ops()
     return REFERENCE_OPS
 
 
