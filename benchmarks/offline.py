@@ -176,6 +176,14 @@ def measure_ceilings(device: str) -> dict[str, float]:
     return {"copy_GBps": 2 * (256 << 20) * 4 / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
+class Rows(list[Row]):
+    """The results so far; each is printed as it comes (a run cut short still shows what it measured)."""
+
+    def append(self, row: Row) -> None:
+        print(f"  {row.workload} ({row.engine}): {row.tokens_per_s:.1f} tok/s", flush=True)
+        super().append(row)
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     engine_args: dict[str, Any] = dict(load_format="dummy", device=args.device, dtype=args.dtype,
                                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -196,7 +204,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     sync(args.device)
     PROFILES["startup_s"] = time.perf_counter() - start  # weights, KV sizing, graph capture
     print(f"engine startup: {PROFILES['startup_s']:.1f} s")
-    rows: list[Row] = []
+    rows = Rows()
     workloads = args.workloads.split(",")
     if "decode" in workloads:
         rows.append(bench_decode(llm, args.decode_tokens, args.device))
