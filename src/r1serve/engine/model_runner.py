@@ -72,6 +72,7 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_id, seed=config.seed)
         self.packer = InputPacker(config.block_size, self.device)
         self.graphs = self._capture_graphs()
+        self.sampler.warm_up(model_config.vocab_size, config.max_num_seqs, self.device)
         self.last_sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
         self._host_ids = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         self._turn = 0

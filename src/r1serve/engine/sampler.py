@@ -62,10 +62,15 @@ class SamplingBatch:
         if not batch.all_greedy:  # two host-to-device copies: the float parameters, then top-k and the seeds
             batch.seeds = [row_seed(s) if has_seed else rng.getrandbits(63)
                            for s, has_seed in zip(seqs, seeded, strict=True)]
-            floats = [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]]
-            packed = torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True)
+            # rows padded to a multiple of 4 so that every row starts 16-byte aligned: Triton compiles a kernel
+            # variant per pointer alignment, and a compile of the sampling kernel takes ~20 s
+            pad = [0] * (-len(seqs) % 4)
+            floats = [[p.temperature for p in params] + pad, [p.top_p for p in params] + pad,
+                      [p.min_p for p in params] + pad]
+            packed = torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True)[:, : len(seqs)]
             batch.temperature, batch.top_p, batch.min_p = packed[0], packed[1], packed[2]
-            ints = torch.tensor([top_k, batch.seeds], dtype=torch.int64).to(device, non_blocking=True)
+            ints = torch.tensor([top_k + pad, batch.seeds + pad], dtype=torch.int64)
+            ints = ints.to(device, non_blocking=True)[:, : len(seqs)]
             batch.top_k, batch.seeds_tensor = ints[0], ints[1]
         return batch
 
@@ -87,6 +92,19 @@ class Sampler:
 
     def batch(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
         return SamplingBatch.build(seqs, vocab_size, device, self.rng)
+
+    def warm_up(self, vocab_size: int, max_batch: int, device: torch.device) -> None:
+        """Compiles the CUDA sampling kernel's variants now (a batch small enough to split rows over several
+        programs, and a large one), so that no request waits for a compile; Triton caches them on disk."""
+        sample = _triton_sample() if device.type == "cuda" else None
+        if sample is None:
+            return
+        for rows in sorted({1, max_batch}):  # parameters laid out as `SamplingBatch.build` lays them out
+            width = rows + -rows % 4
+            floats = torch.tensor([[0.6] * width, [0.95] * width, [0.0] * width], device=device)[:, :rows]
+            ints = torch.tensor([[0] * width, list(range(width))], dtype=torch.int64, device=device)[:, :rows]
+            sample(torch.randn(rows, vocab_size, device=device), floats[0], floats[1], ints[0], floats[2], ints[1])
+        torch.cuda.synchronize(device)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [B, V] float32 → next token ids [B] int64."""
