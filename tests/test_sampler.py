@@ -118,3 +118,16 @@ def test_repetition_guard_catches_loops_only() -> None:
     assert not is_repeating(list(range(200)), guard)
     assert not is_repeating([1, 2, 3] * 5, guard)  # 15 tokens: under min_span
     assert is_repeating([9] * 40, guard)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 13])
+def test_parameter_rows_start_16_byte_aligned(rows: int) -> None:
+    """Triton compiles a kernel variant per pointer alignment (~20 s for the sampling kernel): every parameter row
+    of a batch must start 16-byte aligned whatever the batch size, and hold exactly its rows."""
+    params = [SamplingParams(temperature=0.5 + i / 100, top_p=0.9, top_k=5, seed=i) for i in range(rows)]
+    batch = SamplingBatch.build(make_seqs(params), VOCAB, torch.device("cpu"))
+    tensors = [batch.temperature, batch.top_p, batch.min_p, batch.top_k, batch.seeds_tensor]
+    assert all(t is not None and t.shape == (rows,) and t.stride(0) == 1 for t in tensors)
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
+    assert batch.temperature.tolist() == pytest.approx([p.temperature for p in params])
+    assert batch.seeds_tensor.tolist() == batch.seeds and batch.top_k.tolist() == [5] * rows
