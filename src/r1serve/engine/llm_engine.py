@@ -9,6 +9,7 @@ never the engine.
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from dataclasses import dataclass
@@ -88,6 +89,11 @@ class LLMEngine:
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        # The block table (one object per KV block: ~10^5 on a GPU) and the weights' wrappers live as long as the
+        # engine: move them out of the garbage collector's sight, or every full collection walks them (measured:
+        # ~70 ms each, ~1.5 ms per step at 256 streams).
+        gc.collect()
+        gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------------------------
 
