@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import copy_bandwidth, graph_us
 
 from r1serve import LLM
 from r1serve.engine.cuda_graphs import DecodeGraphs
@@ -46,27 +47,6 @@ PROJECTIONS: dict[str, tuple[int, int, int, bool]] = {
     "lm_head": (151936, 1536, triton_linear.ACT_PLAIN, False),
 }
 Inputs = dict[str, Any]
-
-
-def graph_us(fn: Callable[[], object], rep_ms: int = 25) -> float:
-    """Median µs of one replay of `fn` captured into a CUDA graph."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=rep_ms, return_mode="median") * 1e3
-
-
-def copy_bandwidth() -> float:
-    import triton.testing
-
-    src = torch.randn(256 << 20, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6
 
 
 # ---------------------------------------------------------------- projections

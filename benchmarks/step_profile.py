@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import copy_bandwidth, graph_us
 
 from r1serve import LLM, SamplingParams
 from r1serve.engine.sampler import Sampler
@@ -87,18 +88,6 @@ def prefill_profile(llm: LLM, num_prompts: int = 8, length: int = 1024, top: int
             "kernels": [{"name": n, "us": u, "calls": c} for n, u, c in kernels[:30]]}
 
 
-def graph_time_us(fn: Any, reps: int = 50) -> float:
-    """Median time of `fn` captured once into a CUDA graph and replayed."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=20, rep=reps, return_mode="median") * 1e3
-
-
 def linear_rates(llm: LLM, copy_gbps: float, batch: int = 1) -> list[dict[str, Any]]:
     """Each projection at `batch` rows over 28 distinct weight copies (no L2 reuse): us per call and % of copy GB/s."""
     cfg = llm.engine.model_config
@@ -110,13 +99,13 @@ def linear_rates(llm: LLM, copy_gbps: float, batch: int = 1) -> list[dict[str, A
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(28)]
         b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
         x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
-        us = graph_time_us(lambda ws=weights, x=x, b=b: [F.linear(x, w, b) for w in ws]) / 28
+        us = graph_us(lambda ws=weights, x=x, b=b: [F.linear(x, w, b) for w in ws]) / 28
         gbps = n * k * 2 / us / 1e3
         rows.append({"layer": name, "shape": [n, k], "us": us, "GBps": gbps, "pct_copy": 100 * gbps / copy_gbps})
         del weights
     head = llm.engine.runner.model.lm_head.weight
     x = torch.randn(batch, head.shape[1], device="cuda", dtype=head.dtype)
-    us = graph_time_us(lambda: F.linear(x, head).float())
+    us = graph_us(lambda: F.linear(x, head).float())
     gbps = head.numel() * 2 / us / 1e3
     rows.append({"layer": "lm_head + float()", "shape": list(head.shape), "us": us, "GBps": gbps,
                  "pct_copy": 100 * gbps / copy_gbps})
@@ -193,15 +182,6 @@ def nano_split(llm: LLM, seeded: bool) -> dict[str, Any]:
           f"steps launching prefill: {row['prefill_steps']} / {row['prefill_s']:.2f} s, decode-only steps "
           f"{row['decode_steps']} / {row['decode_s']:.2f} s")
     return row
-
-
-def copy_bandwidth() -> float:
-    import triton.testing
-
-    src = torch.randn(256 << 20, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6
 
 
 def main() -> None:
