@@ -1,6 +1,6 @@
 """Host time per engine step with the model stubbed out: what the Python around the GPU costs per step.
 
-    python benchmarks/host_overhead.py --batch 256 --steps 200 [--profile]
+    python benchmarks/host_overhead.py --batch 256 --steps 200 [--stream] [--output-len 8000] [--profile]
 
 Runs the real scheduler, input packing, sampling-parameter batching, token bookkeeping, detokenizer and outputs
 on CPU; the forward pass and the sampler are replaced by stubs that return random tokens at once. On a GPU the
@@ -14,6 +14,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,43 +52,57 @@ def stub_model(engine: LLMEngine) -> None:
     runner.sampler = StubSampler(runner.sampler)
 
 
+def build_engine(args: argparse.Namespace) -> LLMEngine:
+    """The tiny engine with room for every sequence's whole context, its model stubbed, its requests added."""
+    max_model_len = max(4096, args.prompt_len + args.output_len + args.steps + 64)
+    kv_gib = 2.0 * args.batch * max_model_len * 256 / 2**30 + 0.25  # TINY: 256 bytes of K/V per token
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(TINY))
+    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device="cpu", dtype="float32",
+                                    max_num_seqs=args.batch, kv_cache_space=kv_gib, max_model_len=max_model_len))
+    stub_model(engine)
+    params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.output_len + args.steps + 50,
+                            ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request([1000 + (i * 31 + j) % 90000 for j in range(args.prompt_len)], params, stream=args.stream)
+    return engine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt-len", type=int, default=500)
+    parser.add_argument("--output-len", type=int, default=0, help="tokens each sequence generates before the "
+                        "timed steps (long outputs: what a step costs deep into a reasoning trace)")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--stream", action="store_true", help="report every step (as the server does), not only "
                         "the final outputs (as LLM.generate does)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="profile order (tottime, cumulative)")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp())
-    (folder / "config.json").write_text(json.dumps(TINY))
-    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device="cpu", dtype="float32",
-                                    max_num_seqs=args.batch, kv_cache_space=1.0, max_model_len=4096))
-    stub_model(engine)
-    params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.steps + 50, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request([1000 + (i * 31 + j) % 90000 for j in range(args.prompt_len)], params, stream=args.stream)
+    engine = build_engine(args)
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                           for s in engine.scheduler.running):
         engine.step()
-    for _ in range(5):
+    for _ in range(5 + args.output_len):
         engine.step()
     profiler = cProfile.Profile() if args.profile else None
-    start = time.perf_counter()
     if profiler:
         profiler.enable()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         engine.step()
+        times.append(time.perf_counter() - start)
     if profiler:
         profiler.disable()
-    per_step = (time.perf_counter() - start) / args.steps
-    print(f"host time per decode step at batch {args.batch}{' (streamed)' if args.stream else ''}: "
-          f"{per_step * 1e3:.2f} ms "
-          f"({per_step / args.batch * 1e6:.1f} us per sequence)")
+    median = statistics.median(times)
+    print(f"host time per decode step at batch {args.batch}{' (streamed)' if args.stream else ''}, "
+          f"{args.prompt_len}-token prompts, {args.output_len}+ tokens out: median {median * 1e3:.2f} ms "
+          f"({median / args.batch * 1e6:.1f} us per sequence), mean {statistics.fmean(times) * 1e3:.2f} ms")
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+        pstats.Stats(profiler).sort_stats(args.sort).print_stats(18)
 
 
 if __name__ == "__main__":
