@@ -262,9 +262,7 @@ class LLMEngine:
     def _emit_text(self, seq: Sequence, new_ids: list[int]) -> None:
         if seq.detokenizer is None or not new_ids or seq.defer_text:
             return
-        delta = seq.detokenizer.add_tokens(new_ids)
-        seq.text += delta
-        seq.pending_text += delta
+        seq.append_text(seq.detokenizer.add_tokens(new_ids))
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         if seq.is_finished:
@@ -273,9 +271,7 @@ class LLMEngine:
             seq.defer_text = False
             self._emit_text(seq, seq.output_ids)
         if seq.detokenizer is not None and seq.detokenizer.stop_reason is None:
-            tail = seq.detokenizer.finish()
-            seq.text += tail
-            seq.pending_text += tail
+            seq.append_text(seq.detokenizer.finish())
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.request.num_finished += 1

@@ -23,7 +23,7 @@ from typing import Any
 from r1serve.config import EngineConfig
 from r1serve.engine.async_engine import Abort, Add, StreamingEngine
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
-from r1serve.outputs import CompletionOutput, RequestOutput
+from r1serve.outputs import CompletionOutput, RequestOutput, TextBuffer
 
 logger = logging.getLogger("r1serve")
 
@@ -89,7 +89,7 @@ def _picklable(error: BaseException) -> BaseException:
 
 @dataclass
 class _Sample:
-    text: str = ""
+    text: TextBuffer = field(default_factory=TextBuffer)
     token_ids: list[int] = field(default_factory=list)
 
 
@@ -177,7 +177,7 @@ class ProcessEngine(StreamingEngine):
         outputs = []
         for index, text, token_ids, finish_reason, stop_reason in samples:
             sample = state.samples.setdefault(index, _Sample())
-            sample.text += text
+            sample.text.append(text)
             sample.token_ids.extend(token_ids)
             outputs.append(CompletionOutput(index, sample.text, sample.token_ids, finish_reason, stop_reason,
                                             text, token_ids))  # type: ignore[arg-type]

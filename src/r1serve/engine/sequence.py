@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput
+from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
 from r1serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ class Sequence:
     num_emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
     detokenizer: IncrementalDetokenizer | None = None
     defer_text: bool = False  # decode the text once at the end (nobody reads it before, and no stop strings)
-    text: str = ""
-    pending_text: str = ""  # text produced since the last RequestOutput
+    text: TextBuffer = field(default_factory=TextBuffer)  # all text emitted so far
+    pending_text: list[str] = field(default_factory=list)  # pieces of text produced since the last RequestOutput
 
     def __post_init__(self) -> None:
         if not self.output_ids:
@@ -86,6 +86,11 @@ class Sequence:
         self.epoch += 1
         self.num_pending = 0
 
+    def append_text(self, piece: str) -> None:
+        self.text.append(piece)
+        if piece:
+            self.pending_text.append(piece)
+
     def append_tokens(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
         self.output_ids.extend(token_ids)
@@ -98,7 +103,8 @@ class Sequence:
         """The cumulative output so far plus the delta since the previous call."""
         delta_ids = self.output_ids[self.num_emitted_tokens:]
         self.num_emitted_tokens += len(delta_ids)
-        delta_text, self.pending_text = self.pending_text, ""
+        delta_text = "".join(self.pending_text)
+        self.pending_text.clear()
         return CompletionOutput(
             index=self.index, text=self.text, token_ids=self.output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids,

@@ -117,7 +117,7 @@ class _SampleStream:
 
     def __init__(self, in_reasoning: bool) -> None:
         self.splitter = ReasoningSplitter(in_reasoning)
-        self.reasoning_text = ""
+        self.reasoning_pieces: list[str] = []  # joined once, for the usage (a str's += copies it every chunk)
 
     def choices(self, sample: CompletionOutput, split: bool) -> list[dict[str, Any]]:
         """The stream choices one output of this sample produces, each a chunk of its own."""
@@ -126,7 +126,8 @@ class _SampleStream:
             parts.append(self.splitter.flush())
         out: list[dict[str, Any]] = []
         for part in parts:
-            self.reasoning_text += part.reasoning
+            if part.reasoning:
+                self.reasoning_pieces.append(part.reasoning)
             if split and part.reasoning:
                 out.append(chat_choice(sample.index, {"reasoning_content": part.reasoning}))
             if split and part.content:
@@ -139,7 +140,7 @@ class _SampleStream:
 
     def reasoning_tokens(self, sample: CompletionOutput, tokenizer: Any) -> int:
         return count_reasoning_tokens(sample.token_ids, self.splitter.has_reasoning, self.splitter.closed,
-                                      self.reasoning_text, tokenizer.think_end_id, tokenizer.encode)
+                                      "".join(self.reasoning_pieces), tokenizer.think_end_id, tokenizer.encode)
 
 
 async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) -> AsyncIterator[str]:
