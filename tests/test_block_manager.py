@@ -29,7 +29,7 @@ def test_allocate_and_free_counts_blocks() -> None:
     bm.allocate(seq, 10)
     assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
     bm.free(seq)
-    assert bm.num_free_blocks == 8 and seq.block_table == []
+    assert bm.num_free_blocks == 8 and len(seq.block_table) == 0
 
 
 def test_allocate_refuses_when_out_of_blocks() -> None:
@@ -37,7 +37,7 @@ def test_allocate_refuses_when_out_of_blocks() -> None:
     seq = make_seq(list(range(12)))
     assert not bm.can_allocate(seq, 12)
     assert bm.allocate(seq, 12) is False
-    assert bm.num_free_blocks == 2 and seq.block_table == []
+    assert bm.num_free_blocks == 2 and len(seq.block_table) == 0
 
 
 def test_repeated_prompt_shares_full_blocks_and_leaves_one_token() -> None:

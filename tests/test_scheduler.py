@@ -70,7 +70,7 @@ def test_preemption_by_recompute_when_blocks_run_out() -> None:
     fake_step(bm, sched.schedule())  # both reach 8 tokens (block full)
     out = sched.schedule()  # each needs a third block; there are none: the newest is preempted
     assert out.preempted == [new]
-    assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and new.block_table == []
+    assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and len(new.block_table) == 0
     assert [s.seq for s in out.scheduled] == [old]
     assert sched.num_preemptions == 1
     assert sched.waiting[0] is new

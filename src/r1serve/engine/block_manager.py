@@ -10,6 +10,7 @@ The manager touches no tensors: it only hands out block ids.
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
-        seq.block_table = []
+        seq.block_table = array("q")
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 

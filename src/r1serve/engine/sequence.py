@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,8 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by launched steps, not yet appended
     epoch: int = 0  # bumped when the engine appends tokens itself: in-flight samples of older epochs are void
     sample_row: int = -1  # this sequence's row in the sampled tokens of the last launched step
-    block_table: list[int] = field(default_factory=list)
+    # block ids, a C array: packing a step's block tables is then a copy, not a conversion of every id
+    block_table: array[int] = field(default_factory=lambda: array("q"))
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks, for the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     finish_reason: FinishReason | None = None

@@ -11,6 +11,8 @@ reference (it runs on CPU and CUDA); the Triton backend of `kernels/triton_atten
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,36 +41,38 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
-def paged_layout(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
-                 block_size: int) -> tuple[list[int], list[int], list[int], int]:
+def paged_layout(query_lens: list[int], seq_lens: list[int], block_tables: Sequence[Sequence[int]],
+                 block_size: int) -> tuple[list[int], list[int], array[int], int]:
     """The host side of `AttentionMetadata`: the cache slot of every new token, the query start offsets, the block
-    tables flattened row by row and padded with 0 to one width, and that width."""
+    tables flattened row by row and padded with 0 to one width (an int64 C array: the engine's tables are
+    `array("q")` too, so a row is one copy however long the context), and that width."""
     slots: list[int] = []
     starts = [0]
     width = max((len(t) for t in block_tables), default=1) or 1
-    flat: list[int] = []
+    flat = array("q")
     for q, s, table in zip(query_lens, seq_lens, block_tables, strict=True):
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s - q, s))
         starts.append(starts[-1] + q)
         flat.extend(table)
-        flat.extend([0] * (width - len(table)))
+        flat.frombytes(bytes(flat.itemsize * (width - len(table))))
     return slots, starts, flat, width
 
 
 def build_metadata(
     query_lens: list[int],
     seq_lens: list[int],
-    block_tables: list[list[int]],
+    block_tables: Sequence[Sequence[int]],
     block_size: int,
     device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
     """Metadata for sequences whose last `query_lens[i]` tokens of `seq_lens[i]` are new this step."""
     slots, starts, flat, width = paged_layout(query_lens, seq_lens, block_tables, block_size)
+    tables = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.empty(0, dtype=torch.int64)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(flat, dtype=torch.int32, device=device).view(len(block_tables), width),
+        block_tables=tables.to(device=device, dtype=torch.int32).view(len(block_tables), width),
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(seq_lens, default=0),
         query_lens_cpu=list(query_lens),
