@@ -52,15 +52,26 @@ def stub_model(engine: LLMEngine) -> None:
     runner.sampler = StubSampler(runner.sampler)
 
 
+def stubbed_engine(config: EngineConfig) -> LLMEngine:
+    """An `LLMEngine` with its model stubbed out (a picklable factory: `ProcessEngine(config, stubbed_engine)`)."""
+    engine = LLMEngine(config)
+    stub_model(engine)
+    return engine
+
+
+def tiny_model_folder() -> Path:
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(TINY))
+    return folder
+
+
 def build_engine(args: argparse.Namespace) -> LLMEngine:
     """The tiny engine with room for every sequence's whole context, its model stubbed, its requests added."""
     max_model_len = max(4096, args.prompt_len + args.output_len + args.steps + 64)
     kv_gib = 2.0 * args.batch * max_model_len * 256 / 2**30 + 0.25  # TINY: 256 bytes of K/V per token
-    folder = Path(tempfile.mkdtemp())
-    (folder / "config.json").write_text(json.dumps(TINY))
-    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device="cpu", dtype="float32",
-                                    max_num_seqs=args.batch, kv_cache_space=kv_gib, max_model_len=max_model_len))
-    stub_model(engine)
+    engine = stubbed_engine(EngineConfig(model=str(tiny_model_folder()), load_format="dummy", device="cpu",
+                                         dtype="float32", max_num_seqs=args.batch, kv_cache_space=kv_gib,
+                                         max_model_len=max_model_len))
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.output_len + args.steps + 50,
                             ignore_eos=True)
     for i in range(args.batch):

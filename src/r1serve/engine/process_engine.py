@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -39,12 +40,13 @@ def _to_deltas(outputs: list[RequestOutput]) -> list[RequestDelta]:
             for o in outputs]
 
 
-def _child_main(config: EngineConfig, commands: Connection, results: Connection) -> None:
+def _child_main(config: EngineConfig, commands: Connection, results: Connection,
+                build_engine: Callable[[EngineConfig], LLMEngine]) -> None:
     """The child: build the engine, then step while there is work and wait on the pipe while there is none."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [engine] %(message)s",
                         datefmt="%m-%d %H:%M:%S")
     try:
-        engine = LLMEngine(config)
+        engine = build_engine(config)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which explains it
         results.send(("failed", _picklable(e)))
         return
@@ -101,9 +103,10 @@ class _RequestState:
 
 
 class ProcessEngine(StreamingEngine):
-    """The engine in a spawned child process; the same interface as `AsyncEngine`."""
+    """The engine in a spawned child process; the same interface as `AsyncEngine`. `build_engine` makes the
+    child's engine from the config (a picklable callable: benchmarks pass one that stubs the model out)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, build_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
         super().__init__()
         self.config = config
         files = ModelFiles.load(config)  # the child loads the same again, with the weights
@@ -114,7 +117,7 @@ class ProcessEngine(StreamingEngine):
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._results, child_results = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_child_main, args=(config, child_commands, child_results),
+        self._process = ctx.Process(target=_child_main, args=(config, child_commands, child_results, build_engine),
                                     name="r1serve-engine", daemon=True)
         self._process.start()
         child_commands.close()  # the child holds its own ends; ours closing lets EOF reach the reader
