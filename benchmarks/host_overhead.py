@@ -53,7 +53,10 @@ def stub_model(engine: LLMEngine) -> None:
 
 
 def stubbed_engine(config: EngineConfig) -> LLMEngine:
-    """An `LLMEngine` with its model stubbed out (a picklable factory: `ProcessEngine(config, stubbed_engine)`)."""
+    """An `LLMEngine` with its model stubbed out (a picklable factory: `ProcessEngine(config, stubbed_engine)`).
+    One torch thread: on a GPU the host does no tensor arithmetic, and idle OpenMP workers spinning beside the
+    server's process doubled the CPU time measured per token."""
+    torch.set_num_threads(1)
     engine = LLMEngine(config)
     stub_model(engine)
     return engine

@@ -97,3 +97,31 @@ def test_abort_delivers_a_final_output_to_the_waiting_stream(engine: AsyncEngine
 
     outs = asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+
+def test_outputs_queued_behind_a_slow_consumer_arrive_merged_then_the_error() -> None:
+    """A consumer that fell behind gets one output for all that is queued (deltas joined in order), and an error
+    queued after them only once those are delivered."""
+    from r1serve.engine.async_engine import _Stream
+    from r1serve.outputs import CompletionOutput, RequestOutput
+
+    def out(text: str, finished: bool = False) -> RequestOutput:
+        return RequestOutput("r", None, [1], [CompletionOutput(0, text, [], None, None, text, [ord(text[0])])], finished)
+
+    async def main() -> list:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        got: list = []
+        for item in [out("a"), out("b"), out("c"), RuntimeError("engine died"), out("late")]:
+            stream.queue.put_nowait(item)
+        got.append(await stream.next_output())
+        with pytest.raises(RuntimeError, match="engine died"):
+            await stream.next_output()
+        got.append(await stream.next_output())
+        for item in [out("d"), out("e", finished=True), out("after the end")]:
+            stream.queue.put_nowait(item)
+        got.append(await stream.next_output())  # merging stops at the finished output
+        return got
+
+    got = asyncio.run(main())
+    assert [(o.outputs[0].delta_text, o.outputs[0].delta_token_ids, o.finished) for o in got] == [
+        ("abc", [97, 98, 99], False), ("late", [108], False), ("de", [100, 101], True)]

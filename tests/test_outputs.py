@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pickle
 
-from r1serve.outputs import CompletionOutput, TextBuffer
+from r1serve.outputs import CompletionOutput, RequestOutput, TextBuffer, merge_outputs
 
 
 def test_text_buffer_joins_pieces_in_order() -> None:
@@ -39,3 +39,31 @@ def test_output_from_plain_text_and_defaults() -> None:
     copy = pickle.loads(pickle.dumps(CompletionOutput(1, TextBuffer("abc"), [1], "length")))
     assert (copy.text, copy.token_ids, copy.finish_reason) == ("abc", [1], "length")
     assert "text='hi'" in repr(out)
+
+
+def _output(deltas: dict[int, tuple[str, list[int]]], buffers: dict[int, TextBuffer], finished: bool = False,
+            ) -> RequestOutput:
+    samples = []
+    for index, (text, ids) in deltas.items():
+        buffers[index].append(text)
+        samples.append(CompletionOutput(index, buffers[index], [], "stop" if finished else None, None, text, ids))
+    return RequestOutput("r", None, [1, 2], samples, finished)
+
+
+def test_merge_outputs_keeps_the_last_state_and_every_delta_in_order() -> None:
+    buffers = {0: TextBuffer(), 1: TextBuffer()}
+    outputs = [_output({0: ("a", [1]), 1: ("x", [9])}, buffers), _output({0: ("b", [2])}, buffers),
+               _output({0: ("c", [3]), 1: ("y", [8])}, buffers, finished=True)]
+    merged = merge_outputs(outputs)
+    assert merged.finished and merged.request_id == "r" and merged.prompt_token_ids == [1, 2]
+    assert [(s.index, s.delta_text, s.delta_token_ids, s.text) for s in merged.outputs] == [
+        (0, "abc", [1, 2, 3], "abc"), (1, "xy", [9, 8], "xy")]
+    assert all(s.finish_reason == "stop" for s in merged.outputs)
+    single = _output({0: ("d", [4])}, buffers)
+    assert merge_outputs([single]) is single
+
+
+def test_a_sample_only_in_an_earlier_output_is_kept() -> None:
+    buffers = {0: TextBuffer(), 1: TextBuffer()}
+    merged = merge_outputs([_output({1: ("x", [9])}, buffers), _output({0: ("a", [1])}, buffers)])
+    assert [(s.index, s.delta_text, s.delta_token_ids) for s in merged.outputs] == [(0, "a", [1]), (1, "x", [9])]

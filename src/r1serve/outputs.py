@@ -86,3 +86,26 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first sample's)
+
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: the last one's state with each sample's deltas of all of them in
+    order (a stream whose consumer fell behind catches up in one output). Reuses the newest `CompletionOutput` of
+    each sample, so the outputs must be the caller's alone (a stream's are)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    parts: dict[int, list[CompletionOutput]] = {}
+    for output in outputs:
+        for sample in output.outputs:
+            parts.setdefault(sample.index, []).append(sample)
+    samples = []
+    for index in sorted(parts):
+        *earlier, newest = parts[index]
+        if earlier:
+            newest.delta_text = "".join([c.delta_text for c in earlier] + [newest.delta_text])
+            newest.delta_token_ids = [t for c in (*earlier, newest) for t in c.delta_token_ids]
+        samples.append(newest)
+    last = outputs[-1]
+    return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, samples, last.finished,
+                         last.num_cached_tokens)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, check_request, encode_prompt
-from r1serve.outputs import RequestOutput
+from r1serve.outputs import RequestOutput, merge_outputs
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer
 
@@ -33,6 +33,24 @@ __all__ = ["AsyncEngine", "EngineStats", "StreamingEngine"]
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    error: BaseException | None = None  # queued behind outputs that were merged: raised on the next call
+
+    async def next_output(self) -> RequestOutput:
+        """The next output, merged with those queued behind it: a consumer that fell behind the engine sends one
+        SSE event for several steps (one JSON encoding, one socket write) rather than catching up event by
+        event. An error is raised once the outputs queued before it have been delivered."""
+        item = self.error or await self.queue.get()
+        self.error = None
+        if isinstance(item, BaseException):
+            raise item
+        outputs = [item]
+        while not outputs[-1].finished and not self.queue.empty():
+            following = self.queue.get_nowait()
+            if isinstance(following, BaseException):
+                self.error = following
+                break
+            outputs.append(following)
+        return merge_outputs(outputs)
 
 
 @dataclass
@@ -90,9 +108,7 @@ class StreamingEngine(ABC):
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await stream.next_output()
                 finished = item.finished
                 yield item
         finally:
