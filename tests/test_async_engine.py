@@ -106,7 +106,8 @@ def test_outputs_queued_behind_a_slow_consumer_arrive_merged_then_the_error() ->
     from r1serve.outputs import CompletionOutput, RequestOutput
 
     def out(text: str, finished: bool = False) -> RequestOutput:
-        return RequestOutput("r", None, [1], [CompletionOutput(0, text, [], None, None, text, [ord(text[0])])], finished)
+        sample = CompletionOutput(0, text, [], None, None, text, [ord(text[0])])
+        return RequestOutput("r", None, [1], [sample], finished)
 
     async def main() -> list:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
