@@ -31,7 +31,7 @@ class TextBuffer:
             self.length += len(piece)
 
     def prefix(self, length: int) -> str:
-        """The first `length` characters (all of them: the text itself, no copy)."""
+        """The first `length` characters (when that is all of them, the joined text itself, not a copy)."""
         if len(self._pieces) > 1:
             self._pieces[:] = ["".join(self._pieces)]
         whole = self._pieces[0] if self._pieces else ""
@@ -86,7 +86,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first sample's)
-
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from r1serve.outputs import CompletionOutput
+from r1serve.outputs import CompletionOutput, TextBuffer
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import bad_request, error_body
 from r1serve.server.policy import PolicyRecord, apply_message_rules
@@ -117,7 +117,7 @@ class _SampleStream:
 
     def __init__(self, in_reasoning: bool) -> None:
         self.splitter = ReasoningSplitter(in_reasoning)
-        self.reasoning_pieces: list[str] = []  # joined once, for the usage (a str's += copies it every chunk)
+        self.reasoning = TextBuffer()  # for the usage's reasoning-token count
 
     def choices(self, sample: CompletionOutput, split: bool) -> list[dict[str, Any]]:
         """The stream choices one output of this sample produces, each a chunk of its own."""
@@ -126,8 +126,7 @@ class _SampleStream:
             parts.append(self.splitter.flush())
         out: list[dict[str, Any]] = []
         for part in parts:
-            if part.reasoning:
-                self.reasoning_pieces.append(part.reasoning)
+            self.reasoning.append(part.reasoning)
             if split and part.reasoning:
                 out.append(chat_choice(sample.index, {"reasoning_content": part.reasoning}))
             if split and part.content:
@@ -140,7 +139,7 @@ class _SampleStream:
 
     def reasoning_tokens(self, sample: CompletionOutput, tokenizer: Any) -> int:
         return count_reasoning_tokens(sample.token_ids, self.splitter.has_reasoning, self.splitter.closed,
-                                      "".join(self.reasoning_pieces), tokenizer.think_end_id, tokenizer.encode)
+                                      str(self.reasoning), tokenizer.think_end_id, tokenizer.encode)
 
 
 async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) -> AsyncIterator[str]:
