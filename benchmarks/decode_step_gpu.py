@@ -303,16 +303,18 @@ def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]
     """The step's graph for each op table, same inputs; checks every variant's output against the first."""
     model = llm.engine.runner.model
     after = triton_kernel_ops()
-    variants: list[tuple[str, Any, bool, bool]] = [
-        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False),
-        ("after (PDL, rotary + store in decode)", after, True, False),
-        ("after without PDL", after, False, False),
-        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False),
-        ("after + decode merge in the last split", after, True, True),
+    variants: list[tuple[str, Any, bool, bool, bool]] = [  # label, ops, PDL, fused merge, decode prefetch
+        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False, False),
+        ("after (PDL, rotary + store in decode)", after, True, False, True),
+        ("after, decode loads after the PDL wait", after, True, False, False),
+        ("after without PDL", after, False, False, True),
+        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False, True),
+        ("after + decode merge in the last split", after, True, True, True),
     ]
     results, reference_out = [], {}
-    for label, ops, pdl, fused_merge in variants:
+    for label, ops, pdl, fused_merge, prefetch in variants:
         triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE = pdl, fused_merge
+        triton_attention.DECODE_PREFETCH = prefetch
         model.set_ops(ops)
         print(f"--- step: {label}", flush=True)
         try:
@@ -332,7 +334,7 @@ def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]
         results.append(row)
         del graphs
         torch.cuda.empty_cache()
-    triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE = None, False
+    triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE, triton_attention.DECODE_PREFETCH = None, False, True
     model.set_ops(triton_kernel_ops())
     return results
 
@@ -354,8 +356,9 @@ def main() -> None:
     if not args.no_sweep:
         rows = sweep(copy_gbps, [int(b) for b in args.sweep_batches.split(",")], args.rep_ms)
         tuned, fused = tuned_tables(rows)
-        triton_linear.TUNED.update(tuned)
-        triton_linear.FUSED.update(fused)
+        name = torch.cuda.get_device_name()  # this device's own entries: they take precedence over the H100's
+        triton_linear.DEVICE_TUNED[name] = triton_linear.DEVICE_TUNED.get(name, {}) | tuned
+        triton_linear.DEVICE_FUSED[name] = triton_linear.DEVICE_FUSED.get(name, {}) | fused
         result["projections"] = rows
     start = time.perf_counter()
     llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=2048, max_num_seqs=16,

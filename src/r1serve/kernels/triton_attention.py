@@ -46,6 +46,9 @@ DECODE_NUM_WARPS = 4
 # The last split of each (sequence, KV head) merges instead of a second kernel: measured slower on the H100
 # past 8 splits (its merge loop is serial), equal below, so off by default (docs/kernels.md).
 DECODE_FUSED_MERGE = False
+# With the rotary folded in, the decode kernel loads its metadata and first K/V tile before waiting for the
+# previous kernel (PDL); False loads them after the wait, as before (kept to measure the difference).
+DECODE_PREFETCH = True
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
 PREFILL_BLOCK_N = 128  # keys per prefill iteration, and pipeline depth: the H100 sweep's best
 PREFILL_NUM_STAGES = 3
@@ -126,19 +129,13 @@ if triton is not None:
         return (x.to(tl.float32) * c + sign * partner.to(tl.float32) * s).to(dt)
 
     @triton.jit
-    def _store_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot, kv_head, cos, sin, dims,
-                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                      PAGE: tl.constexpr, HALF: tl.constexpr):
-        """The decode token's rotated key and its value (rows at k_ptr / v_ptr, one KV head) into its slot."""
-        swapped = (dims + HALF) % (2 * HALF)
-        k = _rotate_loaded(tl.load(k_ptr + dims), tl.load(k_ptr + swapped), cos, sin, dims, HALF)
-        v = tl.load(v_ptr + dims)
+    def _store_new_kv(k, v, k_cache_ptr, v_cache_ptr, slot, kv_head, dims,
+                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE: tl.constexpr):
+        """The decode token's rotated key and its value ([HEAD_DIM] each, one KV head) into its slot."""
         page = slot // PAGE
         offset = slot % PAGE
-        tl.store(k_cache_ptr + page * stride_kb + offset * stride_ks + kv_head * stride_kh + dims,
-                 k.to(k_cache_ptr.dtype.element_ty))
-        tl.store(v_cache_ptr + page * stride_vb + offset * stride_vs + kv_head * stride_vh + dims,
-                 v.to(v_cache_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + page * stride_kb + offset * stride_ks + kv_head * stride_kh + dims, k)
+        tl.store(v_cache_ptr + page * stride_vb + offset * stride_vs + kv_head * stride_vh + dims, v)
 
     @triton.jit
     def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, offs_n, n_mask, kv_head, stride_kb, stride_ks,
@@ -173,6 +170,18 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v, scale_log2e):
+        """One tile of keys offs_n [N] (k, v [N, HEAD_DIM] as loaded) folded into the running state; the key at
+        position `newest` (-1: none) is the decode token's own, taken from registers (new_k, new_v [HEAD_DIM])
+        rather than from the cache slot this kernel writes."""
+        is_new = (offs_n == newest)[:, None]
+        k = tl.where(is_new, new_k[None, :], k)
+        v = tl.where(is_new, new_v[None, :], v)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [GROUP_PAD, BLOCK_N]
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        return _online_softmax_step(acc, l_i, m_i, qk, v)
+
+    @triton.jit
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
                        part_lse_ptr, counters_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
                        scale_log2e, num_splits,
@@ -181,18 +190,20 @@ if triton is not None:
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                        FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, ROTARY: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
         context. SPLIT: write the normalised partial output and its log2-sum-exp; then either
         `_merge_kernel` merges them, or (FUSED_MERGE) the last program of (seq, kv_head) to finish does,
         found by a self-resetting atomic ticket, which saves a launch. ROTARY: q is not rotated yet, and the
-        decode token's key and value are not in the cache yet: the program rotates its q heads in registers,
-        and the split holding the newest key first writes that key (rotated) and value into the slot."""
+        decode token's key and value are not in the cache yet: the program rotates its q heads and the new key
+        in registers, the split holding the newest key writes it (and the value) into the slot, and attends
+        to it from registers. PREFETCH (with ROTARY): everything but q and the new key/value comes from the
+        step's inputs or earlier steps, so the metadata, cos/sin and the share's first K/V tile are loaded
+        before waiting for the kernel that writes q (PDL), which hides that chain of dependent loads."""
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)  # a step input: written before the graph, not by a kernel
-        _pdl_start(USE_PDL)
         share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * share
         end = tl.minimum(start + share, seq_len)
@@ -200,38 +211,53 @@ if triton is not None:
         heads = kv_head * GROUP + group  # [GROUP_PAD]
         dims = tl.arange(0, HEAD_DIM)
         q_mask = group[:, None] < GROUP
-        q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
-        q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM]
+        table = tables_ptr + seq * stride_bt
+        offs_n = start + tl.arange(0, BLOCK_N)  # the share's first tile
+        half: tl.constexpr = HEAD_DIM // 2
+        newest = -1  # the position whose key comes from registers
         if ROTARY:
-            half: tl.constexpr = HEAD_DIM // 2
             cs_row = cos_sin_ptr + tl.load(positions_ptr + seq) * stride_cs
             cos = tl.load(cs_row + dims % half)  # [HEAD_DIM]: each half's angles twice
             sin = tl.load(cs_row + half + dims % half)
+            slot = tl.load(slots_ptr + seq)
+            newest = tl.where(slot >= 0, seq_len - 1, -1)  # slot -1 stores nothing: the cache is read as is
+        if PREFETCH:
+            k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, (offs_n < end) & (offs_n != newest),
+                                   kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                   dims, PAGE, True)
+        _pdl_start(USE_PDL)
+        q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
+        q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM]
+        new_k = tl.zeros([HEAD_DIM], k_cache_ptr.dtype.element_ty)
+        new_v = new_k
+        if ROTARY:
             partner = tl.load(q_rows + ((dims + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0)
             q = _rotate_loaded(q, partner, cos, sin, dims, half)
-            newest = (end > start) & (end == seq_len)  # this split holds the newest key
-            if newest | ((seq_len == 0) & (split == 0)):  # (a row with no keys still stores, like the twin)
-                slot = tl.load(slots_ptr + seq)
-                if slot >= 0:
-                    _store_new_kv(new_k_ptr + seq * stride_nkt + kv_head * stride_nkh,
-                                  new_v_ptr + seq * stride_nvt + kv_head * stride_nvh, k_cache_ptr, v_cache_ptr,
-                                  slot.to(tl.int64), kv_head, cos, sin, dims, stride_kb, stride_ks, stride_kh,
-                                  stride_vb, stride_vs, stride_vh, PAGE, half)
-                tl.debug_barrier()  # the tile loads below read the slot back
+            k_row = new_k_ptr + seq * stride_nkt + kv_head * stride_nkh
+            new_k = _rotate_loaded(tl.load(k_row + dims), tl.load(k_row + (dims + half) % HEAD_DIM), cos, sin,
+                                   dims, half).to(k_cache_ptr.dtype.element_ty)
+            new_v = tl.load(new_v_ptr + seq * stride_nvt + kv_head * stride_nvh + dims).to(new_k.dtype)
+            holds_newest = (end > start) & (end == seq_len)
+            if (holds_newest | ((seq_len == 0) & (split == 0))) & (slot >= 0):  # (no keys: still stores)
+                _store_new_kv(new_k, new_v, k_cache_ptr, v_cache_ptr, slot.to(tl.int64), kv_head, dims,
+                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE)
+        if not PREFETCH:
+            k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, (offs_n < end) & (offs_n != newest),
+                                   kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                   dims, PAGE, True)
         q = q.to(k_cache_ptr.dtype.element_ty)
-        table = tables_ptr + seq * stride_bt
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k0, v0, offs_n, offs_n < end, newest, new_k, new_v,
+                                     scale_log2e)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb,
-                                 stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
-            # k, v: [BLOCK_N, HEAD_DIM]
-            qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [GROUP_PAD, BLOCK_N]
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask & (offs_n != newest), kv_head,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v,
+                                         scale_log2e)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]  # a share (or sequence) with no keys gives 0
         if SPLIT:
@@ -276,21 +302,27 @@ if triton is not None:
         tl.store(out_rows[:, None] + dims[None, :], o.to(out_rows.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit
-    def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
-                      SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (seq, head): the split outputs weighted by exp2(lse - max); 0 if no split saw a key."""
-        _pdl_start(USE_PDL)
+    def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, stride_ot, stride_oh,
+                      SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+        """Program (seq, head): the split outputs weighted by exp2(lse - max); 0 if no split saw a key. Which
+        splits saw keys follows from seq_len (a step input, read before the wait), so the partials and their
+        log-sum-exps are loaded together: one round trip to memory after the decode kernel, not two."""
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        active = tl.where(share > 0, tl.cdiv(seq_len, tl.maximum(share, 1)), 0)  # the decode kernel's split
         row = (seq * tl.num_programs(1) + head) * num_splits
         splits = tl.arange(0, SPLITS_PAD)
         dims = tl.arange(0, HEAD_DIM)
-        s_mask = splits < num_splits
+        s_mask = splits < active
+        _pdl_start(USE_PDL)
         lse = tl.load(part_lse_ptr + row + splits, mask=s_mask, other=float("-inf"))  # [SPLITS_PAD]
+        part = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :], mask=s_mask[:, None],
+                       other=0.0)  # [SPLITS_PAD, HEAD_DIM]
         m = tl.max(lse, 0)
         w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
-        part = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=(w > 0)[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
         total = tl.sum(w, 0)
         o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
@@ -504,12 +536,13 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_N=DECODE_BLOCK_N, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
-        USE_PDL=triton_ops.use_pdl(), num_warps=DECODE_NUM_WARPS, num_stages=2, **triton_ops.pdl_launch())
+        PREFETCH=rotary is not None and DECODE_PREFETCH, USE_PDL=triton_ops.use_pdl(), num_warps=DECODE_NUM_WARPS,
+        num_stages=2, **triton_ops.pdl_launch())
     if split and not fused:
         _merge_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, USE_PDL=triton_ops.use_pdl(), num_warps=4,
-            **triton_ops.pdl_launch())
+            part_out, part_lse, out, seq_lens, num_splits, out.stride(0), out.stride(1),
+            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, BLOCK_N=DECODE_BLOCK_N, USE_PDL=triton_ops.use_pdl(),
+            num_warps=4, **triton_ops.pdl_launch())
     return out
 
 
