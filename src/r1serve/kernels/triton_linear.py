@@ -16,10 +16,11 @@ rounded once, bias added first (cuBLAS's epilogue does the same). With split-K e
 partial and the last of a column's programs to arrive (a self-resetting atomic ticket) sums them in split
 order: deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor
 cores, x padded to 16 rows). Which tiles serve a (N, K, M) shape, and whether fusing the activation pays, was
-measured on the H100 (`TUNED`, `FUSED`; benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every
-shape from 4 rows on. On Hopper the kernel launches as a programmatic dependent launch (`triton_ops.use_pdl`):
-it issues its first weight load, then waits for the previous kernel, so the weight stream starts during that
-kernel's tail. Triton is imported lazily: the module imports without it.
+measured per device (`TUNED`, `FUSED` on the H100; `DEVICE_TUNED`, `DEVICE_FUSED` for others, e.g. the H200;
+benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper the kernel
+launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then waits
+for the previous kernel, so the weight stream starts during that kernel's tail. Triton is imported lazily: the
+module imports without it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,43 @@ FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
     (17920, 1536, 2): None,
     (17920, 1536, 4): None,
 }
+
+# Other devices' sweeps (the same benchmark), keyed by torch.cuda.get_device_name(): their entries replace the
+# H100's; shapes and row counts not listed keep the H100's choice.
+# H200 run of 2026-12-02, M = 1 and 2 swept (M = 4 not: cuBLAS stays), µs per call at M=1: qkv 3.48 vs cuBLAS
+# 5.87, o_proj 2.54 vs 6.55, down 9.43 vs 12.09, but gate_up 18.11 vs 17.51 and lm_head 140.96 vs 123.55: cuBLAS
+# reads those two faster here; fused with their norm or SiLU: qkv 4.04 vs 4.46 (norm kernel + skinny), down 11.02
+# vs 10.35 (SiLU kernel + skinny).
+DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
+    "NVIDIA H200": {
+        (1536, 1536, 1): SkinnyConfig(4, 2048, warps=8),
+        (1536, 1536, 2): SkinnyConfig(2, 2048, warps=8),
+        (1536, 8960, 1): SkinnyConfig(2, 2048),
+        (1536, 8960, 2): None,
+        (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
+        (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
+        (17920, 1536, 1): None,
+        (17920, 1536, 2): None,
+        (151936, 1536, 1): None,
+        (151936, 1536, 2): None,
+    },
+}
+DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
+    "NVIDIA H200": {
+        (1536, 8960, 1): None,
+        (1536, 8960, 2): None,
+        (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
+        (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
+        (17920, 1536, 1): None,
+        (17920, 1536, 2): None,
+    },
+}
+
+
+@functools.lru_cache(maxsize=16)
+def device_name(device: torch.device) -> str:
+    """The name the device tables are keyed by ('' for a CPU tensor)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
 
 def _require_triton() -> None:
@@ -284,15 +322,15 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def skinny_config(m: int, n: int, k: int, fused: bool = False) -> SkinnyConfig | None:
-    """The config for an (M, N, K) product (`fused`: with its activation fused in), or None: cuBLAS for the
-    plain product, the activation's own kernel first for the fused one."""
+def skinny_config(m: int, n: int, k: int, fused: bool = False, device: str = "") -> SkinnyConfig | None:
+    """The config for an (M, N, K) product (`fused`: with its activation fused in) on the device named `device`,
+    or None: cuBLAS for the plain product, the activation's own kernel first for the fused one."""
     if m > SKINNY_MAX_M or m < 1:
         return None
     key = (n, k, m_bucket(m))
-    table = FUSED if fused else TUNED
-    if key in table:
-        return table[key]
+    for table in ((DEVICE_FUSED if fused else DEVICE_TUNED).get(device, {}), FUSED if fused else TUNED):
+        if key in table:
+            return table[key]
     return _default_config(key[2], n, k)
 
 
@@ -341,7 +379,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("skinny_linear: the weight's rows must be contiguous")
     if x2.shape[1] != (2 * k if act == ACT_SILU_MUL else k):
         raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns for a weight of {k} (act {act})")
-    config = config or skinny_config(m, n, k)
+    config = config or skinny_config(m, n, k, device=device_name(weight.device))
     if config is None or m > SKINNY_MAX_M:
         raise ValueError(f"skinny_linear: no config for M={m}, N={n}, K={k}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -375,7 +413,7 @@ def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> SkinnyConf
     k = weight.shape[1]
     if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1 or not x.shape[-1]:
         return None
-    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused)
+    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
