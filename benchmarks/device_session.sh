@@ -5,24 +5,28 @@
 #   bash benchmarks/device_session.sh serving OUT_DIR   # r1serve serve + r1serve bench (needs the wheels, below)
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
-# real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels and
-# `mkdir -p .carry && cp -r ../shared/data/tokenizer .carry/`, then name .whl and .carry in the call's carry.
+# real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
+# `../shared/tools/device-wheels httpx2 httpcore2 truststore opentelemetry-api` (what this openai and fastapi
+# need beyond its default list) and `mkdir -p .carry && cp -r ../shared/data/tokenizer .carry/`; name .whl and
+# .carry in the call's carry. The tests stage runs only the three GPU test files, so it needs neither.
 set -euo pipefail
 stage=$1; out=$2
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 exec > >(tee "$out/$stage.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
+if [ -d .whl ]; then  # the server's packages (the tests import them too)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 case $stage in
   tests)
-    timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ ;;
+    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_sampling_gpu.py tests/test_engine_gpu.py ;;
   offline)
     timeout 400 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,batch,nano,uniform \
       --decode-tokens 1024 --batch-tokens 256 --hf decode --hf-decode-tokens 64 --max-model-len 4096
     timeout 150 python3 benchmarks/step_profile.py --batches 1,256 --out "$out/step_profile.json" ;;
   serving)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
     R1SERVE="python3 -m r1serve.cli" RATES=inf CONCURRENCY=1,64,256 SWEEP_PROMPTS=8,256,512 \
       timeout 560 bash benchmarks/h100_serving.sh "${TOKENIZER:-.carry/tokenizer}" "$out" ;;
   *)
