@@ -170,6 +170,12 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def _split_share(seq_len, num_splits, BLOCK_N: tl.constexpr):
+        """Keys per split of a seq_len context (whole BLOCK_N tiles), and how many splits get any."""
+        share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        return share, tl.where(share > 0, tl.cdiv(seq_len, tl.maximum(share, 1)), 0)
+
+    @triton.jit
     def _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v, scale_log2e):
         """One tile of keys offs_n [N] (k, v [N, HEAD_DIM] as loaded) folded into the running state; the key at
         position `newest` (-1: none) is the decode token's own, taken from registers (new_k, new_v [HEAD_DIM])
@@ -204,7 +210,7 @@ if triton is not None:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)  # a step input: written before the graph, not by a kernel
-        share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        share, active = _split_share(seq_len, num_splits, BLOCK_N)
         start = split * share
         end = tl.minimum(start + share, seq_len)
         group = tl.arange(0, GROUP_PAD)
@@ -221,10 +227,10 @@ if triton is not None:
             sin = tl.load(cs_row + half + dims % half)
             slot = tl.load(slots_ptr + seq)
             newest = tl.where(slot >= 0, seq_len - 1, -1)  # slot -1 stores nothing: the cache is read as is
+        first_mask = (offs_n < end) & (offs_n != newest)  # the newest key's slot is not written yet
         if PREFETCH:
-            k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, (offs_n < end) & (offs_n != newest),
-                                   kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                   dims, PAGE, True)
+            k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, first_mask, kv_head, stride_kb,
+                                   stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
         _pdl_start(USE_PDL)
         q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
         q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM]
@@ -242,9 +248,8 @@ if triton is not None:
                 _store_new_kv(new_k, new_v, k_cache_ptr, v_cache_ptr, slot.to(tl.int64), kv_head, dims,
                               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE)
         if not PREFETCH:
-            k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, (offs_n < end) & (offs_n != newest),
-                                   kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                   dims, PAGE, True)
+            k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, first_mask, kv_head, stride_kb,
+                                   stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
         q = q.to(k_cache_ptr.dtype.element_ty)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -273,7 +278,6 @@ if triton is not None:
                 if ticket == num_splits - 1:  # the others have all published their partials
                     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
                     out_rows = out_ptr + seq * stride_ot + heads * stride_oh  # [GROUP_PAD]
-                    active = tl.where(share > 0, tl.cdiv(seq_len, tl.maximum(share, 1)), 0)  # splits with keys
                     _merge_group(part_out_ptr, part_lse_ptr, out_rows, row - split, group < GROUP, dims,
                                  num_splits, active, SPLITS_PAD)
         else:
@@ -310,9 +314,7 @@ if triton is not None:
         log-sum-exps are loaded together: one round trip to memory after the decode kernel, not two."""
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
-        seq_len = tl.load(seq_lens_ptr + seq)
-        share = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        active = tl.where(share > 0, tl.cdiv(seq_len, tl.maximum(share, 1)), 0)  # the decode kernel's split
+        _, active = _split_share(tl.load(seq_lens_ptr + seq), num_splits, BLOCK_N)  # the decode kernel's split
         row = (seq * tl.num_programs(1) + head) * num_splits
         splits = tl.arange(0, SPLITS_PAD)
         dims = tl.arange(0, HEAD_DIM)
