@@ -108,24 +108,20 @@ if triton is not None:
 
     @triton.jit
     def _load_tile(row_ptr, tile, tile_hi, V, BLOCK: tl.constexpr, LANES: tl.constexpr):
-        """A tile's BLOCK // LANES rows of LANES logits as a tuple, loaded together so that all its loads are in
-        flight at once (one at a time, the compiler issued each just before its use); -inf past the row's end and
-        past this program's last tile."""
-        lanes = tl.arange(0, LANES)
-        rows = ()
-        for r in tl.static_range(BLOCK // LANES):
-            cols = tile * BLOCK + r * LANES + lanes
-            rows = rows + (tl.load(row_ptr + cols, mask=(cols < V) & (tile < tile_hi), other=float("-inf")),)
-        return rows
+        """A tile as [BLOCK // LANES, LANES] logits, one load (all in flight at once); -inf past the row's end and
+        past this program's last tile. Row starts are not known to be aligned, so each load moves one element and
+        the compiler lays a lane's whole column (its group) in one thread: reductions over axis 0 stay in-thread."""
+        cols = tile * BLOCK + tl.arange(0, BLOCK // LANES)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+        return tl.load(row_ptr + cols, mask=(cols < V) & (tile < tile_hi), other=float("-inf"))
 
     @triton.jit
     def _first_pass(row_ptr, V, tile_lo, tile_hi, scale, seed, BLOCK: tl.constexpr, LANES: tl.constexpr):
         """Pass 0 over this program's tiles: the largest logit and its first index, and the group that wins
-        round 0's race over all groups, weighted by its probability mass (an online log-sum-exp per group).
+        round 0's race over all groups, weighted by its probability mass (2**max times the sum of 2**(y - max)).
 
-        A tile is BLOCK // LANES rows of LANES tokens; group `lane` of a tile is that lane's column, so with one
-        lane per thread every per-group sum is element-wise and the random numbers are per group. The next tile
-        is loaded while this one is computed."""
+        A tile is BLOCK // LANES rows of LANES tokens; group `lane` of a tile is that lane's column, held by one
+        thread, so every per-group reduction stays in its thread and the random numbers are per group. The next
+        tile is loaded while this one is computed."""
         best_x = tl.full([LANES], float("-inf"), tl.float32)
         best_xi = tl.full([LANES], _NONE, tl.int32)
         best_k = tl.full([LANES], float("-inf"), tl.float32)
@@ -134,17 +130,12 @@ if triton is not None:
         rows = _load_tile(row_ptr, tile_lo, tile_hi, V, BLOCK, LANES)
         for tile in range(tile_lo, tile_hi):
             following = _load_tile(row_ptr, tile + 1, tile_hi, V, BLOCK, LANES)
-            top = tl.full([LANES], float("-inf"), tl.float32)
-            mass = tl.zeros([LANES], tl.float32)  # sum of 2**(y - top) over the group so far
-            for r in tl.static_range(BLOCK // LANES):
-                cols = tile * BLOCK + r * LANES + lanes
-                x = rows[r].to(tl.float32)
-                best_x, best_xi = _best(x, cols, best_x, best_xi)
-                y = x * scale
-                new_top = tl.maximum(top, y)
-                ref = tl.where(new_top == float("-inf"), 0.0, new_top)  # no -inf - -inf
-                mass = mass * tl.exp2(top - ref) + tl.exp2(y - ref)
-                top = new_top
+            x = rows.to(tl.float32)
+            x_top, r_top = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+            best_x, best_xi = _best(x_top, tile * BLOCK + r_top * LANES + lanes, best_x, best_xi)
+            top = x_top * scale  # scale > 0: the group's largest y
+            ref = tl.where(top == float("-inf"), 0.0, top)  # no -inf - -inf
+            mass = tl.sum(tl.exp2(x * scale - ref[None, :]), 0)  # sum of 2**(y - top) over the group
             gid = tile * LANES + lanes
             best_k, best_kg = _best(_race_key(top + tl.log2(mass), seed, gid), gid, best_k, best_kg)
             rows = following
@@ -167,17 +158,13 @@ if triton is not None:
         rows = _load_tile(row_ptr, tile_lo, tile_hi, V, BLOCK, LANES)
         for tile in range(tile_lo, tile_hi):
             following = _load_tile(row_ptr, tile + 1, tile_hi, V, BLOCK, LANES)
-            g_all = tl.zeros([LANES], tl.float32)
-            g_above = tl.zeros([LANES], tl.float32)
-            g_cand = tl.zeros([LANES], tl.float32)
-            for r in tl.static_range(BLOCK // LANES):
-                y = rows[r].to(tl.float32) * scale
-                above = y > pivot
-                w = tl.exp2(y - y_max)
-                g_all += w
-                g_above += tl.where(above, w, 0.0)
-                g_cand += tl.where(above & (y >= lo), w, 0.0)
-                count += above.to(tl.int32)
+            y = rows.to(tl.float32) * scale
+            above = y > pivot
+            w = tl.exp2(y - y_max)
+            g_all = tl.sum(w, 0)
+            g_above = tl.sum(tl.where(above, w, 0.0), 0)
+            g_cand = tl.sum(tl.where(above & (y >= lo), w, 0.0), 0)
+            count += tl.sum(above.to(tl.int32), 0)
             total += _fixed(g_all)
             mass += _fixed(g_above)
             gid = tile * LANES + lanes
