@@ -187,7 +187,7 @@ if triton is not None:
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         return _online_softmax_step(acc, l_i, m_i, qk, v)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # eager steps: a variant per table width % 16 otherwise
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
                        part_lse_ptr, counters_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
                        scale_log2e, num_splits,
@@ -329,7 +329,7 @@ if triton is not None:
         o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # a variant per step's table width % 16 otherwise
     def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, starts_ptr, out_ptr,
                         scale_log2e,
                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
