@@ -53,18 +53,19 @@ class DecodeGraphs:
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * batch, seq_lens_cpu=[self.max_model_len] * batch,
         )
 
-    def _forward(self, batch: int) -> torch.Tensor:
+    def forward(self, batch: int) -> torch.Tensor:
+        """The forward a bucket's graph captures, run eagerly on the static buffers."""
         return self.model(self.input_ids[:batch], self.positions[:batch], self._metadata(batch), self.kv_caches)
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         for batch in reversed(self.buckets):
-            self._forward(batch)  # warm-up: autotuning and lazy initialisation stay out of the graph
+            self.forward(batch)  # warm-up: autotuning and lazy initialisation stay out of the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[batch] = self._forward(batch)
+                self.outputs[batch] = self.forward(batch)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[batch] = graph

@@ -21,6 +21,7 @@ from r1serve.engine.input_batch import InputPacker, StepInputs
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import AttentionBackend, TorchAttention, build_metadata
+from r1serve.kernels.compile_ahead import compile_ahead
 from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
 from r1serve.model.loader import load_model, resolve_device, resolve_dtype
 
@@ -71,7 +72,11 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model_config.num_hidden_layers)]
         self.sampler = Sampler(eos_token_id, seed=config.seed)
         self.packer = InputPacker(config.block_size, self.device)
-        self.graphs = self._capture_graphs()
+        self.graphs = self._decode_graphs()
+        if self.device.type == "cuda" and self.backend.name != "torch":
+            compile_ahead(self._warm_ups)  # the kernel variants below, compiled in parallel first
+        if self.graphs is not None:
+            self.graphs.capture()
         self.sampler.warm_up(model_config.vocab_size, config.max_num_seqs, self.device)
         self.last_sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
         self._host_ids = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
@@ -126,13 +131,28 @@ class ModelRunner:
         shape = (2, mc.num_hidden_layers, num_blocks, self.config.block_size, mc.num_key_value_heads, mc.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """The decode graphs' buffers (captured later), or None where steps run eagerly."""
         if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name == "torch":
             return None
-        graphs = DecodeGraphs(self.model, self.kv_caches, min(self.config.max_num_seqs, 512), self.max_model_len,
-                              self.config.block_size, self.model_config.hidden_size, self.device)
-        graphs.capture()
-        return graphs
+        return DecodeGraphs(self.model, self.kv_caches, min(self.config.max_num_seqs, 512), self.max_model_len,
+                            self.config.block_size, self.model_config.hidden_size, self.device)
+
+    @torch.inference_mode()
+    def _warm_ups(self) -> None:
+        """What start-up launches, with results thrown away: every decode bucket's forward and logits, a short and
+        a full prefill (the prefill kernel's two tile sizes) and the sampler's variants."""
+        for batch in self.graphs.buckets if self.graphs is not None else ():
+            self.model.compute_logits(self.graphs.forward(batch))
+        budget = min(self.config.max_num_batched_tokens, self.num_blocks * self.config.block_size)
+        prompt = min(512, self.max_model_len, budget)
+        for lens in ([min(64, prompt)], [prompt] * max(1, budget // prompt)):
+            blocks = list(range(-(-max(lens) // self.config.block_size)))  # every sequence writes the same blocks
+            meta = build_metadata(lens, lens, [blocks] * len(lens), self.config.block_size, self.device)
+            positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+            hidden = self.model(torch.zeros_like(positions), positions, meta, self.kv_caches)
+            self.model.compute_logits(hidden[:len(lens)])
+        self.sampler.warm_up(self.model_config.vocab_size, self.config.max_num_seqs, self.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> SampledTokens:
