@@ -131,3 +131,21 @@ def test_parameter_rows_start_16_byte_aligned(rows: int) -> None:
     assert all(t.data_ptr() % 16 == 0 for t in tensors)
     assert batch.temperature.tolist() == pytest.approx([p.temperature for p in params])
     assert batch.seeds_tensor.tolist() == batch.seeds and batch.top_k.tolist() == [5] * rows
+
+
+def test_row_parameters_are_reused_while_the_rows_stay_and_rebuilt_when_they_change() -> None:
+    sampler = Sampler(eos_token_id=0)
+    seqs = make_seqs([SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.0),
+                      SamplingParams(temperature=1.2, min_tokens=3)])
+    first = sampler.batch(seqs, VOCAB, torch.device("cpu"))
+    second = sampler.batch(seqs, VOCAB, torch.device("cpu"))
+    assert second.temperature is first.temperature and second.top_k is first.top_k  # not rebuilt
+    assert second.seeds != first.seeds  # unseeded rows draw fresh seeds every step
+    assert first.any_min_tokens and first.any_top_p and not first.all_greedy
+    seqs[2].append_tokens([7, 8, 9])  # its min_tokens are now met: checked per step, not cached
+    assert not sampler.batch(seqs, VOCAB, torch.device("cpu")).any_min_tokens
+    changed = sampler.batch([seqs[1], seqs[0]], VOCAB, torch.device("cpu"))  # other rows, other order
+    assert changed.temperature.tolist() == pytest.approx([0.0, 0.7])
+    assert changed.top_p.tolist() == pytest.approx([seqs[1].params.top_p, 0.9])
+    greedy = sampler.batch([seqs[1]], VOCAB, torch.device("cpu"))
+    assert greedy.all_greedy and greedy.temperature is None
