@@ -41,13 +41,12 @@ class InputPacker:
         self.copied: torch.cuda.Event | None = None
 
     def pack(self, sched: SchedulerOutput) -> StepInputs:
-        cols = _columns(sched, self.block_size)
+        cols, query_lens = _columns(sched, self.block_size)
         sizes = [len(c) for c in cols]
         device_buf = self._to_device(_pack_int64(cols))
         ids, positions, slots, logits_idx, starts, seq_lens, tables, pend_dst, pend_src = device_buf.split(sizes)
         num_seqs = len(seq_lens)
         width = len(tables) // max(num_seqs, 1)
-        query_lens = [s.num_new_tokens for s in sched.scheduled]
         seq_lens_cpu = cols[5]
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=starts.to(torch.int32), seq_lens=seq_lens.to(torch.int32),
@@ -81,28 +80,39 @@ def _pack_int64(cols: list[list[int] | array[int]]) -> torch.Tensor:
     return torch.frombuffer(packed, dtype=torch.int64) if packed else torch.empty(0, dtype=torch.int64)
 
 
-def _columns(sched: SchedulerOutput, block_size: int) -> list[list[int] | array[int]]:
+def _columns(sched: SchedulerOutput, block_size: int) -> tuple[list[list[int] | array[int]], list[int]]:
     """ids, positions, slots, logits indices, query starts, sequence lengths, flat padded block tables, pending
-    input rows and their rows in the previous step's samples."""
+    input rows and their rows in the previous step's samples; and the query lengths. One pass over the rows (a
+    decode row, the common one at high concurrency, takes no slice or range)."""
     ids: list[int] = []
     positions: list[int] = []
     logits_idx: list[int] = []
     pend_dst: list[int] = []
     pend_src: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    block_tables = []
     for s in sched.scheduled:
-        seq = s.seq
-        known = seq.token_ids[s.start:s.end]
-        ids.extend(known)
-        if len(known) < s.num_new_tokens:  # the last token is the in-flight step's sample
+        seq, start, num = s.seq, s.start, s.num_new_tokens
+        end = start + num
+        tokens = seq.token_ids
+        if num == 1 and end <= len(tokens):
+            ids.append(tokens[start])
+        else:
+            ids.extend(tokens[start:end])
+        if end > len(tokens):  # the last token is the in-flight step's sample
             pend_dst.append(len(ids))
             pend_src.append(seq.sample_row)
             ids.append(0)
-        positions.extend(range(s.start, s.end))
+        if num == 1:
+            positions.append(start)
+        else:
+            positions.extend(range(start, end))
         if s.samples:
             seq.sample_row = len(logits_idx)
             logits_idx.append(len(ids) - 1)
-    query_lens = [s.num_new_tokens for s in sched.scheduled]
-    seq_lens = [s.end for s in sched.scheduled]
-    slots, starts, tables, _ = paged_layout(query_lens, seq_lens, [s.seq.block_table for s in sched.scheduled],
-                                            block_size)
-    return [ids, positions, slots, logits_idx, starts, seq_lens, tables, pend_dst, pend_src]
+        query_lens.append(num)
+        seq_lens.append(end)
+        block_tables.append(seq.block_table)
+    slots, starts, tables, _ = paged_layout(query_lens, seq_lens, block_tables, block_size)
+    return [ids, positions, slots, logits_idx, starts, seq_lens, tables, pend_dst, pend_src], query_lens

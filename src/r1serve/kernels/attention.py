@@ -46,15 +46,19 @@ def paged_layout(query_lens: list[int], seq_lens: list[int], block_tables: Seque
     """The host side of `AttentionMetadata`: the cache slot of every new token, the query start offsets, the block
     tables flattened row by row and padded with 0 to one width (an int64 C array: the engine's tables are
     `array("q")` too, so a row is one copy however long the context), and that width."""
+    width = max(map(len, block_tables), default=1) or 1
+    flat = array("q", bytes(8 * width * len(block_tables)))  # zeros, then each table copied into its row
     slots: list[int] = []
     starts = [0]
-    width = max((len(t) for t in block_tables), default=1) or 1
-    flat = array("q")
+    row = 0
     for q, s, table in zip(query_lens, seq_lens, block_tables, strict=True):
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s - q, s))
+        if q == 1:  # a decode: the common row, without a generator
+            slots.append(table[(s - 1) // block_size] * block_size + (s - 1) % block_size)
+        else:
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s - q, s))
         starts.append(starts[-1] + q)
-        flat.extend(table)
-        flat.frombytes(bytes(flat.itemsize * (width - len(table))))
+        flat[row:row + len(table)] = table if isinstance(table, array) else array("q", table)
+        row += width
     return slots, starts, flat, width
 
 
