@@ -55,6 +55,8 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` the blocks its next `num_new_tokens` tokens need; False (and no change) if too few are free."""
+        if seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+            return True  # the common case (a decode inside its last block): nothing to hand out
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free_queue):
             return False

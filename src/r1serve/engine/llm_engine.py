@@ -191,7 +191,8 @@ class LLMEngine:
         tokens = iter(sampled)
         for item in sched.scheduled:
             seq = item.seq
-            self._count_prompt_tokens(seq, item.start, item.num_new_tokens)
+            if item.start < seq.num_prompt_tokens:  # a prompt chunk (decodes skip the call)
+                self._count_prompt_tokens(seq, item.start, item.num_new_tokens)
             if not item.samples:
                 continue
             token = next(tokens)

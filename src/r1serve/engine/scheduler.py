@@ -87,7 +87,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
+            num_new = min(len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens, budget)
             if num_new <= 0 or (seq.num_pending and _ends_by_length(seq)):
                 i += 1  # nothing to run before its pending token is read
                 continue
@@ -121,7 +121,7 @@ class Scheduler:
     def _advance(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         """Schedule `num_new` tokens of `seq`: they count as computed, and a sample at the end as pending."""
         start = seq.num_computed_tokens
-        samples = start + num_new == seq.num_tokens_with_pending
+        samples = start + num_new == len(seq.token_ids) + seq.num_pending  # num_tokens_with_pending, inlined
         out.scheduled.append(ScheduledSeq(seq, num_new, start, samples, seq.epoch))
         seq.num_computed_tokens = start + num_new
         if samples:

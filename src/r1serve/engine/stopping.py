@@ -37,14 +37,15 @@ def finish_reason(seq: Sequence, token: int, eos_token_id: int | None,
                   max_model_len: int) -> tuple[FinishReason | None, int | None]:
     """Whether `seq` ends after appending `token`: (finish_reason, stop token id) or (None, None)."""
     params = seq.params
-    ended = seq.num_output_tokens >= params.min_tokens
+    num_output = len(seq.output_ids)
+    ended = num_output >= params.min_tokens
     if ended and token in params.stop_token_ids:
         return "stop", token
     if ended and token == eos_token_id and not params.ignore_eos:
         return "stop", None
-    if seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= max_model_len:
+    if num_output >= seq.request.max_tokens or len(seq.token_ids) >= max_model_len:
         return "length", None
     guard = params.repetition_guard
-    if guard is not None and seq.num_output_tokens % CHECK_EVERY == 0 and is_repeating(seq.output_ids, guard):
+    if guard is not None and num_output % CHECK_EVERY == 0 and is_repeating(seq.output_ids, guard):
         return "repetition", None
     return None, None
