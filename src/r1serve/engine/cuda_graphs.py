@@ -81,9 +81,10 @@ class DecodeGraphs:
         self.input_ids[:batch].copy_(input_ids)
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(slot_mapping)
-        self.slot_mapping[batch:bucket].fill_(-1)
         self.seq_lens[:batch].copy_(seq_lens)
-        self.seq_lens[batch:bucket].fill_(0)
+        if batch < bucket:  # padding rows: store nothing, read nothing
+            self.slot_mapping[batch:bucket].fill_(-1)
+            self.seq_lens[batch:bucket].fill_(0)
         self.block_tables[:batch, :block_tables.shape[1]].copy_(block_tables)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:batch]
