@@ -135,11 +135,12 @@ class Sampler:
         sample = _triton_sample() if device.type == "cuda" else None
         if sample is None:
             return
-        for rows in sorted({1, max_batch}):  # parameters laid out as `SamplingBatch.build` lays them out
+        for rows in sorted({1, max_batch}):  # parameters laid out as `RowParams.of` and `SamplingBatch.build` do
             width = rows + -rows % 4
             floats = torch.tensor([[0.6] * width, [0.95] * width, [0.0] * width], device=device)[:, :rows]
-            ints = torch.tensor([[0] * width, list(range(width))], dtype=torch.int64, device=device)[:, :rows]
-            sample(torch.randn(rows, vocab_size, device=device), floats[0], floats[1], ints[0], floats[2], ints[1])
+            top_k = torch.zeros(rows, dtype=torch.int64, device=device)
+            seeds = torch.arange(rows, dtype=torch.int64, device=device)
+            sample(torch.randn(rows, vocab_size, device=device), floats[0], floats[1], top_k, floats[2], seeds)
         torch.cuda.synchronize(device)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Why: on a machine whose Triton cache is empty (a fresh deployment, a new Triton or a new GPU), the engine's start
 compiled ~30 kernel variants one after the other, each when a warm-up first launched it: the decode kernel for
-every split count the graphs use, the merge kernel, the skinny products, the sampler. Triton's compiler runs its
-passes outside the GIL, so the same compiles on 16 threads take about as long as the longest one.
+every split count the graphs use, the merge kernel, the skinny products, the sampler. Triton's compiler runs most
+of its passes outside the GIL, so they overlap on a thread pool (on the H200's host: 26 variants in 7.1 s).
 
 How: `compile_ahead(warm_ups)` runs `warm_ups()` with every Triton launch that would compile instead handing the
 compile to the pool (Triton's `AsyncCompileMode`, through `JITFunction.preload` with the launch's own
