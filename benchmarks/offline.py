@@ -51,6 +51,14 @@ def random_prompts(n: int, lengths: list[int], seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, 150000) for _ in range(length)] for length in lengths[:n]]
 
 
+def nano_workload(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's benchmark: n random prompts and output lengths, both uniform in 100-1,024 tokens."""
+    rng = random.Random(seed)
+    ins = [rng.randint(100, 1024) for _ in range(n)]
+    outs = [rng.randint(100, 1024) for _ in range(n)]
+    return random_prompts(n, ins, 2), outs
+
+
 def bench_decode(llm: LLM, tokens: int, device: str) -> Row:
     prompt = random_prompts(1, [128], 0)[0]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -215,10 +223,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows.append(bench_requests(llm, "batch", random_prompts(16, [128] * 16, 1), [args.batch_tokens] * 16,
                                    args.device))
     if "nano" in workloads:
-        rng = random.Random(0)
-        ins = [rng.randint(100, 1024) for _ in range(256)]
-        outs = [rng.randint(100, 1024) for _ in range(256)]
-        rows.append(bench_requests(llm, "nano", random_prompts(256, ins, 2), outs, args.device, temperature=0.6))
+        prompts, outs = nano_workload()
+        rows.append(bench_requests(llm, "nano", prompts, outs, args.device, temperature=0.6))
     if "uniform" in workloads:
         rows.append(bench_requests(llm, "uniform", random_prompts(1000, [512] * 1000, 3), [512] * 1000, args.device,
                                    temperature=0.6))

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import tempfile
 import time
 from collections import defaultdict
@@ -64,12 +63,6 @@ class CompileLog:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]["seconds"]))
 
 
-def nano_like(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
-    rng = random.Random(seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
-    return prompts, [rng.randint(100, 1024) for _ in range(n)]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -93,7 +86,9 @@ def main() -> None:
     served = 0.0
     if args.requests:
         log.phase = "serving"
-        prompts, lens = nano_like(args.requests)
+        from offline import nano_workload  # (benchmarks/ is the script's folder, so on sys.path)
+
+        prompts, lens = nano_workload(args.requests)
         params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.6) for n in lens]
         t = time.perf_counter()
         llm.generate(prompts, params)
