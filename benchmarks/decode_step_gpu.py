@@ -38,14 +38,17 @@ from r1serve.model.layers import triton_kernel_ops
 
 MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 LAYERS = 28
-# name → (N, K, fused activation, bias): the products of one decoder layer, and the logits projection
+# name → (N, K, fused activation, bias): the products of one decoder layer, and the logits projection;
+# "gate_up+silu" is gate_up_proj with its norm in front and SiLU-and-mul behind (`skinny_linear(gated=True)`)
 PROJECTIONS: dict[str, tuple[int, int, int, bool]] = {
     "qkv_proj": (2048, 1536, triton_linear.ACT_ADD_RMS_NORM, True),
     "o_proj": (1536, 1536, triton_linear.ACT_PLAIN, False),
     "gate_up_proj": (17920, 1536, triton_linear.ACT_ADD_RMS_NORM, False),
-    "down_proj": (1536, 8960, triton_linear.ACT_SILU_MUL, False),
+    "gate_up+silu": (17920, 1536, triton_linear.ACT_ADD_RMS_NORM, False),
+    "down_proj": (1536, 8960, triton_linear.ACT_PLAIN, False),
     "lm_head": (151936, 1536, triton_linear.ACT_PLAIN, False),
 }
+GATED = "gate_up+silu"
 Inputs = dict[str, Any]
 
 
@@ -60,11 +63,12 @@ def make_inputs(name: str, m: int) -> Inputs:
     return {
         "weights": [torch.randn(n, k, **bf) * k ** -0.5 for _ in range(copies)],
         "bias": torch.randn(n, **bf) if bias else None,
-        "x": torch.randn(m, 2 * k if act == triton_linear.ACT_SILU_MUL else k, **bf),
+        "x": torch.randn(m, k, **bf),
         "plain_x": torch.randn(m, k, **bf),
         "residual": torch.randn(m, k, **bf),
         "norm_weight": torch.rand(k, **bf) + 0.5,
         "act": act,
+        "gated": name == GATED,
     }
 
 
@@ -79,23 +83,17 @@ def skinny_alone(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) 
 
 
 def before_op(inp: Inputs, plain: SkinnyConfig | None = None) -> Callable[[], object]:
-    """The op unfused, as the model ran it before: Triton (add +) RMSNorm or SiLU-and-mul, then cuBLAS (or the
-    skinny product with `plain`)."""
-    def product(a: torch.Tensor, w: torch.Tensor) -> None:
-        if plain is None:
-            F.linear(a, w, inp["bias"])
-        else:
-            triton_linear.skinny_linear(a, w, inp["bias"], config=plain)
-
+    """The op unfused, as the model ran it before: the Triton (add +) RMSNorm kernel, then cuBLAS (or the skinny
+    product with `plain`), then (gated) the SiLU-and-mul kernel."""
     def run() -> None:
         for w in inp["weights"]:
+            a = inp["x"]
             if inp["act"] == triton_linear.ACT_ADD_RMS_NORM:
-                normed, _ = triton_ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["norm_weight"], 1e-6)
-                product(normed, w)
-            elif inp["act"] == triton_linear.ACT_SILU_MUL:
-                product(triton_ops.silu_and_mul(inp["x"]), w)
-            else:
-                product(inp["x"], w)
+                a, _ = triton_ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["norm_weight"], 1e-6)
+            y = F.linear(a, w, inp["bias"]) if plain is None else \
+                triton_linear.skinny_linear(a, w, inp["bias"], config=plain)[0]
+            if inp["gated"]:
+                triton_ops.silu_and_mul(y)
     return run
 
 
@@ -105,7 +103,7 @@ def after_op(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) -> C
         for w in inp["weights"][:1] if compile_only else inp["weights"]:
             triton_linear.skinny_linear(inp["x"], w, inp["bias"], act=inp["act"], residual=inp["residual"],
                                         norm_weight=inp["norm_weight"], eps=1e-6, config=config,
-                                        compile_only=compile_only)
+                                        compile_only=compile_only, gated=inp["gated"])
     return run
 
 
@@ -171,16 +169,23 @@ def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[s
     n, k, act, _ = PROJECTIONS[name]
     inp = make_inputs(name, m)
     configs = candidates(n, k, m)
+    if inp["gated"]:  # a program owns (gate, up) row pairs, no split
+        configs = [c for c in configs if c.block_n % 2 == 0 and c.split_k == 1]
+        configs += [SkinnyConfig(c.block_n * 2, c.block_k, warps=8) for c in configs if c.block_n == 8]
     copies = len(inp["weights"])
-    plain_us, plain, plain_next, compile_s = best_config(inp, configs, False, rep_ms)
+    if inp["gated"]:  # the plain product is gate_up_proj's row
+        plain_us, plain, plain_next, compile_s = float("nan"), None, [], 0.0
+    else:
+        plain_us, plain, plain_next, compile_s = best_config(inp, configs, False, rep_ms)
     row = {"op": name, "M": m, "N": n, "K": k, "candidates": len(configs),
            "cublas_us": graph_us(cublas_alone(inp), rep_ms) / copies, "plain_us": plain_us, "plain": plain,
            "plain_next": plain_next, "pct_copy": 100 * n * k * 2 / plain_us / 1e3 / copy_gbps}
     if act != triton_linear.ACT_PLAIN:
         fused_us, fused, fused_next, fused_compile_s = best_config(inp, configs, True, rep_ms)
         compile_s += fused_compile_s
-        row |= {"before_us": graph_us(before_op(inp), rep_ms) / copies,
-                "unfused_skinny_us": graph_us(before_op(inp, plain), rep_ms) / copies,
+        before_us = graph_us(before_op(inp), rep_ms) / copies
+        row |= {"before_us": before_us,
+                "unfused_skinny_us": before_us if plain is None else graph_us(before_op(inp, plain), rep_ms) / copies,
                 "fused_us": fused_us, "fused": fused, "fused_next": fused_next}
     row["compile_s"] = compile_s
     del inp
@@ -188,13 +193,13 @@ def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[s
     return row
 
 
-def sweep(copy_gbps: float, batches: list[int], rep_ms: int) -> list[dict[str, Any]]:
+def sweep(copy_gbps: float, batches: list[int], rep_ms: int, ops: list[str]) -> list[dict[str, Any]]:
     rows = []
     print("--- projections (µs per call, over 28 weight copies in a CUDA graph; lm_head: 1 copy)")
     print("  op          M | product alone: cuBLAS  skinny %copy | op with its norm / SiLU: before (kernel + "
           "cuBLAS)  kernel + skinny  fused | best configs")
     for m in batches:
-        for name in PROJECTIONS:
+        for name in ops:
             r = sweep_projection(name, m, copy_gbps, rep_ms)
             rows.append(r)
             op = (f"{r['before_us']:8.2f} {r['unfused_skinny_us']:8.2f} {r['fused_us']:8.2f}" if "fused" in r
@@ -209,21 +214,26 @@ def sweep(copy_gbps: float, batches: list[int], rep_ms: int) -> list[dict[str, A
 
 def tuned_tables(rows: list[dict[str, Any]]) -> tuple[dict[tuple[int, int, int], SkinnyConfig | None], ...]:
     """TUNED: the plain config where it beat cuBLAS, else None. FUSED: the fused config where it beat the unfused
-    op that TUNED's choice gives (activation kernel + skinny or cuBLAS), else None."""
+    op that TUNED's choice gives (activation kernel + skinny or cuBLAS), else None. GATED: the same for the
+    gated op (its unfused op: norm kernel, cuBLAS, SiLU kernel)."""
     tuned: dict[tuple[int, int, int], SkinnyConfig | None] = {}
     fused: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+    gated: dict[tuple[int, int, int], SkinnyConfig | None] = {}
     for r in rows:
         key = (r["N"], r["K"], m_bucket(r["M"]))
+        if r["op"] == GATED:
+            gated[key] = r["fused"] if r["fused_us"] < r["before_us"] else None
+            continue
         plain_wins = r["plain_us"] < r["cublas_us"]
         tuned[key] = r["plain"] if plain_wins else None
         if "fused" in r:
             unfused = r["unfused_skinny_us"] if plain_wins else r["before_us"]
             fused[key] = r["fused"] if r["fused_us"] < unfused else None
-    for label, table in (("TUNED", tuned), ("FUSED", fused)):
+    for label, table in (("TUNED", tuned), ("FUSED", fused), ("GATED", gated)):
         print(f"--- {label} (kernels/triton_linear.py)")
         for key, config in sorted(table.items()):
             print(f"    {key}: {_literal(config)},")
-    return tuned, fused
+    return tuned, fused, gated
 
 
 def _literal(config: SkinnyConfig | None) -> str:
@@ -309,6 +319,8 @@ def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]
         ("after, decode loads after the PDL wait", after, True, False, False),
         ("after without PDL", after, False, False, True),
         ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False, True),
+        ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, False,
+         True),
         ("after + decode merge in the last split", after, True, True, True),
     ]
     results, reference_out = [], {}
@@ -344,6 +356,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=200, help="context length of the decode step's sequences")
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--sweep-batches", default="1,2,4")
+    parser.add_argument("--sweep-ops", default=",".join(PROJECTIONS), help="the projections to sweep")
     parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
     parser.add_argument("--rep-ms", type=int, default=25)
     parser.add_argument("--out", default="")
@@ -354,11 +367,13 @@ def main() -> None:
     print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
     result: dict[str, Any] = {"copy_GBps": copy_gbps}
     if not args.no_sweep:
-        rows = sweep(copy_gbps, [int(b) for b in args.sweep_batches.split(",")], args.rep_ms)
-        tuned, fused = tuned_tables(rows)
+        rows = sweep(copy_gbps, [int(b) for b in args.sweep_batches.split(",")], args.rep_ms,
+                     args.sweep_ops.split(","))
+        tuned, fused, gated = tuned_tables(rows)
         name = torch.cuda.get_device_name()  # this device's own entries: they take precedence over the H100's
         triton_linear.DEVICE_TUNED[name] = triton_linear.DEVICE_TUNED.get(name, {}) | tuned
         triton_linear.DEVICE_FUSED[name] = triton_linear.DEVICE_FUSED.get(name, {}) | fused
+        triton_linear.DEVICE_GATED[name] = triton_linear.DEVICE_GATED.get(name, {}) | gated
         result["projections"] = rows
     start = time.perf_counter()
     llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=2048, max_num_seqs=16,

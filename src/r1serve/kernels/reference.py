@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of the model's element-wise kernels: RMSNorm, fused residual add + RMSNorm,
-SiLU-and-mul and rotary embedding; and of the fused ops built from them (norm then projection, SiLU-and-mul
-then projection, rotary then KV-cache store), written as the composition they fuse.
+SiLU-and-mul and rotary embedding; and of the fused ops built from them (norm then projection, norm then
+gate/up projection then SiLU-and-mul, rotary then KV-cache store), written as the composition they fuse.
 
 These are what the CPU runs and what the Triton kernels of `kernels/` are tested against, so their signatures
 are a contract: each is a pure function (the store writes only the cache slots it is given), returns the dtype
@@ -81,9 +81,12 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     return linear(normed, weight, bias), residual
 
 
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The MLP's down projection of the fused gate/up output: x [T, 2*I] → linear(silu_and_mul(x)) [T, out]."""
-    return linear(silu_and_mul(x), weight)
+def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's first half: `rms_norm_linear` with the fused [gate; up] weight [2*I, hidden], then
+    `silu_and_mul`. Returns (silu(gate) * up [T, I], the residual stream [T, hidden])."""
+    gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
+    return silu_and_mul(gate_up), residual
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

@@ -279,29 +279,34 @@ if triton is not None:
                     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
                     out_rows = out_ptr + seq * stride_ot + heads * stride_oh  # [GROUP_PAD]
                     _merge_group(part_out_ptr, part_lse_ptr, out_rows, row - split, group < GROUP, dims,
-                                 num_splits, active, SPLITS_PAD)
+                                 num_splits, active, SPLITS_PAD, 4)
         else:
             dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
 
     @triton.jit
     def _merge_group(part_out_ptr, part_lse_ptr, out_rows, row0, g_mask, dims, num_splits, active,
-                     SPLITS_PAD: tl.constexpr):
+                     SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr):
         """The fused merge: rows row0 [G] of [B*H, S] partials → the G output rows at out_rows [G]. Only the
-        first `active` splits saw keys (the rest have weight 0), so only their partials are read."""
+        first `active` splits saw keys (the rest have weight 0), so only their partials are read, MERGE_CHUNK
+        splits at a time (one split per iteration was a serial chain of L2 round trips)."""
         splits = tl.arange(0, SPLITS_PAD)
         both = g_mask[:, None] & (splits[None, :] < num_splits)
         lse = tl.load(part_lse_ptr + row0[:, None] + splits[None, :], mask=both, other=float("-inf"),
                       cache_modifier=".cg")  # [G, SPLITS_PAD]
         m = tl.max(lse, 1)
-        w = tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0)
-        total = tl.sum(w, 1)
+        total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0), 1)
         acc = tl.zeros([row0.shape[0], dims.shape[0]], tl.float32)
-        for s in range(0, active):
-            w_s = tl.sum(tl.where(splits[None, :] == s, w, 0.0), 1)  # [G]
-            part = tl.load(part_out_ptr + (row0 + s)[:, None] * dims.shape[0] + dims[None, :],
-                           mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # [G, HEAD_DIM]
-            acc += w_s[:, None] * part
+        for s0 in range(0, active, MERGE_CHUNK):  # MERGE_CHUNK splits' partials per round trip to L2
+            ss = s0 + tl.arange(0, MERGE_CHUNK)
+            s_mask = g_mask[:, None] & (ss < active)[None, :]  # [G, C]
+            lse_c = tl.load(part_lse_ptr + row0[:, None] + ss[None, :], mask=s_mask, other=float("-inf"),
+                            cache_modifier=".cg")
+            part = tl.load(part_out_ptr + (row0[:, None, None] + ss[None, :, None]) * dims.shape[0]
+                           + dims[None, None, :], mask=s_mask[:, :, None], other=0.0,
+                           cache_modifier=".cg")  # [G, C, HEAD_DIM]
+            w = tl.where(lse_c > float("-inf"), tl.exp2(lse_c - m[:, None]), 0.0)
+            acc += tl.sum(w[:, :, None] * part, 1)
         o = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out_rows[:, None] + dims[None, :], o.to(out_rows.dtype.element_ty), mask=g_mask[:, None])
 

@@ -8,15 +8,17 @@ SiLU around them were launches of their own. Here one program owns `block_n` wei
 `split_k`, a share of the reduction). Where one chunk of `block_k` columns holds all of K (the 1536-wide
 products), the program issues its whole weight slice and the activation row at once, so it waits for memory
 once; otherwise it streams chunks with the next chunk's weights and activations in flight while it multiplies
-the current one. The activation is computed in the prologue from the previous op's output: plain x,
-`silu(gate) * up` from the fused gate/up output, or the RMSNorm of x or of x + residual (each program
-recomputes the row's norm, and program 0 writes the new residual). It is rounded where its plain-torch twin
-rounds (`kernels/reference.py`), so the product sees the twin's bf16 operands; the sum runs in float32 and is
-rounded once, bias added first (cuBLAS's epilogue does the same). With split-K each program stores its float32
+the current one. The activation is computed in the prologue from the previous op's output: plain x, or the
+RMSNorm of x or of x + residual (each program recomputes the row's norm, and program 0 writes the new
+residual). It is rounded where its plain-torch twin rounds (`kernels/reference.py`), so the product sees the
+twin's bf16 operands; the sum runs in float32 and is rounded once, bias added first (cuBLAS's epilogue does the
+same). The gated form serves the MLP's fused [gate; up] projection: a program owns the gate and the up rows of
+the same output columns and stores silu(gate) * up, so the SiLU-and-mul kernel and half the intermediate's
+bytes go. With split-K each program stores its float32
 partial and the last of a column's programs to arrive (a self-resetting atomic ticket) sums them in split
 order: deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor
 cores, x padded to 16 rows). Which tiles serve a (N, K, M) shape, and whether fusing the activation pays, was
-measured per device (`TUNED`, `FUSED` on the H100; `DEVICE_TUNED`, `DEVICE_FUSED` for others, e.g. the H200;
+measured per device (`TUNED`, `FUSED`, `GATED` on the H100; `DEVICE_*` for others, e.g. the H200;
 benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper the kernel
 launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then waits
 for the previous kernel, so the weight stream starts during that kernel's tail. Triton is imported lazily: the
@@ -40,14 +42,14 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
     tl = None
 
 __all__ = [
-    "FUSED", "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_linear", "silu_mul_linear",
-    "skinny_config", "skinny_linear",
+    "FUSED", "GATED", "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_gate_up",
+    "rms_norm_linear", "skinny_config", "skinny_linear",
 ]
 
 HAS_TRITON = triton is not None
 SKINNY_MAX_M = 16
 # The activation each kernel computes from its input (the op fused in front of the product).
-ACT_PLAIN, ACT_SILU_MUL, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2, 3
+ACT_PLAIN, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2
 _WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
 _TICKETS = 1 << 14
 
@@ -94,9 +96,6 @@ TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {
     (151936, 1536, 4): None,
 }
 FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
-    (1536, 8960, 1): None,  # SiLU fused: 13.98 µs, SiLU kernel + the plain product: 13.93
-    (1536, 8960, 2): None,
-    (1536, 8960, 4): None,
     (2048, 1536, 1): SkinnyConfig(2, 2048),
     (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
     (2048, 1536, 4): None,
@@ -109,8 +108,9 @@ FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
 # H100's; shapes and row counts not listed keep the H100's choice.
 # H200 run of 2026-12-02, M = 1 and 2 swept (M = 4 not: cuBLAS stays), µs per call at M=1: qkv 3.48 vs cuBLAS
 # 5.87, o_proj 2.54 vs 6.55, down 9.43 vs 12.09, but gate_up 18.11 vs 17.51 and lm_head 140.96 vs 123.55: cuBLAS
-# reads those two faster here; fused with their norm or SiLU: qkv 4.04 vs 4.46 (norm kernel + skinny), down 11.02
-# vs 10.35 (SiLU kernel + skinny).
+# reads those two faster here; fused with its norm: qkv 4.04 vs 4.46 (norm kernel + skinny). (SiLU-and-mul fused
+# into down_proj's prologue lost on both devices, 13.98 vs 13.93 and 11.02 vs 10.35 µs, and is gone: each
+# program recomputed it over all 2 x 8960 inputs; SiLU now goes into gate_up's epilogue, `GATED`.)
 DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
         (1536, 1536, 1): SkinnyConfig(4, 2048, warps=8),
@@ -127,13 +127,20 @@ DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
 }
 DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
-        (1536, 8960, 1): None,
-        (1536, 8960, 2): None,
         (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
         (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
         (17920, 1536, 1): None,
         (17920, 1536, 2): None,
     },
+}
+
+
+# The gate/up projection with SiLU-and-mul in its epilogue (`gated`; with the norm in its prologue), keyed
+# (2 * intermediate, K, M bucket) like the others: a config where it beat the unfused op (norm, product, SiLU
+# kernel), None or absent where it did not or was not measured (the unfused op runs).
+GATED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
+    "NVIDIA H200": {},
 }
 
 
@@ -152,28 +159,21 @@ if triton is not None:
 
     @triton.jit
     def _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, mask, K, stride_xm, stride_rm, ACT: tl.constexpr):
-        """What the activation of columns `cols` is computed from, loaded together: (h, up, norm weight).
-        h: x, gate (ACT_SILU_MUL), or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM)."""
+        """What the activation of columns `cols` is computed from, loaded together: (h, norm weight).
+        h: x, or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM)."""
         h = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
-        up = h
         nw = h
-        if ACT == 1:
-            up = tl.load(x_ptr + rows * stride_xm + K + cols, mask=mask, other=0.0)
-        if ACT == 3:
+        if ACT == 2:
             r = tl.load(res_ptr + rows * stride_rm + cols, mask=mask, other=0.0)
             h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # rounded like torch's bf16 add
-        if ACT >= 2:
+        if ACT >= 1:
             nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
-        return h, up, nw
+        return h, nw
 
     @triton.jit
-    def _activation(h, up, nw, inv_rms, ACT: tl.constexpr):
+    def _activation(h, nw, inv_rms, ACT: tl.constexpr):
         """The [BLOCK_M, BLOCK_K] activation chunk the product consumes, rounded where the twin rounds."""
-        if ACT == 1:  # silu(gate) * up
-            g32 = h.to(tl.float32)
-            silu = (g32 / (1.0 + tl.exp(-g32))).to(h.dtype).to(tl.float32)
-            a = (silu * up.to(tl.float32)).to(h.dtype)
-        elif ACT >= 2:  # weight * rmsnorm(h)
+        if ACT >= 1:  # weight * rmsnorm(h)
             normed = (h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32)
             a = (nw.to(h.dtype).to(tl.float32) * normed).to(h.dtype)
         else:
@@ -188,8 +188,8 @@ if triton is not None:
         sum_sq = tl.zeros([offs_m.shape[0]], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = (k0 + tl.arange(0, BLOCK_K))[None, :]
-            h, _, _ = _load_raw(x_ptr, res_ptr, nw_ptr, offs_m[:, None], ks, m_mask[:, None] & (ks < K), K,
-                                stride_xm, stride_rm, ACT)
+            h, _ = _load_raw(x_ptr, res_ptr, nw_ptr, offs_m[:, None], ks, m_mask[:, None] & (ks < K), K,
+                             stride_xm, stride_rm, ACT)
             h32 = h.to(tl.float32)
             sum_sq += tl.sum(h32 * h32, axis=1)
         return tl.rsqrt(sum_sq / K + eps)
@@ -219,7 +219,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ks = (k0 + tl.arange(0, BLOCK_K))[None, :]
             mask = m_mask[:, None] & (ks < K)
-            h, _, _ = _load_raw(x_ptr, res_ptr, x_ptr, offs_m[:, None], ks, mask, K, stride_xm, stride_rm, 3)
+            h, _ = _load_raw(x_ptr, res_ptr, x_ptr, offs_m[:, None], ks, mask, K, stride_xm, stride_rm, 2)
             tl.store(new_res_ptr + offs_m[:, None] * stride_nm + ks, h, mask=mask)
 
     @triton.jit
@@ -239,19 +239,40 @@ if triton is not None:
                 acc += tl.load(parts + s * N * BLOCK_M, mask=n_mask[:, None], other=0.0, cache_modifier=".cg")
         return last, acc
 
+    @triton.jit
+    def _store_gated(y_ptr, acc, pid_n, offs_m, N, m_mask, stride_ym, BLOCK_N: tl.constexpr):
+        """GATED: acc's rows are (gate, up) pairs of BLOCK_N // 2 output columns; y[m, c] = silu(gate) * up,
+        each product rounded to y's dtype first, as `silu_and_mul` over the plain product's output sees them."""
+        dt = y_ptr.dtype.element_ty
+        pairs = tl.permute(tl.reshape(acc, [BLOCK_N // 2, 2, acc.shape[1]]), (0, 2, 1))  # [cols, M, 2]
+        gate, up = tl.split(pairs)
+        g32 = gate.to(dt).to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(dt).to(tl.float32)
+        out = (silu * up.to(dt).to(tl.float32)).to(dt)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + cols[:, None], out, mask=(cols < N)[:, None] & m_mask[None, :])
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, new_res_ptr, ws_ptr, tickets_ptr,
                        M, N, K, eps, split_span,
                        stride_xm, stride_rm, stride_wn, stride_ym, stride_nm,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       SINGLE: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
+                       SINGLE: tl.constexpr, DOT: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
-        reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything)."""
+        reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything).
+        GATED (no split): W is [gate; up], 2N rows; the program's rows are the gate and up rows of BLOCK_N // 2
+        output columns, interleaved, and it stores silu(gate) * up."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        if GATED:
+            r = tl.arange(0, BLOCK_N)
+            cols = pid_n * (BLOCK_N // 2) + r // 2
+            offs_n = cols + (r % 2) * N  # even rows: gate rows, odd rows: the same columns' up rows
+            n_mask = cols < N
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         k_lo = pid_k * split_span
@@ -266,37 +287,38 @@ if triton is not None:
         rows = offs_m[:, None]
         if SINGLE:
             cols = ks[None, :]
-            h, up, nw = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
-                                  stride_xm, stride_rm, ACT)
+            h, nw = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
+                              stride_xm, stride_rm, ACT)
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
-            if ACT >= 2:  # the norm's statistics from the same registers (masked columns are 0)
+            if ACT >= 1:  # the norm's statistics from the same registers (masked columns are 0)
                 h32 = h.to(tl.float32)
                 inv_rms = tl.rsqrt(tl.sum(h32 * h32, axis=1) / K + eps)
             acc = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w_next,
-                                _activation(h, up, nw, inv_rms, ACT), DOT)
+                                _activation(h, nw, inv_rms, ACT), DOT)
         else:
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
-            if ACT >= 2:
+            if ACT >= 1:
                 inv_rms = _inv_rms(x_ptr, res_ptr, nw_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT,
                                    BLOCK_K)
             cols = ks[None, :]
-            h_next, up_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K),
-                                                 K, stride_xm, stride_rm, ACT)
+            h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
+                                        stride_xm, stride_rm, ACT)
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
-                w, h, up, nw = w_next, h_next, up_next, nw_next
+                w, h, nw = w_next, h_next, nw_next
                 ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's loads are in flight meanwhile
                 in_split = (ks_next < K) & (ks_next < k_end)
                 w_next = tl.load(w_rows + ks_next[None, :], mask=n_mask[:, None] & in_split[None, :], other=0.0)
-                h_next, up_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
-                                                     m_mask[:, None] & in_split[None, :], K, stride_xm, stride_rm,
-                                                     ACT)
-                acc = _multiply_add(acc, w, _activation(h, up, nw, inv_rms, ACT), DOT)
-        if ACT == 3:
+                h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
+                                            m_mask[:, None] & in_split[None, :], K, stride_xm, stride_rm, ACT)
+                acc = _multiply_add(acc, w, _activation(h, nw, inv_rms, ACT), DOT)
+        if ACT == 2:
             if (pid_n == 0) & (pid_k == 0):
                 _store_new_residual(x_ptr, res_ptr, new_res_ptr, offs_m, m_mask, K, stride_xm, stride_rm,
                                     stride_nm, BLOCK_K)
-        if SPLIT_K == 1:
+        if GATED:
+            _store_gated(y_ptr, acc, pid_n, offs_m, N, m_mask, stride_ym, BLOCK_N)
+        elif SPLIT_K == 1:
             _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         else:
             last, total = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
@@ -322,12 +344,16 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def skinny_config(m: int, n: int, k: int, fused: bool = False, device: str = "") -> SkinnyConfig | None:
-    """The config for an (M, N, K) product (`fused`: with its activation fused in) on the device named `device`,
-    or None: cuBLAS for the plain product, the activation's own kernel first for the fused one."""
+def skinny_config(m: int, n: int, k: int, fused: bool = False, device: str = "", gated: bool = False
+                  ) -> SkinnyConfig | None:
+    """The config for an (M, N, K) product (`fused`: with its activation fused in; `gated`: the gate/up
+    product with its norm and SiLU-and-mul) on the device named `device`, or None: cuBLAS for the plain product,
+    the activation's own kernel first for the fused one, the unfused op for the gated one."""
     if m > SKINNY_MAX_M or m < 1:
         return None
     key = (n, k, m_bucket(m))
+    if gated:
+        return DEVICE_GATED.get(device, {}).get(key, GATED.get(key))
     for table in ((DEVICE_FUSED if fused else DEVICE_TUNED).get(device, {}), FUSED if fused else TUNED):
         if key in table:
             return table[key]
@@ -364,24 +390,31 @@ def _fits(config: SkinnyConfig, block_m: int, n: int, split: int) -> bool:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: int = ACT_PLAIN,
                   residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  config: SkinnyConfig | None = None, compile_only: bool = False
+                  config: SkinnyConfig | None = None, compile_only: bool = False, gated: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """act(x) @ weight.T (+ bias) for x [M ≤ 16, K_in] in one launch; returns (y [M, N], new residual or None).
 
-    act: ACT_PLAIN (x), ACT_SILU_MUL (x is [M, 2K]: silu(gate) * up), ACT_RMS_NORM (norm_weight * rmsnorm(x)),
-    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual). `config` overrides the
-    measured choice (the benchmark's sweep); `compile_only` compiles the kernel without running it (so a sweep
-    can compile its candidates in parallel first)."""
+    act: ACT_PLAIN (x), ACT_RMS_NORM (norm_weight * rmsnorm(x)),
+    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual). `gated`: weight is the fused
+    [gate; up] projection [2N, K] and y [M, N] = silu(gate) * up of its product (no bias; `config.block_n`
+    counts weight rows, so it is even). `config` overrides the measured choice (the benchmark's sweep);
+    `compile_only` compiles the kernel without running it (so a sweep can compile its candidates in parallel
+    first)."""
     _require_triton()
     x2 = _rows(x)
     m, n, k = x2.shape[0], weight.shape[0], weight.shape[1]
     if weight.stride(-1) != 1:
         raise ValueError("skinny_linear: the weight's rows must be contiguous")
-    if x2.shape[1] != (2 * k if act == ACT_SILU_MUL else k):
+    if x2.shape[1] != k:
         raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns for a weight of {k} (act {act})")
-    config = config or skinny_config(m, n, k, device=device_name(weight.device))
+    config = config or skinny_config(m, n, k, device=device_name(weight.device), gated=gated)
     if config is None or m > SKINNY_MAX_M:
         raise ValueError(f"skinny_linear: no config for M={m}, N={n}, K={k}")
+    if gated:
+        if n % 2 or bias is not None or config.block_n % 2:
+            raise ValueError(f"skinny_linear: gated needs an even row count ({n}), no bias and an even block_n "
+                             f"({config.block_n})")
+        n //= 2
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res2 = _rows(residual) if residual is not None else x2
     new_res = torch.empty_like(x2) if act == ACT_ADD_RMS_NORM else None
@@ -389,31 +422,32 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return y, new_res
     block_m = 16 if config.dot else m_bucket(m)
     chunks = triton.cdiv(k, config.block_k)
-    per_split = triton.cdiv(chunks, min(config.split_k, chunks))
+    per_split = triton.cdiv(chunks, min(1 if gated else config.split_k, chunks))
     split = triton.cdiv(chunks, per_split)  # no empty splits
     if not _fits(config, block_m, n, split):
         split, per_split = 1, chunks
     ws, tickets = _workspace(x.device) if split > 1 else (y, y)
-    grid = (triton.cdiv(n, config.block_n), split)
+    grid = (triton.cdiv(n, config.block_n // 2 if gated else config.block_n), split)
     kernel = _skinny_kernel[grid] if not compile_only else functools.partial(_skinny_kernel.warmup, grid=grid)
     kernel(
         x2, res2, norm_weight if norm_weight is not None else x2, weight, bias if bias is not None else weight, y,
         new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
         ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, SINGLE=split == 1 and config.block_k >= k, DOT=config.dot, USE_PDL=triton_ops.use_pdl(),
+        SPLIT_K=split, SINGLE=split == 1 and config.block_k >= k, DOT=config.dot, GATED=gated,
+        USE_PDL=triton_ops.use_pdl(),
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
 
 
-def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> SkinnyConfig | None:
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool, gated: bool = False) -> SkinnyConfig | None:
     """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes)."""
     if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     k = weight.shape[1]
     if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1 or not x.shape[-1]:
         return None
-    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device))
+    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device), gated)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -425,18 +459,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`reference.silu_mul_linear` in one launch where that was measured faster; else the Triton SiLU-and-mul
-    kernel, then `linear`."""
-    config = _skinny_ok(x, weight, fused=True)
+def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.rms_norm_gate_up` in one launch where that was measured faster (`GATED`); else
+    `rms_norm_linear`, then the Triton SiLU-and-mul kernel."""
+    config = _skinny_ok(x, weight, fused=True, gated=True)
     if config is None:
+        gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
         if not (x.is_cuda and HAS_TRITON):
-            return reference.silu_mul_linear(x, weight)
-        from r1serve.kernels import triton_ops
-
-        return linear(triton_ops.silu_and_mul(x), weight)
-    y, _ = skinny_linear(x, weight, act=ACT_SILU_MUL, config=config)
-    return y.view(*x.shape[:-1], weight.shape[0])
+            return reference.silu_and_mul(gate_up), residual
+        return triton_ops.silu_and_mul(gate_up), residual
+    act = ACT_RMS_NORM if residual is None else ACT_ADD_RMS_NORM
+    y, new_res = skinny_linear(x, weight, act=act, residual=residual, norm_weight=norm_weight, eps=eps,
+                               config=config, gated=True)
+    return y.view(*x.shape[:-1], weight.shape[0] // 2), (x if new_res is None else new_res.view(x.shape))
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,

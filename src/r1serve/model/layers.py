@@ -3,12 +3,12 @@ and the SwiGLU MLP, as small `nn.Module`s over the ops of `kernels.reference`.
 
 Every layer calls its ops through a `KernelOps` table held in `self.ops`, not through direct imports, so
 the model runner can point a whole model at Triton kernels on CUDA (`set_ops`) without touching any
-layer. The table also names the fused ops a decoder layer is built from (norm then projection, SiLU-and-mul
-then projection, rotary then KV store); an entry left empty runs as the composition of the table's own
-element-wise ops, so a table of element-wise kernels alone still runs the whole model. Attention goes through
-an `AttentionBackend` (`kernels.attention`) that owns the paged KV cache layout. Parameter names (`qkv_proj`,
-`o_proj`, `gate_up_proj`, `down_proj`) are vLLM's fused forms of Hugging Face's; the `nn.Linear` modules hold
-the weights, and the ops table computes their products.
+layer. The table also names the fused ops a decoder layer is built from (norm then projection, norm then the
+gate/up projection then SiLU-and-mul, rotary then KV store); an entry left empty runs as the composition of the
+table's own element-wise ops, so a table of element-wise kernels alone still runs the whole model. Attention
+goes through an `AttentionBackend` (`kernels.attention`) that owns the paged KV cache layout. Parameter names
+(`qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`) are vLLM's fused forms of Hugging Face's; the `nn.Linear`
+modules hold the weights, and the ops table computes their products.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 NormLinear = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor, torch.Tensor | None],
                       tuple[torch.Tensor, torch.Tensor]]
-SiluMulLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NormGateUp = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor]]
 RotaryStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                         torch.Tensor, torch.Tensor], torch.Tensor]
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -39,7 +40,7 @@ class KernelOps:
     """The ops a model runs, with `kernels.reference`'s signatures (Triton twins may replace them).
 
     The four element-wise ops and `linear` are always set. The fused entries may be None: then the methods
-    `norm_linear`, `silu_mul_linear`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
+    `norm_linear`, `norm_gate_up`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
     table's own ops (and the attention backend's)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -50,7 +51,7 @@ class KernelOps:
                            tuple[torch.Tensor, torch.Tensor]]
     linear: Linear = reference.linear
     fused_norm_linear: NormLinear | None = None
-    fused_silu_mul_linear: SiluMulLinear | None = None
+    fused_norm_gate_up: NormGateUp | None = None
     fused_rotary_store_kv: RotaryStore | None = None
     fused_rotary_store_attend: RotaryStoreAttend | None = None
 
@@ -64,11 +65,13 @@ class KernelOps:
         normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(normed, weight, bias), residual
 
-    def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`reference.silu_mul_linear`: linear(silu_and_mul(x)), no bias."""
-        if self.fused_silu_mul_linear is not None:
-            return self.fused_silu_mul_linear(x, weight)
-        return self.linear(self.silu_and_mul(x), weight, None)
+    def norm_gate_up(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reference.rms_norm_gate_up`: (silu_and_mul(linear(norm(x [+ residual]))), the residual stream)."""
+        if self.fused_norm_gate_up is not None:
+            return self.fused_norm_gate_up(x, residual, norm_weight, eps, weight)
+        gate_up, residual = self.norm_linear(x, residual, norm_weight, eps, weight, None)
+        return self.silu_and_mul(gate_up), residual
 
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -112,7 +115,7 @@ def triton_kernel_ops(fused: bool = True) -> KernelOps:
     if not fused:
         return elementwise
     return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
-                   fused_silu_mul_linear=triton_linear.silu_mul_linear,
+                   fused_norm_gate_up=triton_linear.rms_norm_gate_up,
                    fused_rotary_store_kv=triton_attention.rotary_store_kv,
                    fused_rotary_store_attend=triton_attention.rotary_store_attend)
 
@@ -137,6 +140,12 @@ class RMSNorm(nn.Module):
         """proj(norm(x [+ residual])) and the residual stream (x itself when there is no residual yet): the
         norm and the projection as one op where the ops table fuses them."""
         return self.ops.norm_linear(x, residual, self.weight, self.eps, proj.weight, proj.bias)
+
+    def project_gated(self, x: torch.Tensor, residual: torch.Tensor | None, gate_up: nn.Linear
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """silu(gate) * up of gate_up(norm(x [+ residual])) and the residual stream: the MLP's first half, one
+        op where the ops table fuses it."""
+        return self.ops.norm_gate_up(x, residual, self.weight, self.eps, gate_up.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -222,11 +231,12 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (normed) → [T, hidden]."""
-        return self.down(self.ops.linear(x, self.gate_up_proj.weight, None))  # gate_up: [T, 2 * intermediate]
+        gate_up = self.ops.linear(x, self.gate_up_proj.weight, None)  # [T, 2 * intermediate]
+        return self.down(self.ops.silu_and_mul(gate_up))
 
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The rest of `forward` from the gate/up projection's output [T, 2 * intermediate] → [T, hidden]."""
-        return self.ops.silu_mul_linear(gate_up, self.down_proj.weight)
+    def down(self, act: torch.Tensor) -> torch.Tensor:
+        """The down projection of silu(gate) * up [T, intermediate] → [T, hidden]."""
+        return self.ops.linear(act, self.down_proj.weight, None)
 
 
 def set_ops(module: nn.Module, ops: KernelOps) -> None:
