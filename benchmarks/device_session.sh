@@ -24,7 +24,7 @@ case $stage in
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_sampling_gpu.py tests/test_engine_gpu.py tests/test_compile_ahead.py ;;
   offline)
     timeout 400 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,batch,nano,uniform \
-      --decode-tokens 1024 --batch-tokens 256 --hf decode --hf-decode-tokens 64 --max-model-len 4096
+      --decode-tokens 1024 --batch-tokens 256 --hf decode,nano --hf-decode-tokens 64 --max-model-len 4096
     timeout 150 python3 benchmarks/step_profile.py --batches 1,256 --out "$out/step_profile.json" ;;
   serving)
     R1SERVE="python3 -m r1serve.cli" RATES=inf CONCURRENCY=1,64,256 SWEEP_PROMPTS=8,256,512 \

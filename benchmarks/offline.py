@@ -7,7 +7,9 @@
 Workloads: `decode` (one stream: 128-token prompt, N generated, ignore_eos; decode tokens/s and, on CUDA, percent of
 the weight-bandwidth roofline), `batch` (16 prompts of 128 tokens at once), `nano` (nano-vllm's: 256 requests,
 prompt and output lengths uniform in 100-1024, temperature 0.6), `uniform` (1,000 requests of 512 in / 512 out).
-The random weights are copied into a transformers `Qwen2ForCausalLM`, so both sides compute the same function.
+The random weights are copied into a transformers `Qwen2ForCausalLM`, so both sides compute the same function;
+`--hf nano` runs the nano workload's first 16 requests with 64 output tokens each on both engines (`nano-subset`:
+transformers is too slow for the whole workload), left-padded into one `generate` batch.
 Prints a table, then one JSON line with every setting.
 """
 
@@ -118,13 +120,23 @@ def _unfuse(ours: Any, llm: LLM) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def bench_hf(model: Any, name: str, prompts: list[list[int]], tokens: int, device: str) -> Row:
-    batch = torch.tensor(prompts, device=device)
-    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    model.generate(batch[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+def bench_hf(model: Any, name: str, prompts: list[list[int]], tokens: int, device: str,
+             temperature: float = 0.0) -> Row:
+    """`generate` on the prompts as one batch (left-padded where their lengths differ), `tokens` new tokens each."""
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+        mask[row, width - len(prompt):] = 1
+    sampling = dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0) if temperature else \
+        dict(do_sample=False)
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0, **sampling)
+    model.generate(batch[:, -8:], attention_mask=mask[:, -8:], max_new_tokens=2, do_sample=False,
+                   pad_token_id=0)  # warm-up
     sync(device)
     start = time.perf_counter()
-    out = model.generate(batch, **kwargs)
+    out = model.generate(batch, attention_mask=mask, **kwargs)
     sync(device)
     seconds = time.perf_counter() - start
     total = (out.shape[1] - batch.shape[1]) * batch.shape[0]
@@ -238,6 +250,11 @@ def run(args: argparse.Namespace) -> list[Row]:
             rows.append(bench_hf(hf, "decode", random_prompts(1, [128], 0), args.hf_decode_tokens, args.device))
         if "batch" in args.hf.split(","):
             rows.append(bench_hf(hf, "batch", random_prompts(16, [128] * 16, 1), args.batch_tokens, args.device))
+        if "nano" in args.hf.split(","):  # too slow whole: the first requests, a few tokens each, both engines
+            sub = nano_workload()[0][:args.hf_nano_requests]
+            rows.append(bench_requests(llm, "nano-subset", sub, [args.hf_nano_tokens] * len(sub), args.device,
+                                       temperature=0.6))
+            rows.append(bench_hf(hf, "nano-subset", sub, args.hf_nano_tokens, args.device, temperature=0.6))
     return rows
 
 
@@ -264,6 +281,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=32)
     parser.add_argument("--hf", default="decode,batch", help="transformers workloads to run beside ('' for none)")
     parser.add_argument("--hf-decode-tokens", type=int, default=None)
+    parser.add_argument("--hf-nano-requests", type=int, default=16, help="--hf nano: the nano workload's first N")
+    parser.add_argument("--hf-nano-tokens", type=int, default=64, help="--hf nano: output tokens per request")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-space", type=float, default=2.0)
