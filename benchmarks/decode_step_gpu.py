@@ -309,30 +309,70 @@ def logits_us(llm: LLM, rep_ms: int) -> dict[str, float]:
             "ops.linear": graph_us(lambda: triton_linear.linear(hidden, model.lm_head.weight).float(), rep_ms)}
 
 
-def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]]:
-    """The step's graph for each op table, same inputs; checks every variant's output against the first."""
+GATED_FORCED = {1: SkinnyConfig(8, 2048, warps=8), 2: SkinnyConfig(4, 2048, warps=8)}  # the sweep's best
+
+
+def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
+    """A variant's setup: sets module globals ("module.NAME"), returns how to restore them."""
+    modules = {"triton_attention": triton_attention, "triton_linear": triton_linear}
+
+    def setup() -> Callable[[], None]:
+        old = {}
+        for key, value in settings.items():
+            module, name = key.split(".")
+            old[key] = getattr(modules[module], name)
+            setattr(modules[module], name, value)
+        return lambda: [setattr(modules[k.split(".")[0]], k.split(".")[1], v) for k, v in old.items()]
+    return setup
+
+
+def _gated_forced() -> Callable[[], None]:
+    """The gated gate_up with the sweep's best configs at 1 and 2 rows, whatever the table says."""
+    name = torch.cuda.get_device_name()
+    old = dict(triton_linear.DEVICE_GATED.get(name, {}))
+    triton_linear.DEVICE_GATED[name] = old | {(17920, 1536, m): c for m, c in GATED_FORCED.items()}
+    return lambda: triton_linear.DEVICE_GATED.__setitem__(name, old)
+
+
+def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> list[dict[str, Any]]:
+    """The step's graph for each op table, same inputs; checks every variant's output against the first.
+    `only`: comma-separated variant numbers to run (0 is the reference the others are checked against)."""
     model = llm.engine.runner.model
     after = triton_kernel_ops()
-    variants: list[tuple[str, Any, bool, bool, bool]] = [  # label, ops, PDL, fused merge, decode prefetch
-        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False, False),
-        ("after (PDL, rotary + store in decode)", after, True, False, True),
-        ("after, decode loads after the PDL wait", after, True, False, False),
-        ("after without PDL", after, False, False, True),
-        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False, True),
+    same = _override()
+    variants: list[tuple[str, Any, bool, bool, bool, Callable[[], Callable[[], None]]]] = [
+        # label, ops, PDL, fused merge, decode prefetch, setup
+        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False, False, same),
+        ("after (PDL, rotary + store in decode)", after, True, False, True, same),
+        ("after, decode loads after the PDL wait", after, True, False, False, same),
+        ("after without PDL", after, False, False, True, same),
+        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False, True,
+         same),
         ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, False,
-         True),
-        ("after + decode merge in the last split", after, True, True, True),
+         True, same),
+        ("after + decode merge in the last split", after, True, True, True, same),
+        ("after, gated gate_up forced (M 1, 2)", after, True, False, True, _gated_forced),
+        ("after, gated forced + merge in the last split", after, True, True, True, _gated_forced),
+        ("after, decode 8 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 8})),
+        ("after, decode 2 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 2})),
+        ("after, decode tiles of 32 keys", after, True, False, True,
+         _override(**{"triton_attention.DECODE_BLOCK_N": 32})),
     ]
+    wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}
-    for label, ops, pdl, fused_merge, prefetch in variants:
+    for index, (label, ops, pdl, fused_merge, prefetch, setup) in enumerate(variants):
+        if index not in wanted:
+            continue
         triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE = pdl, fused_merge
         triton_attention.DECODE_PREFETCH = prefetch
+        restore = setup()
         model.set_ops(ops)
         print(f"--- step: {label}", flush=True)
         try:
             graphs = capture(llm, max(batches))
         except Exception as e:  # e.g. PDL not capturable: reported, not fatal
             print(f"    capture failed: {type(e).__name__}: {str(e)[:300]}")
+            restore()
             continue
         row: dict[str, Any] = {"variant": label, "us": {}}
         for batch in batches:
@@ -345,6 +385,7 @@ def step_variants(llm: LLM, batches: list[int], ctx: int) -> list[dict[str, Any]
         row["profile_b1"] = profile_step(graphs, 1)
         results.append(row)
         del graphs
+        restore()
         torch.cuda.empty_cache()
     triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE, triton_attention.DECODE_PREFETCH = None, False, True
     model.set_ops(triton_kernel_ops())
@@ -359,6 +400,7 @@ def main() -> None:
     parser.add_argument("--sweep-ops", default=",".join(PROJECTIONS), help="the projections to sweep")
     parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
     parser.add_argument("--rep-ms", type=int, default=25)
+    parser.add_argument("--variants", default="", help="step variants to run, by number (0: the reference)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -382,7 +424,7 @@ def main() -> None:
     result["logits_b1_us"] = logits_us(llm, args.rep_ms)
     print(f"--- logits at batch 1 (lm_head + float()): cuBLAS {result['logits_b1_us']['cublas']:.1f} µs, "
           f"through the table's linear {result['logits_b1_us']['ops.linear']:.1f} µs")
-    result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx)
+    result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx, args.variants)
     print("--- summary: µs per decode-step forward graph (median replay), same run")
     for row in result["steps"]:
         print(f"  {row['variant']:<42} " + "  ".join(f"b{b}: {us:7.1f}" for b, us in row["us"].items()))
