@@ -10,10 +10,10 @@ skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear
    that kernel + the best skinny product, and the fused skinny op with every candidate; prints the fastest per
    shape and the `TUNED` / `FUSED` tables that encode them, then runs the rest of the benchmark with them.
 2. The logits projection at batch 1, cuBLAS against the table's `linear`.
-3. The step: the forward graph of one decode step (the runner's `DecodeGraphs`, `--ctx`-token contexts, 2048 as
-   the graph's bound) for several op tables side by side on the same inputs: before (element-wise Triton +
-   cuBLAS, the runner's table today), after (all fused kernels, programmatic dependent launch), and after
-   without one piece each; µs per replay (median) and the torch.profiler kernel table per step.
+3. The step: the forward graph of one decode step (the runner's `DecodeGraphs`, `--ctx`-token contexts,
+   `--max-model-len` as the graph's bound) for several op tables side by side on the same inputs: before
+   (element-wise Triton + cuBLAS), after (all fused kernels, programmatic dependent launch), and after with one
+   piece changed each; µs per replay (median) and the torch.profiler kernel table per step.
 """
 
 from __future__ import annotations
@@ -396,6 +396,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ctx", type=int, default=200, help="context length of the decode step's sequences")
     parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="the graphs' context bound (≥ --ctx)")
     parser.add_argument("--sweep-batches", default="1,2,4")
     parser.add_argument("--sweep-ops", default=",".join(PROJECTIONS), help="the projections to sweep")
     parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
@@ -418,7 +419,7 @@ def main() -> None:
         triton_linear.DEVICE_GATED[name] = triton_linear.DEVICE_GATED.get(name, {}) | gated
         result["projections"] = rows
     start = time.perf_counter()
-    llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=2048, max_num_seqs=16,
+    llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=args.max_model_len, max_num_seqs=16,
               gpu_memory_utilization=0.5)
     print(f"engine up in {time.perf_counter() - start:.1f} s")
     result["logits_b1_us"] = logits_us(llm, args.rep_ms)
