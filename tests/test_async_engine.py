@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -110,19 +111,48 @@ def test_outputs_queued_behind_a_slow_consumer_arrive_merged_then_the_error() ->
         return RequestOutput("r", None, [1], [sample], finished)
 
     async def main() -> list:
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         got: list = []
         for item in [out("a"), out("b"), out("c"), RuntimeError("engine died"), out("late")]:
-            stream.queue.put_nowait(item)
+            stream.put(item)
         got.append(await stream.next_output())
         with pytest.raises(RuntimeError, match="engine died"):
             await stream.next_output()
         got.append(await stream.next_output())
         for item in [out("d"), out("e", finished=True), out("after the end")]:
-            stream.queue.put_nowait(item)
+            stream.put(item)
         got.append(await stream.next_output())  # merging stops at the finished output
         return got
 
     got = asyncio.run(main())
     assert [(o.outputs[0].delta_text, o.outputs[0].delta_token_ids, o.finished) for o in got] == [
         ("abc", [97, 98, 99], False), ("late", [108], False), ("de", [100, 101], True)]
+
+
+def test_a_waiting_consumer_wakes_on_a_put_from_another_thread_and_a_cancelled_wait_leaves_no_waiter() -> None:
+    from r1serve.engine.async_engine import _Stream
+    from r1serve.outputs import CompletionOutput, RequestOutput
+
+    def out(text: str) -> RequestOutput:
+        return RequestOutput("r", None, [1], [CompletionOutput(0, text, [], None, None, text, [ord(text)])], False)
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop)
+        task = asyncio.create_task(stream.next_output())
+        await asyncio.sleep(0)
+        assert stream.waiter is not None and not task.done()  # waiting for the engine
+        threading.Thread(target=loop.call_soon_threadsafe, args=(stream.put, out("x"))).start()
+        got = [(await asyncio.wait_for(task, 10)).outputs[0].delta_text]
+        assert stream.waiter is None
+        waiting = asyncio.create_task(stream.next_output())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert stream.waiter is None
+        stream.put(out("y"))  # nobody waits: it is kept for the next call
+        got.append((await stream.next_output()).outputs[0].delta_text)
+        return got
+
+    assert asyncio.run(main()) == ["x", "y"]

@@ -1,7 +1,7 @@
 """`AsyncEngine`: the engine loop on its own thread, requests streamed to and from an asyncio event loop.
 
-`StreamingEngine` is the half that every async engine shares: `generate()` validates a request, registers an
-asyncio queue for it and hands it to the back end; outputs come back in batches with one
+`StreamingEngine` is the half that every async engine shares: `generate()` validates a request, registers a
+stream for it and hands it to the back end; outputs come back in batches with one
 `call_soon_threadsafe` per event loop; a stream whose consumer goes away (aclose, cancellation, a client that
 disconnected) aborts its request, which frees its KV blocks. `AsyncEngine` runs the `LLMEngine` on a thread of
 this process; `ProcessEngine` (engine/process_engine.py) runs it in a child process, off this process's GIL.
@@ -15,8 +15,9 @@ import queue
 import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, check_request, encode_prompt
@@ -31,21 +32,41 @@ __all__ = ["AsyncEngine", "EngineStats", "StreamingEngine"]
 
 @dataclass
 class _Stream:
+    """One request's outputs on their way to its consumer, on the consumer's event loop. A deque and the one
+    waiter's future rather than an `asyncio.Queue`: a put is once per token per stream, and the queue's
+    bookkeeping (unfinished-task counts, a list of waiting getters) was a visible share of the event loop at
+    hundreds of streams."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    pending: deque[RequestOutput | BaseException] = field(default_factory=deque)
+    waiter: asyncio.Future[None] | None = None  # set while the consumer waits for the next item
     error: BaseException | None = None  # queued behind outputs that were merged: raised on the next call
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Queues an output or an error (on the event loop's thread) and wakes the consumer if it waits."""
+        self.pending.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def next_output(self) -> RequestOutput:
         """The next output, merged with those queued behind it: a consumer that fell behind the engine sends one
         SSE event for several steps (one JSON encoding, one socket write) rather than catching up event by
         event. An error is raised once the outputs queued before it have been delivered."""
-        item = self.error or await self.queue.get()
+        item = self.error
         self.error = None
+        if item is None:
+            while not self.pending:
+                self.waiter = self.loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
+            item = self.pending.popleft()
         if isinstance(item, BaseException):
             raise item
         outputs = [item]
-        while not outputs[-1].finished and not self.queue.empty():
-            following = self.queue.get_nowait()
+        while not outputs[-1].finished and self.pending:
+            following = self.pending.popleft()
             if isinstance(following, BaseException):
                 self.error = following
                 break
@@ -101,7 +122,7 @@ class StreamingEngine(ABC):
         check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self.start()
         self._submit(Add(request_id, prompt if isinstance(prompt, str) else prompt_ids, params, prompt_ids))
@@ -135,7 +156,7 @@ class StreamingEngine(ABC):
         stream = self._streams.get(request_id)
         if stream is not None:
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+                stream.loop.call_soon_threadsafe(stream.put, error)
             except RuntimeError:
                 pass
 
@@ -230,4 +251,4 @@ class AsyncEngine(StreamingEngine):
 
 def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
     for stream, out in items:
-        stream.queue.put_nowait(out)
+        stream.put(out)
