@@ -14,11 +14,10 @@ residual). It is rounded where its plain-torch twin rounds (`kernels/reference.p
 twin's bf16 operands; the sum runs in float32 and is rounded once, bias added first (cuBLAS's epilogue does the
 same). The gated form serves the MLP's fused [gate; up] projection: a program owns the gate and the up rows of
 the same output columns and stores silu(gate) * up, so the SiLU-and-mul kernel and half the intermediate's
-bytes go. With split-K each program stores its float32
-partial and the last of a column's programs to arrive (a self-resetting atomic ticket) sums them in split
-order: deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor
+bytes go. With split-K each program stores its float32 partial and the last of a column's programs to arrive
+(a self-resetting atomic ticket) sums them in split order: deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor
 cores, x padded to 16 rows). Which tiles serve a (N, K, M) shape, and whether fusing the activation pays, was
-measured per device (`TUNED`, `FUSED`, `GATED` on the H100; `DEVICE_*` for others, e.g. the H200;
+measured per device (`TUNED`, `FUSED`, `GATED` for the H100; `DEVICE_*` for others, e.g. the H200;
 benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper the kernel
 launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then waits
 for the previous kernel, so the weight stream starts during that kernel's tail. Triton is imported lazily: the
@@ -140,7 +139,7 @@ DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
 # product the tables choose, SiLU kernel), None or absent where it did not or was not measured (the unfused op
 # runs). Not measured on the H100 (where the skinny gate_up beat cuBLAS, 20.69 vs 23.10 µs). H200 run of
 # 2026-12-02, µs per call: M=1 gated 21.53 (fma n8 k2048 w8) vs 20.23 unfused (cuBLAS alone 16.87); M=2 31.33 vs
-# 20.76; the decode step's graph was the same with and without it (1,205.3 vs 1,205.7 µs at batch 1).
+# 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1.
 GATED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
 DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
@@ -273,9 +272,9 @@ if triton is not None:
         pid_k = tl.program_id(1)
         if GATED:
             r = tl.arange(0, BLOCK_N)
-            cols = pid_n * (BLOCK_N // 2) + r // 2
-            offs_n = cols + (r % 2) * N  # even rows: gate rows, odd rows: the same columns' up rows
-            n_mask = cols < N
+            out_cols = pid_n * (BLOCK_N // 2) + r // 2
+            offs_n = out_cols + (r % 2) * N  # even rows: gate rows, odd rows: the same columns' up rows
+            n_mask = out_cols < N
         else:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
