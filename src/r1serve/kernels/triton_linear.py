@@ -12,16 +12,16 @@ the current one. The activation is computed in the prologue from the previous op
 RMSNorm of x or of x + residual (each program recomputes the row's norm, and program 0 writes the new
 residual). It is rounded where its plain-torch twin rounds (`kernels/reference.py`), so the product sees the
 twin's bf16 operands; the sum runs in float32 and is rounded once, bias added first (cuBLAS's epilogue does the
-same). The gated form serves the MLP's fused [gate; up] projection: a program owns the gate and the up rows of
-the same output columns and stores silu(gate) * up, so the SiLU-and-mul kernel and half the intermediate's
-bytes go. With split-K each program stores its float32 partial and the last of a column's programs to arrive
-(a self-resetting atomic ticket) sums them in split order: deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor
-cores, x padded to 16 rows). Which tiles serve a (N, K, M) shape, and whether fusing the activation pays, was
-measured per device (`TUNED`, `FUSED`, `GATED` for the H100; `DEVICE_*` for others, e.g. the H200;
-benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper the kernel
-launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then waits
-for the previous kernel, so the weight stream starts during that kernel's tail. Triton is imported lazily: the
-module imports without it.
+same). The gated form serves the MLP's fused [gate; up] projection: a program owns the gate and the up rows of the
+same output columns and stores silu(gate) * up, so the SiLU-and-mul kernel and half the intermediate's bytes go.
+With split-K each program stores its float32 partial and the last of a column's programs to arrive (a
+self-resetting atomic ticket) sums them in split order: deterministic, one launch. Two product forms: FMA
+(broadcast multiply and row sums) and `tl.dot` (tensor cores, x padded to 16 rows). Which tiles serve a (N, K, M)
+shape, and whether fusing the activation pays, was measured per device (`TUNED`, `FUSED`, `GATED` for the H100;
+`DEVICE_*` for others, e.g. the H200; benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every shape
+from 4 rows on. On Hopper the kernel launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues
+its first weight load, then waits for the previous kernel, so the weight stream starts during that kernel's tail.
+Triton is imported lazily: the module imports without it.
 """
 
 from __future__ import annotations
