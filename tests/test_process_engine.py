@@ -78,6 +78,36 @@ def test_leaving_a_stream_aborts_in_the_child(engine: ProcessEngine) -> None:
     asyncio.run(main())
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
+    assert not engine._requests  # the parent forgot the request when its consumer left
+
+
+def test_a_slow_consumer_gets_merged_outputs_that_add_up(engine: ProcessEngine) -> None:
+    params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0)
+
+    async def main() -> list:
+        outs = []
+        async for out in engine.generate([9, 8, 7], params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # the engine runs ahead: its deltas queue up behind this consumer
+        return outs
+
+    outs = asyncio.run(main())
+    final = outs[-1].outputs[0]
+    assert len(outs) < 40 and outs[-1].finished and final.finish_reason == "length"
+    assert "".join(o.outputs[0].delta_text for o in outs) == final.text
+    assert [t for o in outs for t in o.outputs[0].delta_token_ids] == final.token_ids and len(final.token_ids) == 40
+    assert not engine._requests
+
+
+def test_merged_deltas_join_each_samples_text_and_ids_in_order() -> None:
+    from r1serve.engine.process_engine import _merge_deltas
+
+    deltas = [("r", False, 3, [(0, "a", [1], None, None), (1, "x", [7], None, None)]),
+              ("r", False, 3, [(1, "y", [8], "stop", "</s>")]),
+              ("r", True, 3, [(0, "b", [2, 3], "length", None)])]
+    assert _merge_deltas(deltas) == ("r", True, 3, [(0, "ab", [1, 2, 3], "length", None),
+                                                     (1, "xy", [7, 8], "stop", "</s>")])
+    assert _merge_deltas(deltas[:1]) is deltas[0]
 
 
 def test_invalid_request_raises_in_the_parent(engine: ProcessEngine) -> None:

@@ -16,8 +16,9 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, check_request, encode_prompt
@@ -30,19 +31,27 @@ logger = logging.getLogger("r1serve")
 __all__ = ["AsyncEngine", "EngineStats", "StreamingEngine"]
 
 
+def _output_finished(output: RequestOutput) -> bool:
+    return output.finished
+
+
 @dataclass
 class _Stream:
     """One request's outputs on their way to its consumer, on the consumer's event loop. A deque and the one
     waiter's future rather than an `asyncio.Queue`: a put is once per token per stream, and the queue's
     bookkeeping (unfinished-task counts, a list of waiting getters) was a visible share of the event loop at
-    hundreds of streams."""
+    hundreds of streams. The items are the engine's own (`RequestOutput`s, or `ProcessEngine`'s deltas);
+    `merge` turns those queued together into the one `RequestOutput` the consumer gets, and `is_final` says
+    which item ends the request."""
 
     loop: asyncio.AbstractEventLoop
-    pending: deque[RequestOutput | BaseException] = field(default_factory=deque)
+    merge: Callable[[list[Any]], RequestOutput] = merge_outputs
+    is_final: Callable[[Any], bool] = _output_finished
+    pending: deque[Any] = field(default_factory=deque)
     waiter: asyncio.Future[None] | None = None  # set while the consumer waits for the next item
     error: BaseException | None = None  # queued behind outputs that were merged: raised on the next call
 
-    def put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: Any) -> None:
         """Queues an output or an error (on the event loop's thread) and wakes the consumer if it waits."""
         self.pending.append(item)
         if self.waiter is not None and not self.waiter.done():
@@ -64,14 +73,14 @@ class _Stream:
             item = self.pending.popleft()
         if isinstance(item, BaseException):
             raise item
-        outputs = [item]
-        while not outputs[-1].finished and self.pending:
+        items = [item]
+        while not self.is_final(items[-1]) and self.pending:
             following = self.pending.popleft()
             if isinstance(following, BaseException):
                 self.error = following
                 break
-            outputs.append(following)
-        return merge_outputs(outputs)
+            items.append(following)
+        return self.merge(items)
 
 
 @dataclass
@@ -122,7 +131,7 @@ class StreamingEngine(ABC):
         check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop())
+        stream = self._open_stream()
         self._streams[request_id] = stream
         self.start()
         self._submit(Add(request_id, prompt if isinstance(prompt, str) else prompt_ids, params, prompt_ids))
@@ -136,19 +145,32 @@ class StreamingEngine(ABC):
             self._streams.pop(request_id, None)
             if not finished:
                 self._submit(Abort(request_id))
+            self._closed(request_id)
 
     async def abort(self, request_id: str) -> None:
         self._submit(Abort(request_id))
 
+    def _open_stream(self) -> _Stream:
+        """The stream of a new request, on the running loop; its items are `RequestOutput`s."""
+        return _Stream(asyncio.get_running_loop())
+
+    def _closed(self, request_id: str) -> None:
+        """The request's consumer is done with it (finished or not): nothing to forget here."""
+        return None
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
+        self._route([(out.request_id, out) for out in outputs])
+
+    def _route(self, items: list[tuple[str, Any]]) -> None:
+        """(request id, item) pairs to their streams: one `call_soon_threadsafe` per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # that event loop is closed
                 pass
 
@@ -249,6 +271,6 @@ class AsyncEngine(StreamingEngine):
             self._deliver_error(request_id, RuntimeError(f"engine error: {error}"))
 
 
-def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[_Stream, Any]]) -> None:
     for stream, out in items:
         stream.put(out)

@@ -7,12 +7,14 @@ chunks and the step itself no longer share one interpreter. Here the child
 owns the model, the scheduler and the detokenizers. The parent only validates requests, which needs the
 tokenizer but not the model, and keeps the streams. Commands go down one pipe (`Add`, `Abort`, `None` to shut
 down). One message per step comes back up the other, carrying only what is new for each sample (text, token
-ids, finish reason) and the engine's stats. The parent rebuilds the cumulative outputs from these deltas, so a
-step never pickles a whole output again.
+ids, finish reason) and the engine's stats. The deltas go to the streams as they are; a consumer merges what
+queued up behind it and rebuilds one cumulative output from the merged delta, so a step never pickles a whole
+output again, and a stream that fell behind costs one output per event rather than one per token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import threading
@@ -22,7 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from r1serve.config import EngineConfig
-from r1serve.engine.async_engine import Abort, Add, StreamingEngine
+from r1serve.engine.async_engine import Abort, Add, StreamingEngine, _Stream
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
 from r1serve.outputs import CompletionOutput, RequestOutput, TextBuffer
 
@@ -38,6 +40,29 @@ def _to_deltas(outputs: list[RequestOutput]) -> list[RequestDelta]:
     return [(o.request_id, o.finished, o.num_cached_tokens,
              [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason) for c in o.outputs])
             for o in outputs]
+
+
+def _delta_finished(delta: RequestDelta) -> bool:
+    return delta[1]
+
+
+def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
+    """Consecutive deltas of one request as one: each sample's text and token ids joined in order, its finish
+    and stop reasons where one arrived, the last delta's finished flag and cached-token count."""
+    if len(deltas) == 1:
+        return deltas[0]
+    texts: dict[int, list[str]] = {}
+    token_ids: dict[int, list[int]] = {}
+    ends: dict[int, tuple[str | None, str | int | None]] = {}
+    for _, _, _, samples in deltas:
+        for index, text, ids, finish_reason, stop_reason in samples:
+            texts.setdefault(index, []).append(text)
+            token_ids.setdefault(index, []).extend(ids)
+            if finish_reason is not None:
+                ends[index] = (finish_reason, stop_reason)
+    request_id, finished, num_cached, _ = deltas[-1]
+    merged = [(i, "".join(texts[i]), token_ids[i], *ends.get(i, (None, None))) for i in sorted(texts)]
+    return request_id, finished, num_cached, merged  # type: ignore[return-value]
 
 
 def _child_main(config: EngineConfig, commands: Connection, results: Connection,
@@ -166,17 +191,24 @@ class ProcessEngine(StreamingEngine):
                 break
             if message[0] == "out":
                 self._stats = message[2]
-                self._deliver([o for o in map(self._rebuild, message[1]) if o is not None])
-            elif message[0] == "error":
-                self._requests.pop(message[1], None)
+                self._route([(delta[0], delta) for delta in message[1]])
+            elif message[0] == "error":  # its consumer raises it, and then forgets the request (`_closed`)
                 self._deliver_error(message[1], message[2])
         self._fail_remaining()
 
-    def _rebuild(self, delta: RequestDelta) -> RequestOutput | None:
+    def _open_stream(self) -> _Stream:
+        return _Stream(asyncio.get_running_loop(), self._build, _delta_finished)
+
+    def _closed(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def _build(self, deltas: list[RequestDelta]) -> RequestOutput:
+        """What a consumer gets for the deltas queued for it: one output, rebuilt once (on its event loop)."""
+        return self._rebuild(_merge_deltas(deltas))
+
+    def _rebuild(self, delta: RequestDelta) -> RequestOutput:
         request_id, finished, num_cached, samples = delta
-        state = self._requests.get(request_id)
-        if state is None:
-            return None
+        state = self._requests.get(request_id) or _RequestState(None, [])  # (forgotten: only this delta's text)
         outputs = []
         for index, text, token_ids, finish_reason, stop_reason in samples:
             sample = state.samples.setdefault(index, _Sample())
@@ -191,10 +223,8 @@ class ProcessEngine(StreamingEngine):
     def _fail_remaining(self) -> None:
         """The child is gone: streams still open end with an error (during shutdown: with "abort")."""
         for request_id in list(self._requests):
-            self._requests.pop(request_id, None)
             if self._stopping:
-                out = RequestOutput(request_id, None, [], [CompletionOutput(0, finish_reason="abort")], True)
-                self._deliver([out])
+                self._route([(request_id, (request_id, True, 0, [(0, "", [], "abort", None)]))])
             else:
                 self._deliver_error(request_id, RuntimeError("the engine process died"))
 
