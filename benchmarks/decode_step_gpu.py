@@ -317,12 +317,16 @@ def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
     modules = {"triton_attention": triton_attention, "triton_linear": triton_linear}
 
     def setup() -> Callable[[], None]:
-        old = {}
+        old = []
         for key, value in settings.items():
             module, name = key.split(".")
-            old[key] = getattr(modules[module], name)
+            old.append((modules[module], name, getattr(modules[module], name)))
             setattr(modules[module], name, value)
-        return lambda: [setattr(modules[k.split(".")[0]], k.split(".")[1], v) for k, v in old.items()]
+
+        def restore() -> None:
+            for module, name, value in old:
+                setattr(module, name, value)
+        return restore
     return setup
 
 
