@@ -19,6 +19,7 @@ skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -109,7 +110,8 @@ def after_op(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) -> C
 
 def candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
     """The sweep: FMA tiles (a whole-K chunk where K fits 2048 columns) up to 4 rows, tensor-core tiles from 8;
-    split-K where the row blocks alone would leave SMs idle."""
+    split-K where the row blocks alone would leave SMs idle; whole-K programs that own 4-16 row blocks in turn
+    where that still leaves at least two programs per SM."""
     bm, found = m_bucket(m), []
     if bm <= 4:
         for bn in (1, 2, 4, 8, 16):
@@ -117,7 +119,10 @@ def candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
                 size = bn * bk * bm
                 if bk > 2 * k or not 1024 <= size <= 16384:
                     continue
-                found += [SkinnyConfig(bn, bk, s, warps=8 if size >= 8192 else 4) for s in _splits(n, k, bn, bk, 264)]
+                warps = 8 if size >= 8192 else 4
+                found += [SkinnyConfig(bn, bk, s, warps=warps) for s in _splits(n, k, bn, bk, 264)]
+                if bk >= k:
+                    found += [SkinnyConfig(bn, bk, warps=warps, tiles=t) for t in (4, 8, 16) if n // bn // t >= 264]
     else:
         for bn in (32, 64, 128):
             for bk in (64, 128, 256):
@@ -171,7 +176,7 @@ def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[s
     configs = candidates(n, k, m)
     if inp["gated"]:  # a program owns (gate, up) row pairs, no split
         configs = [c for c in configs if c.block_n % 2 == 0 and c.split_k == 1]
-        configs += [SkinnyConfig(c.block_n * 2, c.block_k, warps=8) for c in configs if c.block_n == 8]
+        configs += [replace(c, block_n=c.block_n * 2, warps=8) for c in configs if c.block_n == 8]
     copies = len(inp["weights"])
     if inp["gated"]:  # the plain product is gate_up_proj's row
         plain_us, plain, plain_next, compile_s = float("nan"), None, [], 0.0
@@ -239,7 +244,7 @@ def tuned_tables(rows: list[dict[str, Any]]) -> tuple[dict[tuple[int, int, int],
 def _literal(config: SkinnyConfig | None) -> str:
     if config is None:
         return "None"
-    extra = "".join(f", {f}={getattr(config, f)!r}" for f in ("split_k", "dot", "warps", "stages")
+    extra = "".join(f", {f}={getattr(config, f)!r}" for f in ("split_k", "dot", "warps", "stages", "tiles")
                     if getattr(config, f) != SkinnyConfig.__dataclass_fields__[f].default)
     return f"SkinnyConfig({config.block_n}, {config.block_k}{extra})"
 
@@ -310,6 +315,9 @@ def logits_us(llm: LLM, rep_ms: int) -> dict[str, float]:
 
 
 GATED_FORCED = {1: SkinnyConfig(8, 2048, warps=8), 2: SkinnyConfig(4, 2048, warps=8)}  # the sweep's best
+# The device tables as committed, before a sweep of this run replaces entries: the "committed tables" variant.
+COMMITTED_TABLES = {f"triton_linear.{name}": copy.deepcopy(getattr(triton_linear, name))
+                    for name in ("DEVICE_TUNED", "DEVICE_FUSED", "DEVICE_GATED")}
 
 
 def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
@@ -361,6 +369,8 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
         ("after, decode 2 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 2})),
         ("after, decode tiles of 32 keys", after, True, False, True,
          _override(**{"triton_attention.DECODE_BLOCK_N": 32})),
+        ("after, the committed tables (not this run's sweep)", after, True, False, True,
+         _override(**COMMITTED_TABLES)),
     ]
     wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}

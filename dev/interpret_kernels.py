@@ -59,7 +59,7 @@ CASES: list[tuple[str, dict]] = [
     ("test_rotary_store_equals_rotary_then_store", {"tokens": 6, "block_size": 16}),
     ("test_store_kv_matches_twin_and_skips_padding", {"block_size": 16}),
     *[("test_skinny_any_config_odd_sizes", {"act": a, "m": m, "shape": (37, 200, True)})
-      for a in ("gated", "add_rms_norm") for m in (1, 7)],
+      for a in ("gated", "add_rms_norm", "plain") for m in (1, 7)],
 ]
 
 

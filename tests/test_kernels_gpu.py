@@ -451,11 +451,12 @@ def test_fused_ops_match_twin_at_model_shapes(act: str, m: int) -> None:
 
 def _explicit_configs(m: int) -> list:
     """Configs of every form the sweep may pick for m rows: FMA up to 4 rows (several chunks, split-K, one
-    whole-K chunk, one row per program), tensor cores from 4."""
+    whole-K chunk, one row per program, several row blocks per program), tensor cores from 4."""
     cfg = _linear_module().SkinnyConfig
     if m <= 4:
-        return [cfg(8, 64), cfg(4, 128, split_k=3), cfg(2, 2048), cfg(1, 1024), cfg(16, 32, split_k=5, warps=8)]
-    return [cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3)]
+        return [cfg(8, 64), cfg(4, 128, split_k=3), cfg(2, 2048), cfg(1, 1024), cfg(16, 32, split_k=5, warps=8),
+                cfg(4, 1024, tiles=3), cfg(2, 2048, tiles=8, warps=8)]
+    return [cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3), cfg(16, 1024, dot=True, tiles=3)]
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -468,6 +469,13 @@ def test_skinny_any_config_odd_sizes(act: str, m: int, shape: tuple[int, int, bo
     for config in _explicit_configs(m):
         if act != "gated" or config.block_n % 2 == 0:  # gated: a program owns gate/up row pairs
             check_skinny(act, case, config)
+
+
+def test_skinny_row_tiles_need_one_whole_k_chunk() -> None:
+    tl_ = _linear_module()
+    case = skinny_case("plain", 2, 64, 1000, False)
+    with pytest.raises(ValueError, match="tiles=2 needs one chunk"):
+        run_skinny("plain", case, tl_.SkinnyConfig(2, 256, tiles=2))
 
 
 def test_skinny_split_k_is_deterministic_and_tickets_reset() -> None:

@@ -7,8 +7,10 @@ of copy bandwidth (qkv, o_proj) to 79% (gate_up), down_proj needed a split-K red
 SiLU around them were launches of their own. Here one program owns `block_n` weight rows (and, with
 `split_k`, a share of the reduction). Where one chunk of `block_k` columns holds all of K (the 1536-wide
 products), the program issues its whole weight slice and the activation row at once, so it waits for memory
-once; otherwise it streams chunks with the next chunk's weights and activations in flight while it multiplies
-the current one. The activation is computed in the prologue from the previous op's output: plain x, or the
+once, and it may own `tiles` such row blocks in turn, with the next block's weights in flight while it
+multiplies the current one and the activation computed once (fewer, longer programs); otherwise it streams
+chunks with the next chunk's weights and activations in flight while it multiplies the current one. The
+activation is computed in the prologue from the previous op's output: plain x, or the
 RMSNorm of x or of x + residual (each program recomputes the row's norm, and program 0 writes the new
 residual). It is rounded where its plain-torch twin rounds (`kernels/reference.py`), so the product sees the
 twin's bf16 operands; the sum runs in float32 and is rounded once, bias added first (cuBLAS's epilogue does the
@@ -64,10 +66,11 @@ class SkinnyConfig:
     dot: bool = False
     warps: int = 4
     stages: int = 1
+    tiles: int = 1  # row blocks per program, one after another (whole-K chunks only)
 
     def __str__(self) -> str:
         return (f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} "
-                f"w{self.warps} st{self.stages}")
+                f"w{self.warps} st{self.stages}" + (f" t{self.tiles}" if self.tiles > 1 else ""))
 
 
 # Measured on the H100 (benchmarks/decode_step_gpu.py, docs/kernels.md), keyed (N, K, M bucket). TUNED: the
@@ -245,7 +248,7 @@ if triton is not None:
         return last, acc
 
     @triton.jit
-    def _store_gated(y_ptr, acc, pid_n, offs_m, N, m_mask, stride_ym, BLOCK_N: tl.constexpr):
+    def _store_gated(y_ptr, acc, tile, offs_m, N, m_mask, stride_ym, BLOCK_N: tl.constexpr):
         """GATED: acc's rows are (gate, up) pairs of BLOCK_N // 2 output columns; y[m, c] = silu(gate) * up,
         each product rounded to y's dtype first, as `silu_and_mul` over the plain product's output sees them."""
         dt = y_ptr.dtype.element_ty
@@ -254,8 +257,30 @@ if triton is not None:
         g32 = gate.to(dt).to(tl.float32)
         silu = (g32 / (1.0 + tl.exp(-g32))).to(dt).to(tl.float32)
         out = (silu * up.to(dt).to(tl.float32)).to(dt)
-        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        cols = tile * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + cols[:, None], out, mask=(cols < N)[:, None] & m_mask[None, :])
+
+    @triton.jit
+    def _tile_rows(tile, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+        """The weight rows of row block `tile` and their mask. GATED: W is [gate; up], 2N rows, and the block's
+        rows are the gate and up rows of BLOCK_N // 2 output columns, interleaved."""
+        if GATED:
+            r = tl.arange(0, BLOCK_N)
+            out_cols = tile * (BLOCK_N // 2) + r // 2
+            offs_n = out_cols + (r % 2) * N  # even rows: gate rows, odd rows: the same columns' up rows
+            n_mask = out_cols < N
+        else:
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+        return offs_n, n_mask
+
+    @triton.jit
+    def _store_tile(y_ptr, b_ptr, acc, tile, offs_n, offs_m, n_mask, m_mask, N, stride_ym,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+        if GATED:
+            _store_gated(y_ptr, acc, tile, offs_m, N, m_mask, stride_ym, BLOCK_N)
+        else:
+            _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, new_res_ptr, ws_ptr, tickets_ptr,
@@ -263,21 +288,15 @@ if triton is not None:
                        stride_xm, stride_rm, stride_wn, stride_ym, stride_nm,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       SINGLE: tl.constexpr, DOT: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+                       SINGLE: tl.constexpr, DOT: tl.constexpr, GATED: tl.constexpr, TILES: tl.constexpr,
+                       USE_PDL: tl.constexpr):
         """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
-        reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything).
-        GATED (no split): W is [gate; up], 2N rows; the program's rows are the gate and up rows of BLOCK_N // 2
-        output columns, interleaved, and it stores silu(gate) * up."""
+        reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything), and the
+        program may own TILES row blocks in turn. GATED (no split): the rows are (gate, up) pairs
+        (`_tile_rows`) and the program stores silu(gate) * up."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        if GATED:
-            r = tl.arange(0, BLOCK_N)
-            out_cols = pid_n * (BLOCK_N // 2) + r // 2
-            offs_n = out_cols + (r % 2) * N  # even rows: gate rows, odd rows: the same columns' up rows
-            n_mask = out_cols < N
-        else:
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
+        offs_n, n_mask = _tile_rows(pid_n * TILES, N, BLOCK_N, GATED)
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         k_lo = pid_k * split_span
@@ -298,8 +317,18 @@ if triton is not None:
             if ACT >= 1:  # the norm's statistics from the same registers (masked columns are 0)
                 h32 = h.to(tl.float32)
                 inv_rms = tl.rsqrt(tl.sum(h32 * h32, axis=1) / K + eps)
-            acc = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w_next,
-                                _activation(h, nw, inv_rms, ACT), DOT)
+            a = _activation(h, nw, inv_rms, ACT)
+            for t in range(TILES):  # TILES row blocks, the next one's weights in flight during each product
+                tile = pid_n * TILES + t
+                w = w_next
+                if TILES > 1:
+                    rows_next, mask_next = _tile_rows(tile + 1, N, BLOCK_N, GATED)
+                    w_next = tl.load(w_ptr + rows_next.to(tl.int64)[:, None] * stride_wn + cols,
+                                     mask=(mask_next & (t + 1 < TILES))[:, None] & (cols < K), other=0.0)
+                offs_n, n_mask = _tile_rows(tile, N, BLOCK_N, GATED)
+                acc = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w, a, DOT)
+                _store_tile(y_ptr, b_ptr, acc, tile, offs_n, offs_m, n_mask, m_mask, N, stride_ym, HAS_BIAS,
+                            BLOCK_N, GATED)
         else:
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
             if ACT >= 1:
@@ -317,19 +346,18 @@ if triton is not None:
                 h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
                                             m_mask[:, None] & in_split[None, :], K, stride_xm, stride_rm, ACT)
                 acc = _multiply_add(acc, w, _activation(h, nw, inv_rms, ACT), DOT)
+            if SPLIT_K == 1:
+                _store_tile(y_ptr, b_ptr, acc, pid_n, offs_n, offs_m, n_mask, m_mask, N, stride_ym, HAS_BIAS,
+                            BLOCK_N, GATED)
+            else:
+                last, total = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                                           BLOCK_M, BLOCK_N, SPLIT_K)
+                if last:
+                    _store_out(y_ptr, b_ptr, total, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         if ACT == 2:
             if (pid_n == 0) & (pid_k == 0):
                 _store_new_residual(x_ptr, res_ptr, new_res_ptr, offs_m, m_mask, K, stride_xm, stride_rm,
                                     stride_nm, BLOCK_K)
-        if GATED:
-            _store_gated(y_ptr, acc, pid_n, offs_m, N, m_mask, stride_ym, BLOCK_N)
-        elif SPLIT_K == 1:
-            _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
-        else:
-            last, total = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
-                                       BLOCK_M, BLOCK_N, SPLIT_K)
-            if last:
-                _store_out(y_ptr, b_ptr, total, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
 
 def _default_config(m_bucket: int, n: int, k: int) -> SkinnyConfig | None:
@@ -431,16 +459,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = triton.cdiv(chunks, per_split)  # no empty splits
     if not _fits(config, block_m, n, split):
         split, per_split = 1, chunks
+    single = split == 1 and config.block_k >= k
+    if config.tiles > 1 and not single:
+        raise ValueError(f"skinny_linear: tiles={config.tiles} needs one chunk over all K={k} columns, no split")
     ws, tickets = _workspace(x.device) if split > 1 else (y, y)
-    grid = (triton.cdiv(n, config.block_n // 2 if gated else config.block_n), split)
+    blocks = triton.cdiv(n, config.block_n // 2 if gated else config.block_n)
+    grid = (triton.cdiv(blocks, config.tiles), split)
     kernel = _skinny_kernel[grid] if not compile_only else functools.partial(_skinny_kernel.warmup, grid=grid)
     kernel(
         x2, res2, norm_weight if norm_weight is not None else x2, weight, bias if bias is not None else weight, y,
         new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
         ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, SINGLE=split == 1 and config.block_k >= k, DOT=config.dot, GATED=gated,
-        USE_PDL=triton_ops.use_pdl(),
+        SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles, USE_PDL=triton_ops.use_pdl(),
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
 
