@@ -110,7 +110,10 @@ FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
 # H100's; shapes and row counts not listed keep the H100's choice.
 # H200 run of 2026-12-02, M = 1 and 2 swept (M = 4 not: cuBLAS stays), µs per call at M=1: qkv 3.48 vs cuBLAS
 # 5.87, o_proj 2.54 vs 6.55, down 9.43 vs 12.09, but gate_up 18.11 vs 17.51 and lm_head 140.96 vs 123.55: cuBLAS
-# reads those two faster here; fused with its norm: qkv 4.04 vs 4.46 (norm kernel + skinny). (SiLU-and-mul fused
+# read those two faster; fused with its norm: qkv 4.04 vs 4.46 (norm kernel + skinny). Fifth session's sweep
+# (gate_up_proj, lm_head, qkv, o_proj at M = 1, 2, with row tiles): gate_up with 16 one-row blocks per program
+# 16.56 vs cuBLAS 17.47, fused with its norm 17.25 vs 20.09 (norm kernel + cuBLAS); lm_head's best 128.43 vs
+# 123.46 and every M = 2 gate_up 22.71 vs 17.55: cuBLAS keeps those. (SiLU-and-mul fused
 # into down_proj's prologue lost on both devices, 13.98 vs 13.93 and 11.02 vs 10.35 µs, and is gone: each
 # program recomputed it over all 2 x 8960 inputs; SiLU now goes into gate_up's epilogue, `GATED`.)
 DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
@@ -121,7 +124,7 @@ DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
         (1536, 8960, 2): None,
         (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
         (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
-        (17920, 1536, 1): None,
+        (17920, 1536, 1): SkinnyConfig(1, 2048, tiles=16),
         (17920, 1536, 2): None,
         (151936, 1536, 1): None,
         (151936, 1536, 2): None,
@@ -131,7 +134,7 @@ DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
         (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
         (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
-        (17920, 1536, 1): None,
+        (17920, 1536, 1): SkinnyConfig(1, 2048, tiles=16),
         (17920, 1536, 2): None,
     },
 }
@@ -142,11 +145,12 @@ DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
 # product the tables choose, SiLU kernel), None or absent where it did not or was not measured (the unfused op
 # runs). Not measured on the H100 (where the skinny gate_up beat cuBLAS, 20.69 vs 23.10 µs). H200 run of
 # 2026-12-02, µs per call: M=1 gated 21.53 (fma n8 k2048 w8) vs 20.23 unfused (cuBLAS alone 16.87); M=2 31.33 vs
-# 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1.
+# 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1. With row tiles
+# (fifth session) M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38; M=2 26.84 vs 21.00 (cuBLAS's unfused op stays).
 GATED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
 DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
-        (17920, 1536, 1): None,
+        (17920, 1536, 1): SkinnyConfig(2, 2048, tiles=4),
         (17920, 1536, 2): None,
     },
 }
