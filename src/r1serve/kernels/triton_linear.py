@@ -146,11 +146,13 @@ DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
 # runs). Not measured on the H100 (where the skinny gate_up beat cuBLAS, 20.69 vs 23.10 µs). H200 run of
 # 2026-12-02, µs per call: M=1 gated 21.53 (fma n8 k2048 w8) vs 20.23 unfused (cuBLAS alone 16.87); M=2 31.33 vs
 # 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1. With row tiles
-# (fifth session) M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38; M=2 26.84 vs 21.00 (cuBLAS's unfused op stays).
+# (fifth session) M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38 for norm kernel + cuBLAS + SiLU, but the unfused op
+# is now the norm-fused skinny gate_up (17.25) + SiLU kernel, and in the step that won: 1,106.5 vs 1,154.4 µs per
+# batch-1 graph. M=2 26.84 vs 21.00.
 GATED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
 DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
-        (17920, 1536, 1): SkinnyConfig(2, 2048, tiles=4),
+        (17920, 1536, 1): None,
         (17920, 1536, 2): None,
     },
 }
