@@ -174,8 +174,8 @@ def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[s
     n, k, act, _ = PROJECTIONS[name]
     inp = make_inputs(name, m)
     configs = candidates(n, k, m)
-    if inp["gated"]:  # a program owns (gate, up) row pairs, no split
-        configs = [c for c in configs if c.block_n % 2 == 0 and c.split_k == 1]
+    if inp["gated"]:  # a program owns (gate, up) row pairs, one whole-K chunk, no split
+        configs = [c for c in configs if c.block_n % 2 == 0 and c.split_k == 1 and c.block_k >= k]
         configs += [replace(c, block_n=c.block_n * 2, warps=8) for c in configs if c.block_n == 8]
     copies = len(inp["weights"])
     if inp["gated"]:  # the plain product is gate_up_proj's row

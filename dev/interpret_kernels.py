@@ -60,6 +60,8 @@ CASES: list[tuple[str, dict]] = [
     ("test_store_kv_matches_twin_and_skips_padding", {"block_size": 16}),
     *[("test_skinny_any_config_odd_sizes", {"act": a, "m": m, "shape": (37, 200, True)})
       for a in ("gated", "add_rms_norm", "plain") for m in (1, 7)],
+    ("test_skinny_rejects_configs_it_cannot_run", {}),
+    ("test_skinny_row_tiles_need_one_whole_k_chunk", {}),
 ]
 
 

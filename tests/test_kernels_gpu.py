@@ -456,7 +456,7 @@ def _explicit_configs(m: int) -> list:
     if m <= 4:
         return [cfg(8, 64), cfg(4, 128, split_k=3), cfg(2, 2048), cfg(1, 1024), cfg(16, 32, split_k=5, warps=8),
                 cfg(4, 1024, tiles=3), cfg(2, 2048, tiles=8, warps=8)]
-    return [cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3), cfg(16, 1024, dot=True, tiles=3)]
+    return [cfg(16, 64, dot=True), cfg(32, 64, split_k=4, dot=True, stages=3), cfg(32, 1024, dot=True, tiles=3)]
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -467,8 +467,22 @@ def test_skinny_any_config_odd_sizes(act: str, m: int, shape: tuple[int, int, bo
     n, k, bias = shape
     case = skinny_case(act, m, n, k, bias)
     for config in _explicit_configs(m):
-        if act != "gated" or config.block_n % 2 == 0:  # gated: a program owns gate/up row pairs
+        if act != "gated" or _gated_form(config, k):
             check_skinny(act, case, config)
+
+
+def _gated_form(config, k: int) -> bool:
+    """Whether the gated product takes this config: gate and up rows in pairs, one whole-K chunk, and 16 rows of
+    each for tensor cores."""
+    return config.block_n % 2 == 0 and config.block_k >= k and (not config.dot or config.block_n >= 32)
+
+
+def test_skinny_rejects_configs_it_cannot_run() -> None:
+    tl_ = _linear_module()
+    with pytest.raises(ValueError, match="gated needs one chunk"):
+        run_skinny("gated", skinny_case("gated", 2, 64, 1000, False), tl_.SkinnyConfig(4, 256))
+    with pytest.raises(ValueError, match="tensor cores need 16 rows"):
+        run_skinny("gated", skinny_case("gated", 5, 64, 200, False), tl_.SkinnyConfig(16, 256, dot=True))
 
 
 def test_skinny_row_tiles_need_one_whole_k_chunk() -> None:
@@ -519,7 +533,7 @@ def test_skinny_cuda_graph_replay_equals_eager() -> None:
     """All four fused forms captured once (split-K and tickets included), replayed on new inputs."""
     tl_ = _linear_module()
     cases = {act: skinny_case(act, 5, 1536, 8960 if act == "plain" else 1536, act != "plain") for act in ACTS}
-    configs = {"plain": tl_.SkinnyConfig(8, 256, split_k=4), "gated": tl_.SkinnyConfig(4, 512),
+    configs = {"plain": tl_.SkinnyConfig(8, 256, split_k=4), "gated": tl_.SkinnyConfig(4, 2048, tiles=3),
                "rms_norm": tl_.SkinnyConfig(32, 64, split_k=3, dot=True),
                "add_rms_norm": tl_.SkinnyConfig(64, 128, dot=True, stages=3)}
     for act in ACTS:

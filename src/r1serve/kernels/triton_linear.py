@@ -254,39 +254,25 @@ if triton is not None:
         return last, acc
 
     @triton.jit
-    def _store_gated(y_ptr, acc, tile, offs_m, N, m_mask, stride_ym, BLOCK_N: tl.constexpr):
-        """GATED: acc's rows are (gate, up) pairs of BLOCK_N // 2 output columns; y[m, c] = silu(gate) * up,
-        each product rounded to y's dtype first, as `silu_and_mul` over the plain product's output sees them."""
+    def _store_gated(y_ptr, gate, up, offs_n, offs_m, n_mask, m_mask, stride_ym):
+        """GATED: y[m, n] = silu(gate[n, m]) * up[n, m], each product rounded to y's dtype first, as
+        `silu_and_mul` over the plain product's output sees them."""
         dt = y_ptr.dtype.element_ty
-        pairs = tl.permute(tl.reshape(acc, [BLOCK_N // 2, 2, acc.shape[1]]), (0, 2, 1))  # [cols, M, 2]
-        gate, up = tl.split(pairs)
         g32 = gate.to(dt).to(tl.float32)
         silu = (g32 / (1.0 + tl.exp(-g32))).to(dt).to(tl.float32)
         out = (silu * up.to(dt).to(tl.float32)).to(dt)
-        cols = tile * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + cols[:, None], out, mask=(cols < N)[:, None] & m_mask[None, :])
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=n_mask[:, None] & m_mask[None, :])
 
     @triton.jit
-    def _tile_rows(tile, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-        """The weight rows of row block `tile` and their mask. GATED: W is [gate; up], 2N rows, and the block's
-        rows are the gate and up rows of BLOCK_N // 2 output columns, interleaved."""
-        if GATED:
-            r = tl.arange(0, BLOCK_N)
-            out_cols = tile * (BLOCK_N // 2) + r // 2
-            offs_n = out_cols + (r % 2) * N  # even rows: gate rows, odd rows: the same columns' up rows
-            n_mask = out_cols < N
-        else:
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-        return offs_n, n_mask
+    def _tile_rows(tile, N, BLOCK_N: tl.constexpr):
+        """The weight rows of row block `tile` (GATED: its gate rows; the up rows are N further) and their mask."""
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_n, offs_n < N
 
     @triton.jit
-    def _store_tile(y_ptr, b_ptr, acc, tile, offs_n, offs_m, n_mask, m_mask, N, stride_ym,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-        if GATED:
-            _store_gated(y_ptr, acc, tile, offs_m, N, m_mask, stride_ym, BLOCK_N)
-        else:
-            _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+    def _load_rows(w_ptr, offs_n, n_mask, cols, col_mask, stride_wn):
+        return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols, mask=n_mask[:, None] & col_mask,
+                       other=0.0)
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, new_res_ptr, ws_ptr, tickets_ptr,
@@ -298,25 +284,27 @@ if triton is not None:
                        USE_PDL: tl.constexpr):
         """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
         reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything), and the
-        program may own TILES row blocks in turn. GATED (no split): the rows are (gate, up) pairs
-        (`_tile_rows`) and the program stores silu(gate) * up."""
+        program may own TILES row blocks in turn. GATED (SINGLE only): W is [gate; up], 2N rows; the program
+        multiplies gate rows [BLOCK_N] and the same columns' up rows and stores silu(gate) * up."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n, n_mask = _tile_rows(pid_n * TILES, N, BLOCK_N, GATED)
+        offs_n, n_mask = _tile_rows(pid_n * TILES, N, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         k_lo = pid_k * split_span
         k_end = k_lo + split_span  # the split's end; columns past K are masked too
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
         ks = k_lo + tl.arange(0, BLOCK_K)
-        w_next = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & ((ks < K) & (ks < k_end))[None, :],
-                         other=0.0)  # the first weight chunk depends on no earlier kernel
+        cols = ks[None, :]
+        col_mask = ((ks < K) & (ks < k_end))[None, :]
+        w_next = _load_rows(w_ptr, offs_n, n_mask, cols, col_mask, stride_wn)  # depends on no earlier kernel
+        up_next = w_next
+        if GATED:
+            up_next = _load_rows(w_ptr, offs_n + N, n_mask, cols, col_mask, stride_wn)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # the activations do: wait for the kernel that wrote them
         rows = offs_m[:, None]
         if SINGLE:
-            cols = ks[None, :]
             h, nw = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
                               stride_xm, stride_rm, ACT)
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
@@ -326,35 +314,38 @@ if triton is not None:
             a = _activation(h, nw, inv_rms, ACT)
             for t in range(TILES):  # TILES row blocks, the next one's weights in flight during each product
                 tile = pid_n * TILES + t
-                w = w_next
+                w, up_w = w_next, up_next
                 if TILES > 1:
-                    rows_next, mask_next = _tile_rows(tile + 1, N, BLOCK_N, GATED)
-                    w_next = tl.load(w_ptr + rows_next.to(tl.int64)[:, None] * stride_wn + cols,
-                                     mask=(mask_next & (t + 1 < TILES))[:, None] & (cols < K), other=0.0)
-                offs_n, n_mask = _tile_rows(tile, N, BLOCK_N, GATED)
+                    rows_next, mask_next = _tile_rows(tile + 1, N, BLOCK_N)
+                    mask_next = mask_next & (t + 1 < TILES)
+                    w_next = _load_rows(w_ptr, rows_next, mask_next, cols, col_mask, stride_wn)
+                    if GATED:
+                        up_next = _load_rows(w_ptr, rows_next + N, mask_next, cols, col_mask, stride_wn)
+                offs_n, n_mask = _tile_rows(tile, N, BLOCK_N)
                 acc = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w, a, DOT)
-                _store_tile(y_ptr, b_ptr, acc, tile, offs_n, offs_m, n_mask, m_mask, N, stride_ym, HAS_BIAS,
-                            BLOCK_N, GATED)
+                if GATED:
+                    up = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), up_w, a, DOT)
+                    _store_gated(y_ptr, acc, up, offs_n, offs_m, n_mask, m_mask, stride_ym)
+                else:
+                    _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         else:
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
             if ACT >= 1:
                 inv_rms = _inv_rms(x_ptr, res_ptr, nw_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT,
                                    BLOCK_K)
-            cols = ks[None, :]
             h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
                                         stride_xm, stride_rm, ACT)
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
                 w, h, nw = w_next, h_next, nw_next
                 ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's loads are in flight meanwhile
-                in_split = (ks_next < K) & (ks_next < k_end)
-                w_next = tl.load(w_rows + ks_next[None, :], mask=n_mask[:, None] & in_split[None, :], other=0.0)
+                in_split = ((ks_next < K) & (ks_next < k_end))[None, :]
+                w_next = _load_rows(w_ptr, offs_n, n_mask, ks_next[None, :], in_split, stride_wn)
                 h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
-                                            m_mask[:, None] & in_split[None, :], K, stride_xm, stride_rm, ACT)
+                                            m_mask[:, None] & in_split, K, stride_xm, stride_rm, ACT)
                 acc = _multiply_add(acc, w, _activation(h, nw, inv_rms, ACT), DOT)
             if SPLIT_K == 1:
-                _store_tile(y_ptr, b_ptr, acc, pid_n, offs_n, offs_m, n_mask, m_mask, N, stride_ym, HAS_BIAS,
-                            BLOCK_N, GATED)
+                _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
             else:
                 last, total = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                                            BLOCK_M, BLOCK_N, SPLIT_K)
@@ -466,17 +457,20 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not _fits(config, block_m, n, split):
         split, per_split = 1, chunks
     single = split == 1 and config.block_k >= k
-    if config.tiles > 1 and not single:
-        raise ValueError(f"skinny_linear: tiles={config.tiles} needs one chunk over all K={k} columns, no split")
+    if (config.tiles > 1 or gated) and not single:
+        raise ValueError(f"skinny_linear: {'gated' if gated else f'tiles={config.tiles}'} needs one chunk over "
+                         f"all K={k} columns, no split")
     ws, tickets = _workspace(x.device) if split > 1 else (y, y)
-    blocks = triton.cdiv(n, config.block_n // 2 if gated else config.block_n)
-    grid = (triton.cdiv(blocks, config.tiles), split)
+    block_n = config.block_n // 2 if gated else config.block_n  # gated: block_n counts gate and up rows
+    if config.dot and block_n < 16:
+        raise ValueError(f"skinny_linear: tensor cores need 16 rows per block ({block_n}{' gated' if gated else ''})")
+    grid = (triton.cdiv(triton.cdiv(n, block_n), config.tiles), split)
     kernel = _skinny_kernel[grid] if not compile_only else functools.partial(_skinny_kernel.warmup, grid=grid)
     kernel(
         x2, res2, norm_weight if norm_weight is not None else x2, weight, bias if bias is not None else weight, y,
         new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
-        ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
         SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles, USE_PDL=triton_ops.use_pdl(),
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
