@@ -165,7 +165,9 @@ class ModelRunner:
         sampling = [s.seq for s in sched.scheduled if s.samples]
         if not sampling:
             return SampledTokens(None, None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab] float32
+        if len(sampling) < hidden.shape[0]:  # else every row samples, in order (decodes): no gather
+            hidden = hidden[inputs.logits_indices]
+        logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
         batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
         self.last_sampled = self.sampler(logits, batch)
         return self._to_host(self.last_sampled)
