@@ -367,8 +367,8 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
         ("after, gated forced + merge in the last split", after, True, True, True, _gated_forced),
         ("after, decode 8 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 8})),
         ("after, decode 2 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 2})),
-        ("after, decode tiles of 32 keys", after, True, False, True,
-         _override(**{"triton_attention.DECODE_BLOCK_N": 32})),
+        ("after, split decode with 64-key tiles (as before)", after, True, False, True,
+         _override(**{"triton_attention.DECODE_BLOCK_N": 64})),
         ("after, the committed tables (not this run's sweep)", after, True, False, True,
          _override(**COMMITTED_TABLES)),
     ]

@@ -40,10 +40,12 @@ __all__ = [
 
 HAS_TRITON = triton is not None
 LOG2E = 1.4426950408889634
-# Keys per decode iteration (and the smallest share of a split). 32 against 64, H200, forward graph µs: 600-token
-# contexts 1,128 vs 1,174 at batch 1, 1,591 vs 1,702 at 4; 8,000-token contexts 1,379 vs 1,366 at 1, 3,124 vs
-# 3,731 at 16 (docs/kernels.md).
+# Keys per decode iteration (and the smallest share of a split) when a context is split, and when it is not (one
+# program per sequence and KV head: large batches). H200, forward graph µs, 32 vs 64 keys: 600-token contexts
+# 1,128 vs 1,174 at batch 1, 1,591 vs 1,702 at 4; 8,000-token contexts 1,341 vs 1,352 at 1, 3,121 vs 3,738 at 16;
+# but the 1,000 x 512/512 workload (batch ~256, one split) 38.4k vs 41.9k tok/s (docs/kernels.md).
 DECODE_BLOCK_N = 32
+DECODE_BLOCK_N_WHOLE = 64
 MAX_SPLITS = 64
 DECODE_NUM_WARPS = 4
 # The last split of each (sequence, KV head) merges instead of a second kernel: measured slower on the H100
@@ -528,6 +530,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device))
     split = num_splits > 1
+    block_n = DECODE_BLOCK_N if split else DECODE_BLOCK_N_WHOLE
     fused = split and (DECODE_FUSED_MERGE if fused_merge is None else fused_merge)
     f32 = {"dtype": torch.float32, "device": query.device}
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,), **f32)  # [B,H,S,D]
@@ -545,13 +548,13 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out.stride(1), rot.key.stride(0), rot.key.stride(1), rot.value.stride(0), rot.value.stride(1),
         rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
-        BLOCK_N=DECODE_BLOCK_N, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
+        BLOCK_N=block_n, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
         PREFETCH=rotary is not None and DECODE_PREFETCH, USE_PDL=triton_ops.use_pdl(), num_warps=DECODE_NUM_WARPS,
         num_stages=2, **triton_ops.pdl_launch())
     if split and not fused:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, seq_lens, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, BLOCK_N=DECODE_BLOCK_N, USE_PDL=triton_ops.use_pdl(),
+            SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, USE_PDL=triton_ops.use_pdl(),
             num_warps=4, **triton_ops.pdl_launch())
     return out
 
