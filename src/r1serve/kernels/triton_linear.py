@@ -148,7 +148,8 @@ DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
 # 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1. With row tiles
 # (fifth session) M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38 for norm kernel + cuBLAS + SiLU, but the unfused op
 # is now the norm-fused skinny gate_up (17.25) + SiLU kernel, and in the step that won: 1,106.5 vs 1,154.4 µs per
-# batch-1 graph. M=2 26.84 vs 21.00.
+# batch-1 graph. M=2 26.84 vs 21.00. Gate and up in two accumulators (no interleaved tile): M=1 19.66 (fma n8
+# k2048 w8), and in the step 1,157.9 vs 1,133.7 µs for the unfused op: still off.
 GATED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
 DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
@@ -297,7 +298,7 @@ if triton is not None:
         cols = ks[None, :]
         col_mask = ((ks < K) & (ks < k_end))[None, :]
         w_next = _load_rows(w_ptr, offs_n, n_mask, cols, col_mask, stride_wn)  # depends on no earlier kernel
-        up_next = w_next
+        up_next = w_next  # a placeholder the loop carries unless GATED
         if GATED:
             up_next = _load_rows(w_ptr, offs_n + N, n_mask, cols, col_mask, stride_wn)
         if USE_PDL:
