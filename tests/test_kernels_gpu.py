@@ -688,3 +688,68 @@ def test_model_on_fused_ops_matches_unfused_and_graph_equals_eager(pdl: bool) ->
             unfused = model(ids, positions, meta, caches)
         assert torch.equal(replayed, eager), f"batch {batch}: graph replay differs from eager"
         assert rel_err(eager, unfused) < BF16_TOL
+
+
+# ---------------------------------------------------------------- L2 prefetch (a hint: it must change nothing)
+
+
+@pytest.mark.parametrize("pdl", [False, True], indirect=True)
+def test_l2_prefetch_changes_nothing_in_a_chain_or_a_graph(pdl: bool) -> None:
+    """Prefetches of any size (none, part of a line, past the end) leave the weight as it was, and a graph of
+    product → prefetch → product replays what eager computes (the prefetch keeps the PDL chain's order)."""
+    from r1serve.kernels import l2_prefetch
+
+    tl_ = _linear_module()
+    weight = torch.randn(17920, 1536, device=DEVICE, dtype=DTYPE)
+    before = weight.clone()
+    for nbytes in (0, 100, 128 * 1000 + 5, 8 << 20, 1 << 40):
+        l2_prefetch.prefetch_l2(weight, nbytes)
+    torch.cuda.synchronize()
+    assert torch.equal(weight, before)
+    with pytest.raises(ValueError, match="contiguous"):
+        l2_prefetch.prefetch_l2(weight.t(), 1024)
+    x, w2 = torch.randn(1, 1536, device=DEVICE, dtype=DTYPE), torch.randn(1536, 1536, device=DEVICE, dtype=DTYPE)
+    config = tl_.SkinnyConfig(1, 2048, tiles=16)
+
+    def chain() -> torch.Tensor:
+        h, _ = tl_.skinny_linear(x, w2, config=tl_.SkinnyConfig(2, 2048))
+        l2_prefetch.prefetch_l2(weight, 8 << 20)
+        y, _ = tl_.skinny_linear(h, weight, config=config)
+        return y
+
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, chain())
+    assert not torch.equal(captured, eager)  # the replay saw the new input
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("pdl", [True], indirect=True)
+def test_model_with_l2_prefetch_equals_model_without(pdl: bool) -> None:
+    """The decoder layers' prefetch of gate_up during attention (forced on at 1 row) changes no output."""
+    from r1serve.model.layers import triton_kernel_ops
+
+    tl_ = _linear_module()
+    model = _fused_model().to(DEVICE)
+    model.set_ops(triton_kernel_ops())
+    cfg, block = model.config, 16
+    kv = torch.randn(2, cfg.num_hidden_layers, 64, block, 2, 128, device=DEVICE, dtype=DTYPE)
+    caches = [(kv[0, i], kv[1, i]) for i in range(cfg.num_hidden_layers)]
+    meta = build_metadata([1], [300], [list(range(19))], block, DEVICE)
+    ids, positions = torch.randint(0, 1000, (1,), device=DEVICE), torch.tensor([299], device=DEVICE)
+    name = tl_.device_name(kv.device)
+    tables = dict(tl_.DEVICE_L2_PREFETCH)
+    outputs = []
+    try:
+        for nbytes in (0, 16 << 20):
+            tl_.DEVICE_L2_PREFETCH[name] = {(2 * cfg.intermediate_size, cfg.hidden_size, 1): nbytes}
+            with torch.inference_mode():
+                outputs.append(model(ids, positions, meta, caches))
+    finally:
+        tl_.DEVICE_L2_PREFETCH.clear()
+        tl_.DEVICE_L2_PREFETCH.update(tables)
+    assert torch.equal(outputs[0], outputs[1])
