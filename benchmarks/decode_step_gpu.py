@@ -33,7 +33,7 @@ from gpu_timing import copy_bandwidth, graph_us
 
 from r1serve import LLM
 from r1serve.engine.cuda_graphs import DecodeGraphs
-from r1serve.kernels import l2_prefetch, triton_attention, triton_linear, triton_ops
+from r1serve.kernels import triton_attention, triton_linear, triton_ops
 from r1serve.kernels.triton_linear import SkinnyConfig, m_bucket
 from r1serve.model.layers import triton_kernel_ops
 
@@ -322,7 +322,7 @@ COMMITTED_TABLES = {f"triton_linear.{name}": copy.deepcopy(getattr(triton_linear
 
 def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
     """A variant's setup: sets module globals ("module.NAME"), returns how to restore them."""
-    modules = {"triton_attention": triton_attention, "triton_linear": triton_linear, "l2_prefetch": l2_prefetch}
+    modules = {"triton_attention": triton_attention, "triton_linear": triton_linear}
 
     def setup() -> Callable[[], None]:
         old = []
@@ -344,25 +344,6 @@ def _gated_forced() -> Callable[[], None]:
     old = dict(triton_linear.DEVICE_GATED.get(name, {}))
     triton_linear.DEVICE_GATED[name] = old | {(17920, 1536, m): c for m, c in GATED_FORCED.items()}
     return lambda: triton_linear.DEVICE_GATED.__setitem__(name, old)
-
-
-def _prefetched(nbytes: int, rows: tuple[int, ...] = (1,), **settings: Any) -> Callable[[], Callable[[], None]]:
-    """A setup: `nbytes` of gate_up's weight pulled into L2 during attention at these row buckets, with
-    `l2_prefetch` module settings (e.g. EVICT_LAST=False)."""
-    def setup() -> Callable[[], None]:
-        name = torch.cuda.get_device_name()
-        old = dict(triton_linear.DEVICE_L2_PREFETCH.get(name, {}))
-        old_settings = {key: getattr(l2_prefetch, key) for key in settings}
-        triton_linear.DEVICE_L2_PREFETCH[name] = old | {(17920, 1536, m): nbytes for m in rows}
-        for key, value in settings.items():
-            setattr(l2_prefetch, key, value)
-
-        def restore() -> None:
-            triton_linear.DEVICE_L2_PREFETCH[name] = old
-            for key, value in old_settings.items():
-                setattr(l2_prefetch, key, value)
-        return restore
-    return setup
 
 
 def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> list[dict[str, Any]]:
@@ -390,20 +371,6 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
          _override(**{"triton_attention.DECODE_BLOCK_N": 64})),
         ("after, the committed tables (not this run's sweep)", after, True, False, True,
          _override(**COMMITTED_TABLES)),
-        ("after, row tiles in consecutive blocks", after, True, False, True,
-         _override(**{"triton_linear.TILES_INTERLEAVED": False})),
-        ("after + L2 prefetch of one chunk (the launch)", after, True, False, True, _prefetched(4096)),
-        ("after + L2 prefetch 8 MiB of gate_up", after, True, False, True, _prefetched(8 << 20)),
-        ("after + L2 prefetch 16 MiB", after, True, False, True, _prefetched(16 << 20)),
-        ("after + L2 prefetch 24 MiB", after, True, False, True, _prefetched(24 << 20)),
-        ("after + L2 prefetch 32 MiB", after, True, False, True, _prefetched(32 << 20)),
-        ("after + L2 prefetch 40 MiB", after, True, False, True, _prefetched(40 << 20)),
-        ("after + L2 prefetch 24 MiB, normal priority", after, True, False, True,
-         _prefetched(24 << 20, EVICT_LAST=False)),
-        ("after + L2 prefetch 24 MiB, 16 KiB chunks", after, True, False, True,
-         _prefetched(24 << 20, CHUNK_BYTES=16384)),
-        ("after + L2 prefetch 8 MiB, a prefetch per line", after, True, False, True, _prefetched(8 << 20, BULK=False)),
-        ("after + L2 prefetch 24 MiB at 1, 2, 4 rows", after, True, False, True, _prefetched(24 << 20, (1, 2, 4))),
     ]
     wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}

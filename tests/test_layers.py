@@ -194,30 +194,6 @@ def test_decoder_layer_runs_the_fused_entries_and_they_equal_the_composition():
     assert fused_calls == 2 * (per_layer * 2 + ["fused_add_rms_norm"])  # 2 steps of 2 layers and the final norm
 
 
-def test_decoder_layer_hints_the_gate_up_weight_after_qkv_and_the_hint_changes_nothing():
-    """With a `prefetch` entry, each layer passes its gate_up weight and the step's row count to it, after the qkv
-    product and before attention; the output is the same as without the entry."""
-    model = tiny_model()
-    calls: list[str] = []
-    hints: list[tuple[torch.Tensor, int]] = []
-    ops = counting_ops(calls, fused=True)
-    model.set_ops(ops)
-    plain = run_decode_step(model)
-    calls.clear()
-
-    def prefetch(weight: torch.Tensor, num_rows: int) -> None:
-        calls.append("prefetch")
-        hints.append((weight, num_rows))
-
-    model.set_ops(dataclasses.replace(ops, prefetch=prefetch))
-    hinted = run_decode_step(model)
-    torch.testing.assert_close(hinted, plain, atol=0, rtol=0)
-    per_layer = ["fused_norm_linear", "prefetch", "fused_rotary_store_attend", "linear", "fused_norm_gate_up", "linear"]
-    assert calls == 2 * (per_layer * 2 + ["fused_add_rms_norm"])
-    gate_ups = [layer.mlp.gate_up_proj.weight for layer in model.model.layers]
-    assert [(w is gate_ups[i % 2], rows) for i, (w, rows) in enumerate(hints)] == [(True, 8)] * 2 + [(True, 2)] * 2
-
-
 def test_fused_references_equal_their_compositions():
     g = gen(12)
     x, residual = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)

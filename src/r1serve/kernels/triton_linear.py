@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1serve.kernels import l2_prefetch, reference, triton_ops
+from r1serve.kernels import reference, triton_ops
 
 try:  # Triton is absent on CPU-only machines; the reference ops run there instead
     import triton
@@ -43,8 +43,8 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
     tl = None
 
 __all__ = [
-    "FUSED", "GATED", "HAS_TRITON", "L2_PREFETCH", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear",
-    "prefetch_weight", "rms_norm_gate_up", "rms_norm_linear", "skinny_config", "skinny_linear",
+    "FUSED", "GATED", "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_gate_up",
+    "rms_norm_linear", "skinny_config", "skinny_linear",
 ]
 
 HAS_TRITON = triton is not None
@@ -53,9 +53,6 @@ SKINNY_MAX_M = 16
 ACT_PLAIN, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2
 _WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
 _TICKETS = 1 << 14
-# Row tiles in interleaved order (`_tile_index`): the weight is read front to back. False: each program's own
-# consecutive blocks (the order before L2 prefetch; kept to measure the difference).
-TILES_INTERLEAVED = True
 
 
 @dataclass(frozen=True)
@@ -160,13 +157,6 @@ DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
         (17920, 1536, 2): None,
     },
 }
-
-
-# Bytes of a product's weight to pull into L2 while the attention before it runs (`prefetch_weight`), keyed
-# (N, K, M bucket) per device like the tables above: only where measured to pay, and only for products whose
-# kernel reads the weight front to back (row tiles, interleaved). Absent: nothing is prefetched.
-L2_PREFETCH: dict[tuple[int, int, int], int] = {}
-DEVICE_L2_PREFETCH: dict[str, dict[tuple[int, int, int], int]] = {}
 
 
 @functools.lru_cache(maxsize=16)
@@ -275,16 +265,6 @@ if triton is not None:
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=n_mask[:, None] & m_mask[None, :])
 
     @triton.jit
-    def _tile_index(pid_n, t, TILES: tl.constexpr, INTERLEAVED: tl.constexpr):
-        """The row block a program works on in its turn t. INTERLEAVED: block pid_n + t * programs, so the
-        programs together read the weight front to back (what `l2_prefetch` pulls into L2 is read first);
-        else its own TILES consecutive blocks."""
-        tile = pid_n * TILES + t
-        if INTERLEAVED:
-            tile = pid_n + t * tl.num_programs(0)
-        return tile
-
-    @triton.jit
     def _tile_rows(tile, N, BLOCK_N: tl.constexpr):
         """The weight rows of row block `tile` (GATED: its gate rows; the up rows are N further) and their mask."""
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -302,14 +282,14 @@ if triton is not None:
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        SINGLE: tl.constexpr, DOT: tl.constexpr, GATED: tl.constexpr, TILES: tl.constexpr,
-                       INTERLEAVED: tl.constexpr, USE_PDL: tl.constexpr):
+                       USE_PDL: tl.constexpr):
         """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
         reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything), and the
         program may own TILES row blocks in turn. GATED (SINGLE only): W is [gate; up], 2N rows; the program
         multiplies gate rows [BLOCK_N] and the same columns' up rows and stores silu(gate) * up."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n, n_mask = _tile_rows(_tile_index(pid_n, 0, TILES, INTERLEAVED), N, BLOCK_N)
+        offs_n, n_mask = _tile_rows(pid_n * TILES, N, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         k_lo = pid_k * split_span
@@ -334,10 +314,10 @@ if triton is not None:
                 inv_rms = tl.rsqrt(tl.sum(h32 * h32, axis=1) / K + eps)
             a = _activation(h, nw, inv_rms, ACT)
             for t in range(TILES):  # TILES row blocks, the next one's weights in flight during each product
-                tile = _tile_index(pid_n, t, TILES, INTERLEAVED)
+                tile = pid_n * TILES + t
                 w, up_w = w_next, up_next
                 if TILES > 1:
-                    rows_next, mask_next = _tile_rows(_tile_index(pid_n, t + 1, TILES, INTERLEAVED), N, BLOCK_N)
+                    rows_next, mask_next = _tile_rows(tile + 1, N, BLOCK_N)
                     mask_next = mask_next & (t + 1 < TILES)
                     w_next = _load_rows(w_ptr, rows_next, mask_next, cols, col_mask, stride_wn)
                     if GATED:
@@ -492,8 +472,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
         ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles,
-        INTERLEAVED=TILES_INTERLEAVED and config.tiles > 1, USE_PDL=triton_ops.use_pdl(),
+        SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles, USE_PDL=triton_ops.use_pdl(),
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
 
@@ -506,17 +485,6 @@ def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool, gated: bool =
     if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1 or not x.shape[-1]:
         return None
     return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device), gated)
-
-
-def prefetch_weight(weight: torch.Tensor, num_rows: int) -> None:
-    """Pull the first bytes of `weight` into L2 (the `L2_PREFETCH` tables' amount for a product of `num_rows`
-    rows on this device; nothing where they have none), after the kernel launched before this call."""
-    if triton is None or not weight.is_cuda or not 1 <= num_rows <= SKINNY_MAX_M:
-        return
-    key = (weight.shape[0], weight.shape[1], m_bucket(num_rows))
-    nbytes = DEVICE_L2_PREFETCH.get(device_name(weight.device), {}).get(key, L2_PREFETCH.get(key, 0))
-    if nbytes > 0:
-        l2_prefetch.prefetch_l2(weight, nbytes)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

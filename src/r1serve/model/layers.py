@@ -41,7 +41,7 @@ class KernelOps:
 
     The four element-wise ops and `linear` are always set. The fused entries may be None: then the methods
     `norm_linear`, `norm_gate_up`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
-    table's own ops (and the attention backend's). `prefetch` (a cache hint, no result) may be None too."""
+    table's own ops (and the attention backend's)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float],
@@ -54,13 +54,6 @@ class KernelOps:
     fused_norm_gate_up: NormGateUp | None = None
     fused_rotary_store_kv: RotaryStore | None = None
     fused_rotary_store_attend: RotaryStoreAttend | None = None
-    prefetch: Callable[[torch.Tensor, int], None] | None = None
-
-    def prefetch_weight(self, weight: torch.Tensor, num_rows: int) -> None:
-        """A hint: start reading `weight` into the device's cache for a product of `num_rows` rows that follows
-        (`triton_linear.prefetch_weight`). Changes no result; nothing where the table has no `prefetch`."""
-        if self.prefetch is not None:
-            self.prefetch(weight, num_rows)
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +117,7 @@ def triton_kernel_ops(fused: bool = True) -> KernelOps:
     return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
                    fused_norm_gate_up=triton_linear.rms_norm_gate_up,
                    fused_rotary_store_kv=triton_attention.rotary_store_kv,
-                   fused_rotary_store_attend=triton_attention.rotary_store_attend,
-                   prefetch=triton_linear.prefetch_weight)
+                   fused_rotary_store_attend=triton_attention.rotary_store_attend)
 
 
 class RMSNorm(nn.Module):
@@ -241,10 +233,6 @@ class Qwen2MLP(nn.Module):
         """x [T, hidden] (normed) → [T, hidden]."""
         gate_up = self.ops.linear(x, self.gate_up_proj.weight, None)  # [T, 2 * intermediate]
         return self.down(self.ops.silu_and_mul(gate_up))
-
-    def prefetch(self, num_rows: int) -> None:
-        """Hint that the gate/up product of `num_rows` rows comes next (its weight may be read into cache now)."""
-        self.ops.prefetch_weight(self.gate_up_proj.weight, num_rows)
 
     def down(self, act: torch.Tensor) -> torch.Tensor:
         """The down projection of silu(gate) * up [T, intermediate] → [T, hidden]."""

@@ -46,10 +46,8 @@ class Qwen2DecoderLayer(nn.Module):
         """hidden, residual [T, hidden_size] → (this layer's output, the residual before it), [T, hidden].
 
         Each norm runs with the projection after it (`RMSNorm.project`, `project_gated`: one kernel where the ops
-        fuse them). Attention moves few bytes at small batches, so the MLP's weights start streaming into the
-        device's cache during it where the ops table says so (`KernelOps.prefetch_weight`)."""
+        fuse them)."""
         qkv, residual = self.input_layernorm.project(hidden, residual, self.self_attn.qkv_proj)
-        self.mlp.prefetch(qkv.shape[0])  # the MLP's first weights read into the cache while attention runs
         hidden = self.self_attn.attend(positions, qkv, meta, kv_cache, rotary_emb)
         act, residual = self.post_attention_layernorm.project_gated(hidden, residual, self.mlp.gate_up_proj)
         return self.mlp.down(act), residual
