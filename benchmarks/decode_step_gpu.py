@@ -3,6 +3,7 @@ skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear
 
     python benchmarks/decode_step_gpu.py --ctx 200 --batches 1,2,4,8,16 --out decode_step.json
     python benchmarks/decode_step_gpu.py --no-sweep    # the committed TUNED / FUSED tables
+    python benchmarks/decode_step_gpu.py --no-sweep --ctx 600 --step-sweep qkv_proj,o_proj --step-sweep-m 1
 
 1. Projections (unless --no-sweep): each of the model's products at M = 1, 2, 4 rows over 28 distinct weight
    copies in one CUDA graph (every weight read comes from HBM, as in the model): cuBLAS alone, the skinny kernel
@@ -14,6 +15,9 @@ skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear
    `--max-model-len` as the graph's bound) for several op tables side by side on the same inputs: before
    (element-wise Triton + cuBLAS), after (all fused kernels, programmatic dependent launch), and after with one
    piece changed each; µs per replay (median) and the torch.profiler kernel table per step.
+4. Or (--step-sweep) every candidate config of one projection timed inside that whole step graph instead of in a
+   graph of its own copies: at one row a product's cost is mostly how its launch overlaps its neighbours' (PDL),
+   which the op alone does not show. Prints the fastest, then times the leaders and the committed config again.
 """
 
 from __future__ import annotations
@@ -406,6 +410,69 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
     return results
 
 
+# op → (the table its decode-step form reads, N, K): at one row qkv and gate_up run with their norm fused in
+STEP_OPS: dict[str, tuple[str, int, int]] = {
+    "qkv_proj": ("DEVICE_FUSED", 2048, 1536), "o_proj": ("DEVICE_TUNED", 1536, 1536),
+    "gate_up_proj": ("DEVICE_FUSED", 17920, 1536), "down_proj": ("DEVICE_TUNED", 1536, 8960),
+}
+
+
+def step_candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
+    """The sweep's candidates, plus: 8-warp forms of the row-tile configs, other warp counts and 16-row blocks for
+    whole-K programs, and whole-K chunks (the next power of two over K, one or two rows per block, in turn over 1-8
+    blocks) where K is wider than 2048 columns."""
+    found = candidates(n, k, m)
+    found += [replace(c, warps=8) for c in found if c.tiles > 1 and c.warps == 4]
+    found += [replace(c, warps=w) for c in found if c.block_k >= k and c.tiles == 1 and c.block_n >= 4
+              for w in (4, 8, 16) if w != c.warps]
+    found += [SkinnyConfig(16, 2048, warps=w) for w in (8, 16) if k <= 2048 and m_bucket(m) == 1]
+    if k > 2048 and m_bucket(m) <= 2:
+        bk = 1 << (k - 1).bit_length()
+        found += [SkinnyConfig(bn, bk, warps=w, tiles=t) for bn in (1, 2) for w in (4, 8, 16) for t in (1, 2, 4, 8)
+                  if -(-n // bn) // t >= 132]
+    return found
+
+
+def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
+    """Every candidate config of `op` at m rows, timed in the whole decode step's graph (batch m, the other ops
+    as the tables say): µs per replay, fastest first. The op alone in a graph of its own copies misses how its
+    launch overlaps its neighbours (PDL), which is what decides at one row."""
+    table_name, n, k = STEP_OPS[op]
+    table = getattr(triton_linear, table_name)
+    device, key = torch.cuda.get_device_name(), (n, k, m_bucket(m))
+    committed = table.get(device, {}).get(key, "absent")
+    inp = make_inputs(op, m)
+    configs = step_candidates(n, k, m)
+    fused = table_name == "DEVICE_FUSED"
+    precompile([(after_op if fused else skinny_alone)(inp, c, compile_only=True) for c in configs])
+    del inp
+    print(f"--- step sweep: {op} at M={m} ({len(configs)} configs; committed: {committed})", flush=True)
+
+    def timed(config: SkinnyConfig | None) -> float:  # None: the committed table
+        old = dict(table.get(device, {}))
+        if config is not None:
+            table[device] = old | {key: config}
+        try:
+            graphs = capture(llm, m)
+            return time_step(llm, graphs, m, ctx)[0]
+        except Exception as e:  # a config that does not compile or fit: reported, skipped
+            print(f"    {config}: failed ({type(e).__name__}: {str(e)[:120]})")
+            return float("inf")
+        finally:
+            table[device] = old
+            torch.cuda.empty_cache()
+
+    results = sorted((timed(c), i) for i, c in enumerate([None, *configs]))
+    labels = ["committed", *map(str, configs)]
+    for us, i in results[:8] + [r for r in results[8:] if r[1] == 0]:
+        print(f"    {us:8.1f} µs  {labels[i]}", flush=True)
+    again = [i for _, i in results[:3]] + ([0] if 0 not in [i for _, i in results[:3]] else [])
+    for round_ in range(2):  # the leaders and the committed config once more, alternating
+        print(f"    again ({round_ + 1}): " + ", ".join(f"{labels[i]} {timed(([None, *configs])[i]):.1f}"
+                                                     for i in again), flush=True)
+    return [(us, labels[i]) for us, i in results]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ctx", type=int, default=200, help="context length of the decode step's sequences")
@@ -416,6 +483,9 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
     parser.add_argument("--rep-ms", type=int, default=25)
     parser.add_argument("--variants", default="", help="step variants to run, by number (0: the reference)")
+    parser.add_argument("--step-sweep", default="", help="ops to sweep inside the step's graph (e.g. "
+                        "gate_up_proj,down_proj), at the rows of --step-sweep-m, instead of the step variants")
+    parser.add_argument("--step-sweep-m", type=int, default=1)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -439,6 +509,13 @@ def main() -> None:
     result["logits_b1_us"] = logits_us(llm, args.rep_ms)
     print(f"--- logits at batch 1 (lm_head + float()): cuBLAS {result['logits_b1_us']['cublas']:.1f} µs, "
           f"through the table's linear {result['logits_b1_us']['ops.linear']:.1f} µs")
+    if args.step_sweep:
+        result["step_sweep"] = {op: step_sweep(llm, op, args.step_sweep_m, args.ctx)
+                                for op in args.step_sweep.split(",")}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        return
     result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx, args.variants)
     print("--- summary: µs per decode-step forward graph (median replay), same run")
     for row in result["steps"]:
