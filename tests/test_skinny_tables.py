@@ -13,7 +13,7 @@ def test_device_entries_replace_the_h100_choice() -> None:
     assert tl_.skinny_config(1, *gate_up, device="NVIDIA H200") == SkinnyConfig(1, 2048, tiles=16)
     assert tl_.skinny_config(2, *gate_up, device="NVIDIA H200") is None  # cuBLAS won there
     assert tl_.skinny_config(1, *lm_head, device="NVIDIA H200") is None
-    assert tl_.skinny_config(1, 2048, 1536, fused=True, device="NVIDIA H200") == SkinnyConfig(4, 2048, warps=8)
+    assert tl_.skinny_config(1, 2048, 1536, fused=True, device="NVIDIA H200") == SkinnyConfig(4, 2048)
 
 
 def test_unlisted_devices_and_rows_keep_the_h100_table() -> None:

@@ -119,7 +119,7 @@ FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
 DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
         (1536, 1536, 1): SkinnyConfig(4, 2048, warps=8),
-        (1536, 1536, 2): SkinnyConfig(2, 2048, warps=8),
+        (1536, 1536, 2): SkinnyConfig(4, 2048),
         (1536, 8960, 1): SkinnyConfig(2, 2048),
         (1536, 8960, 2): None,
         (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
@@ -130,9 +130,13 @@ DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
         (151936, 1536, 2): None,
     },
 }
+# Sixth session: each projection's candidates timed inside the whole step graph at one and two rows
+# (decode_step_gpu.py --step-sweep): at one row only qkv + norm moved, to 4 rows and 4 warps per program (µs per
+# batch-1 step, two calls: 1,109.9-1,111.9 against 1,132.1-1,134.2 for the old config and 1,115.0-1,117.4 for 8
+# rows, 8 warps); at two rows o_proj (DEVICE_TUNED above, 4 rows, 4 warps: 1,328.4-1,331.7 against 1,335.8-1,336.2).
 DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
     "NVIDIA H200": {
-        (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
+        (2048, 1536, 1): SkinnyConfig(4, 2048),
         (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
         (17920, 1536, 1): SkinnyConfig(1, 2048, tiles=16),
         (17920, 1536, 2): None,
