@@ -375,8 +375,6 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
          _override(**{"triton_attention.DECODE_BLOCK_N": 64})),
         ("after, the committed tables (not this run's sweep)", after, True, False, True,
          _override(**COMMITTED_TABLES)),
-        ("after, two weight blocks in flight (both loaded before the wait)", after, True, False, True,
-         _override(**{"triton_linear.WEIGHTS_AHEAD": 2})),
     ]
     wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}

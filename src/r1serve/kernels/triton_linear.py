@@ -53,9 +53,6 @@ SKINNY_MAX_M = 16
 ACT_PLAIN, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2
 _WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
 _TICKETS = 1 << 14
-# Weight blocks (row tiles, or chunks of K) in flight ahead of the one being multiplied, the first of them loaded
-# before the PDL wait: 1, or 2 (not for the gated form).
-WEIGHTS_AHEAD = 1
 
 
 @dataclass(frozen=True)
@@ -289,7 +286,7 @@ if triton is not None:
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        SINGLE: tl.constexpr, DOT: tl.constexpr, GATED: tl.constexpr, TILES: tl.constexpr,
-                       AHEAD: tl.constexpr, USE_PDL: tl.constexpr):
+                       USE_PDL: tl.constexpr):
         """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
         reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything), and the
         program may own TILES row blocks in turn. GATED (SINGLE only): W is [gate; up], 2N rows; the program
@@ -305,16 +302,6 @@ if triton is not None:
         cols = ks[None, :]
         col_mask = ((ks < K) & (ks < k_end))[None, :]
         w_next = _load_rows(w_ptr, offs_n, n_mask, cols, col_mask, stride_wn)  # depends on no earlier kernel
-        w_after = w_next  # AHEAD 2: the block (or chunk) after next, also loaded before the wait
-        if AHEAD >= 2:
-            if SINGLE:
-                if TILES > 1:
-                    rows_after, mask_after = _tile_rows(pid_n * TILES + 1, N, BLOCK_N)
-                    w_after = _load_rows(w_ptr, rows_after, mask_after, cols, col_mask, stride_wn)
-            else:
-                ks_after = (k_lo + BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
-                w_after = _load_rows(w_ptr, offs_n, n_mask, ks_after, (ks_after < K) & (ks_after < k_end),
-                                     stride_wn)
         up_next = w_next  # a placeholder the loop carries unless GATED
         if GATED:
             up_next = _load_rows(w_ptr, offs_n + N, n_mask, cols, col_mask, stride_wn)
@@ -334,13 +321,9 @@ if triton is not None:
                 tile = pid_n * TILES + t
                 w, up_w = w_next, up_next
                 if TILES > 1:
-                    rows_next, mask_next = _tile_rows(tile + AHEAD, N, BLOCK_N)
-                    mask_next = mask_next & (t + AHEAD < TILES)
-                    if AHEAD >= 2:
-                        w_next = w_after
-                        w_after = _load_rows(w_ptr, rows_next, mask_next, cols, col_mask, stride_wn)
-                    else:
-                        w_next = _load_rows(w_ptr, rows_next, mask_next, cols, col_mask, stride_wn)
+                    rows_next, mask_next = _tile_rows(tile + 1, N, BLOCK_N)
+                    mask_next = mask_next & (t + 1 < TILES)
+                    w_next = _load_rows(w_ptr, rows_next, mask_next, cols, col_mask, stride_wn)
                     if GATED:
                         up_next = _load_rows(w_ptr, rows_next + N, mask_next, cols, col_mask, stride_wn)
                 offs_n, n_mask = _tile_rows(tile, N, BLOCK_N)
@@ -362,13 +345,7 @@ if triton is not None:
                 w, h, nw = w_next, h_next, nw_next
                 ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's loads are in flight meanwhile
                 in_split = ((ks_next < K) & (ks_next < k_end))[None, :]
-                if AHEAD >= 2:
-                    ks_far = ks_next + BLOCK_K
-                    w_next = w_after
-                    w_after = _load_rows(w_ptr, offs_n, n_mask, ks_far[None, :],
-                                         ((ks_far < K) & (ks_far < k_end))[None, :], stride_wn)
-                else:
-                    w_next = _load_rows(w_ptr, offs_n, n_mask, ks_next[None, :], in_split, stride_wn)
+                w_next = _load_rows(w_ptr, offs_n, n_mask, ks_next[None, :], in_split, stride_wn)
                 h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
                                             m_mask[:, None] & in_split, K, stride_xm, stride_rm, ACT)
                 acc = _multiply_add(acc, w, _activation(h, nw, inv_rms, ACT), DOT)
@@ -499,8 +476,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
         ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles,
-        AHEAD=1 if gated else WEIGHTS_AHEAD, USE_PDL=triton_ops.use_pdl(),
+        SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles, USE_PDL=triton_ops.use_pdl(),
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
 
