@@ -462,14 +462,15 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
             table[device] = old
             torch.cuda.empty_cache()
 
-    results = sorted((timed(c), i) for i, c in enumerate([None, *configs]))
-    labels = ["committed", *map(str, configs)]
+    options, labels = [None, *configs], ["committed", *map(str, configs)]
+    results = sorted((timed(c), i) for i, c in enumerate(options))
     for us, i in results[:8] + [r for r in results[8:] if r[1] == 0]:
         print(f"    {us:8.1f} µs  {labels[i]}", flush=True)
-    again = [i for _, i in results[:3]] + ([0] if 0 not in [i for _, i in results[:3]] else [])
+    leaders = [i for _, i in results[:3]]
+    again = leaders + ([] if 0 in leaders else [0])
     for round_ in range(2):  # the leaders and the committed config once more, alternating
-        print(f"    again ({round_ + 1}): " + ", ".join(f"{labels[i]} {timed(([None, *configs])[i]):.1f}"
-                                                     for i in again), flush=True)
+        print(f"    again ({round_ + 1}): " + ", ".join(f"{labels[i]} {timed(options[i]):.1f}" for i in again),
+              flush=True)
     return [(us, labels[i]) for us, i in results]
 
 
@@ -512,14 +513,11 @@ def main() -> None:
     if args.step_sweep:
         result["step_sweep"] = {op: step_sweep(llm, op, args.step_sweep_m, args.ctx)
                                 for op in args.step_sweep.split(",")}
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1, default=str)
-        return
-    result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx, args.variants)
-    print("--- summary: µs per decode-step forward graph (median replay), same run")
-    for row in result["steps"]:
-        print(f"  {row['variant']:<42} " + "  ".join(f"b{b}: {us:7.1f}" for b, us in row["us"].items()))
+    else:
+        result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx, args.variants)
+        print("--- summary: µs per decode-step forward graph (median replay), same run")
+        for row in result["steps"]:
+            print(f"  {row['variant']:<42} " + "  ".join(f"b{b}: {us:7.1f}" for b, us in row["us"].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
