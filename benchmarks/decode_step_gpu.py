@@ -342,12 +342,17 @@ def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
     return setup
 
 
+def _device_entries(table_name: str, entries: dict[tuple[int, int, int], SkinnyConfig]) -> Callable[[], None]:
+    """Sets this device's entries of a `triton_linear` table (e.g. "DEVICE_FUSED"); returns how to restore them."""
+    table, name = getattr(triton_linear, table_name), torch.cuda.get_device_name()
+    old = dict(table.get(name, {}))
+    table[name] = old | entries
+    return lambda: table.__setitem__(name, old)
+
+
 def _gated_forced() -> Callable[[], None]:
     """The gated gate_up with the sweep's best configs at 1 and 2 rows, whatever the table says."""
-    name = torch.cuda.get_device_name()
-    old = dict(triton_linear.DEVICE_GATED.get(name, {}))
-    triton_linear.DEVICE_GATED[name] = old | {(17920, 1536, m): c for m, c in GATED_FORCED.items()}
-    return lambda: triton_linear.DEVICE_GATED.__setitem__(name, old)
+    return _device_entries("DEVICE_GATED", {(17920, 1536, m): c for m, c in GATED_FORCED.items()})
 
 
 def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> list[dict[str, Any]]:
@@ -438,9 +443,8 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
     as the tables say): µs per replay, fastest first. The op alone in a graph of its own copies misses how its
     launch overlaps its neighbours (PDL), which is what decides at one row."""
     table_name, n, k = STEP_OPS[op]
-    table = getattr(triton_linear, table_name)
-    device, key = torch.cuda.get_device_name(), (n, k, m_bucket(m))
-    committed = table.get(device, {}).get(key, "absent")
+    key = (n, k, m_bucket(m))
+    committed = getattr(triton_linear, table_name).get(torch.cuda.get_device_name(), {}).get(key, "absent")
     inp = make_inputs(op, m)
     configs = step_candidates(n, k, m)
     fused = table_name == "DEVICE_FUSED"
@@ -449,9 +453,7 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
     print(f"--- step sweep: {op} at M={m} ({len(configs)} configs; committed: {committed})", flush=True)
 
     def timed(config: SkinnyConfig | None) -> float:  # None: the committed table
-        old = dict(table.get(device, {}))
-        if config is not None:
-            table[device] = old | {key: config}
+        restore = _device_entries(table_name, {} if config is None else {key: config})
         try:
             graphs = capture(llm, m)
             return time_step(llm, graphs, m, ctx)[0]
@@ -459,7 +461,7 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
             print(f"    {config}: failed ({type(e).__name__}: {str(e)[:120]})")
             return float("inf")
         finally:
-            table[device] = old
+            restore()
             torch.cuda.empty_cache()
 
     options, labels = [None, *configs], ["committed", *map(str, configs)]
