@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TOKENIZER_DIR, TOKENIZER_FILES
+from conftest import TINY_CONFIG, TOKENIZER_FILES, require_tokenizer
 from r1serve import LLM, SamplingParams
 from r1serve.config import EngineConfig
 from r1serve.engine.llm_engine import LLMEngine
+from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.sampling_params import RepetitionGuard
 
 transformers = pytest.importorskip("transformers")
@@ -24,13 +25,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random transformers Qwen2 saved as sharded safetensors, with the real tokenizer beside it."""
+    tokenizer_dir = require_tokenizer()
     torch.manual_seed(0)
     hf_config = transformers.Qwen2Config(**{k: v for k, v in TINY_CONFIG.items() if k != "architectures"})
     model = transformers.Qwen2ForCausalLM(hf_config).eval()
     path = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
     model.save_pretrained(path, max_shard_size="20MB", safe_serialization=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_DIR / name, path / name)
+        shutil.copy(tokenizer_dir / name, path / name)
     return path
 
 
@@ -202,6 +204,58 @@ def test_a_failing_request_does_not_stop_the_engine(llm: LLM, monkeypatch: pytes
     assert finals[bad].outputs[0].finish_reason == "abort"
     assert finals[good].outputs[0].finish_reason == "length" and len(finals[good].outputs[0].token_ids) == 5
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("stop_token_ids", [[999_999_999], [2**70], [True]])
+def test_stop_token_ids_outside_the_vocabulary_are_refused_with_the_field(llm: LLM, stop_token_ids) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=stop_token_ids))
+    assert info.value.param == "stop_token_ids" and not llm.engine.has_unfinished()
+
+
+def test_a_step_that_fails_for_one_request_aborts_that_request_alone(llm: LLM,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault in a request's rows of a batched step (here: the runner fails whenever the request is in it) ends
+    that request; the others in the same steps run on, and the prefix cache keeps what they computed."""
+    engine = llm.engine
+    engine.block_manager.reset_prefix_cache()
+    good_prompt = list(range(1000, 1040))  # 2.5 blocks: two full blocks go into the prefix cache
+    bad = engine.add_request([7, 8, 9] * 13, SamplingParams(max_tokens=6, ignore_eos=True))
+    good = engine.add_request(good_prompt, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
+    execute = engine.runner.execute
+
+    def failing_for_bad(sched):
+        if any(item.seq.request.request_id == bad for item in sched.scheduled):
+            raise RuntimeError("rows of a bad request")
+        return execute(sched)
+
+    monkeypatch.setattr(engine.runner, "execute", failing_for_bad)
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            finals[out.request_id] = out
+    assert finals[bad].outputs[0].finish_reason == "abort"
+    assert finals[good].outputs[0].finish_reason == "length" and len(finals[good].outputs[0].token_ids) == 6
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert len(engine.block_manager.cached) >= 2  # the good request's prompt blocks stayed cached
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    alone = llm.generate([good_prompt], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))[0]
+    assert alone.outputs[0].token_ids == finals[good].outputs[0].token_ids
+    assert alone.num_cached_tokens == 32
+
+
+def test_a_device_failure_ends_the_engine_with_engine_dead_error(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = llm.engine
+    request_id = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+
+    def device_error(sched):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.runner, "execute", device_error)
+    with pytest.raises(EngineDeadError, match="device failed"):
+        engine.step()
+    monkeypatch.undo()
+    engine.abort_request(request_id)
 
 
 def test_kv_cache_too_small_for_max_model_len_is_a_clear_error(tiny_model_dir: Path) -> None:

@@ -2,12 +2,14 @@
 
 Defaults follow the model's usage rules (temperature 0.6, top-p 0.95, from its generation_config.json) rather
 than vLLM's (1.0, 1.0): r1serve serves R1 reasoning models, and those defaults are what their authors advise.
-Every invalid value raises a `ValueError` that names the field.
+Every invalid value raises an `InvalidRequestError` (a `ValueError`) whose `param` names the field.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from r1serve.errors import InvalidRequestError
 
 R1_TEMPERATURE = 0.6
 R1_TOP_P = 0.95
@@ -25,7 +27,8 @@ class RepetitionGuard:
     def __post_init__(self) -> None:
         for name in ("max_period", "min_repeats", "min_span"):
             if getattr(self, name) < 1:
-                raise ValueError(f"repetition_guard.{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidRequestError(f"repetition_guard.{name} must be at least 1, got {getattr(self, name)}",
+                                          param=f"repetition_guard.{name}")
 
 
 @dataclass
@@ -73,12 +76,11 @@ class SamplingParams:
             ("max_thinking_tokens", self.max_thinking_tokens is None or self.max_thinking_tokens >= 0,
              "must be non-negative"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             "must be non-negative token ids"),
+            ("stop_token_ids", all(_is_token_id(t) for t in self.stop_token_ids), "must be non-negative token ids"),
         ]
         for name, ok, why in errors:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
 
     @property
     def greedy(self) -> bool:
@@ -87,3 +89,8 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _is_token_id(value: object) -> bool:
+    """A plain non-negative int (a bool is not a token id); the vocabulary bound is the engine's check."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

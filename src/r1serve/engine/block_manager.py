@@ -119,6 +119,14 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
+    def uncache_own_blocks(self, seq: Sequence) -> None:
+        """Take the blocks that `seq` alone holds out of the prefix cache (a failed step may not have written them)."""
+        for block_id in seq.block_table:
+            block = self.blocks[block_id]
+            if block.ref_count == 1 and block.hash is not None:
+                del self.cached[block.hash]
+                block.hash, block.token_ids = None, ()
+
     def reset_prefix_cache(self) -> None:
         for block_id in list(self.cached.values()):
             self.blocks[block_id].hash = None

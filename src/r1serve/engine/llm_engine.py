@@ -15,13 +15,17 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.block_manager import BlockManager
 from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.model_runner import ModelRunner, SampledTokens
-from r1serve.engine.scheduler import Scheduler, SchedulerOutput
+from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
+from r1serve.engine.validation import check_request, encode_prompt
+from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
 from r1serve.outputs import FinishReason, RequestOutput
 from r1serve.sampling_params import SamplingParams
@@ -101,7 +105,8 @@ class LLMEngine:
         return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        return check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
+        return check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs,
+                             self.model_config.vocab_size)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = True) -> str:
@@ -167,8 +172,11 @@ class LLMEngine:
         if not sched.is_empty:
             try:
                 self.in_flight = InFlight(sched, self.runner.execute(sched))
-            except Exception:
-                outputs += self._fail(sched)
+            except Exception as error:
+                if previous is not None:  # its tokens come first: the retries below read theirs at once
+                    outputs += self._read(previous)
+                    previous = None
+                outputs += self._isolate(sched, error)
         if previous is not None:
             outputs += self._read(previous)
         return outputs
@@ -176,12 +184,51 @@ class LLMEngine:
     def _read(self, done: InFlight) -> list[RequestOutput]:
         try:
             tokens = done.sampled.tolist()  # waits for the device
-        except Exception:
+        except Exception as error:
+            raise_if_device_failure(error)
             return self._fail(done.sched)
         return self._process(done.sched, tokens)
 
+    def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """A step failed to launch: each of its requests runs again in a step of its own (recomputing the same
+        KV into the same slots), so that only a request that fails on its own is aborted. A device failure
+        ends the engine instead (`EngineDeadError`): nothing on that device can be trusted any more."""
+        raise_if_device_failure(error)
+        by_request: dict[str, list[ScheduledSeq]] = {}
+        for item in sched.scheduled:
+            by_request.setdefault(item.seq.request.request_id, []).append(item)
+        logger.warning("a step of %d requests failed (%s: %s); running them one at a time", len(by_request),
+                       type(error).__name__, error)
+        outputs: list[RequestOutput] = []
+        for request_id, items in by_request.items():
+            part = SchedulerOutput([item for item in items if not item.seq.is_finished])
+            if part.is_empty:
+                continue
+            try:
+                tokens = self.runner.execute(part).tolist()
+            except Exception as part_error:
+                raise_if_device_failure(part_error)
+                logger.error("request %s failed (%s: %s); aborting it", request_id, type(part_error).__name__,
+                             part_error)
+                outputs += self._abort_failed(request_id)
+                continue
+            outputs += self._process(part, tokens)
+        return outputs
+
+    def _abort_failed(self, request_id: str) -> list[RequestOutput]:
+        """Abort a request whose step failed; the blocks only it held leave the prefix cache (their KV may never
+        have been written)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return []
+        for seq in request.seqs:
+            self.block_manager.uncache_own_blocks(seq)
+        out = self.abort_request(request_id)
+        return [out] if out is not None else []
+
     def _fail(self, sched: SchedulerOutput) -> list[RequestOutput]:
-        """A step failed: abort the requests it carried; drop the prefix cache (blocks it was to fill are named)."""
+        """A launched step could not be read: abort the requests it carried; drop the prefix cache (blocks it was
+        to fill are named)."""
         logger.exception("model step failed; aborting the %d requests it carried", len(sched.scheduled))
         self.block_manager.reset_prefix_cache()
         return self._abort_scheduled(sched)
@@ -297,37 +344,8 @@ class LLMEngine:
         )
 
 
-def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: str | list[int]) -> list[int]:
-    """Token ids of a prompt; text gets the tokenizer's BOS unless it already starts with it."""
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        ids = tokenizer.encode(prompt, add_special_tokens=True)
-        bos = tokenizer.bos_token_id
-        if len(ids) > 1 and ids[0] == ids[1] == bos:
-            ids = ids[1:]
-        return ids
-    ids = list(prompt)
-    if not ids:
-        raise ValueError("prompt must not be empty")
-    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-    return ids
 
-
-def check_request(prompt_ids: list[int], params: SamplingParams, max_model_len: int, max_num_seqs: int) -> int:
-    """Validates lengths and n (a ValueError naming the field); returns the effective max_tokens."""
-    room = max_model_len - len(prompt_ids)
-    if room < 1:
-        raise ValueError(
-            f"prompt: {len(prompt_ids)} tokens do not fit max_model_len={max_model_len} "
-            "(at least one token must be left to generate)"
-        )
-    if params.max_tokens is not None and params.max_tokens > room:
-        raise ValueError(
-            f"max_tokens: {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-            f"max_model_len={max_model_len} (at most {room})"
-        )
-    if params.n > max_num_seqs:
-        raise ValueError(f"n: {params.n} exceeds max_num_seqs={max_num_seqs}")
-    return params.max_tokens or room
+def raise_if_device_failure(error: BaseException) -> None:
+    """A failure of the device itself (a CUDA error: the context is unusable after it) ends the engine."""
+    if isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error):
+        raise EngineDeadError(f"the device failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
