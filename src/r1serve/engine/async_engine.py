@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1serve.config import EngineConfig, ModelConfig
-from r1serve.engine.llm_engine import EngineStats, LLMEngine, check_request, encode_prompt
+from r1serve.engine.llm_engine import EngineStats, LLMEngine
+from r1serve.engine.validation import check_request, encode_prompt
+from r1serve.errors import EngineDeadError
 from r1serve.outputs import RequestOutput, merge_outputs
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer
@@ -107,6 +109,26 @@ class StreamingEngine(ABC):
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
+        self.dead_reason: str | None = None  # set once, when the engine has stopped for good
+        self._death_callbacks: list[Callable[[str], None]] = []
+
+    def on_death(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` (on the engine's thread) when the engine dies; at once if it is dead already."""
+        self._death_callbacks.append(callback)
+        if self.dead_reason is not None:
+            callback(self.dead_reason)
+
+    def _die(self, reason: str) -> None:
+        """The engine is gone for good: say so in one line, fail every open stream with `EngineDeadError` and
+        tell whoever registered `on_death` (the server, which then reports it and exits)."""
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        logger.error("the engine died: %s; failing %d open requests", reason, len(self._streams))
+        for request_id in list(self._streams):
+            self._deliver_error(request_id, EngineDeadError(reason))
+        for callback in self._death_callbacks:
+            callback(reason)
 
     @abstractmethod
     def _submit(self, command: Add | Abort) -> None:
@@ -124,11 +146,14 @@ class StreamingEngine(ABC):
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; raises ValueError (naming the field) before yielding if it is invalid."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         request_id = request_id or uuid.uuid4().hex
         prompt_ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
-        check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs)
+        check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs,
+                      self.model_config.vocab_size)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = self._open_stream()
@@ -235,6 +260,9 @@ class AsyncEngine(StreamingEngine):
                 continue
             try:
                 outputs = self.engine.step()
+            except EngineDeadError as e:
+                self._die(str(e))
+                return
             except Exception as e:  # a bug in the loop: fail what is in flight, keep serving
                 logger.exception("engine step failed")
                 self._fail_all(e)

@@ -26,6 +26,7 @@ from typing import Any
 from r1serve.config import EngineConfig
 from r1serve.engine.async_engine import Abort, Add, StreamingEngine, _Stream
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
+from r1serve.errors import EngineDeadError
 from r1serve.outputs import CompletionOutput, RequestOutput, TextBuffer
 
 logger = logging.getLogger("r1serve")
@@ -75,7 +76,16 @@ def _child_main(config: EngineConfig, commands: Connection, results: Connection,
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which explains it
         results.send(("failed", _picklable(e)))
         return
-    results.send(("ready", None))
+    results.send(("ready", engine.stats()))
+    try:
+        _serve(engine, commands, results)
+    except EngineDeadError as e:  # the parent reads the reason, then sees the pipe close
+        results.send(("dead", str(e)))
+        raise SystemExit(1) from e
+
+
+def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> None:
+    """Step while there is work, wait on the pipe while there is none, until told to shut down."""
     while True:
         if not engine.has_unfinished():
             commands.poll(None)
@@ -137,7 +147,6 @@ class ProcessEngine(StreamingEngine):
         files = ModelFiles.load(config)  # the child loads the same again, with the weights
         self.model_config, self.tokenizer, self.max_model_len = files.model_config, files.tokenizer, files.max_model_len
         self._requests: dict[str, _RequestState] = {}
-        self._stats = EngineStats(0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0)
         self._send_lock = threading.Lock()
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
@@ -163,6 +172,7 @@ class ProcessEngine(StreamingEngine):
         if kind == "failed":
             self._process.join(5)
             raise payload
+        self._stats = payload
 
     def start(self) -> None:
         """The child starts with the engine; nothing to do."""
@@ -194,7 +204,13 @@ class ProcessEngine(StreamingEngine):
                 self._route([(delta[0], delta) for delta in message[1]])
             elif message[0] == "error":  # its consumer raises it, and then forgets the request (`_closed`)
                 self._deliver_error(message[1], message[2])
-        self._fail_remaining()
+            elif message[0] == "dead":
+                self._die(message[1])
+        if self._stopping:
+            self._fail_remaining()
+        else:
+            self._process.join(2)
+            self._die(f"the engine process exited unexpectedly (exit code {self._process.exitcode})")
 
     def _open_stream(self) -> _Stream:
         return _Stream(asyncio.get_running_loop(), self._build, _delta_finished)
@@ -221,12 +237,9 @@ class ProcessEngine(StreamingEngine):
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished, num_cached)
 
     def _fail_remaining(self) -> None:
-        """The child is gone: streams still open end with an error (during shutdown: with "abort")."""
+        """The child has shut down: streams still open end with finish_reason "abort"."""
         for request_id in list(self._requests):
-            if self._stopping:
-                self._route([(request_id, (request_id, True, 0, [(0, "", [], "abort", None)]))])
-            else:
-                self._deliver_error(request_id, RuntimeError("the engine process died"))
+            self._route([(request_id, (request_id, True, 0, [(0, "", [], "abort", None)]))])
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Asks the child to abort what is in flight and exit; waits for it, then makes sure it is gone."""
