@@ -129,6 +129,17 @@ class Tokenizer(ABC):
         text = self.apply_chat_template(messages, add_generation_prompt, force_thinking)
         return self.encode(text, add_special_tokens=False)
 
+    def max_chars_per_token(self) -> int:
+        """The most characters one token can stand for, so that a text of more than `limit` times this many
+        characters is known to have more than `limit` tokens without being encoded."""
+        if getattr(self, "_max_chars_per_token", None) is None:
+            self._max_chars_per_token = max(len(content) for content in self._token_strings())
+        return self._max_chars_per_token
+
+    @abstractmethod
+    def _token_strings(self) -> list[str]:
+        """Every token as a string no shorter than the text it encodes."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
 
@@ -190,6 +201,9 @@ class HFTokenizer(Tokenizer):
         self.think_end_id = self._tok.token_to_id(THINK_END)
         source = _read_chat_template(self.folder, config)
         self._template = _compile_chat_template(source) if source else None
+
+    def _token_strings(self) -> list[str]:
+        return list(self._tok.get_vocab(with_added_tokens=True))  # byte-level: one symbol per UTF-8 byte
 
     def _read_json(self, filename: str) -> dict[str, Any]:
         path = self.folder / filename
@@ -292,6 +306,9 @@ class ByteTokenizer(Tokenizer):
         self.all_special_ids = {token_id for token_id, _, special in R1_ADDED_TOKENS if special}
         alternatives = sorted(self._ids_of, key=len, reverse=True)
         self._splitter = re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")")
+
+    def _token_strings(self) -> list[str]:
+        return ["x", *self._ids_of]  # a byte, or an added token's text
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):

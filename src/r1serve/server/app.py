@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve import __version__
 from r1serve.server.errors import APIError, CatchUnexpectedMiddleware, install_error_handlers
+from r1serve.server.limits import BodySizeLimit, MiB
 from r1serve.server.metrics import HTTPMetricsMiddleware
 from r1serve.server.protocol import (
     ChatCompletionRequest,
@@ -58,10 +59,13 @@ def _api_key_guard(settings: ServerSettings) -> object:
 
 
 def _add_system_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health", summary="200 once the model is loaded, 503 while it loads or shuts down")
+    @app.get("/health", summary="200 once the model is loaded; 503 while it loads, after the engine died, or "
+                                 "while the server shuts down")
     async def health() -> JSONResponse:
         if state.load_error is not None:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+        if state.engine_dead is not None:
+            return JSONResponse({"status": "engine dead", "error": state.engine_dead}, status_code=503)
         if state.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if state.engine is None:
@@ -115,5 +119,6 @@ def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI
     _add_system_routes(app, state)
     _add_api_routes(app, state)
     app.add_middleware(CatchUnexpectedMiddleware)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)  # outermost: also counts the 500s
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mb * MiB))
+    app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)  # outermost: also counts the 500s and 413s
     return app

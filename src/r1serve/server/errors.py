@@ -37,9 +37,10 @@ class APIError(Exception):
     """A failure to answer with an OpenAI-shaped error body."""
 
     def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None) -> None:
+                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.headers = headers
         self.message = message
         self.param = param
         self.code = code
@@ -55,7 +56,13 @@ def error_body(message: str, error_type: str, param: str | None = None,
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+    merged = {**(error.headers or {}), **(headers or {})}
+    return JSONResponse(error.body(), status_code=error.status_code, headers=merged or None)
+
+
+def unavailable(message: str, code: str, retry_after_s: int) -> APIError:
+    """A 503 that tells the client when to try again (`Retry-After`, seconds)."""
+    return APIError(503, message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

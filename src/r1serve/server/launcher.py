@@ -21,6 +21,7 @@ from types import FrameType
 import uvicorn
 
 from r1serve.server.app import create_app, server_state
+from r1serve.server.limits import guarded_h11_protocol
 from r1serve.server.logs import setup_logging
 from r1serve.server.settings import ServerSettings
 from r1serve.server.state import ServerState
@@ -29,6 +30,7 @@ logger = logging.getLogger("r1serve.server")
 uvicorn_logger = logging.getLogger("uvicorn.error")
 
 SHUTDOWN_BACKSTOP_S = 10.0  # after the grace period and the aborts, uvicorn cancels what is left
+ENGINE_DEATH_EXIT_DELAY_S = 2.0  # after the engine died: time for open responses to carry their 503
 
 
 class ServerStartError(Exception):
@@ -88,6 +90,17 @@ class R1Server(uvicorn.Server):
         uvicorn_logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
                             f"[{host}]" if ":" in host else host, port)
 
+    def engine_died(self) -> None:
+        """From the engine's thread: /health and new requests answer 503 from now on; after a short while
+        (for in-flight responses to end with their error) the server exits with code 1, for its supervisor
+        to restart it."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.call_later, ENGINE_DEATH_EXIT_DELAY_S, self._exit_after_death)
+
+    def _exit_after_death(self) -> None:
+        logger.error("exiting with code 1 so that the supervisor restarts the server")
+        self.should_exit = True
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         first = not self.should_exit
         super().handle_exit(sig, frame)
@@ -120,6 +133,7 @@ def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) 
         engine.shutdown()
         return
     state.engine = engine
+    engine.on_death(lambda reason: server.engine_died())
     logger.info("model %s ready: answers to %s; max_model_len %d; policy %s", settings.model,
                 ", ".join(state.model_names), engine.max_model_len, _policy_summary(settings))
     uvicorn_logger.info("Application startup complete.")
@@ -141,7 +155,8 @@ def run_server(settings: ServerSettings) -> int:
     app = create_app(None, settings)
     state = server_state(app)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="off", log_config=None,
-                            access_log=settings.access_log,
+                            access_log=settings.access_log, http=guarded_h11_protocol(settings.timeout_request_header),
+                            timeout_keep_alive=settings.timeout_keep_alive,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_period + SHUTDOWN_BACKSTOP_S))
     server = R1Server(config, state)
     loader = threading.Thread(target=load_engine, args=(settings, state, server), name="r1serve-loader",
@@ -159,7 +174,7 @@ def _finish(state: ServerState, loader: threading.Thread) -> int:
     if state.engine is not None:
         state.engine.shutdown()
         logger.info("engine shut down")
-    if state.load_error is not None:
+    if state.load_error is not None or state.engine_dead is not None:
         return 1
     if loader.is_alive():  # stopped while the model was still loading: do not wait for it
         logger.info("stopped while the model was loading")

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from r1serve.outputs import CompletionOutput, TextBuffer
 from r1serve.sampling_params import SamplingParams
-from r1serve.server.errors import bad_request, error_body
+from r1serve.server.errors import APIError, bad_request, error_body
 from r1serve.server.policy import PolicyRecord, apply_message_rules
 from r1serve.server.protocol import (
     ChatCompletionChoice,
@@ -34,14 +34,19 @@ from r1serve.server.protocol import (
 )
 from r1serve.server.reasoning import ReasoningSplitter, count_reasoning_tokens, split_reasoning
 from r1serve.server.serving_common import (
+    Admission,
     FinalOutputs,
     build_sampling_params,
     check_fits,
+    check_text_length,
     check_unsupported,
+    encode_bounded,
+    engine_error,
+    finish_reasons,
     make_usage,
+    off_loop,
     policy_headers,
     run_to_end,
-    tracked,
 )
 from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
@@ -62,24 +67,33 @@ class ChatJob:
     include_usage: bool
 
 
-def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, state: ServerState,
-                 record: PolicyRecord) -> ChatJob:
-    """Policy, chat template, sampling parameters and length checks; any problem is a 400."""
+async def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, state: ServerState,
+                       record: PolicyRecord, request_id: str) -> ChatJob:
+    """Policy, chat template, sampling parameters and length checks; any problem is a 400. The template and
+    the tokenizer run on a worker thread."""
     check_unsupported(request)
     messages = apply_message_rules([m.to_template() for m in request.messages], state.policy, record)
     tokenizer = engine.tokenizer
-    try:
-        prompt_token_ids = tokenizer.encode_chat(messages, add_generation_prompt=True,
-                                                 force_thinking=state.policy.force_thinking)
-    except ValueError as exc:
-        raise bad_request(str(exc), param="messages") from exc
+    num_chars = sum(len(m["content"] or "") for m in messages)
+    check_text_length(num_chars, tokenizer, engine.max_model_len, "messages")
     params = build_sampling_params(request, state, record)
+    prompt_token_ids = await off_loop(_encode_chat, tokenizer, messages, state.policy.force_thinking,
+                                      engine.max_model_len)
     check_fits(len(prompt_token_ids), params.max_tokens, engine.max_model_len, "messages")
     if state.policy.reasoning_split:
         record.add("reasoning-split")
     in_reasoning = state.policy.force_thinking and tokenizer.think_start_id is not None
-    return ChatJob(f"chatcmpl-{uuid.uuid4().hex}", request.model, prompt_token_ids, params,
-                   state.policy.reasoning_split, in_reasoning, request.include_usage)
+    return ChatJob(request_id, request.model, prompt_token_ids, params, state.policy.reasoning_split,
+                   in_reasoning, request.include_usage)
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], force_thinking: bool,
+                 max_model_len: int) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, force_thinking=force_thinking)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from exc
+    return encode_bounded(tokenizer.encode, text, tokenizer, max_model_len, "messages")
 
 
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request,
@@ -87,12 +101,14 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     state.check_model(request.model)
     engine = state.require_engine()
     record = PolicyRecord()
-    job = prepare_chat(request, engine, state, record)
-    logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", job.request_id,
-                len(job.prompt_token_ids), job.params.n, job.params.max_tokens, request.stream, record.header())
-    if request.stream:
-        return SSEResponse(chat_stream(engine, job, state), headers=policy_headers(record))
-    async with tracked(state, job.request_id):
+    with Admission(state, f"chatcmpl-{uuid.uuid4().hex}") as admission:
+        job = await prepare_chat(request, engine, state, record, admission.request_id)
+        logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", job.request_id,
+                    len(job.prompt_token_ids), job.params.n, job.params.max_tokens, request.stream,
+                    record.header())
+        if request.stream:
+            return SSEResponse(chat_stream(engine, job, state), headers=policy_headers(record),
+                               on_close=admission.hand_over())
         final = await run_to_end(engine, job.prompt_token_ids, job.params, job.request_id, state, raw_request)
     return JSONResponse(chat_response(job, final, engine.tokenizer).model_dump(), headers=policy_headers(record))
 
@@ -151,33 +167,36 @@ async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) ->
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return sse_event(chat_chunk(job.request_id, created, job.model, choices, usage))
 
-    async with tracked(state, job.request_id):
+    ended = False
+    try:
         yield event([chat_choice(i, {"role": "assistant", "content": ""}) for i in range(job.params.n)])
-        try:
-            generate = engine.generate(job.prompt_token_ids, job.params, job.request_id)
-            async with contextlib.aclosing(generate) as stream:
-                async for output in stream:
-                    timer.tokens(final.update(output))
-                    for sample in output.outputs:
-                        for choice in samples[sample.index].choices(sample, job.split):
-                            yield event([choice])
-        except Exception as exc:  # the status line is sent already: report in-band, keep the server up
-            yield stream_error_event(job.request_id, exc)
-            yield SSE_DONE
-            return
-        timer.finished([s.finish_reason or "abort" for s in final.ordered()])
-        if job.include_usage:
-            num_reasoning = sum(samples[s.index].reasoning_tokens(s, engine.tokenizer) for s in final.ordered())
-            yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens,
-                                       num_reasoning))
+        generate = engine.generate(job.prompt_token_ids, job.params, job.request_id)
+        async with contextlib.aclosing(generate) as stream:
+            async for output in stream:
+                timer.tokens(final.update(output))
+                for sample in output.outputs:
+                    for choice in samples[sample.index].choices(sample, job.split):
+                        yield event([choice])
+        ended = True
+    except Exception as exc:  # the status line is sent already: report in-band, keep the server up
+        yield stream_error_event(job.request_id, exc)
+        yield SSE_DONE
+        return
+    finally:  # a client that left, or an error: its samples count as aborted
+        timer.finished(finish_reasons(final, ended, job.params.n))
+    if job.include_usage:
+        num_reasoning = sum(samples[s.index].reasoning_tokens(s, engine.tokenizer) for s in final.ordered())
+        yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens,
+                                   num_reasoning))
     yield SSE_DONE
 
 
 def stream_error_event(request_id: str, exc: Exception) -> str:
     """An error inside a started stream, as an OpenAI-shaped `data:` event (logged once here)."""
-    if isinstance(exc, ValueError):
-        logger.info("%s: refused by the engine: %s", request_id, exc)
-        return sse_event(error_body(str(exc), "invalid_request_error"))
+    error = engine_error(exc)
+    if isinstance(error, APIError):
+        logger.info("%s: ended with %d: %s", request_id, error.status_code, error.message)
+        return sse_event(error.body())
     logger.exception("%s: engine failure while streaming", request_id)
     return sse_event(error_body(f"the engine failed while serving this request ({type(exc).__name__}); "
                                 "the error is logged on the server", "internal_server_error"))

@@ -1,10 +1,14 @@
-"""What chat and text completions share: request checks, sampling parameters under the policy, running a
-request to its end while watching for a client that leaves, and the usage block.
+"""What chat and text completions share: admission, request checks, tokenizing off the event loop, sampling
+parameters under the policy, running a request to its end while watching for a client that leaves, and the
+usage block.
 
-Both endpoints turn a validated request into a prompt and `SamplingParams`, refuse what cannot be served
-(a prompt over `--max-model-len`, `max_tokens` that cannot fit, `n` over `--max-num-seqs`, features not
-implemented) with a 400 that names the field, and hand the work to the engine. Keeping those steps here means
-the two endpoints differ only in how they build the prompt and shape the answer.
+Both endpoints admit a request (it counts against `--max-pending-requests` from then on, streamed or not), turn
+it into a prompt and `SamplingParams`, refuse what cannot be served (a prompt over `--max-model-len`,
+`max_tokens` that cannot fit, `n` over `--max-num-seqs`, token ids outside the vocabulary, features not
+implemented) with a 400 that names the field, and hand the work to the engine. Tokenizing runs on a worker
+thread, so one huge prompt never stalls the other requests, and a text that is certainly too long is refused
+from its length alone (or from a probe of its beginning) without being tokenized whole. Keeping those steps
+here means the two endpoints differ only in how they build the prompt and shape the answer.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 
+from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import SamplingParams
-from r1serve.server.errors import bad_request
+from r1serve.server.errors import APIError, bad_request, unavailable
 from r1serve.server.policy import PolicyRecord, repetition_guard, sampling_defaults, thinking_budget
 from r1serve.server.protocol import (
     ChatCompletionRequest,
@@ -28,11 +34,14 @@ from r1serve.server.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from r1serve.server.state import EngineClient, ServerState
+from r1serve.server.state import RETRY_AFTER_DEAD_S, EngineClient, ServerState
+
+T = TypeVar("T")
 
 logger = logging.getLogger("r1serve.server")
 
 POLICY_HEADER = "x-r1serve-policy"
+PROBE_CHARS_PER_TOKEN = 8  # a long text's first (max_model_len x this) characters are tokenized first
 
 
 class ClientDisconnected(Exception):
@@ -94,18 +103,66 @@ def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, st
             max_thinking_tokens=thinking_budget(request.max_thinking_tokens, state.policy, record),
             repetition_guard=repetition_guard(state.policy, record),
         )
-    except ValueError as exc:
-        raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from exc
+    except InvalidRequestError as exc:
+        raise bad_request(exc.message, param=exc.param, code=exc.code) from exc
 
 
-@contextlib.asynccontextmanager
-async def tracked(state: ServerState, request_id: str) -> AsyncIterator[None]:
-    """Registers a request as in flight (for overload checks and the shutdown's abort) while it runs."""
-    state.in_flight.add(request_id)
+class Admission:
+    """A request counted as pending (`ServerState.admit`) until the `with` block ends, or, for a stream, until
+    the response that `hand_over` gave the release to has ended."""
+
+    def __init__(self, state: ServerState, request_id: str) -> None:
+        state.admit(request_id)
+        self.state, self.request_id, self._handed_over = state, request_id, False
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._handed_over:
+            self.release()
+
+    def hand_over(self) -> Callable[[], None]:
+        """The release, for the streaming response to call when it ends."""
+        self._handed_over = True
+        return self.release
+
+    def release(self) -> None:
+        self.state.release(self.request_id)
+
+
+def prompt_too_long(num_tokens: str, max_model_len: int, param: str) -> APIError:
+    return bad_request(f"the prompt has {num_tokens} tokens, over this server's context window of {max_model_len} "
+                       "tokens (--max-model-len), which must also hold at least one output token",
+                       param=param, code="context_length_exceeded")
+
+
+def check_text_length(num_chars: int, tokenizer: Any, max_model_len: int, param: str) -> None:
+    """400 for a text that has more than `max_model_len` tokens whatever it says (no token is longer than
+    `max_chars_per_token` characters): refused at once, before any tokenizing."""
+    if num_chars > max_model_len * tokenizer.max_chars_per_token():
+        raise prompt_too_long(f"more than {max_model_len}", max_model_len, param)
+
+
+def encode_bounded(encode: Callable[[str], list[int]], text: str, tokenizer: Any, max_model_len: int,
+                   param: str) -> list[int]:
+    """Token ids of `text` (run it on a worker thread). A text over the context window is refused from its
+    length, or from a probe of its first characters, before it is tokenized whole; a text the tokenizer cannot
+    take (e.g. a lone surrogate) is a 400."""
+    check_text_length(len(text), tokenizer, max_model_len, param)
     try:
-        yield
-    finally:
-        state.in_flight.discard(request_id)
+        probe_chars = max_model_len * PROBE_CHARS_PER_TOKEN
+        if len(text) > probe_chars and len(encode(text[:probe_chars])) > max_model_len:
+            raise prompt_too_long(f"more than {max_model_len}", max_model_len, param)
+        return encode(text)
+    except (TypeError, UnicodeError) as exc:
+        raise bad_request(f"{param} cannot be tokenized: it is not valid Unicode text ({exc})", param=param,
+                          code="invalid_text") from exc
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a worker thread, so that the event loop keeps serving other requests meanwhile."""
+    return await asyncio.to_thread(fn, *args)
 
 
 async def wait_for_disconnect(raw_request: Request) -> None:
@@ -159,13 +216,36 @@ async def run_to_end(engine: EngineClient, prompt: str | list[int], params: Samp
                 await consumer
     if consumer.cancelled():
         logger.info("request %s: client disconnected; aborted", request_id)
+        timer.finished(["abort"] * params.n)
         raise ClientDisconnected(request_id)
     try:
         consumer.result()
-    except ValueError as exc:
-        raise bad_request(str(exc)) from exc
+    except Exception as exc:
+        timer.finished(["abort"] * params.n)
+        raise engine_error(exc) from exc
     timer.finished([s.finish_reason or "abort" for s in final.ordered()])
     return final
+
+
+def engine_error(exc: Exception) -> Exception:
+    """What the client gets for an engine failure: 400 for its own input, 503 for an engine that is gone or
+    going; anything else stays itself (logged, and answered 500)."""
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, EngineDeadError):
+        return unavailable(f"the engine has stopped ({exc}); the server is exiting so that its supervisor "
+                           "restarts it", "engine_dead", RETRY_AFTER_DEAD_S)
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    if isinstance(exc, RuntimeError) and "shutting down" in str(exc):
+        return unavailable("the server is shutting down", "shutting_down", RETRY_AFTER_DEAD_S)
+    return exc
+
+
+def finish_reasons(final: FinalOutputs, ended: bool, n: int) -> list[str]:
+    """What each sample of a response counts as in /metrics: its finish reason, or "abort" if the response
+    ended early (the client left, or the engine failed)."""
+    return [s.finish_reason or "abort" for s in final.ordered()] if ended else ["abort"] * n
 
 
 def make_usage(prompt_token_ids: list[int], samples: list[CompletionOutput], num_cached_tokens: int,

@@ -8,6 +8,7 @@ prompt gets the tokenizer's BOS, as Hugging Face and vLLM add it; a token-id pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -17,6 +18,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from r1serve.engine.validation import check_token_ids
+from r1serve.errors import InvalidRequestError
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import bad_request
 from r1serve.server.policy import PolicyRecord
@@ -29,14 +32,18 @@ from r1serve.server.protocol import (
 )
 from r1serve.server.serving_chat import stream_error_event
 from r1serve.server.serving_common import (
+    Admission,
     FinalOutputs,
     build_sampling_params,
     check_fits,
+    check_text_length,
     check_unsupported,
+    encode_bounded,
+    finish_reasons,
     make_usage,
+    off_loop,
     policy_headers,
     run_to_end,
-    tracked,
 )
 from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
@@ -44,19 +51,22 @@ from r1serve.server.state import EngineClient, ServerState
 logger = logging.getLogger("r1serve.server")
 
 
-def prompt_token_ids(prompt: str | list[int] | list[str] | list[list[int]], tokenizer: Any) -> list[int]:
-    """The ids of a single prompt: text (with BOS) or ids (checked against the vocabulary)."""
+def prompt_token_ids(prompt: str | list[int] | list[str] | list[list[int]], tokenizer: Any,
+                     max_model_len: int) -> list[int]:
+    """The ids of a single prompt: text (with BOS; run it on a worker thread) or ids (checked against the
+    vocabulary)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise bad_request(f"batched prompts are not supported yet (got {len(prompt)}); send one request "
                               "per prompt", param="prompt", code="unsupported")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
-    vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
-    bad = [t for t in prompt if t < 0 or (vocab_size and t >= vocab_size)]
-    if bad:
-        raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
+        encode = functools.partial(tokenizer.encode, add_special_tokens=True)
+        return encode_bounded(encode, prompt, tokenizer, max_model_len, "prompt") if prompt else []
+    try:
+        check_token_ids(prompt, int(tokenizer.vocab_size), "prompt")
+    except InvalidRequestError as exc:
+        raise bad_request(exc.message, param=exc.param, code=exc.code) from exc
     return list(prompt)
 
 
@@ -65,16 +75,18 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
     engine = state.require_engine()
     check_unsupported(request)
     record = PolicyRecord()
-    ids = prompt_token_ids(request.prompt, engine.tokenizer)
-    params = build_sampling_params(request, state, record)
-    check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    logger.info("%s: completion, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", request_id,
-                len(ids), params.n, params.max_tokens, request.stream, record.header())
-    if request.stream:
-        stream = completion_stream(engine, ids, params, request_id, request, state)
-        return SSEResponse(stream, headers=policy_headers(record))
-    async with tracked(state, request_id):
+    with Admission(state, f"cmpl-{uuid.uuid4().hex}") as admission:
+        request_id = admission.request_id
+        if isinstance(request.prompt, str):
+            check_text_length(len(request.prompt), engine.tokenizer, engine.max_model_len, "prompt")
+        params = build_sampling_params(request, state, record)
+        ids = await off_loop(prompt_token_ids, request.prompt, engine.tokenizer, engine.max_model_len)
+        check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
+        logger.info("%s: completion, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", request_id,
+                    len(ids), params.n, params.max_tokens, request.stream, record.header())
+        if request.stream:
+            stream = completion_stream(engine, ids, params, request_id, request, state)
+            return SSEResponse(stream, headers=policy_headers(record), on_close=admission.hand_over())
         final = await run_to_end(engine, ids, params, request_id, state, raw_request)
     choices = [CompletionChoice(index=s.index, text=s.text, finish_reason=s.finish_reason,
                                 stop_reason=s.stop_reason) for s in final.ordered()]
@@ -92,22 +104,24 @@ async def completion_stream(engine: EngineClient, ids: list[int], params: Sampli
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return sse_event(completion_chunk(request_id, created, request.model, choices, usage))
 
-    async with tracked(state, request_id):
-        try:
-            async with contextlib.aclosing(engine.generate(ids, params, request_id)) as stream:
-                async for output in stream:
-                    timer.tokens(final.update(output))
-                    for sample in output.outputs:
-                        if sample.delta_text:
-                            yield event([completion_choice(sample.index, sample.delta_text)])
-                        if sample.finished:
-                            yield event([completion_choice(sample.index, "", sample.finish_reason,
-                                                           sample.stop_reason)])
-        except Exception as exc:  # the status line is sent already: report in-band, keep the server up
-            yield stream_error_event(request_id, exc)
-            yield SSE_DONE
-            return
-        timer.finished([s.finish_reason or "abort" for s in final.ordered()])
-        if request.include_usage:
-            yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None))
+    ended = False
+    try:
+        async with contextlib.aclosing(engine.generate(ids, params, request_id)) as stream:
+            async for output in stream:
+                timer.tokens(final.update(output))
+                for sample in output.outputs:
+                    if sample.delta_text:
+                        yield event([completion_choice(sample.index, sample.delta_text)])
+                    if sample.finished:
+                        yield event([completion_choice(sample.index, "", sample.finish_reason,
+                                                       sample.stop_reason)])
+        ended = True
+    except Exception as exc:  # the status line is sent already: report in-band, keep the server up
+        yield stream_error_event(request_id, exc)
+        yield SSE_DONE
+        return
+    finally:  # a client that left, or an error: its samples count as aborted
+        timer.finished(finish_reasons(final, ended, params.n))
+    if request.include_usage:
+        yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None))
     yield SSE_DONE

@@ -57,7 +57,11 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1 routes")
     max_pending_requests: int = Field(
-        4096, gt=0, description="requests in progress beyond which new ones get 503 (overloaded)")
+        4096, gt=0, description="requests in progress (streamed or not) beyond which new ones get 503 (overloaded)")
+    max_request_body_mb: float = Field(16.0, gt=0.0, description="largest request body in MiB (larger: 413)")
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    timeout_request_header: float = Field(
+        10.0, gt=0.0, description="seconds a connection has to send its request line and headers")
     shutdown_grace_period: float = Field(
         30.0, ge=0.0, description="seconds in-flight requests may run after SIGTERM before they are aborted")
     log_file: Path | None = Field(None, description="also write the log to this file")
@@ -86,6 +90,14 @@ class ServerSettings(BaseModel):
         if any(not name.strip() for name in names):
             raise ValueError("served model names must be non-empty")
         return names
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_empty(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("--api-key is empty, which would turn authentication off: pass a key, or leave the "
+                             "flag out to serve without one")
+        return key
 
     @model_validator(mode="after")
     def _engine_accepts(self) -> ServerSettings:

@@ -9,7 +9,7 @@ wraps is aborted and its KV blocks come back now rather than whenever the garbag
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -39,9 +39,11 @@ def parse_sse_data(lines: list[str]) -> list[dict[str, Any] | str]:
 class SSEResponse(StreamingResponse):
     """A `text/event-stream` response whose body generator is always closed when the response ends."""
 
-    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
         self._events = content
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -51,3 +53,5 @@ class SSEResponse(StreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):  # also when the response itself was cancelled
                     await aclose()
+            if self._on_close is not None:  # e.g. the request stops counting as pending
+                self._on_close()

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
-from r1serve.server.errors import APIError
+from r1serve.server.errors import APIError, unavailable
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.policy import PolicyConfig
 from r1serve.server.settings import ServerSettings
@@ -25,11 +25,16 @@ from r1serve.server.settings import ServerSettings
 logger = logging.getLogger("r1serve.server")
 
 
+RETRY_AFTER_S = 1  # what a 503 for load or overload asks the client to wait
+RETRY_AFTER_DEAD_S = 10  # a dead engine: the supervisor restarts the server meanwhile
+
+
 class EngineClient(Protocol):
     """The part of `r1serve.engine.async_engine.AsyncEngine` the server relies on."""
 
     tokenizer: Any
     max_model_len: int
+    dead_reason: str | None  # set when the engine has stopped for good
 
     def generate(self, prompt: str | list[int], params: SamplingParams,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]: ...
@@ -63,18 +68,35 @@ class ServerState:
     def engine_stats(self) -> Any | None:
         return None if self.engine is None else self.engine.stats()
 
+    @property
+    def engine_dead(self) -> str | None:
+        """Why the engine stopped for good, or None while it lives (or has not been loaded yet)."""
+        return None if self.engine is None else getattr(self.engine, "dead_reason", None)
+
     def require_engine(self) -> EngineClient:
-        """The engine, or the 503 a client should retry later."""
+        """The engine, or the 503 a client should retry later (with `Retry-After`)."""
+        if self.engine_dead is not None:
+            raise unavailable(f"the engine has stopped ({self.engine_dead}); the server is exiting so that its "
+                              "supervisor restarts it", "engine_dead", RETRY_AFTER_DEAD_S)
         if self.shutting_down:
-            raise APIError(503, "the server is shutting down", code="shutting_down")
+            raise unavailable("the server is shutting down", "shutting_down", RETRY_AFTER_DEAD_S)
         if self.engine is None:
             message = "the model is still loading; retry shortly (GET /health says when it is ready)"
-            raise APIError(503, message, code="model_loading")
-        if len(self.in_flight) >= self.settings.max_pending_requests:
-            raise APIError(503, f"server overloaded: {len(self.in_flight)} requests in progress "
-                                f"(--max-pending-requests {self.settings.max_pending_requests}); retry later",
-                           code="overloaded")
+            raise unavailable(message, "model_loading", RETRY_AFTER_S)
         return self.engine
+
+    def admit(self, request_id: str) -> None:
+        """Count a request as pending from the moment it is accepted (until `release`), or refuse it with a 503
+        when `--max-pending-requests` are pending already: streamed or not, tokenizing, queued or running."""
+        if len(self.in_flight) >= self.settings.max_pending_requests:
+            raise unavailable(f"server overloaded: {len(self.in_flight)} requests in progress "
+                              f"(--max-pending-requests {self.settings.max_pending_requests}); retry later",
+                              "overloaded", RETRY_AFTER_S)
+        self.in_flight.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        """The request's response is over (any way it ended): it no longer counts as pending."""
+        self.in_flight.discard(request_id)
 
     def check_model(self, name: str) -> None:
         """404 unless `name` is one of the names the model answers to."""
