@@ -34,6 +34,15 @@ TINY_CONFIG = {
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+NO_TOKENIZER = (f"no real tokenizer at {TOKENIZER_DIR}: set R1SERVE_SHARED_DATA to a folder holding tokenizer/ "
+                "(the model's tokenizer.json, tokenizer_config.json, generation_config.json)")
+
+
+def require_tokenizer() -> Path:
+    """The real tokenizer's folder, or a skip that says how to provide it."""
+    if not (TOKENIZER_DIR / "tokenizer.json").exists():
+        pytest.skip(NO_TOKENIZER)
+    return TOKENIZER_DIR
 
 
 def write_model_dir(path: Path, config: dict | None = None, with_tokenizer: bool = True) -> Path:
@@ -48,15 +57,15 @@ def write_model_dir(path: Path, config: dict | None = None, with_tokenizer: bool
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (TOKENIZER_DIR / "tokenizer.json").exists():
-        pytest.skip(f"no real tokenizer at {TOKENIZER_DIR}")
+    require_tokenizer()
     return write_model_dir(tmp_path_factory.mktemp("models") / "DeepSeek-R1-Distill-Qwen-1.5B")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
-        pytest.skip(f"no shared data at {SHARED_DATA}")
+        pytest.skip(f"no shared data at {SHARED_DATA}: set R1SERVE_SHARED_DATA to the folder holding the "
+                    "datasets and tokenizer/")
     return SHARED_DATA
 
 
