@@ -80,6 +80,7 @@ def test_models_version_health(server: ServerHandle) -> None:
     assert all(card["max_model_len"] == MAX_MODEL_LEN for card in models["data"])
     version = httpx.get(f"{server.url}/version").json()
     assert version["load_format"] == "dummy" and version["dummy_weights"] is True
+    assert version["quantization"] == "none"
     assert httpx.get(f"{server.url}/openapi.json").json()["info"]["title"] == "r1serve"
     assert httpx.get(f"{server.url}/docs").status_code == 200
 

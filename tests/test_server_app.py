@@ -187,7 +187,7 @@ def test_flags_are_generated_from_settings() -> None:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--tensor-parallel-size", "2"], "not supported yet"),
-    (["--quantization", "fp8"], "not supported yet"),
+    (["--quantization", "gptq"], "invalid choice"),
     (["--quantization", "bogus"], "invalid choice"),
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
     (["--max-num-seqs", "x"], "invalid int value"),

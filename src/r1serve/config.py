@@ -17,6 +17,11 @@ DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
+# `--quantization` (vLLM's names where vLLM has them): awq and compressed-tensors checkpoints; int8 (weight-only),
+# w8a8 (int8 weights and activations), fp8 and w4a16 (int4, group 128) quantize a dense checkpoint on load; awq
+# and w4a16 also quantize dummy weights. docs/quantization.md has the table.
+QUANTIZATION_METHODS = ("awq", "compressed-tensors", "fp8", "int8", "w8a8", "w4a16")
+
 # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (see shared/data/SOURCES.md), so that the default
 # model runs with `--load-format dummy` on a machine that has no file of it.
 R1_DISTILL_QWEN_1_5B_CONFIG: dict[str, Any] = {
@@ -183,7 +188,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
-    quantization: str | None = None
+    quantization: str | None = None  # None: as config.json's quantization_config says (dense without one)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -208,8 +213,9 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: r1serve runs on one device"
             )
-        if self.quantization not in (None, "none"):
-            raise ValueError(f"quantization {self.quantization!r} is not supported yet (accepted: none)")
+        if self.quantization not in (None, "none", *QUANTIZATION_METHODS):
+            raise ValueError(f"quantization {self.quantization!r} is not supported "
+                             f"(accepted: none, {', '.join(QUANTIZATION_METHODS)})")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -185,7 +185,8 @@ class Checker:
         if not self.info.is_r1serve:
             return "ok", "not r1serve (no /version): generic OpenAI checks only"
         weights = "random dummy weights: answers are not checked" if self.info.dummy_weights else "real weights"
-        return "ok", f"r1serve {self.info.version}, load format {self.info.load_format} ({weights})"
+        quant = f", quantization {self.info.quantization}" if self.info.quantization is not None else ""
+        return "ok", f"r1serve {self.info.version}, load format {self.info.load_format}{quant} ({weights})"
 
     def models(self) -> tuple[Status, str]:
         entries = self.client.list_model_details()

@@ -96,3 +96,9 @@ class ServerInfo:
     @property
     def dummy_weights(self) -> bool:
         return self.load_format == "dummy"
+
+    @property
+    def quantization(self) -> str | None:
+        """The quantization method the server reports ('none' when dense; None if it does not say)."""
+        value = self.raw.get("quantization")
+        return None if value is None else str(value)

@@ -23,7 +23,7 @@ from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
 from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
-from r1serve.model.loader import load_model, resolve_device, resolve_dtype
+from r1serve.model.loader import load_model, resolve_device, resolve_dtype, weight_bytes
 
 logger = logging.getLogger("r1serve")
 
@@ -81,9 +81,16 @@ class ModelRunner:
         self.last_sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
         self._host_ids = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         self._turn = 0
-        logger.info("model on %s (%s, attention: %s); KV cache: %d blocks of %d tokens (%.2f GiB)",
-                    self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.num_blocks,
-                    config.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
+        logger.info("model on %s (%s, attention: %s); quantization: %s; weights: %.2f GiB; "
+                    "KV cache: %d blocks of %d tokens (%.2f GiB)",
+                    self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.quantization,
+                    weight_bytes(self.model) / GiB, self.num_blocks, config.block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
+
+    @property
+    def quantization(self) -> str:
+        """The model's quantization as one phrase ('none' when dense)."""
+        return "none" if self.model.quant is None else self.model.quant.describe()
 
     @property
     def block_bytes(self) -> int:

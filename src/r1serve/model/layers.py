@@ -13,6 +13,7 @@ modules hold the weights, and the ops table computes their products.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from r1serve.config import ModelConfig
-from r1serve.kernels import reference
+from r1serve.kernels import quant_reference, reference
 from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -31,6 +32,11 @@ NormGateUp = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, t
 RotaryStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                         torch.Tensor, torch.Tensor], torch.Tensor]
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# x, qweight, scales, zeros, group_size, bias → x @ W.T + bias (the int4 layout of `kernels.quant_reference`)
+Int4Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, torch.Tensor | None],
+                      torch.Tensor]
+# x, qweight, scales, bias, act_quant → x @ W.T + bias (the int8 / fp8 per-channel layouts)
+PerChannelLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
 RotaryStoreAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, AttentionMetadata, float, AttentionBackend], torch.Tensor]
 
@@ -39,9 +45,11 @@ RotaryStoreAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 class KernelOps:
     """The ops a model runs, with `kernels.reference`'s signatures (Triton twins may replace them).
 
-    The four element-wise ops and `linear` are always set. The fused entries may be None: then the methods
+    The four element-wise ops, `linear` and the quantized products (`int4_linear`, `per_channel_linear`, with
+    `kernels.quant_reference`'s signatures) are always set. The fused entries may be None: then the methods
     `norm_linear`, `norm_gate_up`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
-    table's own ops (and the attention backend's)."""
+    table's own ops (and the attention backend's). The fused norm + projection entries read a dense weight: a
+    quantized layer runs the norm, then its quantized product."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float],
@@ -50,6 +58,8 @@ class KernelOps:
     apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                            tuple[torch.Tensor, torch.Tensor]]
     linear: Linear = reference.linear
+    int4_linear: Int4Linear = quant_reference.int4_linear
+    per_channel_linear: PerChannelLinear = quant_reference.per_channel_linear
     fused_norm_linear: NormLinear | None = None
     fused_norm_gate_up: NormGateUp | None = None
     fused_rotary_store_kv: RotaryStore | None = None
@@ -111,13 +121,24 @@ def triton_kernel_ops(fused: bool = True) -> KernelOps:
     from r1serve.kernels import triton_attention, triton_linear, triton_ops
 
     elementwise = KernelOps(rms_norm=triton_ops.rms_norm, fused_add_rms_norm=triton_ops.fused_add_rms_norm,
-                            silu_and_mul=triton_ops.silu_and_mul, apply_rotary=triton_ops.apply_rotary)
+                            silu_and_mul=triton_ops.silu_and_mul, apply_rotary=triton_ops.apply_rotary,
+                            **_triton_quant_entries())
     if not fused:
         return elementwise
     return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
                    fused_norm_gate_up=triton_linear.rms_norm_gate_up,
                    fused_rotary_store_kv=triton_attention.rotary_store_kv,
                    fused_rotary_store_attend=triton_attention.rotary_store_attend)
+
+
+def _triton_quant_entries() -> dict[str, Callable[..., torch.Tensor]]:
+    """The quantized products' Triton kernels (`kernels.triton_quant`) where that module is present; else
+    none, and the table keeps the torch twins."""
+    if importlib.util.find_spec("r1serve.kernels.triton_quant") is None:
+        return {}
+    from r1serve.kernels import triton_quant
+
+    return {"int4_linear": triton_quant.int4_linear, "per_channel_linear": triton_quant.per_channel_linear}
 
 
 class RMSNorm(nn.Module):

@@ -4,7 +4,9 @@ folder or hub id), which architecture (config.json or the built-in R1-Distill-1.
 The model is built on the meta device and materialised once on the target device in the target dtype, then
 filled either from safetensors (single file or sharded with its index, streamed shard by shard behind a
 `Loading checkpoint shards` progress bar) or, for `--load-format dummy`, with seeded random weights generated
-on the device. Every failure a user can cause (model not found offline, no safetensors, a checkpoint that
+on the device. A quantized model (config.json's `quantization_config`, or `--quantization`) is built with
+packed projections and filled by the same two paths, repacked or quantized on the way in (`model.quant`).
+Every failure a user can cause (model not found offline, no safetensors, a checkpoint that
 does not fit the config) is one clear error that says what to do.
 """
 
@@ -20,7 +22,8 @@ from tqdm.auto import tqdm
 
 from r1serve.config import DEFAULT_MODEL, R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig, ModelConfig
 from r1serve.kernels.attention import AttentionBackend
-from r1serve.model.qwen2 import Qwen2ForCausalLM
+from r1serve.model.quant.config import QuantScheme, resolve_quantization
+from r1serve.model.qwen2 import _FUSED_SHARDS, Qwen2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +135,27 @@ def _is_default_model(model: str) -> bool:
     return model == DEFAULT_MODEL or Path(model.rstrip("/")).name == Path(DEFAULT_MODEL).name
 
 
+def load_quant_scheme(config: EngineConfig, model_path: Path | None, device: torch.device) -> QuantScheme | None:
+    """The run's quantization: config.json's `quantization_config` checked against `--quantization`, or the
+    flag's on-load mode; dummy weights are quantized on load in the checkpoint's layout."""
+    config_file = model_path / "config.json" if model_path is not None else None
+    hf_config = json.loads(config_file.read_text()) if config_file is not None and config_file.is_file() else None
+    dummy = config.load_format == "dummy"
+    scheme = resolve_quantization(config.quantization, hf_config, dummy, device.type == "cuda")
+    return scheme.on_load() if scheme is not None and dummy else scheme
+
+
 def load_model(config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
                device: torch.device, dtype: torch.dtype,
                backend: AttentionBackend | None = None) -> Qwen2ForCausalLM:
     """Build the model on `device` in `dtype`, fill it (safetensors or seeded dummy weights); eval mode."""
+    quant = load_quant_scheme(config, model_path, device)
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(model_config, backend)
+        model = Qwen2ForCausalLM(model_config, backend, quant=quant)
     _materialize(model.to(dtype), device)
-    if config.load_format == "dummy":
+    if config.load_format == "dummy" and quant is not None:
+        model.load_weights(dummy_weights(model_config, config.seed, device, dtype))
+    elif config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
         if model_path is None:
@@ -171,6 +187,35 @@ def init_dummy_weights(model: Qwen2ForCausalLM, seed: int) -> None:
         if param.device not in generators:
             generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
         param.uniform_(-_DUMMY_BOUND, _DUMMY_BOUND, generator=generators[param.device])
+
+
+@torch.no_grad()
+def dummy_weights(model_config: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The dense model's dummy weights (the values `init_dummy_weights` gives it for `seed`) as Hugging
+    Face-named tensors, made one at a time on `device`: what a quantized model quantizes on load."""
+    with torch.device("meta"):
+        dense = Qwen2ForCausalLM(model_config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in dense.named_parameters():  # the order init_dummy_weights fills them in
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.uniform_(-_DUMMY_BOUND, _DUMMY_BOUND, generator=generator)
+        fused = next((f for f in _FUSED_SHARDS if f".{f}." in name), None)
+        if fused is None:
+            yield name, tensor
+            continue
+        for part in _FUSED_SHARDS[fused]:
+            start, rows = dense._shard_range(part)
+            yield name.replace(f".{fused}.", f".{part}."), tensor.narrow(0, start, rows)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights as stored (packed layouts as packed; a tied lm_head counted once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def safetensors_files(model_path: Path) -> list[Path]:

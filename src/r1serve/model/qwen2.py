@@ -5,6 +5,7 @@ The engine calls it with a flat batch: the new tokens of every sequence in this 
 go in the cache, so prefill, chunked prefill and decode are one forward. `compute_logits` is separate so
 the runner projects only the rows it samples from. `load_weights` takes Hugging Face tensor names and
 packs q/k/v and gate/up into the fused parameters, refusing missing, unexpected and wrongly shaped tensors.
+With a `QuantScheme` the decoder layers are `QuantDecoderLayer`s, whose projections stay packed (`model.quant`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from r1serve.model.layers import (
     RotaryEmbedding,
     set_ops,
 )
+from r1serve.model.quant.config import QuantScheme
+from r1serve.model.quant.layers import QuantAttention, quant_linear
+from r1serve.model.quant.loading import route_quantized
 
 # (k_cache, v_cache) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -53,14 +57,40 @@ class Qwen2DecoderLayer(nn.Module):
         return self.mlp.down(act), residual
 
 
+class QuantDecoderLayer(Qwen2DecoderLayer):
+    """The decoder layer with packed projections (`quant.layers`): each norm runs, then the quantized product
+    (the fused norm + projection ops read a dense weight)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: KernelOps, quant: QuantScheme) -> None:
+        super().__init__(config, backend, ops)
+        self.self_attn = QuantAttention(config, backend, ops, quant)
+        self.mlp.gate_up_proj = quant_linear(config.hidden_size, 2 * config.intermediate_size, False, quant, ops)
+        self.mlp.down_proj = quant_linear(config.intermediate_size, config.hidden_size, False, quant, ops)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata, kv_cache: KVCache,
+                rotary_emb: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `Qwen2DecoderLayer.forward`: hidden, residual [T, hidden_size] → (output, residual before it)."""
+        if residual is None:
+            normed, residual = self.input_layernorm(hidden), hidden
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn.attend(positions, self.self_attn.qkv_proj(normed), meta, kv_cache, rotary_emb)
+        normed, residual = self.post_attention_layernorm(hidden, residual)
+        act = self.mlp.ops.silu_and_mul(self.mlp.gate_up_proj(normed))  # [T, intermediate]
+        return self.mlp.down_proj(act), residual
+
+
 class Qwen2Model(nn.Module):
     """Embedding, the decoder layers and the final norm (HF's `model.*` names)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: KernelOps) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: KernelOps,
+                 quant: QuantScheme | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, backend, ops) for _ in range(config.num_hidden_layers)
+            Qwen2DecoderLayer(config, backend, ops) if quant is None else QuantDecoderLayer(config, backend, ops, quant)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
@@ -84,10 +114,11 @@ class Qwen2ForCausalLM(nn.Module):
     """The causal LM: `forward` gives final hidden states, `compute_logits` projects rows to the vocab."""
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend | None = None,
-                 ops: KernelOps = REFERENCE_OPS) -> None:
+                 ops: KernelOps = REFERENCE_OPS, quant: QuantScheme | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen2Model(config, backend or TorchAttention(), ops)
+        self.quant = quant  # packed decoder projections (embeddings and lm_head stay dense), or None
+        self.model = Qwen2Model(config, backend or TorchAttention(), ops, quant)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.ops = ops  # the logits projection's product
         self.tie_weights()
@@ -118,7 +149,10 @@ class Qwen2ForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the model (cast to its dtype and device).
 
-        Raises ValueError naming missing and unexpected tensors, or a tensor whose shape does not fit."""
+        A quantized model takes its projections' tensors in its scheme's format (`quant.loading`). Raises
+        ValueError naming missing and unexpected tensors, or a tensor whose shape does not fit."""
+        if self.quant is not None:
+            weights = route_quantized(self, weights, self.config.num_hidden_layers)
         expected = set(self.hf_parameter_names())
         params = dict(self.named_parameters())
         loaded: set[str] = set()

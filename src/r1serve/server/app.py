@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve import __version__
+from r1serve.model.quant.config import declared_quantization
 from r1serve.server.errors import APIError, CatchUnexpectedMiddleware, install_error_handlers
 from r1serve.server.limits import BodySizeLimit, MiB
 from r1serve.server.metrics import HTTPMetricsMiddleware
@@ -76,7 +77,8 @@ def _add_system_routes(app: FastAPI, state: ServerState) -> None:
     async def version() -> dict[str, object]:
         settings = state.settings
         return {"version": __version__, "model": settings.model, "served_model_names": state.model_names,
-                "load_format": settings.load_format, "dummy_weights": settings.load_format == "dummy"}
+                "load_format": settings.load_format, "dummy_weights": settings.load_format == "dummy",
+                "quantization": declared_quantization(settings.quantization, settings.model)}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

@@ -14,11 +14,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from r1serve.config import DEFAULT_MODEL, EngineConfig
+from r1serve.config import DEFAULT_MODEL, QUANTIZATION_METHODS, EngineConfig
 from r1serve.server.policy import PolicyConfig
 
-# What `--quantization` accepts on the command line; the engine says which of these it implements today.
-QUANTIZATION_CHOICES = ("none", "fp8", "int8", "awq", "gptq")
+# What `--quantization` accepts ("none": as the checkpoint's config.json says; docs/quantization.md).
+QUANTIZATION_CHOICES = ("none", *QUANTIZATION_METHODS)
 
 
 class ServerSettings(BaseModel):
@@ -50,7 +50,7 @@ class ServerSettings(BaseModel):
         True, description="run the engine in a child process, off the HTTP server's GIL (--no-: on a thread)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
     quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
-        "none", description="weight quantization")
+        "none", description="weight quantization (none: as config.json's quantization_config says)")
 
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
