@@ -207,10 +207,18 @@ class Rows(list[Row]):
         super().append(row)
 
 
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads, as they are held (packed where quantized): every parameter and
+    buffer but the embedding table (one row is gathered) and the rotary cache."""
+    tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if "embed_tokens" not in name and "rotary" not in name}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     engine_args: dict[str, Any] = dict(load_format="dummy", device=args.device, dtype=args.dtype,
                                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                       enforce_eager=args.enforce_eager)
+                                       enforce_eager=args.enforce_eager, quantization=args.quantization)
     if args.device == "cpu":
         engine_args["kv_cache_space"] = args.kv_cache_space
     model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -226,6 +234,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     llm = LLM(model, **engine_args)
     sync(args.device)
     PROFILES["startup_s"] = time.perf_counter() - start  # weights, KV sizing, graph capture
+    PROFILES["decode_weight_bytes"] = decode_weight_bytes(llm.engine.runner.model)
     print(f"engine startup: {PROFILES['startup_s']:.1f} s")
     rows = Rows()
     workloads = args.workloads.split(",")
@@ -287,6 +296,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-space", type=float, default=2.0)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", default=None, help="as `r1serve serve --quantization` (dummy weights)")
     parser.add_argument("--profile", default="", help="decode batch sizes to profile, e.g. 1,64 (CUDA)")
     args = parser.parse_args()
     args.hf_decode_tokens = args.hf_decode_tokens or args.decode_tokens
@@ -301,7 +311,8 @@ def main() -> None:
     if ceilings and decode is not None and args.model == "1.5b":
         from r1serve.config import ModelConfig
 
-        step_bytes = ModelConfig.from_hf_dict(R1_DISTILL_QWEN_1_5B_CONFIG).decode_bytes_per_step(2)
+        step_bytes = PROFILES["decode_weight_bytes"] if args.quantization else \
+            ModelConfig.from_hf_dict(R1_DISTILL_QWEN_1_5B_CONFIG).decode_bytes_per_step(2)
         roofline = ceilings["copy_GBps"] * 1e9 / step_bytes
         extra["decode_roofline_tok_s"] = roofline
         extra["decode_pct_of_roofline"] = 100 * decode.tokens_per_s / roofline
