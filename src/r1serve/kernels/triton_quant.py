@@ -150,13 +150,20 @@ if triton is not None:
         return words, scale, zero + 8388608.0
 
     @triton.jit
+    def _nibble(words, j: tl.constexpr, zero_magic):
+        """q - z of nibble j of every word [BLOCK_N, BLOCK_KW]: the nibble OR'd into the mantissa of 2**23 is the
+        float 2**23 + q, and 2**23 + z is subtracted (exact; no integer-to-float conversion)."""
+        return (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
+
+    @triton.jit
     def _int4_dequantize(words, scale, zero_magic, BLOCK_K: tl.constexpr):
         """(q - z) * s of every nibble: float32 [BLOCK_N, BLOCK_K], column 8w + j from nibble j of word w. The
-        nibble OR'd into the mantissa of 2**23 is the float 2**23 + q; 2**23 + z is subtracted (exact)."""
-        shifts = tl.arange(0, 8) * 4  # [8]
-        nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_KW, 8]
-        q_magic = (nibbles | 0x4B000000).to(tl.float32, bitcast=True)
-        values = (q_magic - zero_magic[:, :, None]) * scale[:, :, None]
+        eight nibbles are joined in registers (each thread keeps its whole words), bit by bit of j from the top."""
+        even = tl.join(tl.join(_nibble(words, 0, zero_magic), _nibble(words, 4, zero_magic)),
+                       tl.join(_nibble(words, 2, zero_magic), _nibble(words, 6, zero_magic)))
+        odd = tl.join(tl.join(_nibble(words, 1, zero_magic), _nibble(words, 5, zero_magic)),
+                      tl.join(_nibble(words, 3, zero_magic), _nibble(words, 7, zero_magic)))
+        values = tl.join(even, odd) * scale[:, :, None, None, None]  # [BLOCK_N, BLOCK_KW, 2, 2, 2]: j's bits
         return tl.reshape(values, [words.shape[0], BLOCK_K])
 
     @triton.jit
@@ -198,32 +205,34 @@ if triton is not None:
             _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit(do_not_specialize=["M"])
-    def _int4_skinny_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, split_span,
+    def _int4_skinny_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, KW, split_words,
                             stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                             HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_WORDS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (n block, k split): int4 rows [BLOCK_N] over columns [k_lo, k_lo + split_span), all M rows."""
+        """Program (n block, k split): int4 rows [BLOCK_N] over words [kw_lo, kw_lo + split_words) of the KW = K / 8
+        packed columns, for all M rows. Masks compare against K, KW and the split's end separately (never their
+        minimum), so that the compiler can prove them constant over whole vectors and load 16 bytes at a time."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         BLOCK_KW: tl.constexpr = BLOCK_K // 8
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
-        k_lo = pid_k * split_span
-        k_hi = tl.minimum(k_lo + split_span, K)
-        kw = k_lo // 8 + tl.arange(0, BLOCK_KW)
-        nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw * 8 < k_hi, stride_qn, stride_sn, stride_zn,
-                          GROUP_WORDS, HAS_ZEROS)  # depends on no earlier kernel
+        kw_lo = pid_k * split_words
+        kw_end = kw_lo + split_words
+        kw = kw_lo + tl.arange(0, BLOCK_KW)
+        nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn, stride_sn,
+                          stride_zn, GROUP_WORDS, HAS_ZEROS)  # depends on no earlier kernel
         _pdl_wait(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for w0 in range(kw_lo, tl.minimum(kw_end, KW), BLOCK_KW):
             words, scale, zero = nxt
-            kw_next = (k0 + BLOCK_K) // 8 + tl.arange(0, BLOCK_KW)  # the next chunk's loads fly meanwhile
-            nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw_next, kw_next * 8 < k_hi, stride_qn,
+            kw = w0 + BLOCK_KW + tl.arange(0, BLOCK_KW)  # the next chunk's loads fly meanwhile
+            nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn,
                               stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = _load_x(x_ptr, offs_m, m_mask, ks, ks < k_hi, stride_xm)
+            ks = w0 * 8 + tl.arange(0, BLOCK_K)
+            a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < kw_end * 8), stride_xm)
             acc = _multiply_add(acc, _int4_dequantize(words, scale, zero, BLOCK_K), a, DOT, False)
         _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, y_ptr, y_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                 m_mask, stride_ym, HAS_BIAS, False, False, BLOCK_M, BLOCK_N, SPLIT_K)
@@ -248,20 +257,20 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         k_lo = pid_k * split_span
-        k_hi = tl.minimum(k_lo + split_span, K)
+        k_end = k_lo + split_span  # masks compare against K and k_end apart (see _int4_skinny_kernel)
         ks = k_lo + tl.arange(0, BLOCK_K)
-        w_next = _load_rows(q_ptr, offs_n, n_mask, ks, ks < k_hi, stride_qn)  # depends on no earlier kernel
+        w_next = _load_rows(q_ptr, offs_n, n_mask, ks, (ks < K) & (ks < k_end), stride_qn)  # needs no earlier kernel
         _pdl_wait(USE_PDL)
         if INT_DOT:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
             w = w_next
             ks = k0 + tl.arange(0, BLOCK_K)
             ks_next = ks + BLOCK_K  # the next chunk's loads fly meanwhile
-            w_next = _load_rows(q_ptr, offs_n, n_mask, ks_next, ks_next < k_hi, stride_qn)
-            a = _load_x(x_ptr, offs_m, m_mask, ks, ks < k_hi, stride_xm)
+            w_next = _load_rows(q_ptr, offs_n, n_mask, ks_next, (ks_next < K) & (ks_next < k_end), stride_qn)
+            a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < k_end), stride_xm)
             acc = _multiply_add(acc, w, a, DOT, INT_DOT)
         _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, cs_ptr, xs_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                 m_mask, stride_ym, HAS_BIAS, True, ACT_QUANT, BLOCK_M, BLOCK_N, SPLIT_K)
@@ -292,7 +301,7 @@ if triton is not None:
         _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit
-    def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
+    def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, stride_xm, stride_qn, stride_sn,
                           stride_zn, stride_ym, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                           GROUP_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
@@ -303,7 +312,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words, scale, zero = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw * 8 < K, stride_qn,
+            words, scale, zero = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw < KW, stride_qn,
                                              stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
             ks = k0 + tl.arange(0, BLOCK_K)
             a = _load_x(x_ptr, offs_m, m_mask, ks, ks < K, stride_xm)
@@ -429,7 +438,8 @@ def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     grid = (triton.cdiv(n, config.block_n), split)
     _int4_skinny_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, ws, tickets,
-        m, n, k, span, x.stride(0), qweight.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0),
+        m, n, k, k // 8, span // 8, x.stride(0), qweight.stride(0), scales.stride(0),
+        0 if zeros is None else zeros.stride(0),
         y.stride(0), HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, DOT=config.dot,
         USE_PDL=triton_ops.use_pdl(), num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
@@ -448,7 +458,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     if m:
         _int4_gemm_kernel[grid](
-            x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, m, n, k,
+            x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, m, n, k, k // 8,
             x.stride(0), qweight.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0), y.stride(0),
             HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
