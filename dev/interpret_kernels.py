@@ -6,7 +6,7 @@ program one after another in numpy, so it finds neither races nor speed, and its
 float32, where the tests' bounds hold with room to spare). CUDA graph tests are left out.
 
     pip install triton==3.6.0   # into a separate environment: CI and the CPU suite run without Triton
-    python dev/interpret_kernels.py [NAME_SUBSTRING ...]
+    python dev/interpret_kernels.py [NAME_SUBSTRING ...]   # e.g. `quant` or `int4` for the quantized kernels
 """
 from __future__ import annotations
 
@@ -35,10 +35,13 @@ def _patch_lang_tensor(tensor, scope) -> None:
 interpreter._patch_lang_tensor = _patch_lang_tensor
 
 import tests.test_kernels_gpu as gpu_tests  # noqa: E402
+import tests.test_quant_kernels_gpu as quant_tests  # noqa: E402
 
 from r1serve.kernels import triton_attention  # noqa: E402
 
 gpu_tests.DEVICE, gpu_tests.DTYPE = "cpu", torch.float32
+quant_tests.DEVICE, quant_tests.DTYPES = "cpu", (torch.float32,)
+quant_tests.EXACT_FP8 = False  # the interpreter's float-to-fp8 conversion is not torch's
 
 
 class _AnyPointer(set):
@@ -64,23 +67,53 @@ CASES: list[tuple[str, dict]] = [
     ("test_skinny_row_tiles_need_one_whole_k_chunk", {}),
 ]
 
+F32 = torch.float32
+# tests/test_quant_kernels_gpu.py (kernels/triton_quant.py): each form once, small shapes, odd N, every group size.
+QUANT_CASES: list[tuple[str, dict]] = [
+    *[("test_int4_linear_matches_twin", {"t": t, "shape": s, "zeros": z, "bias": b, "dtype": F32})
+      for t, s, z, b in ((1, (37, 384, 32), True, True), (17, (37, 384, 32), False, True),
+                         (3, (70, 8960, 128), True, False), (16, (53, 8960, 8960), False, True),
+                         (1, (129, 384, 128), False, False), (100, (100, 1536, 64), True, False))],
+    ("test_int4_skinny_any_config", {"t": 1, "shape": (37, 384, 32), "zeros": True}),
+    ("test_int4_skinny_any_config", {"t": 5, "shape": (129, 1000, 40), "zeros": False}),
+    ("test_int4_gemm_any_tiles", {"t": 17}),
+    ("test_int4_rejects_layouts_it_cannot_read", {}),
+    *[("test_per_channel_linear_matches_twin", {"fmt": f, "act_quant": a, "t": t, "shape": (37, 384),
+                                                "bias": True, "dtype": F32})
+      for f in ("int8", "fp8") for a in (False, True) for t in (1, 17)],
+    ("test_per_channel_linear_matches_twin", {"fmt": "int8", "act_quant": True, "t": 16, "shape": (70, 8960),
+                                              "bias": False, "dtype": F32}),
+    *[("test_per_channel_skinny_any_config", {"fmt": f, "act_quant": a, "t": t})
+      for f, a, t in (("int8", True, 1), ("fp8", False, 2), ("int8", False, 5), ("fp8", True, 16))],
+    *[("test_per_channel_gemm_any_tiles", {"fmt": f, "act_quant": a})
+      for f, a in (("int8", True), ("fp8", False), ("fp8", True))],
+    ("test_quantize_per_token_matches_twin", {"fmt": "int8", "k": 1000}),
+    ("test_quantize_per_token_matches_twin", {"fmt": "fp8", "k": 8960}),
+]
+
+
+def _run(module: object, name: str, kwargs: dict, note: str, wanted: list[str]) -> int:
+    """Runs one case if its name matches (or nothing was asked for): the number of failures (0 or 1)."""
+    if wanted and not any(w in name for w in wanted):
+        return 0
+    start = time.perf_counter()
+    try:
+        getattr(module, name)(**kwargs)
+        print(f"PASS {name} {kwargs}{note} ({time.perf_counter() - start:.1f} s)", flush=True)
+        return 0
+    except Exception:
+        print(f"FAIL {name} {kwargs}{note}")
+        traceback.print_exc()
+        return 1
+
 
 def main() -> int:
     wanted = sys.argv[1:]
     failed = 0
     for prefetch in (True, False):  # the decode kernel's two load orders
         triton_attention.DECODE_PREFETCH = prefetch
-        for name, kwargs in CASES:
-            if wanted and not any(w in name for w in wanted):
-                continue
-            start = time.perf_counter()
-            try:
-                getattr(gpu_tests, name)(**kwargs)
-                print(f"PASS {name} {kwargs} prefetch={prefetch} ({time.perf_counter() - start:.1f} s)", flush=True)
-            except Exception:
-                failed += 1
-                print(f"FAIL {name} {kwargs} prefetch={prefetch}")
-                traceback.print_exc()
+        failed += sum(_run(gpu_tests, name, kwargs, f" prefetch={prefetch}", wanted) for name, kwargs in CASES)
+    failed += sum(_run(quant_tests, name, kwargs, "", wanted) for name, kwargs in QUANT_CASES)
     print(f"{failed} failed")
     return 1 if failed else 0
 

@@ -1,0 +1,583 @@
+"""Quantized linear layers on the GPU: products that read r1serve's packed int4, int8 and fp8 weights where they
+lie in device memory and dequantize them in registers. The layouts, and the twins these functions must match
+(same signatures, same results within rounding), are in `kernels/quant_reference.py`.
+
+Why: a decode step at batch 1 is a stream of weight reads, so its time is the weight bytes over the memory
+bandwidth. 4-bit weights (with bf16 group scales) carry about a quarter of bf16's bytes and 8-bit ones half, but
+only if no kernel writes or rereads a dequantized copy: every packed byte must be read once per step and turned
+into products in registers. Each public function dispatches on the number of rows T of x:
+
+- **skinny** (T ≤ 16, decode): one program owns `block_n` weight rows and, with `split_k`, a share of the
+  reduction; it streams `block_k`-column chunks of packed weights with the next chunk's loads in flight while it
+  multiplies the current one, for all T rows at once, so each weight byte is read once. Products by FMA (up to
+  2 rows: broadcast multiply and row sums) or by `tl.dot` (x padded to 16 rows). Split-K partials are summed by
+  the column's last program to arrive (the self-resetting ticket of `triton_linear`): deterministic, one launch.
+- **tiled** (prefill): a `tl.dot` GEMM over [block_m tokens, block_n weight rows] tiles, the weight tile
+  dequantized in registers as the dot's first operand.
+
+int4 words are loaded whole (8 columns in 32 bits); nibble j is shifted out and OR'd into the mantissa of
+2**23, which makes the float 2**23 + q exactly, so one subtraction of 2**23 + z gives q - z without an
+integer-to-float conversion; a word lies in one group (groups are multiples of 8 columns), so its scale and
+zero are loaded once per word. With `act_quant` (W8A8 INT8, FP8 dynamic) x is first quantized per token by a
+one-pass kernel; INT8 products run on int8 tensor cores (or FMA) with int32 sums; FP8 prefill on Hopper goes to
+`torch._scaled_mm` with per-token × per-channel scales, elsewhere to the Triton GEMM. On Hopper every kernel
+is a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight loads, then waits for the
+kernel that wrote x. Configs are chosen per (layout, N, K, T bucket) from `TUNED` (measured; per device name)
+and otherwise by `skinny_config` / `gemm_config`'s rules. Triton is imported lazily: the module imports on a
+CPU machine without it, and the public functions then run the twins.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from r1serve.kernels import quant_reference, triton_ops
+from r1serve.kernels.triton_linear import SKINNY_MAX_M, SkinnyConfig, _rows, _workspace, device_name, m_bucket
+
+try:  # Triton is absent on CPU-only machines; the twins run there instead
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU machines
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON", "TUNED", "GemmConfig", "int4_gemm", "int4_linear", "int4_skinny", "per_channel_gemm",
+    "per_channel_linear", "per_channel_skinny", "quantize_per_token", "skinny_config", "gemm_config",
+]
+
+HAS_TRITON = triton is not None
+INT4, INT8, FP8 = "int4", "int8", "fp8"  # the three layouts, as the tables key them
+FMA_MAX_M = 2  # the FMA product form up to this many rows (bucket), tensor cores above
+_NUM_SMS = 132  # H100 / H200 SXM; the rules scale split-K to this
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernels run on CPU tensors
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of the tiled (prefill) product: [block_m tokens, block_n weight rows] per program, `block_k`
+    columns per step, `group_m` row tiles swept together (L2 reuse of the weight tile)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    warps: int = 4
+    stages: int = 3
+
+
+# Measured configs, keyed by device name ('' = any device), then (layout, N, K, M bucket) with M bucket the power
+# of two ≥ T for T ≤ 16 (a SkinnyConfig) or 0 for the tiled form (a GemmConfig). A key not listed takes the
+# rule of `skinny_config` / `gemm_config`. Fill from `benchmarks/quant_gpu.py --sweep`.
+TUNED: dict[str, dict[tuple[str, int, int, int], SkinnyConfig | GemmConfig]] = {"": {}}
+
+
+def _layout(qweight: torch.Tensor) -> str:
+    return INT4 if qweight.dtype == torch.int32 else INT8 if qweight.dtype == torch.int8 else FP8
+
+
+def _lookup(key: tuple[str, int, int, int], device: str) -> SkinnyConfig | GemmConfig | None:
+    for table in (TUNED.get(device, {}), TUNED.get("", {})):
+        if key in table:
+            return table[key]
+    return None
+
+
+def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> SkinnyConfig:
+    """The skinny product's tiles for T = m ≤ 16 rows: measured (`TUNED`), else the rule. The rule: FMA up to
+    FMA_MAX_M rows with the whole 1536-wide reduction in one chunk (latency: one round trip) and 1024-column
+    chunks for longer ones; 16-row tensor-core tiles above; split-K until about 8 programs per SM."""
+    bucket = m_bucket(m)
+    tuned = _lookup((layout, n, k, bucket), device)
+    if isinstance(tuned, SkinnyConfig):
+        return tuned
+    if bucket <= FMA_MAX_M:
+        block_n, block_k, dot = 4, (2048 if k <= 2048 else 1024), False
+    else:
+        block_n, block_k, dot = 16, 512, True
+    block_k = min(block_k, max(64, triton.next_power_of_2(k)) if triton is not None else block_k)
+    chunks = -(-k // block_k)
+    split = 1
+    while -(-n // block_n) * split < 8 * _NUM_SMS and split * 2 <= chunks:
+        split *= 2
+    return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=split, dot=dot, warps=4)
+
+
+def gemm_config(layout: str, m: int, n: int, k: int, device: str = "") -> GemmConfig:
+    """The tiled product's tiles for T = m > 16 rows: measured (`TUNED`, key M bucket 0), else 64- or 128-token
+    tiles of 128 weight rows and 128 columns, 3 stages."""
+    tuned = _lookup((layout, n, k, 0), device)
+    if isinstance(tuned, GemmConfig):
+        return tuned
+    if m <= 64:
+        return GemmConfig(block_m=max(16, triton.next_power_of_2(m)), block_n=128, block_k=128, warps=4)
+    return GemmConfig(block_m=128, block_n=128, block_k=128 if layout == INT4 else 64, warps=8)
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use r1serve.kernels.quant_reference on this machine")
+
+
+if triton is not None:
+    from r1serve.kernels.triton_linear import _split_k_sum, _store_out
+
+    @triton.jit
+    def _pdl_wait(USE_PDL: tl.constexpr):
+        """Programmatic dependent launch: let the next kernel launch, then wait for the one that wrote x."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
+                    GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+        """The packed words of rows offs_n [BLOCK_N] at word columns kw [BLOCK_KW], loaded whole, and each word's
+        group: (words int32, scale float32, 2**23 + zero point float32), each [BLOCK_N, BLOCK_KW]."""
+        rows = offs_n.to(tl.int64)[:, None]
+        mask = n_mask[:, None] & kw_mask[None, :]
+        words = tl.load(q_ptr + rows * stride_qn + kw[None, :], mask=mask, other=0)
+        group = (kw // GROUP_WORDS)[None, :]
+        scale = tl.load(s_ptr + rows * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rows * stride_zn + group, mask=mask, other=0).to(tl.float32)
+        else:
+            zero = tl.zeros_like(scale) + 8.0  # symmetric: the zero point is 8
+        return words, scale, zero + 8388608.0
+
+    @triton.jit
+    def _nibble(words, j: tl.constexpr, zero_magic):
+        """q - z of nibble j of every word [BLOCK_N, BLOCK_KW]: the nibble OR'd into the mantissa of 2**23 is the
+        float 2**23 + q, and 2**23 + z is subtracted (exact; no integer-to-float conversion)."""
+        return (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero_magic
+
+    @triton.jit
+    def _int4_dequantize(words, scale, zero_magic, BLOCK_K: tl.constexpr):
+        """(q - z) * s of every nibble: float32 [BLOCK_N, BLOCK_K], column 8w + j from nibble j of word w. The
+        eight nibbles are joined in registers (each thread keeps its whole words), bit by bit of j from the top."""
+        even = tl.join(tl.join(_nibble(words, 0, zero_magic), _nibble(words, 4, zero_magic)),
+                       tl.join(_nibble(words, 2, zero_magic), _nibble(words, 6, zero_magic)))
+        odd = tl.join(tl.join(_nibble(words, 1, zero_magic), _nibble(words, 5, zero_magic)),
+                      tl.join(_nibble(words, 3, zero_magic), _nibble(words, 7, zero_magic)))
+        values = tl.join(even, odd) * scale[:, :, None, None, None]  # [BLOCK_N, BLOCK_KW, 2, 2, 2]: j's bits
+        return tl.reshape(values, [words.shape[0], BLOCK_K])
+
+    @triton.jit
+    def _load_x(x_ptr, offs_m, m_mask, ks, k_mask, stride_xm):
+        """Activation chunk [BLOCK_M, BLOCK_K] of columns ks (masked columns 0)."""
+        return tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _multiply_add(acc, w, a, DOT: tl.constexpr, INT_DOT: tl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, BLOCK_K] @ a.T. DOT: tensor cores on a's dtype (INT_DOT: int8 ×
+        int8, int32 sums); else FMA in float32."""
+        if DOT:
+            if INT_DOT:
+                acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+        else:
+            prod = w.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :]  # [BLOCK_N, BLOCK_M, BLOCK_K]
+            acc += tl.sum(prod, axis=2)
+        return acc
+
+    @triton.jit
+    def _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, cs_ptr, xs_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                m_mask, stride_ym, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, ACT_QUANT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The skinny epilogue: the split-K sum (last program of the column), the per-channel (SCALED) and
+        per-token (ACT_QUANT) scales, bias, one rounding to y's dtype."""
+        acc = acc.to(tl.float32)
+        last = True
+        if SPLIT_K > 1:
+            last, acc = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                                     BLOCK_M, BLOCK_N, SPLIT_K)
+        if last:
+            if SCALED:
+                acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+            if ACT_QUANT:
+                acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+            _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _int4_skinny_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, KW, split_words,
+                            stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                            HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (n block, k split): int4 rows [BLOCK_N] over words [kw_lo, kw_lo + split_words) of the KW = K / 8
+        packed columns, for all M rows. Masks compare against K, KW and the split's end separately (never their
+        minimum), so that the compiler can prove them constant over whole vectors and load 16 bytes at a time."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        BLOCK_KW: tl.constexpr = BLOCK_K // 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        kw_lo = pid_k * split_words
+        kw_end = kw_lo + split_words
+        kw = kw_lo + tl.arange(0, BLOCK_KW)
+        nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn, stride_sn,
+                          stride_zn, GROUP_WORDS, HAS_ZEROS)  # depends on no earlier kernel
+        _pdl_wait(USE_PDL)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for w0 in range(kw_lo, tl.minimum(kw_end, KW), BLOCK_KW):
+            words, scale, zero = nxt
+            kw = w0 + BLOCK_KW + tl.arange(0, BLOCK_KW)  # the next chunk's loads fly meanwhile
+            nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn,
+                              stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
+            ks = w0 * 8 + tl.arange(0, BLOCK_K)
+            a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < kw_end * 8), stride_xm)
+            acc = _multiply_add(acc, _int4_dequantize(words, scale, zero, BLOCK_K), a, DOT, False)
+        _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, y_ptr, y_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                m_mask, stride_ym, HAS_BIAS, False, False, BLOCK_M, BLOCK_N, SPLIT_K)
+
+    @triton.jit
+    def _load_rows(q_ptr, offs_n, n_mask, ks, k_mask, stride_qn):
+        """int8 / fp8 weight rows offs_n over columns ks: [BLOCK_N, BLOCK_K] as stored."""
+        return tl.load(q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + ks[None, :],
+                       mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _per_channel_skinny_kernel(x_ptr, xs_ptr, q_ptr, cs_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K,
+                                   split_span, stride_xm, stride_qn, stride_ym,
+                                   ACT_QUANT: tl.constexpr, INT_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (n block, k split): int8 / fp8 rows [BLOCK_N] over a share of K for all M rows of x (ACT_QUANT:
+        x is already quantized per token, xs its scales)."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        k_lo = pid_k * split_span
+        k_end = k_lo + split_span  # masks compare against K and k_end apart (see _int4_skinny_kernel)
+        ks = k_lo + tl.arange(0, BLOCK_K)
+        w_next = _load_rows(q_ptr, offs_n, n_mask, ks, (ks < K) & (ks < k_end), stride_qn)  # needs no earlier kernel
+        _pdl_wait(USE_PDL)
+        if INT_DOT:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
+            w = w_next
+            ks = k0 + tl.arange(0, BLOCK_K)
+            ks_next = ks + BLOCK_K  # the next chunk's loads fly meanwhile
+            w_next = _load_rows(q_ptr, offs_n, n_mask, ks_next, (ks_next < K) & (ks_next < k_end), stride_qn)
+            a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < k_end), stride_xm)
+            acc = _multiply_add(acc, w, a, DOT, INT_DOT)
+        _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, cs_ptr, xs_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                m_mask, stride_ym, HAS_BIAS, True, ACT_QUANT, BLOCK_M, BLOCK_N, SPLIT_K)
+
+    @triton.jit
+    def _gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's (token rows [BLOCK_M], weight rows [BLOCK_N]): GROUP_M token tiles sweep the same
+        weight tiles one after another, so a weight tile is read from DRAM about once per group."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    @triton.jit
+    def _store_tile(y_ptr, b_ptr, cs_ptr, xs_ptr, acc, offs_m, offs_n, M, N, stride_ym,
+                    HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, ACT_QUANT: tl.constexpr):
+        """y[m, n] = acc[n, m] × scales (+ bias), rounded once (the tiled epilogue)."""
+        n_mask, m_mask = offs_n < N, offs_m < M
+        acc = acc.to(tl.float32)
+        if SCALED:
+            acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+        if ACT_QUANT:
+            acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+        _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+
+    @triton.jit
+    def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, stride_xm, stride_qn, stride_sn,
+                          stride_zn, stride_ym, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          GROUP_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+        """Tile [BLOCK_M tokens, BLOCK_N weight rows] of x @ W.T with W int4, dequantized per chunk in registers."""
+        offs_m, offs_n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m_mask, n_mask = offs_m < M, offs_n < N
+        _pdl_wait(USE_PDL)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words, scale, zero = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw < KW, stride_qn,
+                                             stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = _load_x(x_ptr, offs_m, m_mask, ks, ks < K, stride_xm)
+            acc = _multiply_add(acc, _int4_dequantize(words, scale, zero, BLOCK_K), a, True, False)
+        _store_tile(y_ptr, b_ptr, y_ptr, y_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, False, False)
+
+    @triton.jit
+    def _per_channel_gemm_kernel(x_ptr, xs_ptr, q_ptr, cs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn,
+                                 stride_ym, ACT_QUANT: tl.constexpr, INT_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+        """Tile [BLOCK_M tokens, BLOCK_N weight rows] of x @ W.T with W int8 / fp8 (ACT_QUANT: x quantized)."""
+        offs_m, offs_n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m_mask, n_mask = offs_m < M, offs_n < N
+        _pdl_wait(USE_PDL)
+        if INT_DOT:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w = _load_rows(q_ptr, offs_n, n_mask, ks, ks < K, stride_qn)
+            a = _load_x(x_ptr, offs_m, m_mask, ks, ks < K, stride_xm)
+            acc = _multiply_add(acc, w, a, True, INT_DOT)
+        _store_tile(y_ptr, b_ptr, cs_ptr, xs_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, True, ACT_QUANT)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, LIMIT: tl.constexpr,
+                              TO_INT8: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        """One row per program: scale = max|x| / LIMIT (at least the smallest normal float), q = x / scale rounded
+        to int8 (half to even, clamped to ±127) or fp8 e4m3 (clamped to ±448); writes q and scale."""
+        row = tl.program_id(0).to(tl.int64)
+        _pdl_wait(USE_PDL)
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            ks = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), LIMIT), 1.1754943508222875e-38)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            ks = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+            scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+            if TO_INT8:
+                rounded = (scaled + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds half to even for |x| < 2**22
+                q = tl.minimum(tl.maximum(rounded, -LIMIT), LIMIT).to(tl.int8)
+            else:
+                q = tl.minimum(tl.maximum(scaled, -LIMIT), LIMIT).to(q_ptr.dtype.element_ty)
+            tl.store(q_ptr + row * stride_qm + ks, q, mask=ks < K)
+
+
+# ---------------------------------------------------------------- host side: checks, launches, dispatch
+
+SCALED_MM_FP8 = True  # FP8 act_quant prefill through torch._scaled_mm where it runs (Hopper, Ada); else Triton
+
+
+def _runs_kernels(x: torch.Tensor) -> bool:
+    """Whether this call runs the Triton kernels (a CUDA tensor, or any under the interpreter) or the twin."""
+    return triton is not None and (x.is_cuda or _INTERPRET)
+
+
+def _check_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int) -> None:
+    n, k = qweight.shape[0], x.shape[1]
+    if qweight.dtype != torch.int32 or qweight.shape[1] * 8 != k or qweight.stride(-1) != 1:
+        raise ValueError(f"int4: qweight must be contiguous int32 [N, K / 8] for K={k}, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    if group_size % 8 or k % group_size:
+        raise ValueError(f"int4: group size {group_size} must be a multiple of 8 that divides K={k}")
+    groups = (n, k // group_size)
+    if tuple(scales.shape) != groups or scales.stride(-1) != 1:
+        raise ValueError(f"int4: scales must be [N, K / G] = {groups}, got {tuple(scales.shape)}")
+    if zeros is not None and (tuple(zeros.shape) != groups or zeros.dtype != torch.uint8 or zeros.stride(-1) != 1):
+        raise ValueError(f"int4: zeros must be uint8 {groups}, got {zeros.dtype} {tuple(zeros.shape)}")
+
+
+def _check_per_channel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    if qweight.dtype not in (torch.int8, torch.float8_e4m3fn) or qweight.shape[1] != x.shape[1]:
+        raise ValueError(f"per_channel: qweight must be int8 or float8_e4m3fn [N, K={x.shape[1]}], got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    if qweight.stride(-1) != 1 or scales.dtype != torch.float32 or tuple(scales.shape) != (qweight.shape[0],):
+        raise ValueError("per_channel: qweight rows must be contiguous and scales float32 [N]")
+
+
+def _split(config: SkinnyConfig, n: int, k: int, block_m: int) -> tuple[int, int]:
+    """(programs along K, columns per program): `split_k` shares of whole chunks, none empty; one share when the
+    partials or tickets would not fit the workspace."""
+    from r1serve.kernels.triton_linear import _TICKETS, _WORKSPACE_FLOATS
+
+    chunks = triton.cdiv(k, config.block_k)
+    per_split = triton.cdiv(chunks, max(1, min(config.split_k, chunks)))
+    split = triton.cdiv(chunks, per_split)
+    if split > 1 and (split * n * block_m > _WORKSPACE_FLOATS or triton.cdiv(n, config.block_n) > _TICKETS):
+        split, per_split = 1, chunks
+    return split, per_split * config.block_k
+
+
+def _skinny_setup(x: torch.Tensor, n: int, config: SkinnyConfig) -> tuple[torch.Tensor, int, int, int, tuple]:
+    """(y [M, N], block_m, split, split span, (workspace, tickets)) of a skinny launch, after its checks."""
+    m, k = x.shape
+    if not 1 <= m <= SKINNY_MAX_M:
+        raise ValueError(f"skinny quantized product: M={m} rows is outside 1..{SKINNY_MAX_M}")
+    if config.block_k % 16 or config.tiles != 1 or (config.dot and config.block_n < 16):
+        raise ValueError(f"skinny quantized product: cannot run {config} (block_k a multiple of 16, one row tile, "
+                         f"16 rows per block for tensor cores)")
+    block_m = 16 if config.dot else m_bucket(m)
+    split, span = _split(config, n, k, block_m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    space = _workspace(x.device) if split > 1 else (y, y)
+    return y, block_m, split, span, space
+
+
+def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None = None, *, config: SkinnyConfig | None = None
+                ) -> torch.Tensor:
+    """x [M ≤ 16, K] @ int4 weight.T (+ bias) → [M, N] in one launch; `config` overrides the table / rule."""
+    _require_triton()
+    _check_int4(x, qweight, scales, zeros, group_size)
+    n, (m, k) = qweight.shape[0], x.shape
+    config = config or skinny_config(INT4, m, n, k, device_name(x.device))
+    y, block_m, split, span, (ws, tickets) = _skinny_setup(x, n, config)
+    grid = (triton.cdiv(n, config.block_n), split)
+    _int4_skinny_kernel[grid](
+        x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, ws, tickets,
+        m, n, k, k // 8, span // 8, x.stride(0), qweight.stride(0), scales.stride(0),
+        0 if zeros is None else zeros.stride(0),
+        y.stride(0), HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, DOT=config.dot,
+        USE_PDL=triton_ops.use_pdl(), num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
+    return y
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              group_size: int, bias: torch.Tensor | None = None, *, config: GemmConfig | None = None
+              ) -> torch.Tensor:
+    """x [M, K] @ int4 weight.T (+ bias) → [M, N], the tiled form (any M; meant for M > 16)."""
+    _require_triton()
+    _check_int4(x, qweight, scales, zeros, group_size)
+    n, (m, k) = qweight.shape[0], x.shape
+    config = config or gemm_config(INT4, m, n, k, device_name(x.device))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    if m:
+        _int4_gemm_kernel[grid](
+            x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, m, n, k, k // 8,
+            x.stride(0), qweight.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0), y.stride(0),
+            HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            USE_PDL=triton_ops.use_pdl(), num_warps=config.warps, num_stages=config.stages,
+            **triton_ops.pdl_launch())
+    return y
+
+
+def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quant_reference.quantize_per_token` in one launch: x [T, K] → (x_q [T, K] int8 or float8_e4m3fn,
+    scales float32 [T, 1])."""
+    _require_triton()
+    t, k = x.shape
+    to_int8 = fmt == INT8
+    x_q = torch.empty((t, k), dtype=torch.int8 if to_int8 else torch.float8_e4m3fn, device=x.device)
+    x_scales = torch.empty((t, 1), dtype=torch.float32, device=x.device)
+    if t:
+        block = min(4096, triton.next_power_of_2(k))
+        _quantize_rows_kernel[(t,)](x, x_q, x_scales, k, x.stride(0), x_q.stride(0),
+                                    LIMIT=quant_reference.INT8_MAX if to_int8 else quant_reference.FP8_MAX,
+                                    TO_INT8=to_int8, BLOCK=block, USE_PDL=triton_ops.use_pdl(),
+                                    num_warps=4 if block <= 2048 else 8, **triton_ops.pdl_launch())
+    return x_q, x_scales
+
+
+def _activation(x: torch.Tensor, qweight: torch.Tensor, act_quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product's left operand and its per-token scales: x itself (scales unused), or x quantized per token to
+    qweight's format."""
+    if not act_quant:
+        return x, x
+    return quantize_per_token(x, INT8 if qweight.dtype == torch.int8 else FP8)
+
+
+def per_channel_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       bias: torch.Tensor | None = None, act_quant: bool = False, *,
+                       config: SkinnyConfig | None = None) -> torch.Tensor:
+    """x [M ≤ 16, K] times the int8 / fp8 layout (+ bias) → [M, N]: one launch (two with act_quant, the first
+    quantizing x per token)."""
+    _require_triton()
+    _check_per_channel(x, qweight, scales)
+    n, (m, k) = qweight.shape[0], x.shape
+    config = config or skinny_config(_layout(qweight), m, n, k, device_name(x.device))
+    y, block_m, split, span, (ws, tickets) = _skinny_setup(x, n, config)
+    a, a_scales = _activation(x, qweight, act_quant)
+    grid = (triton.cdiv(n, config.block_n), split)
+    _per_channel_skinny_kernel[grid](
+        a, a_scales, qweight, scales, y if bias is None else bias, y, ws, tickets, m, n, k, span, a.stride(0),
+        qweight.stride(0), y.stride(0), ACT_QUANT=act_quant, INT_DOT=act_quant and config.dot and a.dtype ==
+        torch.int8, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=split, DOT=config.dot, USE_PDL=triton_ops.use_pdl(), num_warps=config.warps,
+        num_stages=config.stages, **triton_ops.pdl_launch())
+    return y
+
+
+def per_channel_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None = None, act_quant: bool = False, *,
+                     config: GemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] times the int8 / fp8 layout (+ bias) → [M, N], the tiled Triton form (any M; meant for M > 16)."""
+    _require_triton()
+    _check_per_channel(x, qweight, scales)
+    n, (m, k) = qweight.shape[0], x.shape
+    config = config or gemm_config(_layout(qweight), m, n, k, device_name(x.device))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if not m:
+        return y
+    a, a_scales = _activation(x, qweight, act_quant)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _per_channel_gemm_kernel[grid](
+        a, a_scales, qweight, scales, y if bias is None else bias, y, m, n, k, a.stride(0), qweight.stride(0),
+        y.stride(0), ACT_QUANT=act_quant, INT_DOT=act_quant and a.dtype == torch.int8, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        USE_PDL=triton_ops.use_pdl(), num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
+    return y
+
+
+def _scaled_mm_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether FP8 act_quant prefill goes to torch._scaled_mm: a CUDA device of compute capability ≥ 8.9 and
+    dimensions that are multiples of 16."""
+    return (SCALED_MM_FP8 and x.is_cuda and qweight.dtype == torch.float8_e4m3fn
+            and _capability(x.device) >= (8, 9) and x.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _scaled_mm_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """FP8 W8A8 through cuBLASLt: x quantized per token, rowwise (per-token × per-channel) scales, bf16 out."""
+    x_q, x_scales = quantize_per_token(x, FP8)
+    y = torch._scaled_mm(x_q, qweight.t(), scale_a=x_scales, scale_b=scales.view(1, -1), out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = (y.float() + bias.float()).to(x.dtype)
+    return y.to(x.dtype)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """`quant_reference.int4_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows, the tiled one above."""
+    if not _runs_kernels(x):
+        return quant_reference.int4_linear(x, qweight, scales, zeros, group_size, bias)
+    x2 = _rows(x)  # [T, K]
+    product = int4_skinny if 1 <= x2.shape[0] <= SKINNY_MAX_M else int4_gemm
+    y = product(x2, qweight, scales, zeros, group_size, bias)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def per_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                       act_quant: bool) -> torch.Tensor:
+    """`quant_reference.per_channel_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows; above, the
+    tiled kernel (FP8 act_quant: torch._scaled_mm where it runs)."""
+    if not _runs_kernels(x):
+        return quant_reference.per_channel_linear(x, qweight, scales, bias, act_quant)
+    x2 = _rows(x)  # [T, K]
+    if 1 <= x2.shape[0] <= SKINNY_MAX_M:
+        y = per_channel_skinny(x2, qweight, scales, bias, act_quant)
+    elif act_quant and _scaled_mm_ok(x2, qweight):
+        y = _scaled_mm_fp8(x2, qweight, scales, bias)
+    else:
+        y = per_channel_gemm(x2, qweight, scales, bias, act_quant)
+    return y.view(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,270 @@
+"""GPU tests of the quantized linear kernels (`kernels/triton_quant.py`) against their twins
+(`kernels/quant_reference.py`).
+
+Each test draws fresh random weights, quantizes them with the twins' own quantizers into the packed layouts, and
+checks the kernel's relative error ‖out − ref‖ / ‖ref‖ against the twin computed in float32 on upcast copies
+(bf16 / fp16 outputs land near 2e-3; NaN never passes). Sizes are chosen to hit partial row blocks (N not a
+multiple of any block), partial column chunks, uneven split-K shares and group boundaries (K a multiple of the
+group, 384 and 8960). Every test is marked `gpu`: conftest skips them without CUDA, and the module imports on
+CPU without Triton; `dev/interpret_kernels.py` runs a subset through Triton's interpreter in float32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1serve.kernels import quant_reference as qr
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+DTYPES = (torch.bfloat16, torch.float16)  # the interpreter replaces these with float32
+TOL = 1e-2
+EXACT_FP8 = True  # the device converts to fp8 as torch does; Triton's interpreter rounds differently
+
+
+def _tq():  # imported inside the tests, so that collection works without Triton
+    from r1serve.kernels import triton_quant
+
+    return triton_quant
+
+
+def _config(*args, **kwargs):
+    from r1serve.kernels.triton_linear import SkinnyConfig
+
+    return SkinnyConfig(*args, **kwargs)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in the output (an element was left unwritten?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def int4_case(n: int, k: int, group: int, zeros: bool, bias: bool, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Packed int4 weights of a random [n, k] matrix: (qweight, scales, zeros or None, bias or None)."""
+    weight = torch.randn(n, k, device=DEVICE) * k ** -0.5
+    qweight, scales, zero_points = qr.quantize_int4(weight, group, symmetric=not zeros)
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    return qweight, scales.to(dtype), zero_points, b
+
+
+def per_channel_case(fmt: str, n: int, k: int, bias: bool, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """int8 / fp8 weights of a random [n, k] matrix: (qweight, scales float32, bias or None)."""
+    qweight, scales = qr.quantize_per_channel(torch.randn(n, k, device=DEVICE) * k ** -0.5, fmt)
+    return qweight, scales, torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+
+
+def activations(t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(t, k, device=DEVICE, dtype=dtype) * 2
+
+
+def int4_ref(x, qweight, scales, zeros, group, bias) -> torch.Tensor:
+    """The twin in float32 on upcast copies (the dequantized weight rounded to scales' dtype first, as it is)."""
+    return qr.int4_linear(x.float(), qweight, scales, zeros, group, None if bias is None else bias.float())
+
+
+def per_channel_ref(x, qweight, scales, bias, act_quant) -> torch.Tensor:
+    return qr.per_channel_linear(x.float(), qweight, scales, None if bias is None else bias.float(), act_quant)
+
+
+# ---------------------------------------------------------------- int4 (W4A16)
+
+INT4_SHAPES = [(37, 384, 32), (129, 384, 128), (70, 8960, 128), (100, 1536, 64), (53, 8960, 8960)]  # G = K
+
+
+@pytest.mark.parametrize("t", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("shape", INT4_SHAPES)
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_linear_matches_twin(t: int, shape: tuple[int, int, int], zeros: bool, bias: bool,
+                                  dtype: torch.dtype) -> None:
+    """The dispatching op (skinny up to 16 rows, tiled above) at odd N and every group size."""
+    n, k, group = shape
+    qweight, scales, zero_points, b = int4_case(n, k, group, zeros, bias, dtype)
+    x = activations(t, k, dtype)
+    out = _tq().int4_linear(x, qweight, scales, zero_points, group, b)
+    assert out.shape == (t, n) and out.dtype == dtype
+    assert rel_err(out, int4_ref(x, qweight, scales, zero_points, group, b)) < TOL
+
+
+def _skinny_configs(m: int) -> list:
+    """Every skinny form: FMA (several chunks, split-K with uneven shares, one whole-K chunk) up to 2 rows,
+    tensor cores (split or not) at any row count."""
+    dots = [_config(16, 64, dot=True), _config(32, 128, split_k=3, dot=True, warps=8)]
+    if m > 2:
+        return dots
+    return [_config(4, 64), _config(2, 128, split_k=3), _config(1, 2048), _config(8, 256, split_k=5), *dots]
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 16])
+@pytest.mark.parametrize("shape", [(37, 384, 32), (129, 1000, 40), (20, 8960, 8960)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_int4_skinny_any_config(t: int, shape: tuple[int, int, int], zeros: bool) -> None:
+    n, k, group = shape
+    dtype = DTYPES[0]
+    qweight, scales, zero_points, b = int4_case(n, k, group, zeros, True, dtype)
+    x = activations(t, k, dtype)
+    ref = int4_ref(x, qweight, scales, zero_points, group, b)
+    for config in _skinny_configs(t):
+        out = _tq().int4_skinny(x, qweight, scales, zero_points, group, b, config=config)
+        assert rel_err(out, ref) < TOL, str(config)
+
+
+@pytest.mark.parametrize("t", [17, 100])
+def test_int4_gemm_any_tiles(t: int) -> None:
+    tq = _tq()
+    n, k, group = 150, 1000, 40
+    dtype = DTYPES[0]
+    qweight, scales, zero_points, b = int4_case(n, k, group, True, True, dtype)
+    x = activations(t, k, dtype)
+    ref = int4_ref(x, qweight, scales, zero_points, group, b)
+    for config in (tq.GemmConfig(16, 32, 64, group_m=2), tq.GemmConfig(32, 64, 128, warps=8, stages=2)):
+        out = tq.int4_gemm(x, qweight, scales, zero_points, group, b, config=config)
+        assert rel_err(out, ref) < TOL, str(config)
+
+
+def test_int4_rejects_layouts_it_cannot_read() -> None:
+    tq = _tq()
+    qweight, scales, _, _ = int4_case(16, 256, 64, False, False, DTYPES[0])
+    x = activations(1, 256, DTYPES[0])
+    with pytest.raises(ValueError, match="group size"):
+        tq.int4_skinny(x, qweight, scales, None, 60, None)
+    with pytest.raises(ValueError, match="scales must be"):
+        tq.int4_skinny(x, qweight, scales[:, :2], None, 64, None)
+    with pytest.raises(ValueError, match="cannot run"):
+        tq.int4_skinny(x, qweight, scales, None, 64, None, config=_config(8, 64, dot=True))
+
+
+# ---------------------------------------------------------------- int8 / fp8 (W8A16, W8A8)
+
+PER_CHANNEL_SHAPES = [(37, 384), (129, 1000), (70, 8960)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("t", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("shape", PER_CHANNEL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_channel_linear_matches_twin(fmt: str, act_quant: bool, t: int, shape: tuple[int, int], bias: bool,
+                                         dtype: torch.dtype) -> None:
+    """The dispatching op (skinny up to 16 rows; above, the tiled kernel or, for FP8 W8A8, torch._scaled_mm)."""
+    n, k = shape
+    qweight, scales, b = per_channel_case(fmt, n, k, bias, dtype)
+    x = activations(t, k, dtype)
+    out = _tq().per_channel_linear(x, qweight, scales, b, act_quant)
+    assert out.shape == (t, n) and out.dtype == dtype
+    if act_quant and fmt == "fp8" and not EXACT_FP8:  # compare on the kernel's own quantized x
+        x_q, x_scales = _tq().quantize_per_token(x, "fp8")
+        ref = (x_q.float() @ qweight.float().T) * x_scales * scales + (0 if b is None else b.float())
+    else:
+        ref = per_channel_ref(x, qweight, scales, b, act_quant)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("t", [1, 2, 5, 16])
+def test_per_channel_skinny_any_config(fmt: str, act_quant: bool, t: int) -> None:
+    n, k = 129, 1000
+    dtype = DTYPES[0]
+    qweight, scales, b = per_channel_case(fmt, n, k, True, dtype)
+    x = activations(t, k, dtype)
+    x_q, x_scales = _tq().quantize_per_token(x, fmt) if act_quant else (x, None)
+    ref = (x_q.float() @ qweight.float().T) * (x_scales if act_quant else 1.0) * scales + b.float()
+    for config in _skinny_configs(t):
+        out = _tq().per_channel_skinny(x, qweight, scales, b, act_quant, config=config)
+        assert rel_err(out, ref) < TOL, str(config)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_per_channel_gemm_any_tiles(fmt: str, act_quant: bool) -> None:
+    """The Triton tiled kernel itself (the dispatcher may send FP8 W8A8 to torch._scaled_mm instead)."""
+    tq = _tq()
+    n, k, t = 150, 1000, 100
+    dtype = DTYPES[0]
+    qweight, scales, b = per_channel_case(fmt, n, k, True, dtype)
+    x = activations(t, k, dtype)
+    x_q, x_scales = tq.quantize_per_token(x, fmt) if act_quant else (x, None)
+    ref = (x_q.float() @ qweight.float().T) * (x_scales if act_quant else 1.0) * scales + b.float()
+    for config in (None, tq.GemmConfig(16, 32, 64, group_m=2), tq.GemmConfig(64, 64, 128, warps=8, stages=2)):
+        out = tq.per_channel_gemm(x, qweight, scales, b, act_quant, config=config)
+        assert rel_err(out, ref) < TOL, str(config)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("k", [1000, 8960])
+def test_quantize_per_token_matches_twin(fmt: str, k: int) -> None:
+    """Per-token scales equal the twin's; the quantized values too (fp8 where the conversion is the device's)."""
+    x = activations(5, k, DTYPES[0]) * torch.rand(5, 1, device=DEVICE, dtype=DTYPES[0])
+    x[3] = 0  # a zero row: the smallest normal scale, zeros
+    x_q, x_scales = _tq().quantize_per_token(x, fmt)
+    ref_q, ref_scales = qr.quantize_per_token(x, fmt)
+    assert x_q.dtype == ref_q.dtype and x_scales.shape == ref_scales.shape
+    assert torch.equal(x_scales, ref_scales)
+    if fmt == "int8" or EXACT_FP8:
+        assert torch.equal(x_q.float(), ref_q.float())
+    else:  # the interpreter drops the carry of a value rounded up to a power of two (it comes out halved) and
+        # truncates subnormals (off by one step of 2**-9)
+        got, want = x_q.float(), ref_q.float()
+        assert ((got == want) | (got * 2 == want) | ((got - want).abs() <= 2 ** -9)).all()
+
+
+# ---------------------------------------------------------------- model shapes and CUDA graphs
+
+MODEL_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]  # qkv, o_proj, gate_up, down
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 8, 16, 256])
+def test_quantized_ops_at_model_shapes(t: int) -> None:
+    """The 1.5B model's projections at every decode bucket and a prefill: each layout as the model calls it."""
+    tq = _tq()
+    dtype = DTYPES[0]
+    for n, k in MODEL_SHAPES:
+        x = activations(t, k, dtype)
+        for zeros in (False, True):
+            qweight, scales, zero_points, _ = int4_case(n, k, 128, zeros, False, dtype)
+            out = tq.int4_linear(x, qweight, scales, zero_points, 128, None)
+            assert rel_err(out, int4_ref(x, qweight, scales, zero_points, 128, None)) < TOL
+        for fmt in ("int8", "fp8"):
+            qweight, scales, _ = per_channel_case(fmt, n, k, False, dtype)
+            for act_quant in (False, True):
+                out = tq.per_channel_linear(x, qweight, scales, None, act_quant)
+                assert rel_err(out, per_channel_ref(x, qweight, scales, None, act_quant)) < TOL
+
+
+def test_skinny_cuda_graph_replay_at_one_row() -> None:
+    """The decode path captured once at T = 1 (split-K tickets, activation quantization included) and replayed on
+    new inputs equals eager calls, twice over (the tickets reset themselves)."""
+    tq = _tq()
+    dtype = DTYPES[0]
+    x = activations(1, 8960, dtype)
+    q4, s4, z4, b4 = int4_case(1536, 8960, 128, True, True, dtype)
+    q8, s8, _ = per_channel_case("int8", 1536, 8960, False, dtype)
+    qf, sf, _ = per_channel_case("fp8", 1536, 8960, False, dtype)
+    calls = [
+        lambda: tq.int4_linear(x, q4, s4, z4, 128, b4),
+        lambda: tq.int4_skinny(x, q4, s4, None, 128, None, config=_config(4, 256, split_k=8)),
+        lambda: tq.per_channel_linear(x, q8, s8, None, True),
+        lambda: tq.per_channel_linear(x, qf, sf, None, False),
+        lambda: tq.per_channel_skinny(x, qf, sf, None, True, config=_config(16, 512, split_k=4, dot=True)),
+    ]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and allocate the split-K workspace outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [call() for call in calls]
+    for _ in range(2):
+        x.copy_(activations(1, 8960, dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, call in zip(outs, calls, strict=True):
+            assert torch.equal(out, call())
