@@ -13,7 +13,6 @@ modules hold the weights, and the ops table computes their products.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -118,27 +117,18 @@ def triton_kernel_ops(fused: bool = True) -> KernelOps:
     """The CUDA table: Triton element-wise kernels and, with `fused`, the skinny-product kernels of
     `kernels.triton_linear` (a few rows; cuBLAS beyond), the fused rotary + KV store, and decode attention with
     both folded in. Needs Triton."""
-    from r1serve.kernels import triton_attention, triton_linear, triton_ops
+    from r1serve.kernels import triton_attention, triton_linear, triton_ops, triton_quant
 
     elementwise = KernelOps(rms_norm=triton_ops.rms_norm, fused_add_rms_norm=triton_ops.fused_add_rms_norm,
                             silu_and_mul=triton_ops.silu_and_mul, apply_rotary=triton_ops.apply_rotary,
-                            **_triton_quant_entries())
+                            int4_linear=triton_quant.int4_linear,
+                            per_channel_linear=triton_quant.per_channel_linear)
     if not fused:
         return elementwise
     return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
                    fused_norm_gate_up=triton_linear.rms_norm_gate_up,
                    fused_rotary_store_kv=triton_attention.rotary_store_kv,
                    fused_rotary_store_attend=triton_attention.rotary_store_attend)
-
-
-def _triton_quant_entries() -> dict[str, Callable[..., torch.Tensor]]:
-    """The quantized products' Triton kernels (`kernels.triton_quant`) where that module is present; else
-    none, and the table keeps the torch twins."""
-    if importlib.util.find_spec("r1serve.kernels.triton_quant") is None:
-        return {}
-    from r1serve.kernels import triton_quant
-
-    return {"int4_linear": triton_quant.int4_linear, "per_channel_linear": triton_quant.per_channel_linear}
 
 
 class RMSNorm(nn.Module):
