@@ -3,6 +3,8 @@
 #   bash benchmarks/device_session.sh tests   OUT_DIR   # the gpu-marked tests: kernels vs twins, sampler, engine
 #   bash benchmarks/device_session.sh offline OUT_DIR   # ceilings, batch-1 decode, nano, 1,000 x 512/512, transformers
 #   bash benchmarks/device_session.sh serving OUT_DIR   # r1serve serve + r1serve bench (needs the wheels, below)
+#   bash benchmarks/device_session.sh quant-tests OUT_DIR    # quantized kernels vs twins, engine GPU tests, op times
+#   bash benchmarks/device_session.sh quant-offline OUT_DIR  # batch-1 decode and nano per weight format
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
 # real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
@@ -29,6 +31,17 @@ case $stage in
   serving)
     R1SERVE="python3 -m r1serve.cli" RATES=inf CONCURRENCY=1,64,256 SWEEP_PROMPTS=8,256,512 \
       timeout 560 bash benchmarks/h100_serving.sh "${TOKENIZER:-.carry/tokenizer}" "$out" ;;
+  quant-tests)
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -x tests/test_quant_kernels_gpu.py || true
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py || true
+    timeout 200 python3 benchmarks/quant_gpu.py ;;
+  quant-offline)
+    for quantization in none w4a16 int8 fp8 w8a8; do
+      flag=(); [ "$quantization" = none ] || flag=(--quantization "$quantization")
+      echo "== weights: $quantization"
+      timeout 110 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano \
+        --decode-tokens 1024 --hf "" --max-model-len 4096 "${flag[@]}" | tail -4 || true
+    done ;;
   *)
-    echo "unknown stage $stage (tests, offline, serving)" >&2; exit 2 ;;
+    echo "unknown stage $stage (tests, offline, serving, quant-tests, quant-offline)" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Timing helpers the GPU benchmark scripts share: a CUDA-graph replay timer and the copy-bandwidth ceiling.
 
-Run from a script in this folder (its folder is on `sys.path`): `from gpu_timing import copy_bandwidth, graph_us`.
+Run from a script in this folder (its folder is on `sys.path`):
+`from gpu_timing import copy_bandwidth, graph_calls_us, graph_us`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ def graph_us(fn: Callable[[], object], rep_ms: int = 50, warmup_ms: int = 20) ->
     with torch.cuda.graph(graph):
         fn()
     return triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def graph_calls_us(fns: list[Callable[[], object]], rep_ms: int = 40, warmup_ms: int = 10) -> float:
+    """Per-call µs of `fns` captured back to back into one CUDA graph (the replay's median / len(fns)): how an
+    op runs among the model's other launches. They run once first, outside the capture, to compile and
+    allocate."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    replay_ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return replay_ms * 1e3 / len(fns)
 
 
 def copy_bandwidth() -> float:

@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 import triton
+from gpu_timing import graph_calls_us
 from triton.testing import do_bench
 
 from r1serve.engine.sampler import Sampler, SamplingBatch
@@ -96,21 +97,6 @@ def kv_bytes(seq_lens: list[int]) -> int:
     return sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
 
 
-def graph_us(fns: list[Callable[[], object]]) -> float:
-    """Per-call time of `fns` captured back to back into one CUDA graph: the replay's median / len(fns)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and allocate outside the capture
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return median_us(graph.replay) / len(fns)
-
-
 def decode_graph_us(batch: int, length: int, layers: int = 28, **kwargs: object) -> float:
     """Decode attention as the model runs it: one graph over `layers` calls, each on its own cache."""
     calls = []
@@ -118,7 +104,7 @@ def decode_graph_us(batch: int, length: int, layers: int = 28, **kwargs: object)
         q, k, v, meta = paged_batch([1] * batch, [length] * batch)
         calls.append(partial(ta.paged_decode_attention, q, k, v, meta.block_tables, meta.seq_lens,
                              HEAD_DIM ** -0.5, length, **kwargs))
-    us = graph_us(calls)
+    us = graph_calls_us(calls)
     del calls
     torch.cuda.empty_cache()
     return us
@@ -217,7 +203,7 @@ def store_rows(bw: float, token_counts: list[int]) -> list[Row]:
         nbytes = 2 * 2 * key.numel() * 2  # read + write, K and V
         args = (key, value, k_cache, v_cache, meta.slot_mapping)
         mine = partial(ta.store_kv, *args)
-        t, t_twin = graph_us([mine] * 28), median_us(partial(twin.store_kv, *args))
+        t, t_twin = graph_calls_us([mine] * 28), median_us(partial(twin.store_kv, *args))
         rows.append(Row("store_kv", f"T={tokens}", t, t_twin, nbytes, nbytes / bw * 1e6,
                         note=f"eager call {median_us(mine):.1f} us"))
     return rows
@@ -244,10 +230,10 @@ def op_rows(bw: float, token_counts: list[int]) -> list[Row]:
         ]
         for name, op, op_args, nbytes in cases:
             mine, twin = partial(getattr(triton_ops, op), *op_args), partial(getattr(reference, op), *op_args)
-            rows.append(Row(name, f"T={t}", graph_us([mine] * 28), median_us(twin), nbytes, nbytes / bw * 1e6,
+            rows.append(Row(name, f"T={t}", graph_calls_us([mine] * 28), median_us(twin), nbytes, nbytes / bw * 1e6,
                             note=f"eager call {median_us(mine):.1f} us"))
         inplace = partial(triton_ops.apply_rotary, q, k, pos, cache, inplace=True)
-        rows.append(Row("apply_rotary_inplace", f"T={t}", graph_us([inplace] * 28), rows[-1].twin_us,
+        rows.append(Row("apply_rotary_inplace", f"T={t}", graph_calls_us([inplace] * 28), rows[-1].twin_us,
                         qk_bytes, qk_bytes / bw * 1e6, note=f"eager call {median_us(inplace):.1f} us"))
     return rows
 
@@ -283,11 +269,11 @@ def sampling_rows(bw: float, batches: list[int]) -> list[Row]:
             note = (f"eager {median_us(mine):.1f} us; {split} programs/row; passes mean "
                     f"{passes.float().mean():.2f} max {int(passes.max())}")
             if split > 1:
-                note += f"; 1 program/row: graph {graph_us([unsplit] * 8):.1f} us"
-            rows.append(Row("sample", f"B={batch} V={VOCAB} {kind} fp32", graph_us([mine] * 8),
+                note += f"; 1 program/row: graph {graph_calls_us([unsplit] * 8):.1f} us"
+            rows.append(Row("sample", f"B={batch} V={VOCAB} {kind} fp32", graph_calls_us([mine] * 8),
                             median_us(partial(sampler, logits, sb)), nbytes, nbytes / bw * 1e6, note=note))
             bf16 = logits.to(torch.bfloat16)
-            rows.append(Row("sample", f"B={batch} V={VOCAB} {kind} bf16", graph_us(
+            rows.append(Row("sample", f"B={batch} V={VOCAB} {kind} bf16", graph_calls_us(
                 [partial(tsm.sample, bf16, sb.temperature, sb.top_p, top_k, min_p, seeds)] * 8), float("nan"),
                 nbytes // 2, nbytes / 2 / bw * 1e6, note="twin: the torch path takes float32 logits"))
     return rows
@@ -307,7 +293,7 @@ def sampling_sweep(bw: float) -> list[Row]:
                     logits = torch.randn(batch, VOCAB, device=DEVICE) * spread
                     fn = partial(tsm.sample, logits, zeros + 0.6, zeros + 0.95, zeros.long(), zeros, seeds)
                     nbytes = logits.numel() * logits.element_size()
-                    rows.append(Row("sample_sweep", f"B={batch} {kind} fp32 lanes={lanes}", graph_us([fn] * 8),
+                    rows.append(Row("sample_sweep", f"B={batch} {kind} fp32 lanes={lanes}", graph_calls_us([fn] * 8),
                                     float("nan"), nbytes, nbytes / bw * 1e6,
                                     note=f"{lanes // 32} warps, groups of {tsm.BLOCK // lanes} tokens"))
     finally:

@@ -26,8 +26,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
-from gpu_timing import copy_bandwidth
-from triton.testing import do_bench
+from gpu_timing import copy_bandwidth, graph_calls_us
 
 from r1serve.kernels import quant_reference as qr
 from r1serve.kernels import triton_linear
@@ -69,23 +68,6 @@ def weight_copies(variant: str, n: int, k: int) -> tuple[list[Call], int]:
     return calls, nbytes
 
 
-def graph_us(fns: list[Callable[[], object]]) -> float:
-    """Per-call µs of `fns` captured back to back into one CUDA graph: the replay's median / len(fns)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and allocate outside the capture
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    us = do_bench(graph.replay, warmup=10, rep=40, return_mode="median") * 1e3 / len(fns)
-    del graph
-    return us
-
-
 def time_variants(bw: float) -> list[dict]:
     """One row per (shape, variant, M): µs per call and GB/s of weight bytes."""
     rows = []
@@ -94,7 +76,7 @@ def time_variants(bw: float) -> list[dict]:
             calls, nbytes = weight_copies(variant, n, k)
             for m in ROWS:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                us = graph_us([partial(call, x) for call in calls])
+                us = graph_calls_us([partial(call, x) for call in calls])
                 rows.append({"shape": name, "n": n, "k": k, "m": m, "variant": variant, "us": round(us, 2),
                              "weight_bytes": nbytes, "GBps": round(nbytes / us * 1e-3, 1),
                              "roofline_us": round(nbytes / bw * 1e6, 2)})
@@ -142,7 +124,7 @@ def sweep(rows_to_sweep: list[int]) -> list[dict]:
                 for config in {default, *sweep_candidates(m)}:
                     tq.TUNED[""][(layout, n, k, m)] = config
                     try:
-                        timed[config] = graph_us([partial(call, x) for call in calls])
+                        timed[config] = graph_calls_us([partial(call, x) for call in calls])
                     except (triton.runtime.errors.OutOfResources, ValueError):
                         pass
                 del tq.TUNED[""][(layout, n, k, m)]
