@@ -189,6 +189,7 @@ class EngineConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     quantization: str | None = None  # None: as config.json's quantization_config says (dense without one)
+    download_dir: str | None = None  # where hub downloads go (default: the Hugging Face cache)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

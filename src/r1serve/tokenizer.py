@@ -129,6 +129,10 @@ class Tokenizer(ABC):
         text = self.apply_chat_template(messages, add_generation_prompt, force_thinking)
         return self.encode(text, add_special_tokens=False)
 
+    def set_chat_template(self, source: str) -> None:
+        """Replace the chat template (`--chat-template`) with this jinja source."""
+        raise ValueError(f"{type(self).__name__} cannot take a chat template: pass a tokenizer folder (--tokenizer)")
+
     def max_chars_per_token(self) -> int:
         """The most characters one token can stand for, so that a text of more than `limit` times this many
         characters is known to have more than `limit` tokens without being encoded."""
@@ -201,6 +205,9 @@ class HFTokenizer(Tokenizer):
         self.think_end_id = self._tok.token_to_id(THINK_END)
         source = _read_chat_template(self.folder, config)
         self._template = _compile_chat_template(source) if source else None
+
+    def set_chat_template(self, source: str) -> None:
+        self._template = _compile_chat_template(source)
 
     def _token_strings(self) -> list[str]:
         return list(self._tok.get_vocab(with_added_tokens=True))  # byte-level: one symbol per UTF-8 byte

@@ -69,7 +69,8 @@ class ModelFiles:
 
     @classmethod
     def load(cls, config: EngineConfig) -> ModelFiles:
-        path = resolve_model_path(config.model, config.revision, allow_missing=config.load_format == "dummy")
+        path = resolve_model_path(config.model, config.revision, allow_missing=config.load_format == "dummy",
+                                  download_dir=config.download_dir)
         model_config = load_model_config(config, path)
         tokenizer = load_tokenizer(config.tokenizer or path)
         return cls(path, model_config, tokenizer, min(config.max_model_len, model_config.max_position_embeddings))

@@ -76,7 +76,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def resolve_model_path(model: str, revision: str | None, allow_missing: bool) -> Path | None:
+def resolve_model_path(model: str, revision: str | None, allow_missing: bool,
+                       download_dir: str | None = None) -> Path | None:
     """A local folder as is; else a hub id fetched (or found in the cache) with `huggingface_hub`.
 
     With `allow_missing` (dummy weights) only config and tokenizer files are fetched, and a model that cannot
@@ -90,7 +91,7 @@ def resolve_model_path(model: str, revision: str | None, allow_missing: bool) ->
         raise ModelNotFoundError(f"model folder {model} does not exist")
     patterns = _CONFIG_PATTERNS if allow_missing else _CONFIG_PATTERNS + _WEIGHT_PATTERNS
     try:
-        return Path(_snapshot(model, revision, patterns))
+        return Path(_snapshot(model, revision, patterns, download_dir))
     except Exception as e:  # the hub raises many types (offline, not found, gated, network): all = absent
         if allow_missing:
             logger.info("model %s not found locally or on the hub (%s); continuing without files", model,
@@ -109,13 +110,14 @@ def _why(error: Exception) -> str:
     return f"{name}: {str(error).splitlines()[0][:200]}" if str(error) else name
 
 
-def _snapshot(model: str, revision: str | None, patterns: list[str]) -> str:
+def _snapshot(model: str, revision: str | None, patterns: list[str], cache_dir: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     try:  # the local cache first, so that a cached model needs no network
-        return snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True)
+        return snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True,
+                                 cache_dir=cache_dir)
     except Exception:
-        return snapshot_download(model, revision=revision, allow_patterns=patterns)
+        return snapshot_download(model, revision=revision, allow_patterns=patterns, cache_dir=cache_dir)
 
 
 def load_model_config(config: EngineConfig, model_path: Path | None) -> ModelConfig:

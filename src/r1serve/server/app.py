@@ -12,6 +12,7 @@ import hmac
 import logging
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -111,7 +112,7 @@ async def _client_disconnected(request: Request, exc: Exception) -> Response:
 def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI:
     """The app serving `engine` under `settings`; with `engine=None` it answers 503 "loading" until the
     engine is attached with `server_state(app).engine = engine`."""
-    app = FastAPI(title="r1serve", version=__version__,
+    app = FastAPI(title="r1serve", version=__version__, root_path=settings.root_path or "",
                   description="OpenAI-compatible server for DeepSeek-R1-Distill-Qwen models, with the R1 usage "
                               "rules built in (see the x-r1serve-policy response header).")
     state = ServerState(settings=settings, engine=engine)
@@ -122,5 +123,9 @@ def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI
     _add_api_routes(app, state)
     app.add_middleware(CatchUnexpectedMiddleware)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mb * MiB))
+    if settings.allowed_origins:  # CORS, answered before the routes (preflights carry no API key)
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers,
+                           allow_credentials=settings.allow_credentials)
     app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)  # outermost: also counts the 500s and 413s
     return app

@@ -9,6 +9,7 @@ model then validates them together and a problem is reported as a usage error na
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import types
 from pathlib import Path
@@ -45,8 +46,8 @@ def _argument_kwargs(info: FieldInfo) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_.replace("%", "%%")}
     if annotation is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif get_origin(annotation) is list:
-        kwargs.update(action="append", type=get_args(annotation)[0], metavar="NAME")
+    elif get_origin(annotation) is list:  # repeatable, and several values after one flag (as vLLM takes them)
+        kwargs.update(action="extend", nargs="+", type=get_args(annotation)[0], metavar="NAME")
     elif get_origin(annotation) is Literal:
         kwargs["choices"] = list(get_args(annotation))
     else:
@@ -56,8 +57,19 @@ def _argument_kwargs(info: FieldInfo) -> dict[str, Any]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        """One line naming the problem (not the whole usage), exit status 2."""
+        """One line naming the problem (not the whole usage), exit status 2; an unknown flag comes with the
+        closest known one."""
+        if message.startswith("unrecognized arguments:"):
+            message += self._suggestion(message.split(":", 1)[1].split())
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def _suggestion(self, words: list[str]) -> str:
+        known = [flag for action in self._actions for flag in action.option_strings]
+        for word in (w.split("=", 1)[0] for w in words if w.startswith("--")):
+            close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:

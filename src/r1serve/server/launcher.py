@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -132,11 +133,31 @@ def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) 
     if server.should_exit:  # stopped while loading
         engine.shutdown()
         return
+    if settings.chat_template is not None:
+        engine.tokenizer.set_chat_template(read_chat_template(settings.chat_template))
     state.engine = engine
     engine.on_death(lambda reason: server.engine_died())
     logger.info("model %s ready: answers to %s; max_model_len %d; policy %s", settings.model,
                 ", ".join(state.model_names), engine.max_model_len, _policy_summary(settings))
     uvicorn_logger.info("Application startup complete.")
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template`: a file's contents, or the value itself when it is template text (as vLLM takes it)."""
+    path = Path(value).expanduser()
+    return path.read_text(encoding="utf-8") if path.is_file() else value
+
+
+def log_accepted_flags(settings: ServerSettings) -> None:
+    """One line for each vLLM flag given that r1serve accepts because it already does what the flag asks."""
+    notes = {"trust_remote_code": "--trust-remote-code: the Qwen2 architecture is built in; no remote code runs",
+             "reasoning_parser": "--reasoning-parser deepseek_r1: the reasoning split is built in (usage rule 5)",
+             "enable_reasoning": "--enable-reasoning: reasoning is always returned apart from the answer",
+             "enable_chunked_prefill": "--enable-chunked-prefill: chunked prefill is always on",
+             "max_logprobs": "--max-logprobs: logprobs are not supported yet; requests asking for them get 400"}
+    for name, note in notes.items():
+        if name in settings.model_fields_set:
+            logger.info(note)
 
 
 def _policy_summary(settings: ServerSettings) -> str:
@@ -146,7 +167,8 @@ def _policy_summary(settings: ServerSettings) -> str:
 
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM/Ctrl+C (exit 0) or a start-up failure (exit 1, one clear line)."""
-    setup_logging(settings.log_level, settings.log_file)
+    setup_logging(settings.log_level, settings.log_file, settings.uvicorn_log_level)
+    log_accepted_flags(settings)
     try:
         sock = bind_socket(settings.host, settings.port)
     except ServerStartError as exc:
@@ -156,7 +178,8 @@ def run_server(settings: ServerSettings) -> int:
     state = server_state(app)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="off", log_config=None,
                             access_log=settings.access_log, http=guarded_h11_protocol(settings.timeout_request_header),
-                            timeout_keep_alive=settings.timeout_keep_alive,
+                            timeout_keep_alive=settings.timeout_keep_alive, root_path=settings.root_path or "",
+                            ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_period + SHUTDOWN_BACKSTOP_S))
     server = R1Server(config, state)
     loader = threading.Thread(target=load_engine, args=(settings, state, server), name="r1serve-loader",

@@ -15,10 +15,12 @@ from pathlib import Path
 LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 DATE_FORMAT = "%m-%d %H:%M:%S"
 _OWN_HANDLER = "_r1serve_handler"
+TRACE_LEVEL = 5  # uvicorn's "trace"
 
 
-def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
-    """Send every log line to stderr (and to `log_file`, appended) in r1serve's format; idempotent."""
+def setup_logging(level: str = "info", log_file: Path | None = None, uvicorn_level: str | None = None) -> None:
+    """Send every log line to stderr (and to `log_file`, appended) in r1serve's format; idempotent. uvicorn's
+    loggers take `uvicorn_level` where given (`trace` is uvicorn's level below debug)."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, _OWN_HANDLER, False)]:
         root.removeHandler(handler)
@@ -37,4 +39,5 @@ def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-        logger.setLevel(level.upper())
+        own = uvicorn_level if uvicorn_level is not None and name.startswith("uvicorn") else level
+        logger.setLevel(TRACE_LEVEL if own == "trace" else own.upper())

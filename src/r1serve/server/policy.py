@@ -38,6 +38,8 @@ class PolicyConfig:
     thinking_budget: bool = True  # rule 7: honour max_thinking_tokens
     default_max_thinking_tokens: int | None = None  # rule 7: budget of requests that set none
     repetition_guard: bool = True  # rule 8
+    default_temperature: float = R1_TEMPERATURE  # rule 2's defaults (--generation-config may change them)
+    default_top_p: float = R1_TOP_P
 
 
 @dataclass
@@ -102,10 +104,10 @@ def sampling_defaults(temperature: float | None, top_p: float | None, config: Po
     works on its own too)."""
     if config.r1_sampling_defaults:
         if temperature is None:
-            temperature = R1_TEMPERATURE
+            temperature = config.default_temperature
             record.add("default-temperature")
         if top_p is None:
-            top_p = R1_TOP_P
+            top_p = config.default_top_p
             record.add("default-top-p")
     temperature = OPENAI_TEMPERATURE if temperature is None else temperature
     top_p = OPENAI_TOP_P if top_p is None else top_p

@@ -103,9 +103,10 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     record = PolicyRecord()
     with Admission(state, f"chatcmpl-{uuid.uuid4().hex}") as admission:
         job = await prepare_chat(request, engine, state, record, admission.request_id)
-        logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", job.request_id,
-                    len(job.prompt_token_ids), job.params.n, job.params.max_tokens, request.stream,
-                    record.header())
+        if not state.settings.disable_log_requests:
+            logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", job.request_id,
+                        len(job.prompt_token_ids), job.params.n, job.params.max_tokens, request.stream,
+                        record.header())
         if request.stream:
             return SSEResponse(chat_stream(engine, job, state), headers=policy_headers(record),
                                on_close=admission.hand_over())

@@ -82,8 +82,9 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
         params = build_sampling_params(request, state, record)
         ids = await off_loop(prompt_token_ids, request.prompt, engine.tokenizer, engine.max_model_len)
         check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
-        logger.info("%s: completion, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", request_id,
-                    len(ids), params.n, params.max_tokens, request.stream, record.header())
+        if not state.settings.disable_log_requests:
+            logger.info("%s: completion, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", request_id,
+                        len(ids), params.n, params.max_tokens, request.stream, record.header())
         if request.stream:
             stream = completion_stream(engine, ids, params, request_id, request, state)
             return SSEResponse(stream, headers=policy_headers(record), on_close=admission.hand_over())

@@ -9,12 +9,14 @@ refused here, before anything is loaded, with a message that names the flag.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from r1serve.config import DEFAULT_MODEL, QUANTIZATION_METHODS, EngineConfig
+from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P
 from r1serve.server.policy import PolicyConfig
 
 # What `--quantization` accepts ("none": as the checkpoint's config.json says; docs/quantization.md).
@@ -68,6 +70,33 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="log one line per HTTP request")
 
+    # --- vLLM's flags that recipes for this model use (docs/serving.md has the table) ---
+    trust_remote_code: bool = Field(
+        False, description="accepted for vLLM compatibility: the Qwen2 architecture runs no remote code")
+    reasoning_parser: str | None = Field(
+        None, description="accepted as `deepseek_r1`: the reasoning split is built in (usage rule 5)")
+    enable_reasoning: bool = Field(False, description="accepted: reasoning is always returned apart (rule 5)")
+    enable_chunked_prefill: bool = Field(True, description="accepted: chunked prefill is always on")
+    disable_log_requests: bool = Field(False, description="no log line per request")
+    uvicorn_log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] | None = Field(
+        None, description="log level of uvicorn's own loggers (default: --log-level)")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="CORS: origins allowed to call the API (repeatable, or a JSON list)")
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"], description="CORS: allowed methods")
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"], description="CORS: allowed headers")
+    allow_credentials: bool = Field(False, description="CORS: allow credentials")
+    ssl_keyfile: Path | None = Field(None, description="TLS: private key file (with --ssl-certfile: HTTPS)")
+    ssl_certfile: Path | None = Field(None, description="TLS: certificate file")
+    root_path: str | None = Field(None, description="path prefix the server runs under behind a proxy")
+    chat_template: str | None = Field(
+        None, description="a chat template file (jinja) or template text replacing the tokenizer's")
+    generation_config: str = Field(
+        "auto", description="'auto': the R1 sampling defaults (the model's generation_config.json); 'vllm': "
+                            "OpenAI's 1.0 / 1.0; a folder: the temperature and top_p of its generation_config.json")
+    download_dir: str | None = Field(None, description="where hub downloads go (default: the Hugging Face cache)")
+    max_logprobs: int = Field(20, ge=0, description="accepted: logprobs are not supported yet (a request asking "
+                                                    "for them gets 400)")
+
     # --- the R1 usage rules (DESIGN.md), each on by default ---
     fold_system_prompt: bool = Field(
         True, description="rule 1: fold system messages into the first user turn")
@@ -83,6 +112,32 @@ class ServerSettings(BaseModel):
         None, ge=0, description="rule 7: default thinking budget of requests that set none")
     repetition_guard: bool = Field(
         True, description="rule 8: stop looping streams (finish_reason 'repetition')")
+
+    @field_validator("served_model_name", "allowed_origins", "allowed_methods", "allowed_headers", mode="before")
+    @classmethod
+    def _json_list(cls, values: object) -> object:
+        """vLLM takes `--allowed-origins '["https://a"]'`: one value that is a JSON list is that list."""
+        if isinstance(values, list) and len(values) == 1 and str(values[0]).lstrip().startswith("["):
+            try:
+                return json.loads(values[0])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of strings: {values[0]!r}") from exc
+        return values
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _deepseek_parser(cls, parser: str | None) -> str | None:
+        if parser is not None and parser.replace("-", "_") != "deepseek_r1":
+            raise ValueError(f"reasoning parser {parser!r} is not built in: r1serve splits DeepSeek-R1's "
+                             "<think> output itself (deepseek_r1)")
+        return parser
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config(cls, value: str) -> str:
+        if value not in ("auto", "vllm") and not (Path(value) / "generation_config.json").is_file():
+            raise ValueError(f"{value!r} is neither 'auto', 'vllm' nor a folder holding generation_config.json")
+        return value
 
     @field_validator("served_model_name")
     @classmethod
@@ -114,17 +169,29 @@ class ServerSettings(BaseModel):
             kv_cache_space=self.kv_cache_space, enable_prefix_caching=self.enable_prefix_caching,
             enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
             quantization=None if self.quantization == "none" else self.quantization,
+            download_dir=self.download_dir,
         )
 
     def policy_config(self) -> PolicyConfig:
         """The usage-rule switches these settings describe."""
-        return PolicyConfig(
+        switches: dict[str, Any] = dict(
             fold_system_prompt=self.fold_system_prompt, r1_sampling_defaults=self.r1_sampling_defaults,
             enforce_temperature=self.enforce_temperature, force_thinking=self.force_thinking,
             strip_history_reasoning=self.strip_history_reasoning, reasoning_split=self.reasoning_split,
             thinking_budget=self.thinking_budget, default_max_thinking_tokens=self.max_thinking_tokens,
             repetition_guard=self.repetition_guard,
         )
+        return PolicyConfig(**{**switches, **self._sampling_defaults()})
+
+    def _sampling_defaults(self) -> dict[str, Any]:
+        """Rule 2's defaults as `--generation-config` says: R1's, OpenAI's (rule 2 off), or a folder's."""
+        if self.generation_config == "auto":
+            return {}
+        if self.generation_config == "vllm":
+            return {"r1_sampling_defaults": False}
+        config = json.loads((Path(self.generation_config) / "generation_config.json").read_text())
+        return {"default_temperature": float(config.get("temperature", R1_TEMPERATURE)),
+                "default_top_p": float(config.get("top_p", R1_TOP_P))}
 
     def model_names(self) -> list[str]:
         """Every name the model answers to: `served_model_name`s first, then the path and its basename."""
