@@ -42,6 +42,7 @@ from r1serve.server.serving_common import (
     policy_headers,
     run_to_end,
     tracked,
+    vocab_size_of,
 )
 from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
@@ -73,7 +74,7 @@ def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, state: Se
                                                  force_thinking=state.policy.force_thinking)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from exc
-    params = build_sampling_params(request, state, record)
+    params = build_sampling_params(request, state, record, vocab_size_of(tokenizer))
     check_fits(len(prompt_token_ids), params.max_tokens, engine.max_model_len, "messages")
     if state.policy.reasoning_split:
         record.add("reasoning-split")
@@ -177,7 +178,7 @@ def stream_error_event(request_id: str, exc: Exception) -> str:
     """An error inside a started stream, as an OpenAI-shaped `data:` event (logged once here)."""
     if isinstance(exc, ValueError):
         logger.info("%s: refused by the engine: %s", request_id, exc)
-        return sse_event(error_body(str(exc), "invalid_request_error"))
+        return sse_event(error_body(str(exc), "invalid_request_error", code="invalid_value"))
     logger.exception("%s: engine failure while streaming", request_id)
     return sse_event(error_body(f"the engine failed while serving this request ({type(exc).__name__}); "
                                 "the error is logged on the server", "internal_server_error"))

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -74,9 +75,22 @@ def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: in
             param="max_tokens", code="context_length_exceeded")
 
 
+def vocab_size_of(tokenizer: Any) -> int:
+    """The tokenizer's vocabulary size, 0 when it does not say."""
+    return int(getattr(tokenizer, "vocab_size", 0) or 0)
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    """400 for a token id outside the vocabulary (the schema only knows ids are non-negative)."""
+    bad = [t for t in token_ids if t < 0 or (vocab_size and t >= vocab_size)]
+    if bad:
+        raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param=param)
+
+
 def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, state: ServerState,
-                          record: PolicyRecord) -> SamplingParams:
+                          record: PolicyRecord, vocab_size: int) -> SamplingParams:
     """`SamplingParams` of a request with the usage rules 2, 7 and 8 applied (and recorded)."""
+    check_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")
     max_num_seqs = state.settings.max_num_seqs
     if request.n > max_num_seqs:
         raise bad_request(f"n={request.n} is more than this server runs at once (--max-num-seqs {max_num_seqs})",

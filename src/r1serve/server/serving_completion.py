@@ -32,11 +32,13 @@ from r1serve.server.serving_common import (
     FinalOutputs,
     build_sampling_params,
     check_fits,
+    check_token_ids,
     check_unsupported,
     make_usage,
     policy_headers,
     run_to_end,
     tracked,
+    vocab_size_of,
 )
 from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
@@ -53,10 +55,7 @@ def prompt_token_ids(prompt: str | list[int] | list[str] | list[list[int]], toke
         prompt = prompt[0]
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
-    vocab_size = int(getattr(tokenizer, "vocab_size", 0) or 0)
-    bad = [t for t in prompt if t < 0 or (vocab_size and t >= vocab_size)]
-    if bad:
-        raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
+    check_token_ids(prompt, vocab_size_of(tokenizer), "prompt")
     return list(prompt)
 
 
@@ -66,7 +65,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
     check_unsupported(request)
     record = PolicyRecord()
     ids = prompt_token_ids(request.prompt, engine.tokenizer)
-    params = build_sampling_params(request, state, record)
+    params = build_sampling_params(request, state, record, vocab_size_of(engine.tokenizer))
     check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     logger.info("%s: completion, %d prompt tokens, n=%d, max_tokens=%s, stream=%s, policy=%s", request_id,
