@@ -37,11 +37,22 @@ def _no_lone_surrogate(text: Any) -> Any:
     return text
 
 
+def _integral_number(value: Any) -> Any:
+    """JSON Schema's `integer` admits 2.0 (a number with no fraction), so the server does too."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 Text = Annotated[str, BeforeValidator(_no_lone_surrogate)]
 """A string field: any text but a lone surrogate."""
 
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=True)]
-"""A token id: a JSON integer (never `true`), non-negative; the vocabulary bound is checked when served."""
+# Integer fields: a JSON integer (2 or 2.0), never `true`, `"2"` or 2.5. Bounds go before the validator, where
+# pydantic turns them into the schema's minimum / maximum.
+INTEGRAL = BeforeValidator(_integral_number)
+Integer = Annotated[int, INTEGRAL]
+PositiveInt = Annotated[int, Field(ge=1), INTEGRAL]
+NonNegativeInt = Annotated[int, Field(ge=0), INTEGRAL]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), INTEGRAL]
+"""A token id: a non-negative integer (never `true`); the vocabulary bound is checked when served."""
 
 NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_no_lone_surrogate)]
 
@@ -60,13 +71,13 @@ class SamplingFields(BaseModel):
     model_config = REQUEST_CONFIG
 
     model: Text = Field(description="a name from /v1/models")
-    n: int = Field(1, ge=1, description="samples per prompt (at most --max-num-seqs)")
-    max_tokens: int | None = Field(None, ge=1, description="most output tokens (default: what fits)")
+    n: PositiveInt = Field(1, description="samples per prompt (at most --max-num-seqs)")
+    max_tokens: PositiveInt | None = Field(None, description="most output tokens (default: what fits)")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 0.6 (R1 usage rule 2)")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 0.95 (R1 usage rule 2)")
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    top_k: Annotated[int, Field(ge=-1), INTEGRAL] | None = Field(None, description="-1 or 0: off")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, description="per-request seed: same seed, same output")
+    seed: Integer | None = Field(None, description="per-request seed: same seed, same output")
     stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"stop strings (not included in the output), at most {MAX_STOP_STRINGS}")
     stop_token_ids: list[TokenId] | None = Field(None, description="token ids that end the output")
@@ -74,11 +85,11 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: NonNegativeInt = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    max_thinking_tokens: int | None = Field(
-        None, ge=0, description="R1 usage rule 7: close the reasoning with </think> after this many tokens")
+    max_thinking_tokens: NonNegativeInt | None = Field(
+        None, description="R1 usage rule 7: close the reasoning with </think> after this many tokens")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -115,6 +126,8 @@ class _Message(BaseModel):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
+        elif content is None:  # an assistant turn without text (OpenAI allows it)
+            content = ""
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
@@ -155,9 +168,9 @@ ChatMessage = Annotated[
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest turn first")
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    max_completion_tokens: PositiveInt | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -172,10 +185,10 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
              ) = Field(description="text, or token ids (a list of one of either is accepted too; batched prompts "
                                    "are not supported yet)")
-    logprobs: int | None = None
+    logprobs: Integer | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
 
     @property
     def output_limit(self) -> int | None:
