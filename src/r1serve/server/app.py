@@ -29,8 +29,10 @@ from r1serve.server.openapi import (
     models_responses,
 )
 from r1serve.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -105,12 +107,12 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
         return ModelList(data=cards)
 
     @app.post("/v1/chat/completions", dependencies=guard, response_model=ChatCompletionResponse,
-              responses=generation_responses(ChatCompletionResponse, with_auth))
+              responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk, with_auth))
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await create_chat_completion(request, raw_request, state)
 
     @app.post("/v1/completions", dependencies=guard, response_model=CompletionResponse,
-              responses=generation_responses(CompletionResponse, with_auth))
+              responses=generation_responses(CompletionResponse, CompletionChunk, with_auth))
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         return await create_completion(request, raw_request, state)
 

@@ -64,6 +64,17 @@ UNAVAILABLE: Responses = {503: _error("the model is loading, the server is shutt
 SSE_DESCRIPTION = ("with `\"stream\": true`: server-sent events, `data: {chunk}` lines ending with "
                    "`data: [DONE]`; an error after the stream started is a `data: {\"error\": {...}}` event")
 
+
+def sse_event_schema(chunk_model: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event: its `data` is `[DONE]` or JSON, a chunk or an error (OpenAPI 3.1 reads a
+    text/event-stream schema as the schema of each event)."""
+    chunk = {"$ref": f"#/components/schemas/{chunk_model.__name__}"}
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [chunk, error]}}
+    return {"type": "object", "required": ["data"], "description": SSE_DESCRIPTION,
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+
 GENERATION_ERRORS: Responses = {
     400: _error("invalid request: malformed JSON, a wrong type or value (`param` names the field), a prompt over "
                 "the context window, an unsupported feature (codes `invalid_json`, `invalid_type`, "
@@ -75,10 +86,11 @@ GENERATION_ERRORS: Responses = {
 }
 
 
-def generation_responses(response_model: type[BaseModel], with_auth: bool) -> Responses:
+def generation_responses(response_model: type[BaseModel], chunk_model: type[BaseModel],
+                         with_auth: bool) -> Responses:
     """The `responses` of `POST /v1/chat/completions` and `POST /v1/completions`."""
     success = {"model": response_model, "description": "the full answer, or a stream (see text/event-stream)",
-               "content": {"text/event-stream": {"schema": {"type": "string", "description": SSE_DESCRIPTION}}}}
+               "content": {"text/event-stream": {"schema": sse_event_schema(chunk_model)}}}
     return {200: success, **GENERATION_ERRORS, **(UNAUTHORIZED if with_auth else {})}
 
 

@@ -265,6 +265,42 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = Field(None, description="never in the same chunk as content")
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat stream (documentation of what `chat_chunk` builds)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(None, description="in the last chunk, with stream_options.include_usage")
+
+
+class CompletionChunk(BaseModel):
+    """One event of a text-completion stream (documentation of what `completion_chunk` builds)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(None, description="in the last chunk, with stream_options.include_usage")
+
+
 def chat_chunk(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
                usage: UsageInfo | None = None) -> dict[str, Any]:
     """One `chat.completion.chunk`; each choice is built by `chat_choice`."""
