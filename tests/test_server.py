@@ -229,7 +229,7 @@ def test_stop_string_ends_the_output(client: OpenAI) -> None:
      "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": MAX_NUM_SEQS + 1}, 400, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop[0]"),
 ])
 def test_bad_chat_input_gets_an_openai_error(server: ServerHandle, body: Any, status: int, param: str | None) -> None:
     kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {
@@ -243,7 +243,7 @@ def test_bad_chat_input_gets_an_openai_error(server: ServerHandle, body: Any, st
 
 
 def test_bad_completion_input_and_unknown_route(server: ServerHandle) -> None:
-    cases = [({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": [-1]}, "prompt"),
+    cases = [({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": [-1]}, "prompt[0]"),
              ({"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
              ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
              ({"model": MODEL, "prompt": ["a", "b"]}, "prompt")]

@@ -13,7 +13,9 @@ import logging
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.params import Depends as DependsParam
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve import __version__
@@ -21,9 +23,19 @@ from r1serve.model.quant.config import declared_quantization
 from r1serve.server.errors import APIError, CatchUnexpectedMiddleware, install_error_handlers
 from r1serve.server.limits import BodySizeLimit, MiB
 from r1serve.server.metrics import HTTPMetricsMiddleware
+from r1serve.server.openapi import (
+    HEALTH_RESPONSES,
+    METRICS_RESPONSES,
+    VersionResponse,
+    generation_responses,
+    install_openapi,
+    models_responses,
+)
 from r1serve.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -45,24 +57,26 @@ def server_state(app: FastAPI) -> ServerState:
     return app.state.server
 
 
-def _api_key_guard(settings: ServerSettings) -> object:
-    """A dependency that demands `Authorization: Bearer <--api-key>` (compared in constant time)."""
-    expected = (settings.api_key or "").encode()
+def _api_key_guard(settings: ServerSettings) -> list[DependsParam]:
+    """The dependencies of the /v1 routes: with `--api-key`, one that demands `Authorization: Bearer <key>`
+    (compared in constant time) and declares the bearer scheme in the OpenAPI document; without, none."""
+    if not settings.api_key:
+        return []
+    expected = settings.api_key.encode()
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
-    async def check(request: Request) -> None:
-        if not expected:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        token = credentials.credentials.strip().encode() if credentials is not None else b""
+        if not hmac.compare_digest(token, expected):
             raise APIError(401, "missing or invalid API key: send the header `Authorization: Bearer <key>`",
                            code="invalid_api_key")
 
-    return Depends(check)
+    return [Depends(check)]
 
 
 def _add_system_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health", summary="200 once the model is loaded; 503 while it loads, after the engine died, or "
-                                 "while the server shuts down")
+                                 "while the server shuts down", response_model=None, responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         if state.load_error is not None:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
@@ -75,32 +89,36 @@ def _add_system_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse({"status": "ok"})
 
     @app.get("/version", summary="r1serve's version and how the model was loaded")
-    async def version() -> dict[str, object]:
+    async def version() -> VersionResponse:
         settings = state.settings
-        return {"version": __version__, "model": settings.model, "served_model_names": state.model_names,
-                "load_format": settings.load_format, "dummy_weights": settings.load_format == "dummy",
-                "quantization": declared_quantization(settings.quantization, settings.model)}
+        return VersionResponse(version=__version__, model=settings.model, served_model_names=state.model_names,
+                               load_format=settings.load_format, dummy_weights=settings.load_format == "dummy",
+                               quantization=declared_quantization(settings.quantization, settings.model))
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _add_api_routes(app: FastAPI, state: ServerState) -> None:
     guard = _api_key_guard(state.settings)
+    with_auth = bool(guard)
 
-    @app.get("/v1/models", dependencies=[guard], response_model=ModelList)
+    @app.get("/v1/models", dependencies=guard, response_model=ModelList, responses=models_responses(with_auth))
     async def list_models() -> ModelList:
         engine = state.require_engine()
         cards = [ModelCard(id=name, created=state.created, root=state.settings.model,
                            max_model_len=engine.max_model_len) for name in state.model_names]
         return ModelList(data=cards)
 
-    @app.post("/v1/chat/completions", dependencies=[guard], response_model=ChatCompletionResponse)
+    @app.post("/v1/chat/completions", dependencies=guard, response_model=ChatCompletionResponse,
+              responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk, with_auth))
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await create_chat_completion(request, raw_request, state)
 
-    @app.post("/v1/completions", dependencies=[guard], response_model=CompletionResponse)
+    @app.post("/v1/completions", dependencies=guard, response_model=CompletionResponse,
+              responses=generation_responses(CompletionResponse, CompletionChunk, with_auth))
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         return await create_completion(request, raw_request, state)
 
@@ -118,6 +136,7 @@ def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI
     state = ServerState(settings=settings, engine=engine)
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
     _add_system_routes(app, state)
     _add_api_routes(app, state)

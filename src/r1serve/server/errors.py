@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,37 +66,79 @@ def unavailable(message: str, code: str, retry_after_s: int) -> APIError:
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+# pydantic names the member of a union it tried (`str`, `list[constrained-int]`, `function-after[...]`, a
+# discriminator's tag) in an error's `loc`; those are not fields, and a field name is always an identifier.
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_UNION_MEMBER_NAMES = frozenset({"str", "int", "float", "bool", "none"})
+
+
 def _param_of(loc: tuple[Any, ...]) -> str | None:
-    """`("body", "messages", 0, "role")` -> `messages[0].role`."""
-    parts = [p for p in loc if p not in ("body",)]
+    """`("body", "messages", 0, "user message", "content", "str")` -> `messages[0].content`."""
     text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _FIELD_NAME.fullmatch(part) and part not in _UNION_MEMBER_NAMES:
+            text += f".{part}" if text else part
     return text or None
 
 
+def _most_relevant(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of the errors pydantic reports (one per union member it tried), the one to show: a wrong value rather
+    than a wrong type (the member whose type matched), then the deepest (the member that got furthest)."""
+    values = [e for e in errors if not str(e.get("type", "")).endswith("_type")]
+    candidates = values or errors
+    return max(candidates, key=lambda e: len(e.get("loc", ())))  # max keeps the first of equals
+
+
+def _field_message(error: dict[str, Any], param: str) -> str:
+    kind, message = error.get("type"), str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "finite_number":
+        return f"{param} must be a finite number, got {error.get('input')!r}"
+    if kind == "missing":
+        return f"{param} is required"
+    return f"{param}: {message}"
+
+
+def _field_code(kind: str) -> str:
+    if kind == "missing":
+        return "missing_field"
+    return "invalid_type" if kind.endswith("_type") else "invalid_value"
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
-    """The first problem pydantic found, as a 400 that names the field."""
-    errors = exc.errors()
+    """The most relevant problem pydantic found, as a 400 that names the field and has a `code`."""
+    errors = list(exc.errors())
     if not errors:
-        return bad_request("invalid request body")
+        return bad_request("invalid request body", code="invalid_json")
     first = errors[0]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", first["msg"])
         return bad_request(f"request body is not valid JSON: {reason}", code="invalid_json")
-    param = _param_of(tuple(first.get("loc", ())))
-    message = first.get("msg", "invalid value")
-    if param is None and first.get("type") == "missing":
+    error = _most_relevant(errors)
+    kind = str(error.get("type", ""))
+    param = _param_of(tuple(error.get("loc", ())))
+    if param is None and kind == "missing":
         return bad_request("a JSON request body is required", code="invalid_json")
     if param is None:
-        return bad_request(f"request body must be a JSON object ({message})", code="invalid_json")
-    if first.get("type") == "missing":
-        return bad_request(f"{param} is required", param=param, code="missing_field")
-    return bad_request(f"{param}: {message}" if param else message, param=param)
+        return bad_request(f"request body must be a JSON object ({error.get('msg')})", code="invalid_json")
+    if kind == "invalid_role":  # the messages' discriminator: the role is what is wrong
+        param += ".role"
+    return bad_request(_field_message(error, param), param=param, code=_field_code(kind))
+
+
+def body_parse_error(cause: BaseException | None) -> APIError:
+    """A body FastAPI could not even decode (it raises a bare 400 for anything but a JSON syntax error)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return bad_request(f"request body is not valid UTF-8 ({cause.reason} at byte {cause.start})",
+                           code="invalid_json")
+    if isinstance(cause, RecursionError):
+        return bad_request("request body is not valid JSON: nested too deeply", code="invalid_json")
+    return bad_request("request body could not be parsed as JSON", code="invalid_json")
 
 
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -110,10 +153,17 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    message = {404: f"no route {request.method} {request.url.path}",
-               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
-                                                                                        str(exc.detail))
-    return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 400:  # FastAPI's "There was an error parsing the body"
+        return error_response(body_parse_error(exc.__cause__), headers=headers)
+    if exc.status_code == 404:
+        error = APIError(404, f"no route {request.method} {request.url.path}", code="route_not_found")
+    elif exc.status_code == 405:
+        error = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                         code="method_not_allowed")
+    else:
+        error = APIError(exc.status_code, str(exc.detail))
+    return error_response(error, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,7 +1,11 @@
 """The OpenAI wire format: pydantic models of the requests r1serve accepts and of the responses it sends.
 
 Requests are validated here, field by field, so a wrong type or an out-of-range value becomes a 400 that names
-the field before any work is done; the bounds also document themselves in `/docs`. Fields OpenAI defines
+the field before any work is done; the bounds also document themselves in `/docs`, so the OpenAPI document
+admits exactly what validation admits. Validation is strict, as OpenAI's own API is: a JSON number where an
+integer is meant, a string where a number is meant or `true` as a token id is refused, not coerced; NaN and
+infinity are refused in every number field; a lone UTF-16 surrogate (`"\\ud800"`, which no UTF-8 text can hold)
+is refused in every text field, before it could reach the tokenizer or be echoed in an error. Fields OpenAI defines
 but r1serve does not implement (`logprobs`, `tools`, `echo`, `suffix`, ...) are refused by the serving code
 with a clear message rather than silently ignored; fields nobody defines are accepted and ignored, because
 the `openai` SDK and other clients send extras (`extra_body`) that must not break a drop-in server. Stream
@@ -10,58 +14,90 @@ chunks are plain dicts built by `chat_chunk` / `completion_chunk` (a hot path; t
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator
 
 FinishReason = Literal["stop", "length", "abort", "repetition"]
+MAX_STOP_STRINGS = 16
+MAX_TOKEN_ID = 2**31 - 1
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogate(text: Any) -> Any:
+    """A JSON escape such as "\\ud800" decodes to a lone surrogate, which cannot be encoded as UTF-8. Checked
+    before the type (a constrained string would fail on it with a vaguer message); non-strings pass through."""
+    match = _SURROGATE.search(text) if isinstance(text, str) else None
+    if match:
+        raise ValueError(f"contains a lone UTF-16 surrogate (\\u{ord(match.group()):04x}) at index "
+                         f"{match.start()}, which is not valid Unicode text")
+    return text
+
+
+def _integral_number(value: Any) -> Any:
+    """JSON Schema's `integer` admits 2.0 (a number with no fraction), so the server does too."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Text = Annotated[str, BeforeValidator(_no_lone_surrogate)]
+"""A string field: any text but a lone surrogate."""
+
+# Integer fields: a JSON integer (2 or 2.0), never `true`, `"2"` or 2.5. Bounds go before the validator, where
+# pydantic turns them into the schema's minimum / maximum.
+INTEGRAL = BeforeValidator(_integral_number)
+Integer = Annotated[int, INTEGRAL]
+PositiveInt = Annotated[int, Field(ge=1), INTEGRAL]
+NonNegativeInt = Annotated[int, Field(ge=0), INTEGRAL]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), INTEGRAL]
+"""A token id: a non-negative integer (never `true`); the vocabulary bound is checked when served."""
+
+NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_no_lone_surrogate)]
+
+# Strict: no coercion (OpenAI's API refuses "1" for 1 as well); NaN / infinity refused in every float.
+REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields shared by chat and text completions (OpenAI's names, plus vLLM's and r1serve's extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
-    model: str = Field(description="a name from /v1/models")
-    n: int = Field(1, ge=1, description="samples per prompt (at most --max-num-seqs)")
-    max_tokens: int | None = Field(None, ge=1, description="most output tokens (default: what fits)")
+    model: Text = Field(description="a name from /v1/models")
+    n: PositiveInt = Field(1, description="samples per prompt (at most --max-num-seqs)")
+    max_tokens: PositiveInt | None = Field(None, description="most output tokens (default: what fits)")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 0.6 (R1 usage rule 2)")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 0.95 (R1 usage rule 2)")
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    top_k: Annotated[int, Field(ge=-1), INTEGRAL] | None = Field(None, description="-1 or 0: off")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, description="per-request seed: same seed, same output")
-    stop: str | list[str] | None = Field(None, description="stop strings (not included in the output)")
-    stop_token_ids: list[int] | None = None
+    seed: Integer | None = Field(None, description="per-request seed: same seed, same output")
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"stop strings (not included in the output), at most {MAX_STOP_STRINGS}")
+    stop_token_ids: list[TokenId] | None = Field(None, description="token ids that end the output")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: NonNegativeInt = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    max_thinking_tokens: int | None = Field(
-        None, ge=0, description="R1 usage rule 7: close the reasoning with </think> after this many tokens")
+    max_thinking_tokens: NonNegativeInt | None = Field(
+        None, description="R1 usage rule 7: close the reasoning with </think> after this many tokens")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
-    def _stop_strings(cls, stop: str | list[str] | None) -> list[str] | None:
-        if stop is None:
-            return None
-        stops = [stop] if isinstance(stop, str) else list(stop)
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
-        if len(stops) > 16:
-            raise ValueError(f"at most 16 stop strings, got {len(stops)}")
-        return stops
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        return [stop] if isinstance(stop, str) else stop
 
     @property
     def include_usage(self) -> bool:
@@ -69,38 +105,72 @@ class SamplingFields(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
+Content = Text | list[TextPart]
+
+
+class _Message(BaseModel):
     """One turn. `developer` is OpenAI's newer name for `system`; `reasoning_content` sent back is dropped."""
 
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @model_validator(mode="after")
-    def _content_present(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
+    model_config = REQUEST_CONFIG
+    role: str
+    content: Content | None
+    name: Text | None = None
 
     def to_template(self) -> dict[str, Any]:
         """The `{"role", "content"}` dict the chat template reads (text parts joined, developer = system)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
+        elif content is None:  # an assistant turn without text (OpenAI allows it)
+            content = ""
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    """An earlier answer; its content may be null (OpenAI allows that for assistant turns)."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+
+
+def _role_of(message: Any) -> str | None:
+    return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+
+
+# Tags with a space, so that they never read as a field name where an error names the field (errors.py).
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("system message")] | Annotated[DeveloperMessage, Tag("developer message")]
+    | Annotated[UserMessage, Tag("user message")] | Annotated[AssistantMessage, Tag("assistant message")],
+    Discriminator(lambda message: f"{_role_of(message)} message", custom_error_type="invalid_role",
+                  custom_error_message="role must be one of 'system', 'developer', 'user', 'assistant'"),
+]
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest turn first")
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    max_completion_tokens: PositiveInt | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -110,12 +180,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="text, or token ids (a list of one of either is accepted too)")
-    logprobs: int | None = None
+    prompt: (NonEmptyText | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+             ) = Field(description="text, or token ids (a list of one of either is accepted too; batched prompts "
+                                   "are not supported yet)")
+    logprobs: Integer | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
 
     @property
     def output_limit(self) -> int | None:
@@ -190,6 +263,42 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = Field(None, description="never in the same chunk as content")
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat stream (documentation of what `chat_chunk` builds)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(None, description="in the last chunk, with stream_options.include_usage")
+
+
+class CompletionChunk(BaseModel):
+    """One event of a text-completion stream (documentation of what `completion_chunk` builds)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(None, description="in the last chunk, with stream_options.include_usage")
 
 
 def chat_chunk(request_id: str, created: int, model: str, choices: list[dict[str, Any]],

@@ -76,7 +76,7 @@ async def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, sta
     tokenizer = engine.tokenizer
     num_chars = sum(len(m["content"] or "") for m in messages)
     check_text_length(num_chars, tokenizer, engine.max_model_len, "messages")
-    params = build_sampling_params(request, state, record)
+    params = build_sampling_params(request, state, record, engine.tokenizer.vocab_size)
     prompt_token_ids = await off_loop(_encode_chat, tokenizer, messages, state.policy.force_thinking,
                                       engine.max_model_len)
     check_fits(len(prompt_token_ids), params.max_tokens, engine.max_model_len, "messages")

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from r1serve.engine.validation import check_token_ids
 from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import SamplingParams
@@ -84,15 +85,16 @@ def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: in
 
 
 def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, state: ServerState,
-                          record: PolicyRecord) -> SamplingParams:
-    """`SamplingParams` of a request with the usage rules 2, 7 and 8 applied (and recorded)."""
+                          record: PolicyRecord, vocab_size: int) -> SamplingParams:
+    """`SamplingParams` of a request with the usage rules 2, 7 and 8 applied (and recorded); its stop ids are
+    checked against the vocabulary here, before a stream's response starts."""
     max_num_seqs = state.settings.max_num_seqs
     if request.n > max_num_seqs:
         raise bad_request(f"n={request.n} is more than this server runs at once (--max-num-seqs {max_num_seqs})",
                           param="n")
     temperature, top_p = sampling_defaults(request.temperature, request.top_p, state.policy, record)
     try:
-        return SamplingParams(
+        params = SamplingParams(
             n=request.n, temperature=temperature, top_p=top_p, top_k=request.top_k or 0,
             min_p=request.min_p or 0.0, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
@@ -103,6 +105,8 @@ def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, st
             max_thinking_tokens=thinking_budget(request.max_thinking_tokens, state.policy, record),
             repetition_guard=repetition_guard(state.policy, record),
         )
+        check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+        return params
     except InvalidRequestError as exc:
         raise bad_request(exc.message, param=exc.param, code=exc.code) from exc
 
@@ -236,7 +240,7 @@ def engine_error(exc: Exception) -> Exception:
         return unavailable(f"the engine has stopped ({exc}); the server is exiting so that its supervisor "
                            "restarts it", "engine_dead", RETRY_AFTER_DEAD_S)
     if isinstance(exc, ValueError):
-        return bad_request(str(exc))
+        return bad_request(str(exc), code="invalid_value")
     if isinstance(exc, RuntimeError) and "shutting down" in str(exc):
         return unavailable("the server is shutting down", "shutting_down", RETRY_AFTER_DEAD_S)
     return exc

@@ -79,7 +79,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
         request_id = admission.request_id
         if isinstance(request.prompt, str):
             check_text_length(len(request.prompt), engine.tokenizer, engine.max_model_len, "prompt")
-        params = build_sampling_params(request, state, record)
+        params = build_sampling_params(request, state, record, engine.tokenizer.vocab_size)
         ids = await off_loop(prompt_token_ids, request.prompt, engine.tokenizer, engine.max_model_len)
         check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
         if not state.settings.disable_log_requests:
