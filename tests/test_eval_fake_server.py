@@ -1,11 +1,12 @@
 """`r1serve eval` against a small fake OpenAI server in this process, whose answers are known in advance.
 
-The fake answers each GSM8K problem right on even seeds and off by one on odd seeds, so every metric has
-an exact expected value; it can fail chosen problems with HTTP 500, refuse `max_tokens` above a limit the
-way r1serve does, stream, and answer slowly. Checked here: failures are recorded per sample, counted, and
-retried by a rerun; settings reach the server (seeds, sampling, the thinking budget, a real system message,
-`max_tokens` capped by the context); a resume with other settings is refused; `--report-only`; an
-unreachable server; a bad dataset; Ctrl-C (exit 130, finished samples kept, the same command resumes).
+The fake answers each GSM8K problem right on even seeds and off by one on odd seeds (or, given `wrong`,
+right on all problems but those), so every metric has an exact expected value; it can fail chosen problems
+with HTTP 500, refuse `max_tokens` above a limit the way r1serve does, stream, and answer slowly. Checked
+here: failures are recorded per sample, counted, and retried by a rerun; settings reach the server (seeds,
+sampling, the thinking budget, a real system message, `max_tokens` capped by the context); a resume with
+other settings is refused; `--report-only`; an unreachable server; a bad dataset; Ctrl-C (exit 130, finished
+samples kept, the same command resumes).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Behavior:
     refuse_above: int | None = None  # 400 like r1serve when max_tokens is larger
     max_model_len: int = 100000
     delay_s: float = 0.0
+    wrong: set[int] | None = None  # if set: right on every problem but these, whatever the seed
     bodies: list[dict] = field(default_factory=list)
 
 
@@ -49,9 +51,15 @@ def _problem_index(body: dict) -> int:
     return next(i for i, p in enumerate(GSM8K) if p.problem in text)
 
 
-def _message(body: dict) -> dict:
+def _is_right(body: dict, behavior: Behavior) -> bool:
+    if behavior.wrong is not None:
+        return _problem_index(body) not in behavior.wrong
+    return body.get("seed", 0) % 2 == 0
+
+
+def _message(body: dict, behavior: Behavior) -> dict:
     gold = int(GSM8K[_problem_index(body)].answer)
-    answer = gold if body.get("seed", 0) % 2 == 0 else gold + 1
+    answer = gold if _is_right(body, behavior) else gold + 1
     return {"role": "assistant", "reasoning_content": "Let me add 1 and 2 and 3.",
             "content": f"So the answer is $\\boxed{{{answer}}}$."}
 
@@ -60,8 +68,8 @@ USAGE = {"prompt_tokens": 50, "completion_tokens": 20, "total_tokens": 70,
          "completion_tokens_details": {"reasoning_tokens": 12}}
 
 
-async def _stream(body: dict) -> AsyncIterator[bytes]:
-    message = _message(body)
+async def _stream(body: dict, behavior: Behavior) -> AsyncIterator[bytes]:
+    message = _message(body, behavior)
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "fake-r1"}
     deltas = [{"role": "assistant"}, {"reasoning_content": message["reasoning_content"]},
               {"content": message["content"]}]
@@ -92,9 +100,9 @@ def fake_app(behavior: Behavior) -> FastAPI:
                        f"window is {behavior.refuse_above + 80} (--max-model-len), so at most {behavior.refuse_above}")
             return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, 400)
         if body.get("stream"):
-            return StreamingResponse(_stream(body), media_type="text/event-stream")
+            return StreamingResponse(_stream(body, behavior), media_type="text/event-stream")
         return {"id": "c1", "object": "chat.completion", "created": 0, "model": "fake-r1",
-                "choices": [{"index": 0, "message": _message(body), "finish_reason": "stop"}], "usage": USAGE}
+                "choices": [{"index": 0, "message": _message(body, behavior), "finish_reason": "stop"}], "usage": USAGE}
 
     return app
 

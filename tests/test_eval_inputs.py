@@ -152,7 +152,7 @@ def test_config_defaults_are_the_papers_protocol() -> None:
                            "--url", "http://h:1/v1", "--no-progress", "--max-thinking-tokens", "8"])
     assert config.task == ("gsm8k", "math500") and config.policy == ("paper", "none")
     assert (config.num_samples, config.base_url, config.progress, config.max_thinking_tokens) == (
-        3, "http://h:1/v1", False, 8)
+        3, ("http://h:1/v1",), False, 8)
     assert EvalConfig(api_key="secret").to_dict()["api_key"] == "***"
 
 

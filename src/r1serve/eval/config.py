@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P
 
@@ -27,7 +28,11 @@ def _opt(default: Any, help_: str, **argparse_kwargs: Any) -> Any:
 class EvalConfig:
     """The settings of one `r1serve eval` run (field names are the flags, `_` spelled `-`)."""
 
-    base_url: str = _opt(DEFAULT_BASE_URL, "OpenAI-compatible base URL (r1serve's or any other)")
+    base_url: tuple[str, ...] = _opt((DEFAULT_BASE_URL,), "OpenAI-compatible base URLs (r1serve's or any "
+                                     "other); several run the same samples and are compared with the first",
+                                     nargs="+", action="extend")
+    label: tuple[str, ...] = _opt((), "a name per --url for tables and samples (default: host:port)",
+                                  nargs="+", action="extend")
     api_key: str | None = _opt(None, "API key (default: $R1SERVE_API_KEY, else none)")
     model: str | None = _opt(None, "model to ask for (default: the first the server lists)")
     task: tuple[str, ...] = _opt(("gsm8k",), "tasks: gsm8k, math500, aime24, a JSONL path, NAME=PATH or "
@@ -42,7 +47,7 @@ class EvalConfig:
     max_thinking_tokens: int | None = _opt(None, "r1serve extension: close the reasoning after this many "
                                            "tokens (other servers ignore or refuse it)")
     seed: int = _opt(0, "base seed: sample i of every problem uses seed + i")
-    concurrency: int = _opt(32, "requests in flight at once")
+    concurrency: int = _opt(32, "requests in flight at once, per endpoint")
     limit: int | None = _opt(None, "evaluate only the first N problems of each task")
     output_dir: str = _opt("eval_results", "folder for samples.jsonl, summary.json, report.md and plots; "
                            "rerunning into it resumes")
@@ -64,6 +69,8 @@ class EvalConfig:
     report_only: bool = _opt(False, "recompute summary, report and plots from samples.jsonl; no requests")
 
     def __post_init__(self) -> None:
+        if isinstance(self.base_url, str):  # EvalConfig(base_url="...") from Python
+            object.__setattr__(self, "base_url", (self.base_url,))
         checks = [
             ("num_samples", self.num_samples >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0.0, "must be non-negative"),
@@ -80,17 +87,44 @@ class EvalConfig:
             ("bootstrap_resamples", self.bootstrap_resamples >= 100, "must be at least 100"),
             ("task", len(self.task) >= 1, "needs at least one task"),
             ("policy", len(self.policy) >= 1, "needs at least one policy"),
+            ("base_url", len(self.base_url) >= 1, "needs at least one URL"),
+            ("label", not self.label or len(self.label) == len(self.base_url),
+             f"needs one label per --url ({len(self.base_url)})"),
+            ("label", all(name.strip() for name in self.label), "must be non-empty"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
         if len(set(self.task)) != len(self.task):
             raise ValueError(f"--task lists a task twice: {', '.join(self.task)}")
+        if len(set(self.base_url)) != len(self.base_url):
+            raise ValueError(f"--url lists a URL twice: {', '.join(self.base_url)}")
+        labels = self.endpoint_labels
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"endpoint labels must be unique, got {', '.join(labels)}: name them with --label")
+
+    @property
+    def endpoint_labels(self) -> tuple[str, ...]:
+        """The name of each endpoint: its --label, else the URL's host:port."""
+        return self.label or tuple(default_label(url) for url in self.base_url)
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, str], ...]:
+        """(label, base URL) per endpoint, the first being the comparison baseline."""
+        return tuple(zip(self.endpoint_labels, self.base_url, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["api_key"] = "***" if self.api_key else None  # never write a key to disk
         return data
+
+
+def default_label(url: str) -> str:
+    """`host:port` of a URL (the URL itself if it has no host)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return url
+    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
 
 
 def _annotation_type(annotation: str) -> type:
@@ -118,6 +152,8 @@ def build_parser(prog: str = "r1serve eval") -> argparse.ArgumentParser:
             if "nargs" in meta:
                 kwargs["metavar"] = f.name.upper()
         kwargs.update(meta)
+        if kwargs.get("action") == "extend":  # argparse would extend the default; parse_config fills it in
+            kwargs["default"] = None
         names = [flag, "--url"] if f.name == "base_url" else [flag]
         parser.add_argument(*names, **kwargs)
     return parser
@@ -126,6 +162,7 @@ def build_parser(prog: str = "r1serve eval") -> argparse.ArgumentParser:
 def parse_config(argv: list[str]) -> EvalConfig:
     """An `EvalConfig` from command-line arguments (argparse exits 2 on unknown or malformed options)."""
     args = vars(build_parser().parse_args(argv))
-    for name in ("task", "policy"):
-        args[name] = tuple(args[name])
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    for name in ("task", "policy", "base_url", "label"):
+        args[name] = defaults[name] if args[name] is None else tuple(args[name])
     return EvalConfig(**args)

@@ -1,16 +1,20 @@
-"""One evaluation from start to end: load tasks and policies, check the server, resume, sample, summarize.
+"""One evaluation from start to end: load tasks and policies, check the servers, resume, sample, summarize.
 
-This is the order of operations and nothing more; each step lives in its own module. Everything that can be
-wrong with the input (a dataset, a policy, the server, a resume with other settings) is found before the
-first request, and every number written at the end is recomputed from `samples.jsonl` alone, so a resumed
-or `--report-only` run reports exactly what a straight run would have.
+This is the order of operations and nothing more; each step lives in its own module. Several endpoints
+(`--url` given more than once) each get the same work items, the same seeds and the same sampling settings,
+and run side by side, each with its own `--concurrency`. Everything that can be wrong with the input (a
+dataset, a policy, any server, a resume with other settings) is found before the first request, and every
+number written at the end is recomputed from `samples.jsonl` alone, so a resumed or `--report-only` run
+reports exactly what a straight run would have.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from r1serve.eval.metrics import RunMetrics, run_metrics
 from r1serve.eval.plots import write_plots
 from r1serve.eval.policies import PromptPolicy, parse_policies
 from r1serve.eval.probe import EvalSetupError, ServerModel, capped_max_tokens, probe_server
-from r1serve.eval.records import LoadedSamples, SampleKey, SampleWriter, load_samples, settings_mismatch
+from r1serve.eval.records import LoadedSamples, SampleWriter, load_samples, settings_mismatch
 from r1serve.eval.report import write_outputs
 from r1serve.eval.runner import RunCounts, SampleRunner, SamplingSettings, WorkItem
 
@@ -59,18 +63,38 @@ def load_inputs(config: EvalConfig) -> tuple[list[Task], list[PromptPolicy]]:
     return tasks, parse_policies(list(config.policy))
 
 
-def work_items(tasks: Sequence[Task], policies: Sequence[PromptPolicy], num_samples: int) -> list[WorkItem]:
-    """Every (task, policy, problem, sample index) of the run, sample index outermost within a task, so
-    that an interrupted run has whole sample sets rather than all samples of the first problems."""
-    return [WorkItem(task, problem, policy, index) for task in tasks for index in range(num_samples)
+def work_items(tasks: Sequence[Task], policies: Sequence[PromptPolicy], num_samples: int,
+               endpoint: str = "") -> list[WorkItem]:
+    """Every (task, policy, problem, sample index) of the run at one endpoint, sample index outermost within
+    a task, so that an interrupted run has whole sample sets rather than all samples of the first problems."""
+    return [WorkItem(task, problem, policy, index, endpoint) for task in tasks for index in range(num_samples)
             for policy in policies for problem in task.problems]
 
 
-def _check_resume(loaded: LoadedSamples, selection: set[SampleKey], settings: SamplingSettings,
-                  policies: Sequence[PromptPolicy]) -> None:
-    done = [r for k, r in loaded.done().items() if k in selection]
-    expected = {p.name: settings.generation(p) for p in policies}
-    mismatches = settings_mismatch(done, expected)
+@dataclass
+class _Target:
+    """One endpoint of the run: its client, the model it serves, its settings and its work."""
+
+    label: str
+    client: AsyncLLMClient
+    server: ServerModel
+    settings: SamplingSettings
+    items: list[WorkItem]
+    pending: list[WorkItem] = field(default_factory=list)
+
+    def facts(self) -> dict[str, Any]:
+        return {"label": self.label, "url": self.client.base_url, "model": self.server.model,
+                "max_model_len": self.server.max_model_len}
+
+
+def _check_resume(loaded: LoadedSamples, targets: Sequence[_Target], policies: Sequence[PromptPolicy]) -> None:
+    mismatches = []
+    for target in targets:
+        selection = {i.key for i in target.items}
+        done = [r for k, r in loaded.done().items() if k in selection]
+        expected = {p.name: target.settings.generation(p) for p in policies}
+        prefix = f"{target.label}: " if len(targets) > 1 else ""
+        mismatches += [prefix + m for m in settings_mismatch(done, expected)]
     if mismatches:
         shown = "; ".join(mismatches[:5]) + (" ..." if len(mismatches) > 5 else "")
         raise EvalSetupError(f"the saved samples were made with other settings ({shown}): rerun with the same "
@@ -100,44 +124,85 @@ async def _server_notes(client: AsyncLLMClient) -> list[str]:
     return []
 
 
-async def _sample(config: EvalConfig, tasks: list[Task], policies: list[PromptPolicy], out: Path,
-                  log: Log) -> tuple[RunCounts, dict[str, Any], list[str]]:
-    """Probe the server, skip what is done, run the rest; returns counts, server facts and notes."""
-    client = AsyncLLMClient(config.base_url, api_key=config.api_key, model=config.model, timeout=config.timeout,
-                            max_retries=config.max_retries, fold_system_prompt=False,
-                            split_reasoning=config.split_reasoning)
-    async with client:
-        server = await probe_server(client, config.model)
+async def _open_targets(config: EvalConfig, tasks: list[Task], policies: list[PromptPolicy],
+                        stack: AsyncExitStack) -> list[_Target]:
+    """A client per endpoint, each probed (reachable, serving the model) before any request is sent."""
+    targets = []
+    for label, url in config.endpoints:
+        client = AsyncLLMClient(url, api_key=config.api_key, model=config.model, timeout=config.timeout,
+                                max_retries=config.max_retries, fold_system_prompt=False,
+                                split_reasoning=config.split_reasoning)
+        await stack.enter_async_context(client)
+        try:
+            server = await probe_server(client, config.model)
+        except EvalSetupError as e:
+            raise EvalSetupError(f"{label}: {e}" if len(config.endpoints) > 1 else str(e)) from e
         settings = SamplingSettings(server.model, config.temperature, config.top_p, config.max_tokens,
                                     config.max_thinking_tokens, config.seed, server.max_model_len, config.stream)
-        items = work_items(tasks, policies, config.num_samples)
-        loaded = load_samples(out / SAMPLES_FILE)
-        _check_resume(loaded, {i.key for i in items}, settings, policies)
-        done = loaded.done()
-        pending = [i for i in items if i.key not in done]
-        retried = sum(1 for i in pending if i.key in loaded.records)
-        log(f"r1serve eval: {server.model} at {client.base_url}: {len(items)} samples, {len(items) - len(pending)} "
-            f"already done, {len(pending)} to run ({retried} failed before and retried)")
-        notes = [n for n in [_cap_note(config, server, pending or items)] if n] + await _server_notes(client)
-        for note in notes:
-            log(f"note: {note}")
+        targets.append(_Target(label, client, server, settings,
+                               work_items(tasks, policies, config.num_samples, label)))
+    return targets
+
+
+async def _plan(config: EvalConfig, target: _Target, loaded: LoadedSamples, several: bool, log: Log) -> list[str]:
+    """Set the target's pending items, log what it will run; returns its notes."""
+    done = loaded.done()
+    target.pending = [i for i in target.items if i.key not in done]
+    retried = sum(1 for i in target.pending if i.key in loaded.records)
+    prefix = f"{target.label}: " if several else ""
+    log(f"r1serve eval: {prefix}{target.server.model} at {target.client.base_url}: {len(target.items)} samples, "
+        f"{len(target.items) - len(target.pending)} already done, {len(target.pending)} to run ({retried} failed "
+        "before and retried)")
+    notes = [n for n in [_cap_note(config, target.server, target.pending or target.items)] if n]
+    notes = [prefix + n for n in notes + await _server_notes(target.client)]
+    for note in notes:
+        log(f"note: {note}")
+    return notes
+
+
+async def _sample(config: EvalConfig, tasks: list[Task], policies: list[PromptPolicy], out: Path,
+                  log: Log) -> tuple[RunCounts, dict[str, Any], list[str]]:
+    """Probe the servers, skip what is done, run the rest; returns counts, server facts and notes."""
+    loaded = load_samples(out / SAMPLES_FILE, legacy_endpoint=config.endpoint_labels[0])
+    async with AsyncExitStack() as stack:
+        targets = await _open_targets(config, tasks, policies, stack)
+        _check_resume(loaded, targets, policies)
+        notes = [n for t in targets for n in await _plan(config, t, loaded, len(targets) > 1, log)]
         with GraderPool(config.grader_workers, config.grader_timeout) as grader, \
                 SampleWriter(out / SAMPLES_FILE) as writer:
-            runner = SampleRunner(client.chat_completion, grader, writer, settings,
-                                  concurrency=config.concurrency, progress=config.progress)
-            counts = await runner.run(pending)
-    return counts, {"model": server.model, "max_model_len": server.max_model_len}, notes
+            runners = [SampleRunner(t.client.chat_completion, grader, writer, t.settings,
+                                    concurrency=config.concurrency, progress=config.progress,
+                                    desc=f"eval {t.label}" if len(targets) > 1 else "eval") for t in targets]
+            results = await asyncio.gather(*(r.run(t.pending) for r, t in zip(runners, targets, strict=True)))
+    counts = RunCounts(sum(c.num_ok for c in results), sum(c.num_errors for c in results))
+    first = targets[0].server
+    facts = {"model": first.model, "max_model_len": first.max_model_len, "endpoints": [t.facts() for t in targets]}
+    return counts, facts, notes
+
+
+def report_labels(config: EvalConfig, loaded: LoadedSamples) -> tuple[str, ...]:
+    """The endpoints to report on: the run's own, or, for `--report-only` without `--label`, the one endpoint
+    that `samples.jsonl` holds; several others there are an error (the order chooses the baseline)."""
+    labels = config.endpoint_labels
+    found = sorted({r.endpoint for r in loaded.records.values()})
+    if config.label or not config.report_only or set(labels) <= set(found) or not found:
+        return labels
+    if len(found) == 1:
+        return tuple(found)
+    raise EvalSetupError(f"{SAMPLES_FILE} holds the endpoints {', '.join(found)}: name the ones to report with "
+                         "--label, the baseline first")
 
 
 def summarize(config: EvalConfig, tasks: list[Task], policies: list[PromptPolicy], out: Path,
               extra: dict[str, Any], notes: list[str]) -> tuple[RunMetrics, dict[str, Any], list[str]]:
     """Metrics of the selected samples in `samples.jsonl`; writes summary.json, report.md and the PNGs."""
-    loaded = load_samples(out / SAMPLES_FILE)
-    selection = {i.key for i in work_items(tasks, policies, config.num_samples)}
+    loaded = load_samples(out / SAMPLES_FILE, legacy_endpoint=config.endpoint_labels[0])
+    labels = report_labels(config, loaded)
+    selection = {i.key for label in labels for i in work_items(tasks, policies, config.num_samples, label)}
     ok = [r for k, r in loaded.done().items() if k in selection]
     failed = [r for k, r in loaded.failed().items() if k in selection]
     metrics = run_metrics(ok, failed, [t.name for t in tasks], [p.name for p in policies],
-                          num_resamples=config.bootstrap_resamples, seed=config.seed)
+                          num_resamples=config.bootstrap_resamples, seed=config.seed, endpoints=labels)
     notes = list(notes)
     if failed:
         notes.append(f"{len(failed)} samples failed (recorded in {SAMPLES_FILE}, excluded from accuracy); "

@@ -1,17 +1,19 @@
-"""Metrics of a run, per task and policy, computed from its sample records, and the comparison of policies.
+"""Metrics of a run, per task, policy and endpoint, computed from its sample records, and the comparisons.
 
 This is where the numbers in `summary.json` and the report come from, and nothing else computes them. For
 each (task, policy): pass@1 as the mean over problems of the fraction of correct samples, its standard
 deviation over the sample sets (set j = the j-th sample of every problem) and a bootstrap interval over
 problems; pass@k and maj@k; mean reasoning and answer tokens; truncation, skipped-thinking and no-answer
 rates; repetition stops; latency percentiles; errors (excluded from accuracy, counted). When several policies
-run on a task, each is compared with the first on the problems both finished, by a paired bootstrap.
+run on a task, each is compared with the first at each endpoint; when several endpoints run, each is
+compared with the first for each policy. Both comparisons are the same paired bootstrap over the problems
+both sides finished (`_paired`).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +32,7 @@ from r1serve.eval.stats import (
 
 @dataclass(frozen=True)
 class GroupMetrics:
-    """The metrics of one (task, policy); accuracies are fractions in [0, 1], None where undefined."""
+    """The metrics of one (task, policy, endpoint); accuracies are fractions in [0, 1], None where undefined."""
 
     task: str
     policy: str
@@ -54,6 +56,7 @@ class GroupMetrics:
     latency_p99_s: float | None
     grader_methods: dict[str, int]
     per_problem: dict[str, float] = field(repr=False)  # problem id -> fraction correct
+    endpoint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,9 +66,13 @@ class GroupMetrics:
         return data
 
 
+def _excludes_zero(low: float, high: float) -> bool:
+    return low > 0.0 or high < 0.0
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """pass@1 of `policy` minus that of `baseline` on the problems both have, with a paired interval."""
+    """pass@1 of `policy` minus that of `baseline` (policies) at one endpoint, with a paired interval."""
 
     task: str
     baseline: str
@@ -76,13 +83,47 @@ class Comparison:
     diff: float
     ci_low: float
     ci_high: float
+    endpoint: str = ""
 
     @property
     def excludes_zero(self) -> bool:
-        return self.ci_low > 0.0 or self.ci_high < 0.0
+        return _excludes_zero(self.ci_low, self.ci_high)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "excludes_zero": self.excludes_zero}
+
+
+@dataclass(frozen=True)
+class EndpointComparison:
+    """pass@1 at `endpoint` minus that at `baseline` (endpoint labels) for one policy, with a paired interval."""
+
+    task: str
+    policy: str
+    baseline: str
+    endpoint: str
+    num_problems: int
+    baseline_pass1: float
+    endpoint_pass1: float
+    diff: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return _excludes_zero(self.ci_low, self.ci_high)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "excludes_zero": self.excludes_zero}
+
+
+@dataclass(frozen=True)
+class _Paired:
+    num_problems: int
+    baseline_pass1: float
+    other_pass1: float
+    diff: float
+    ci_low: float
+    ci_high: float
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -125,8 +166,8 @@ def _k_metrics(problems: dict[str, list[SampleRecord]], n: int) -> tuple[dict[in
 
 
 def group_metrics(task: str, policy: str, records: Sequence[SampleRecord], *, num_errors: int,
-                  num_resamples: int, seed: int) -> GroupMetrics:
-    """The metrics of one (task, policy) from its successful records (`num_errors` failed ones)."""
+                  num_resamples: int, seed: int, endpoint: str = "") -> GroupMetrics:
+    """The metrics of one (task, policy, endpoint) from its successful records (`num_errors` failed ones)."""
     problems = _by_problem(records)
     per_problem = {pid: sum(r.correct for r in s) / len(s) for pid, s in problems.items()}
     n = max((len(s) for s in problems.values()), default=0)
@@ -149,44 +190,76 @@ def group_metrics(task: str, policy: str, records: Sequence[SampleRecord], *, nu
         repetition_stops=sum(r.finish_reason == "repetition" for r in records),
         latency_p50_s=percentile(latencies, 50), latency_p99_s=percentile(latencies, 99),
         grader_methods=dict(Counter(str((r.grade or {}).get("method")) for r in records)),
-        per_problem=per_problem,
+        per_problem=per_problem, endpoint=endpoint,
     )
 
 
-def compare(baseline: GroupMetrics, other: GroupMetrics, *, num_resamples: int, seed: int) -> Comparison | None:
-    """The paired comparison of two policies on one task (None if they share no problem)."""
+def _paired(baseline: GroupMetrics, other: GroupMetrics, num_resamples: int, seed: int) -> _Paired | None:
+    """pass@1 of `other` minus `baseline` on their common problems, paired-bootstrapped (None: none common)."""
     common = sorted(set(baseline.per_problem) & set(other.per_problem))
     if not common:
         return None
     a = [baseline.per_problem[p] for p in common]
     b = [other.per_problem[p] for p in common]
     diff, low, high = paired_bootstrap_diff(a, b, num_resamples, seed)
+    return _Paired(len(common), sum(a) / len(a), sum(b) / len(b), diff, low, high)
+
+
+def compare(baseline: GroupMetrics, other: GroupMetrics, *, num_resamples: int, seed: int) -> Comparison | None:
+    """The paired comparison of two policies on one task at one endpoint (None if they share no problem)."""
+    p = _paired(baseline, other, num_resamples, seed)
+    if p is None:
+        return None
     return Comparison(task=baseline.task, baseline=baseline.policy, policy=other.policy,
-                      num_problems=len(common), baseline_pass1=sum(a) / len(a), policy_pass1=sum(b) / len(b),
-                      diff=diff, ci_low=low, ci_high=high)
+                      num_problems=p.num_problems, baseline_pass1=p.baseline_pass1, policy_pass1=p.other_pass1,
+                      diff=p.diff, ci_low=p.ci_low, ci_high=p.ci_high, endpoint=baseline.endpoint)
+
+
+def compare_endpoints(baseline: GroupMetrics, other: GroupMetrics, *, num_resamples: int,
+                      seed: int) -> EndpointComparison | None:
+    """The paired comparison of two endpoints on one task and policy (None if they share no problem)."""
+    p = _paired(baseline, other, num_resamples, seed)
+    if p is None:
+        return None
+    return EndpointComparison(task=baseline.task, policy=baseline.policy, baseline=baseline.endpoint,
+                              endpoint=other.endpoint, num_problems=p.num_problems,
+                              baseline_pass1=p.baseline_pass1, endpoint_pass1=p.other_pass1, diff=p.diff,
+                              ci_low=p.ci_low, ci_high=p.ci_high)
 
 
 @dataclass(frozen=True)
 class RunMetrics:
     groups: list[GroupMetrics]
-    comparisons: list[Comparison]
+    comparisons: list[Comparison]  # policies, within each endpoint
+    endpoint_comparisons: list[EndpointComparison] = field(default_factory=list)  # endpoints, within each policy
+
+
+def _first_against_rest(groups: Sequence[GroupMetrics], fn: Callable[..., Any], num_resamples: int,
+                        seed: int) -> list[Any]:
+    found = [fn(groups[0], other, num_resamples=num_resamples, seed=seed) for other in groups[1:]]
+    return [c for c in found if c is not None]
 
 
 def run_metrics(ok: Sequence[SampleRecord], failed: Sequence[SampleRecord], tasks: Sequence[str],
-                policies: Sequence[str], *, num_resamples: int, seed: int) -> RunMetrics:
-    """Metrics of every (task, policy) in the given order, then each policy against the first, per task."""
-    groups, comparisons = [], []
+                policies: Sequence[str], *, num_resamples: int, seed: int,
+                endpoints: Sequence[str] = ("",)) -> RunMetrics:
+    """Metrics of every (task, policy, endpoint) in the given order; then, per task, each policy against the
+    first at each endpoint, and each endpoint against the first for each policy."""
+    groups: list[GroupMetrics] = []
     for task in tasks:
-        task_groups = []
         for policy in policies:
-            recs = [r for r in ok if r.task == task and r.policy == policy]
-            errors = sum(1 for r in failed if r.task == task and r.policy == policy)
-            if recs or errors:
-                task_groups.append(group_metrics(task, policy, recs, num_errors=errors,
-                                                 num_resamples=num_resamples, seed=seed))
-        groups += task_groups
-        for other in task_groups[1:]:
-            comparison = compare(task_groups[0], other, num_resamples=num_resamples, seed=seed)
-            if comparison is not None:
-                comparisons.append(comparison)
-    return RunMetrics(groups, comparisons)
+            for endpoint in endpoints:
+                recs = [r for r in ok if (r.task, r.policy, r.endpoint) == (task, policy, endpoint)]
+                errors = sum(1 for r in failed if (r.task, r.policy, r.endpoint) == (task, policy, endpoint))
+                if recs or errors:
+                    groups.append(group_metrics(task, policy, recs, num_errors=errors,
+                                                num_resamples=num_resamples, seed=seed, endpoint=endpoint))
+    comparisons, endpoint_comparisons = [], []
+    for task in tasks:
+        for endpoint in endpoints:
+            same = [g for g in groups if (g.task, g.endpoint) == (task, endpoint)]
+            comparisons += _first_against_rest(same, compare, num_resamples, seed)
+        for policy in policies:
+            same = [g for g in groups if (g.task, g.policy) == (task, policy)]
+            endpoint_comparisons += _first_against_rest(same, compare_endpoints, num_resamples, seed)
+    return RunMetrics(groups, comparisons, endpoint_comparisons)

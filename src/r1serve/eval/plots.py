@@ -1,5 +1,6 @@
 """The report's three figures, written as PNG next to `report.md`: accuracy by policy with its 95% interval,
-accuracy against reasoning length, and the histogram of reasoning tokens.
+accuracy against reasoning length, and the histogram of reasoning tokens. With several endpoints each
+series is one (endpoint, policy), named `endpoint / policy`.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so the eval
 runs on machines without a display and does not disturb a caller that uses matplotlib itself.
@@ -23,6 +24,16 @@ HISTOGRAM_PNG = "reasoning_tokens_hist.png"
 NUM_LENGTH_BINS = 6
 
 
+def _record_series(records: Sequence[SampleRecord]) -> dict[str, list[SampleRecord]]:
+    """Records with reasoning token counts by `task / policy` (`task / endpoint / policy` with several)."""
+    several = len({r.endpoint for r in records}) > 1
+    out: dict[str, list[SampleRecord]] = {}
+    for r in sorted(records, key=lambda r: (r.task, r.endpoint, r.policy)):
+        if r.reasoning_tokens is not None:
+            out.setdefault(f"{r.task} / {_series_name(r.endpoint, r.policy, several)}", []).append(r)
+    return out
+
+
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     fig.tight_layout()
@@ -30,17 +41,23 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _series_name(endpoint: str, policy: str, several_endpoints: bool) -> str:
+    return f"{endpoint} / {policy}" if several_endpoints else policy
+
+
 def plot_accuracy(groups: Sequence[GroupMetrics], path: Path) -> Path:
-    """Grouped bars: pass@1 per policy within each task, with bootstrap 95% intervals as error bars."""
+    """Grouped bars: pass@1 per policy (and endpoint) within each task, with bootstrap 95% intervals."""
     tasks = list(dict.fromkeys(g.task for g in groups))
-    policies = list(dict.fromkeys(g.policy for g in groups))
+    several = len({g.endpoint for g in groups}) > 1
+    named = [(_series_name(g.endpoint, g.policy, several), g) for g in groups]
+    policies = list(dict.fromkeys(name for name, _ in named))
     fig = Figure(figsize=(max(5.0, 1.6 * len(tasks) * len(policies)), 4.0))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(policies))
     for j, policy in enumerate(policies):
         xs, ys, errs = [], [], [[], []]
         for i, task in enumerate(tasks):
-            g = next((g for g in groups if g.task == task and g.policy == policy and g.pass1 is not None), None)
+            g = next((g for name, g in named if g.task == task and name == policy and g.pass1 is not None), None)
             if g is None:
                 continue
             low, high = g.pass1_ci or (g.pass1, g.pass1)
@@ -52,7 +69,7 @@ def plot_accuracy(groups: Sequence[GroupMetrics], path: Path) -> Path:
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("pass@1 (%) with 95% bootstrap interval")
     ax.set_ylim(0, 100)
-    ax.legend(title="policy")
+    ax.legend(title="endpoint / policy" if several else "policy")
     return _save(fig, path)
 
 
@@ -65,22 +82,19 @@ def plot_accuracy_vs_length(records: Sequence[SampleRecord], path: Path) -> Path
     """Accuracy of samples binned by reasoning tokens (equal-count bins), one line per task and policy."""
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.add_subplot()
-    groups = sorted({(r.task, r.policy) for r in records})
-    for task, policy in groups:
-        rs = [r for r in records if (r.task, r.policy) == (task, policy) and r.reasoning_tokens is not None]
-        if not rs:
-            continue
+    series = _record_series(records)
+    for name, rs in series.items():
         tokens = np.array([r.reasoning_tokens for r in rs], dtype=float)
         correct = np.array([r.correct for r in rs], dtype=float)
         edges = _length_bins(tokens)
         which = np.clip(np.searchsorted(edges, tokens, side="right") - 1, 0, len(edges) - 2)
         xs = [tokens[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
         ys = [100 * correct[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
-        ax.plot(xs, ys, marker="o", label=f"{task} / {policy}")
+        ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("reasoning tokens (mean of an equal-count bin)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
-    if groups:
+    if series:
         ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -91,11 +105,8 @@ def plot_reasoning_histogram(records: Sequence[SampleRecord], path: Path) -> Pat
     ax = fig.add_subplot()
     values = [r.reasoning_tokens for r in records if r.reasoning_tokens is not None]
     bins = np.histogram_bin_edges(values, bins=30) if values else 10
-    for task, policy in sorted({(r.task, r.policy) for r in records}):
-        tokens = [r.reasoning_tokens for r in records
-                  if (r.task, r.policy) == (task, policy) and r.reasoning_tokens is not None]
-        if tokens:
-            ax.hist(tokens, bins=bins, histtype="step", linewidth=1.5, label=f"{task} / {policy}")
+    for name, rs in _record_series(records).items():
+        ax.hist([r.reasoning_tokens for r in rs], bins=bins, histtype="step", linewidth=1.5, label=name)
     ax.set_xlabel("reasoning tokens")
     ax.set_ylabel("samples")
     if values:

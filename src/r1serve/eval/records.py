@@ -1,10 +1,12 @@
 """`samples.jsonl`: one line per finished sample, appended and flushed as it finishes, read back on resume.
 
 The file is the run's ground truth: metrics, the report and the plots are all computed from it, so an
-interrupted or crashed run loses nothing that finished, and a rerun skips every key (task, policy, problem
-id, sample index) whose latest line succeeded. A line that records an error counts as not done, so reruns
-retry it. A half-written last line (a killed process) is skipped with a warning rather than failing the run.
+interrupted or crashed run loses nothing that finished, and a rerun skips every key (endpoint label, task,
+policy, problem id, sample index) whose latest line succeeded. A line that records an error counts as not
+done, so reruns retry it. A half-written last line (a killed process) is skipped with a warning rather than
+failing the run.
 Each line also carries the settings that produced it, so a resume with different settings is refused.
+Lines written before endpoints had labels belong to the run's first endpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
-SampleKey = tuple[str, str, str, int]
+SampleKey = tuple[str, str, str, str, int]  # endpoint, task, policy, problem id, sample index
 
 # The settings that must match for a saved sample to count as done in a rerun.
 GENERATION_KEYS = ("model", "temperature", "top_p", "max_tokens", "max_thinking_tokens", "seed",
@@ -32,6 +34,7 @@ class SampleRecord:
     sample_index: int
     gold: str
     seed: int | None
+    endpoint: str = ""  # the endpoint's label (--label, default host:port)
     generation: dict[str, Any] = field(default_factory=dict)  # GENERATION_KEYS and the effective max_tokens
     reasoning: str = ""
     content: str = ""
@@ -49,7 +52,7 @@ class SampleRecord:
 
     @property
     def key(self) -> SampleKey:
-        return (self.task, self.policy, self.problem_id, self.sample_index)
+        return (self.endpoint, self.task, self.policy, self.problem_id, self.sample_index)
 
     @property
     def ok(self) -> bool:
@@ -89,9 +92,9 @@ class LoadedSamples:
         return {k: r for k, r in self.records.items() if not r.ok}
 
 
-def load_samples(path: Path) -> LoadedSamples:
+def load_samples(path: Path, legacy_endpoint: str = "") -> LoadedSamples:
     """Read `samples.jsonl` (absent: empty). A later line for a key replaces an earlier one, except that an
-    error never replaces a success."""
+    error never replaces a success. A line without an endpoint gets `legacy_endpoint`."""
     records: dict[SampleKey, SampleRecord] = {}
     bad: list[int] = []
     if not path.exists():
@@ -101,8 +104,10 @@ def load_samples(path: Path) -> LoadedSamples:
             if not line.strip():
                 continue
             try:
-                record = SampleRecord.from_dict(json.loads(line))
-            except (json.JSONDecodeError, TypeError, ValueError):
+                data = json.loads(line)
+                data.setdefault("endpoint", legacy_endpoint)
+                record = SampleRecord.from_dict(data)
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
                 bad.append(lineno)
                 continue
             previous = records.get(record.key)

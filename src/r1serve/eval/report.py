@@ -1,8 +1,10 @@
 """What a run shows people: the terminal table, `report.md`, `summary.json` and the final reproduction line.
 
-All of them are rendered from the same rows (`result_rows`, `comparison_rows`), so the terminal, the
-markdown and the JSON never disagree. The report states what each metric means and what was excluded
-(failed requests), because an accuracy without its protocol is the pitfall this evaluation exists to avoid.
+All of them are rendered from the same rows (`result_rows`, `comparison_rows`, `endpoint_comparison_rows`),
+so the terminal, the markdown and the JSON never disagree. With one endpoint the tables have no endpoint
+column; with several, the results and the policy comparison gain one and an endpoint comparison follows.
+The report states what each metric means and what was excluded (failed requests), because an accuracy
+without its protocol is the pitfall this evaluation exists to avoid.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from r1serve.eval.metrics import Comparison, GroupMetrics, RunMetrics
+from r1serve.eval.metrics import Comparison, EndpointComparison, GroupMetrics, RunMetrics
 from r1serve.eval.plots import ACCURACY_PNG, HISTOGRAM_PNG, LENGTH_PNG
 
 RESULT_HEADER = ["task", "policy", "problems", "samples", "pass@1 % (mean ± std)", "95% CI", "pass@n %",
@@ -20,6 +22,8 @@ RESULT_HEADER = ["task", "policy", "problems", "samples", "pass@1 % (mean ± std
                  "rep. stops", "errors", "p50 s", "p99 s"]
 COMPARISON_HEADER = ["task", "baseline", "policy", "problems", "baseline %", "policy %", "diff (pts)",
                      "95% CI (pts)", "CI excludes 0"]
+ENDPOINT_COMPARISON_HEADER = ["task", "policy", "baseline", "endpoint", "problems", "baseline %", "endpoint %",
+                              "diff (pts)", "95% CI (pts)", "CI excludes 0"]
 
 METRIC_NOTES = """\
 - **pass@1**: per problem, the fraction of its samples graded correct, averaged over problems. `± std` is the
@@ -40,6 +44,8 @@ METRIC_NOTES = """\
 - **comparison**: each policy against the first, pass@1 difference in percentage points on the problems
   both finished, with a paired bootstrap interval; "CI excludes 0" means the difference is unlikely to be
   sampling noise at the 95% level.
+- **endpoint comparison** (several `--url`): each endpoint against the first, for each policy, the same
+  way: the same problems, seeds and sampling settings were sent to every endpoint.
 """
 
 
@@ -49,6 +55,17 @@ def _pct(x: float | None, digits: int = 1) -> str:
 
 def _num(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _several_endpoints(groups: Sequence[GroupMetrics]) -> bool:
+    return len({g.endpoint for g in groups}) > 1
+
+
+def _with_column(header: Sequence[str], rows: Sequence[list[str]], at: int, name: str,
+                 values: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """`header` and `rows` with a column inserted at index `at`."""
+    return ([*header[:at], name, *header[at:]],
+            [[*row[:at], value, *row[at:]] for row, value in zip(rows, values, strict=True)])
 
 
 def result_rows(groups: Sequence[GroupMetrics]) -> list[list[str]]:
@@ -67,10 +84,35 @@ def result_rows(groups: Sequence[GroupMetrics]) -> list[list[str]]:
     return rows
 
 
+def _diff_cells(diff: float, low: float, high: float, excludes_zero: bool) -> list[str]:
+    return [f"{100 * diff:+.1f}", f"[{100 * low:+.1f}, {100 * high:+.1f}]", "yes" if excludes_zero else "no"]
+
+
 def comparison_rows(comparisons: Sequence[Comparison]) -> list[list[str]]:
     return [[c.task, c.baseline, c.policy, str(c.num_problems), _pct(c.baseline_pass1), _pct(c.policy_pass1),
-             f"{100 * c.diff:+.1f}", f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]",
-             "yes" if c.excludes_zero else "no"] for c in comparisons]
+             *_diff_cells(c.diff, c.ci_low, c.ci_high, c.excludes_zero)] for c in comparisons]
+
+
+def endpoint_comparison_rows(comparisons: Sequence[EndpointComparison]) -> list[list[str]]:
+    return [[c.task, c.policy, c.baseline, c.endpoint, str(c.num_problems), _pct(c.baseline_pass1),
+             _pct(c.endpoint_pass1), *_diff_cells(c.diff, c.ci_low, c.ci_high, c.excludes_zero)]
+            for c in comparisons]
+
+
+def tables(metrics: RunMetrics) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of each table to show: results, then the comparisons there are."""
+    results = (RESULT_HEADER, result_rows(metrics.groups))
+    policies = (COMPARISON_HEADER, comparison_rows(metrics.comparisons))
+    if _several_endpoints(metrics.groups):
+        results = _with_column(*results, 2, "endpoint", [g.endpoint for g in metrics.groups])
+        policies = _with_column(*policies, 1, "endpoint", [c.endpoint for c in metrics.comparisons])
+    out = [("Results", *results)]
+    if metrics.comparisons:
+        out.append(("Policy comparison", *policies))
+    if metrics.endpoint_comparisons:
+        out.append(("Endpoint comparison", ENDPOINT_COMPARISON_HEADER,
+                    endpoint_comparison_rows(metrics.endpoint_comparisons)))
+    return [(title, list(header), rows) for title, header, rows in out]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -87,19 +129,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def terminal_report(metrics: RunMetrics) -> str:
-    out = [text_table(RESULT_HEADER, result_rows(metrics.groups))]
-    if metrics.comparisons:
-        out += ["", text_table(COMPARISON_HEADER, comparison_rows(metrics.comparisons))]
-    return "\n".join(out)
+    return "\n\n".join(text_table(header, rows) for _, header, rows in tables(metrics))
 
 
 def _settings_lines(settings: dict[str, Any]) -> list[str]:
-    keys = ("base_url", "model", "max_model_len", "task", "policy", "num_samples", "temperature", "top_p",
-            "max_tokens", "max_thinking_tokens", "seed", "limit", "data_sources", "started", "r1serve_version")
+    keys = ("base_url", "model", "max_model_len", "endpoints", "task", "policy", "num_samples", "temperature",
+            "top_p", "max_tokens", "max_thinking_tokens", "seed", "limit", "data_sources", "started", "r1serve_version")
     return [f"- **{k}**: `{_setting(settings[k])}`" for k in keys if k in settings]
 
 
 def _setting(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+        return "; ".join(", ".join(f"{k}: {v}" for k, v in item.items()) for item in value)
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
     if isinstance(value, dict):
@@ -112,10 +153,8 @@ def markdown_report(metrics: RunMetrics, settings: dict[str, Any], notes: Sequen
     parts = ["# r1serve eval report", "", "## Settings", "", *_settings_lines(settings), ""]
     if notes:
         parts += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    parts += ["## Results", "", markdown_table(RESULT_HEADER, result_rows(metrics.groups)), ""]
-    if metrics.comparisons:
-        parts += ["## Policy comparison", "", markdown_table(COMPARISON_HEADER,
-                                                            comparison_rows(metrics.comparisons)), ""]
+    for title, header, rows in tables(metrics):
+        parts += [f"## {title}", "", markdown_table(header, rows), ""]
     parts += ["## Plots", "", f"![accuracy by policy]({ACCURACY_PNG})", "",
               f"![accuracy against reasoning length]({LENGTH_PNG})", "",
               f"![reasoning tokens]({HISTOGRAM_PNG})", "", "## What the columns mean", "", METRIC_NOTES]
@@ -124,12 +163,13 @@ def markdown_report(metrics: RunMetrics, settings: dict[str, Any], notes: Sequen
 
 def summary_dict(metrics: RunMetrics, settings: dict[str, Any], notes: Sequence[str] = ()) -> dict[str, Any]:
     return {"settings": settings, "notes": list(notes), "results": [g.to_dict() for g in metrics.groups],
-            "comparisons": [c.to_dict() for c in metrics.comparisons]}
+            "comparisons": [c.to_dict() for c in metrics.comparisons],
+            "endpoint_comparisons": [c.to_dict() for c in metrics.endpoint_comparisons]}
 
 
 def reproduction_line(metrics: RunMetrics, settings: dict[str, Any]) -> str:
     """One JSON line: every setting needed to rerun, and the headline numbers."""
-    headline = [{"task": g.task, "policy": g.policy, "pass@1": g.pass1, "pass@1_ci": g.pass1_ci,
+    headline = [{"task": g.task, "policy": g.policy, "endpoint": g.endpoint, "pass@1": g.pass1, "pass@1_ci": g.pass1_ci,
                  "pass@n": g.pass_at_k.get(g.samples_per_problem), "maj@n": g.maj_at_k.get(g.samples_per_problem),
                  "errors": g.num_errors} for g in metrics.groups]
     return json.dumps({"eval": settings, "results": headline}, ensure_ascii=False)

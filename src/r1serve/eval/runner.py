@@ -1,10 +1,11 @@
 """Sending the samples: bounded concurrency, per-sample seeds, grading, and one saved line per finished sample.
 
-A run is a list of work items (task, policy, problem, sample index). A fixed number of worker coroutines
-take items in order, ask the server through `AsyncLLMClient` (seed = base seed + sample index, `max_tokens`
-capped to the context), grade the answer in the process pool and append the record to `samples.jsonl` at
-once, so that an interruption loses only requests in flight. A request that fails is recorded with its
-error and counted, and the run goes on; a rerun retries it. The chat call is injectable for tests.
+A run is a list of work items (endpoint, task, policy, problem, sample index); one runner serves one
+endpoint. A fixed number of worker coroutines take items in order, ask the server through `AsyncLLMClient`
+(seed = base seed + sample index, the same at every endpoint; `max_tokens` capped to the context), grade the
+answer in the process pool and append the record to `samples.jsonl` at once, so that an interruption loses
+only requests in flight. A request that fails is recorded with its error and counted, and the run goes on;
+a rerun retries it. The chat call is injectable for tests.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class WorkItem:
     problem: Problem
     policy: PromptPolicy
     sample_index: int
+    endpoint: str = ""  # the endpoint's label
 
     @property
     def key(self) -> SampleKey:
-        return (self.task.name, self.policy.name, self.problem.id, self.sample_index)
+        return (self.endpoint, self.task.name, self.policy.name, self.problem.id, self.sample_index)
 
 
 @dataclass
@@ -83,19 +85,20 @@ class SampleRunner:
     """Runs work items against a chat function and saves each finished sample."""
 
     def __init__(self, chat: ChatFn, grader: GraderPool, writer: SampleWriter, settings: SamplingSettings,
-                 *, concurrency: int, progress: bool = True) -> None:
+                 *, concurrency: int, progress: bool = True, desc: str = "eval") -> None:
         self.chat = chat
         self.grader = grader
         self.writer = writer
         self.settings = settings
         self.concurrency = concurrency
         self.progress = progress
+        self.desc = desc
         self.counts = RunCounts()
 
     async def run(self, items: Sequence[WorkItem]) -> RunCounts:
         """Run every item (workers pull them in order); returns how many succeeded and failed."""
         queue: Iterator[WorkItem] = iter(items)
-        with tqdm(total=len(items), desc="eval", unit="sample", disable=None if self.progress else True,
+        with tqdm(total=len(items), desc=self.desc, unit="sample", disable=None if self.progress else True,
                   dynamic_ncols=True) as bar:
             workers = [self._worker(queue, bar) for _ in range(min(self.concurrency, max(1, len(items))))]
             await asyncio.gather(*workers)
@@ -146,6 +149,7 @@ class SampleRunner:
         record = SampleRecord(
             task=item.task.name, policy=item.policy.name, problem_id=item.problem.id,
             sample_index=item.sample_index, gold=item.problem.answer, seed=kwargs["seed"],
+            endpoint=item.endpoint,
             generation=self.settings.generation(item.policy),
         )
         try:
