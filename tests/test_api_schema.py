@@ -204,8 +204,8 @@ def test_undecodable_bodies_are_400_invalid_json(client: TestClient, route: str,
     ("/v1/chat/completions", {**CHAT, "logprobs": True}, "unsupported"),
     ("/v1/chat/completions", {"messages": CHAT["messages"]}, "missing_field"),
     ("/v1/chat/completions", {**CHAT, "messages": "hi"}, "invalid_type"),
-    ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "invalid_value"),
-    ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**9], "min_tokens": 2}, "invalid_value"),
+    ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "invalid_token_id"),
+    ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**9], "min_tokens": 2}, "invalid_token_id"),
 ])
 def test_every_400_has_a_code(client: TestClient, route: str, body: dict[str, Any], code: str) -> None:
     response = client.post(route, json=body)
