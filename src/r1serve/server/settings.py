@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from r1serve.config import DEFAULT_MODEL, QUANTIZATION_METHODS, EngineConfig
+from r1serve.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
 from r1serve.server.policy import PolicyConfig
 
 # What `--quantization` accepts ("none": as the checkpoint's config.json says; docs/quantization.md).
@@ -51,6 +51,8 @@ class ServerSettings(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
     quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
         "none", description="weight quantization (none: as config.json's quantization_config says)")
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="KV-cache dtype: auto = the model's; fp8 (= fp8_e4m3) holds twice the tokens")
 
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
@@ -114,6 +116,7 @@ class ServerSettings(BaseModel):
             kv_cache_space=self.kv_cache_space, enable_prefix_caching=self.enable_prefix_caching,
             enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
             quantization=None if self.quantization == "none" else self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def policy_config(self) -> PolicyConfig:
