@@ -40,6 +40,7 @@ import tests.test_quant_kernels_gpu as quant_tests  # noqa: E402
 from r1serve.kernels import triton_attention  # noqa: E402
 
 gpu_tests.DEVICE, gpu_tests.DTYPE = "cpu", torch.float32
+gpu_tests.EXACT_FP8 = False  # the interpreter's float-to-fp8 conversion is not the GPU's
 quant_tests.DEVICE, quant_tests.DTYPES = "cpu", (torch.float32,)
 quant_tests.EXACT_FP8 = False  # the interpreter's float-to-fp8 conversion is not torch's
 
@@ -61,6 +62,12 @@ CASES: list[tuple[str, dict]] = [
     ("test_decode_gqa_groups", {"heads": (8, 1)}),
     ("test_rotary_store_equals_rotary_then_store", {"tokens": 6, "block_size": 16}),
     ("test_store_kv_matches_twin_and_skips_padding", {"block_size": 16}),
+    ("test_fp8_store_kv_matches_twin_and_skips_padding", {"block_size": 16}),
+    ("test_fp8_rotary_store_matches_rotary_then_store", {"tokens": 6}),
+    *[("test_fp8_decode_matches_twin", {"batch": 7, "num_splits": n}) for n in (1, 5)],
+    *[("test_fp8_decode_with_rotary_equals_rotary_store_then_decode", {"num_splits": n, "fused_merge": f})
+      for n, f in ((1, False), (5, True))],
+    ("test_fp8_prefill_matches_twin", {"case": "block_boundaries"}),
     *[("test_skinny_any_config_odd_sizes", {"act": a, "m": m, "shape": (37, 200, True)})
       for a in ("gated", "add_rms_norm", "plain") for m in (1, 7)],
     ("test_skinny_rejects_configs_it_cannot_run", {}),

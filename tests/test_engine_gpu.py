@@ -112,3 +112,26 @@ def test_pipelined_steps_equal_steps_read_one_at_a_time(model_dir: Path) -> None
     assert pipelined == one_at_a_time
     assert [len(o[0]) for o in pipelined] == [20, 20, 1, 33, 7, 40]
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_fp8_kv_cache_graphs_equal_eager_and_stay_close_to_bf16(model_dir: Path) -> None:
+    """`kv_cache_dtype="fp8"`: twice the blocks of a bf16 cache in the same memory, CUDA-graph decode equal to
+    eager decode, and last-position logits close to a bf16 cache's (the same weights and prompt)."""
+    common = dict(load_format="dummy", dtype="bfloat16", max_model_len=1024, num_kv_blocks=256)
+    graphed = LLM(str(model_dir), kv_cache_dtype="fp8", **common)
+    runner = graphed.engine.runner
+    assert runner.graphs is not None and runner.kv_cache.dtype == torch.float8_e4m3fn
+    eager = LLM(str(model_dir), kv_cache_dtype="fp8", enforce_eager=True, **common)
+    assert greedy(graphed) == greedy(eager)
+    bf16 = LLM(str(model_dir), **common)
+    assert runner.block_bytes * 2 == bf16.engine.runner.block_bytes
+    logits = []
+    for llm in (graphed, bf16):
+        engine = llm.engine
+        engine.add_request(prompts()[4], SamplingParams(temperature=0.0, max_tokens=1))
+        inputs = engine.runner.packer.pack(engine.scheduler.schedule())
+        with torch.inference_mode():
+            hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.meta, engine.runner.kv_caches)
+            logits.append(engine.runner.model.compute_logits(hidden[-1:]).float().cpu())
+    err = (logits[0] - logits[1]).norm() / logits[1].norm()
+    assert err < 5e-2, f"relative error {err:.2e}"

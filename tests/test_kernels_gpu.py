@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from r1serve.kernels import reference
-from r1serve.kernels.attention import AttentionMetadata, TorchAttention, build_metadata
+from r1serve.kernels.attention import (
+    FP8_KV_DTYPE,
+    AttentionMetadata,
+    KVScales,
+    TorchAttention,
+    build_metadata,
+    dequantize_kv,
+    quantize_kv,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -688,3 +696,157 @@ def test_model_on_fused_ops_matches_unfused_and_graph_equals_eager(pdl: bool) ->
             unfused = model(ids, positions, meta, caches)
         assert torch.equal(replayed, eager), f"batch {batch}: graph replay differs from eager"
         assert rel_err(eager, unfused) < BF16_TOL
+
+
+# ---------------------------------------------------------------- fp8 KV cache (e4m3, per-tensor scales)
+
+FP8_SCALES = KVScales(k=0.7, v=0.05)  # not powers of two: the reciprocal's rounding is the twin's too
+EXACT_FP8 = True  # the interpreter's float-to-fp8 conversion is not the GPU's: dev/interpret_kernels.py clears it
+
+
+def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scales: KVScales = FP8_SCALES) -> tuple[torch.Tensor, torch.Tensor]:
+    """A written bf16 cache pair quantized to fp8 with the twin's `quantize_kv`."""
+    return quantize_kv(k_cache, FP8_KV_DTYPE, scales.k), quantize_kv(v_cache, FP8_KV_DTYPE, scales.v)
+
+
+def assert_same_fp8(out: torch.Tensor, ref: torch.Tensor, scale: float) -> None:
+    """Byte-equal on the GPU. Under the interpreter, whose conversion halves values that round up to a power of
+    two and mis-rounds subnormals: 95% of the elements within one e4m3 step."""
+    assert out.dtype == ref.dtype == FP8_KV_DTYPE
+    if EXACT_FP8:
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+        return
+    a, b = dequantize_kv(out, torch.float32, scale), dequantize_kv(ref, torch.float32, scale)
+    close = (a - b).abs() <= 0.125 * b.abs() + 2.0 ** -9 * scale
+    assert close.float().mean() > 0.95
+
+
+def reference_fp8_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scales: KVScales = FP8_SCALES) -> torch.Tensor:
+    """The twin in float32 over the fp8 cache itself (dequantized by `TorchAttention`)."""
+    return TorchAttention().attend(query.float(), k_cache, v_cache, meta, query.shape[-1] ** -0.5, scales)
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_fp8_store_kv_matches_twin_and_skips_padding(block_size: int) -> None:
+    ta, _ = _triton_modules()
+    _, _, _, k_cache, v_cache, meta = make_batch([37, 1, 5], [37, 50, 300], block_size=block_size)
+    k_cache, v_cache = fp8_caches(k_cache, v_cache)
+    qkv = torch.randn(43, (12 + 2 + 2) * 128, device=DEVICE, dtype=DTYPE) * 30  # some values past ±448 · scale
+    key, value = qkv[:, 12 * 128:14 * 128].view(43, 2, 128), qkv[:, 14 * 128:].view(43, 2, 128)
+    slots = meta.slot_mapping.clone()
+    slots[torch.tensor([0, 7, 42], device=DEVICE)] = -1
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    TorchAttention().store_kv(key, value, k_ref, v_ref, slots, FP8_SCALES)
+    ta.store_kv(key, value, k_cache, v_cache, slots, FP8_SCALES)
+    assert_same_fp8(k_cache, k_ref, FP8_SCALES.k)
+    assert_same_fp8(v_cache, v_ref, FP8_SCALES.v)
+    assert not dequantize_kv(k_cache, torch.float32, 1.0).isnan().any()  # clamped, never NaN
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 300])
+def test_fp8_rotary_store_matches_rotary_then_store(tokens: int) -> None:
+    ta, ops = _triton_modules()
+    cache = reference.rotary_cos_sin_cache(128, 8192, 10000.0).to(DEVICE)
+    qkv = torch.randn(tokens, (12 + 2 + 2) * 128, device=DEVICE, dtype=DTYPE)
+    q, k, v = qkv.split([12 * 128, 2 * 128, 2 * 128], dim=-1)
+    q, k, v = q.view(tokens, 12, 128), k.view(tokens, 2, 128), v.view(tokens, 2, 128)
+    positions = torch.randint(0, 8192, (tokens,), device=DEVICE)
+    num_blocks = tokens // 16 + 3
+    slots = torch.randperm(num_blocks * 16, device=DEVICE)[:tokens]
+    slots[::3] = -1
+    k_cache, v_cache = fp8_caches(torch.randn(num_blocks, 16, 2, 128, device=DEVICE, dtype=DTYPE),
+                                  torch.randn(num_blocks, 16, 2, 128, device=DEVICE, dtype=DTYPE))
+    k_ref, v_ref, k_twin, v_twin = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+    q_ref, k_rot = ops.apply_rotary(q.clone(), k, positions, cache)
+    ta.store_kv(k_rot, v, k_ref, v_ref, slots, FP8_SCALES)
+    reference.rotary_store_kv(q.clone(), k, v, positions, cache, k_twin, v_twin, slots, FP8_SCALES)
+    out = ta.rotary_store_kv(q, k, v, positions, cache, k_cache, v_cache, slots, FP8_SCALES)
+    assert torch.equal(out, q_ref)  # q is not quantized
+    assert_same_fp8(k_cache, k_ref, FP8_SCALES.k)
+    assert_same_fp8(v_cache, v_ref, FP8_SCALES.v)
+    assert_same_fp8(v_cache, v_twin, FP8_SCALES.v)
+    # the twin's rotation may differ in a bf16 last bit, which can move a key to the next e4m3 value
+    f32 = torch.float32
+    if EXACT_FP8:
+        assert rel_err(dequantize_kv(k_cache, f32, FP8_SCALES.k), dequantize_kv(k_twin, f32, FP8_SCALES.k)) < 1e-2
+    else:
+        assert_same_fp8(k_cache, k_twin, FP8_SCALES.k)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 33])
+@pytest.mark.parametrize("num_splits", [1, 5, None])
+def test_fp8_decode_matches_twin(batch: int, num_splits: int | None) -> None:
+    ta, _ = _triton_modules()
+    seq_lens = [random.choice(BOUNDARY_LENS) for _ in range(batch)]
+    query, _, _, k_cache, v_cache, meta = make_batch([1] * batch, seq_lens)
+    k_cache, v_cache = fp8_caches(k_cache, v_cache)
+    out = ta.paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, 128 ** -0.5,
+                                    meta.max_seq_len, num_splits=num_splits, out=torch.full_like(query, float("nan")),
+                                    kv_scales=FP8_SCALES)
+    assert rel_err(out, reference_fp8_attention(query, k_cache, v_cache, meta)) < BF16_TOL
+
+
+@pytest.mark.parametrize("num_splits", [1, 5, None])
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_fp8_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | None, fused_merge: bool) -> None:
+    """The decode kernel with rotary and the fp8 store folded in: the cache and output of the fused rotary +
+    store kernel followed by plain fp8 decode, and the twin's result; slot -1 and length 0 rows too."""
+    ta, _ = _triton_modules()
+    seq_lens = [5, 200, 64, 65, 1, 1000, 17]
+    query, key, value, k_cache, v_cache, meta = make_batch([1] * len(seq_lens), seq_lens)
+    k_cache, v_cache = fp8_caches(k_cache, v_cache)
+    cache = reference.rotary_cos_sin_cache(128, 4096, 10000.0).to(DEVICE)
+    positions = (meta.seq_lens - 1).long()
+    slots = meta.slot_mapping.clone()
+    slots[4] = -1
+    seq_lens_t = meta.seq_lens.clone()
+    seq_lens_t[6] = 0
+    padded = AttentionMetadata(slots, meta.query_start_loc, seq_lens_t, meta.block_tables, 1, 4096,
+                               [1] * len(seq_lens), seq_lens_t.tolist())
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_rot = ta.rotary_store_kv(query.clone(), key, value, positions, cache, k_ref, v_ref, slots, FP8_SCALES)
+    ref = ta.paged_decode_attention(q_rot, k_ref, v_ref, padded.block_tables, padded.seq_lens, 128 ** -0.5, 4096,
+                                    num_splits=num_splits, fused_merge=fused_merge, kv_scales=FP8_SCALES)
+    out = torch.full_like(query, float("nan"))
+    ta.paged_decode_attention(query, k_cache, v_cache, padded.block_tables, padded.seq_lens, 128 ** -0.5, 4096,
+                              num_splits=num_splits, out=out, fused_merge=fused_merge,
+                              rotary=ta.DecodeRotary(key, value, positions, cache, slots), kv_scales=FP8_SCALES)
+    assert_same_fp8(v_cache, v_ref, FP8_SCALES.v)
+    f32 = torch.float32
+    assert rel_err(dequantize_kv(k_cache, f32, FP8_SCALES.k), dequantize_kv(k_ref, f32, FP8_SCALES.k)) < 1e-2
+    assert rel_err(out, ref) < 5e-3
+    assert torch.equal(out[6], torch.zeros_like(out[6]))
+    twin_q, _ = reference.apply_rotary(query.float(), key.float(), positions, cache)
+    twin_meta = AttentionMetadata(slots, meta.query_start_loc, seq_lens_t, meta.block_tables, 1, meta.max_seq_len,
+                                  [1] * len(seq_lens), seq_lens_t.tolist())
+    assert rel_err(out[:6], reference_fp8_attention(twin_q, k_ref, v_ref, twin_meta)[:6]) < BF16_TOL
+
+
+@pytest.mark.parametrize("case", ["block_boundaries", "prefix_hits", "chunked_with_decodes"])
+def test_fp8_prefill_matches_twin(case: str) -> None:
+    ta, _ = _triton_modules()
+    query_lens, seq_lens = PREFILL_CASES[case]
+    query, _, _, k_cache, v_cache, meta = make_batch(query_lens, seq_lens)
+    k_cache, v_cache = fp8_caches(k_cache, v_cache)
+    out = ta.paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, 128 ** -0.5, meta.max_query_len,
+                                     out=torch.full_like(query, float("nan")), kv_scales=FP8_SCALES)
+    assert rel_err(out, reference_fp8_attention(query, k_cache, v_cache, meta)) < BF16_TOL
+
+
+def test_fp8_backend_store_then_attend_matches_twin() -> None:
+    """TritonAttention over an fp8 cache: decode-only, mixed, and few long whole prompts (the SDPA path)."""
+    ta, _ = _triton_modules()
+    long = ta.SDPA_MIN_PROMPT
+    for query_lens, seq_lens in (([1, 1, 1], [19, 1, 700]), ([12, 1, 40], [12, 90, 1000]), ([long], [long])):
+        query, key, value, k_cache, v_cache, meta = make_batch(query_lens, seq_lens)
+        k_cache, v_cache = fp8_caches(k_cache, v_cache)
+        k_twin, v_twin = k_cache.clone(), v_cache.clone()
+        backend = ta.TritonAttention()
+        backend.store_kv(key, value, k_cache, v_cache, meta.slot_mapping, FP8_SCALES)
+        out = backend.attend(query, k_cache, v_cache, meta, 128 ** -0.5, FP8_SCALES)
+        TorchAttention().store_kv(key, value, k_twin, v_twin, meta.slot_mapping, FP8_SCALES)
+        assert_same_fp8(k_cache, k_twin, FP8_SCALES.k)
+        assert rel_err(out, reference_fp8_attention(query, k_twin, v_twin, meta)) < BF16_TOL

@@ -162,6 +162,10 @@ class ModelConfig:
                 ) * dtype_bytes
 
 
+# `--kv-cache-dtype` (vLLM's names): auto = the model's dtype; fp8 and fp8_e4m3 = float8 e4m3 with per-tensor
+# scales (docs/quantization.md)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -190,6 +194,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     quantization: str | None = None  # None: as config.json's quantization_config says (dense without one)
     download_dir: str | None = None  # where hub downloads go (default: the Hugging Face cache)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,6 +222,14 @@ class EngineConfig:
         if self.quantization not in (None, "none", *QUANTIZATION_METHODS):
             raise ValueError(f"quantization {self.quantization!r} is not supported "
                              f"(accepted: none, {', '.join(QUANTIZATION_METHODS)})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported "
+                             f"(accepted: {', '.join(KV_CACHE_DTYPES)}; fp8 is float8 e4m3)")
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        """Whether the KV cache is float8 e4m3 (`--kv-cache-dtype fp8` or `fp8_e4m3`)."""
+        return self.kv_cache_dtype != "auto"
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -5,7 +5,8 @@ positions, and the paged-attention metadata), runs the model, computes logits on
 sample this step, and samples, all without waiting for the device: the sampled ids come back as `SampledTokens`,
 read once the engine has launched the next step. It sizes the KV cache itself: from `--kv-cache-space` GiB on
 CPU, and on CUDA from the memory left after the weights and a profiling forward pass, times
-`gpu_memory_utilization`.
+`gpu_memory_utilization`. The cache is in the model's dtype, or float8 e4m3 with `--kv-cache-dtype fp8` (one
+byte per element: twice the blocks in the same memory; every layer's scales are 1.0, docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from r1serve.engine.cuda_graphs import DecodeGraphs
 from r1serve.engine.input_batch import InputPacker, StepInputs
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
-from r1serve.kernels.attention import AttentionBackend, TorchAttention, build_metadata
+from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
 from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
 from r1serve.model.loader import load_model, resolve_device, resolve_dtype, weight_bytes
@@ -62,6 +63,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = FP8_KV_DTYPE if config.fp8_kv_cache else self.dtype
         self.backend = select_attention_backend(self.device)
         self._baseline_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         torch.manual_seed(config.seed)
@@ -82,9 +84,10 @@ class ModelRunner:
         self._host_ids = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         self._turn = 0
         logger.info("model on %s (%s, attention: %s); quantization: %s; weights: %.2f GiB; "
-                    "KV cache: %d blocks of %d tokens (%.2f GiB)",
+                    "KV cache: %s, %d blocks of %d tokens (%.2f GiB)",
                     self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.quantization,
-                    weight_bytes(self.model) / GiB, self.num_blocks, config.block_size,
+                    weight_bytes(self.model) / GiB, str(self.kv_dtype).removeprefix("torch."), self.num_blocks,
+                    config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
 
     @property
@@ -94,7 +97,7 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        return self.config.block_size * self.model_config.kv_cache_bytes_per_token(self.dtype.itemsize)
+        return self.config.block_size * self.model_config.kv_cache_bytes_per_token(self.kv_dtype.itemsize)
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -136,7 +139,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         mc = self.model_config
         shape = (2, mc.num_hidden_layers, num_blocks, self.config.block_size, mc.num_key_value_heads, mc.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """The decode graphs' buffers (captured later), or None where steps run eagerly."""

@@ -1,6 +1,8 @@
 """Paged attention: the metadata one engine step hands to every attention layer, and the backends behind it.
 
-The KV cache of a layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`. Each step, the new
+The KV cache of a layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`, in the model's dtype
+or in float8 e4m3 (`--kv-cache-dtype fp8`): then a store divides by the layer's per-tensor scale (`KVScales`),
+clamps to ±448 and rounds, and attention multiplies the scale back. Each step, the new
 tokens' K/V are first stored into their slots (`slot_mapping`), then every query attends over its sequence's
 whole context read back through its block table: cached prefix blocks, earlier chunks and the new tokens alike.
 So chunked prefill, prefix-cache hits and decode are one code path. `TorchAttention` is the plain-PyTorch
@@ -14,9 +16,49 @@ from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+class KVScales(NamedTuple):
+    """Per-tensor scales of one layer's fp8 KV cache: stored = x / scale, read back = stored * scale (float32
+    values as Python floats, fixed at start-up, so CUDA graphs capture them as kernel arguments). Unused by a
+    cache in the model's dtype."""
+
+    k: float = 1.0
+    v: float = 1.0
+
+
+UNIT_SCALES = KVScales()
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x [..., head_dim] → the cache's dtype: a cast, or for an fp8 cache x * (1 / scale) in float32 clamped
+    to ±448 and rounded to e4m3 (the Triton stores compute the same product with the same reciprocal)."""
+    if cache_dtype != FP8_KV_DTYPE:
+        return x.to(cache_dtype)
+    return (x.float() * (1.0 / scale)).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache_dtype)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cache values [..., head_dim] → dtype: a cast, or for fp8 values (x in float32 × scale) rounded to dtype."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
+
+def write_kv_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, kv_heads, head_dim], rows [n, kv_heads, head_dim] already in the cache's
+    dtype → their slots [n] int64. fp8 rows are copied as bytes (CPU has no float8 `index_copy_`)."""
+    flat = cache.view(-1, *cache.shape[2:])
+    if cache.dtype == FP8_KV_DTYPE:
+        flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+    flat.index_copy_(0, slots, rows)
 
 
 @dataclass
@@ -91,13 +133,15 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        """key/value: [num_tokens, num_kv_heads, head_dim] → their slots; slot -1 is skipped."""
+                 slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:
+        """key/value: [num_tokens, num_kv_heads, head_dim] → their slots; slot -1 is skipped. An fp8 cache
+        stores `quantize_kv` of them with `kv_scales`."""
 
     @abstractmethod
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """query: [num_tokens, num_heads, head_dim] → output of the same shape (GQA: heads share kv heads)."""
+               meta: AttentionMetadata, scale: float, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_dim] → output of the same shape (GQA: heads share kv heads);
+        an fp8 cache is read back times `kv_scales`."""
 
 
 class TorchAttention(AttentionBackend):
@@ -106,25 +150,23 @@ class TorchAttention(AttentionBackend):
     name = "torch"
 
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        num_blocks, block_size = k_cache.shape[:2]
-        flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
-        flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+                 slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:
         valid = slot_mapping >= 0
         if not bool(valid.all()):
             key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-        flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-        flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+        write_kv_slots(k_cache, slot_mapping, quantize_kv(key, k_cache.dtype, kv_scales.k))
+        write_kv_slots(v_cache, slot_mapping, quantize_kv(value, v_cache.dtype, kv_scales.v))
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               meta: AttentionMetadata, scale: float, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         if meta.is_decode_only:
-            return self._decode(query, k_cache, v_cache, meta, scale)
+            return self._decode(query, k_cache, v_cache, meta, scale, kv_scales)
         out = torch.empty_like(query)
         start = 0
         for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
             k, v = _gather_context(k_cache, v_cache, meta.block_tables[i], s_len)  # [s_len, kv_heads, dim]
             q = query[start:start + q_len]  # [q_len, heads, dim]
+            k, v = dequantize_kv(k, q.dtype, kv_scales.k), dequantize_kv(v, q.dtype, kv_scales.v)
             # query j sits at position s_len - q_len + j and sees keys 0..that position
             mask = torch.ones(q_len, s_len, dtype=torch.bool, device=query.device).tril(s_len - q_len)
             out[start:start + q_len] = _sdpa(q, k, v, mask, scale)
@@ -132,7 +174,7 @@ class TorchAttention(AttentionBackend):
         return out
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, kv_scales: KVScales) -> torch.Tensor:
         """All sequences have one new token: one batched gather and one SDPA call with a length mask."""
         num_seqs, max_len = meta.num_seqs, meta.max_seq_len
         block_size = k_cache.shape[1]
@@ -143,9 +185,9 @@ class TorchAttention(AttentionBackend):
         positions = torch.arange(max_len, device=query.device)
         mask = positions[None, :] < meta.seq_lens[:num_seqs, None]  # [num_seqs, max_len]
         q = query[:num_seqs].unsqueeze(2)  # [num_seqs, heads, 1, dim]
+        k, v = dequantize_kv(k, q.dtype, kv_scales.k), dequantize_kv(v, q.dtype, kv_scales.v)
         k, v = _expand_kv(k.transpose(1, 2), q.shape[1]), _expand_kv(v.transpose(1, 2), q.shape[1])
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
         result = query.clone()
         result[:num_seqs] = out.squeeze(2)
         return result

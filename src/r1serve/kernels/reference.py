@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from r1serve.kernels.attention import UNIT_SCALES, KVScales, quantize_kv, write_kv_slots
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, hidden], weight [hidden] → [T, hidden] in x's dtype; normalised in float32 like HF's RMSNorm."""
@@ -91,12 +93,13 @@ def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
     """Rotates q [T, heads, D] and k [T, kv_heads, D], writes the rotated k and v [T, kv_heads, D] into their
-    cache slots ([num_blocks, block_size, kv_heads, D] caches; slot -1 is skipped) and returns the rotated q."""
+    cache slots ([num_blocks, block_size, kv_heads, D] caches; slot -1 is skipped; an fp8 cache gets
+    `quantize_kv` of them with `kv_scales`) and returns the rotated q."""
     q, k = apply_rotary(q, k, positions, cos_sin_cache)
     valid = slot_mapping >= 0  # a host sync: fine for the reference, never used under a CUDA graph
     slots = slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[valid].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[valid].to(v_cache.dtype))
+    write_kv_slots(k_cache, slots, quantize_kv(k[valid], k_cache.dtype, kv_scales.k))
+    write_kv_slots(v_cache, slots, quantize_kv(v[valid], v_cache.dtype, kv_scales.v))
     return q

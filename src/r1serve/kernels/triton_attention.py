@@ -13,6 +13,9 @@ any lengths up to that bound, including padded rows of length 0 and slot -1. The
 query heads of one KV head into the rows of one tile too (row = token * group + head), which serves long
 prompts, chunked prefill, prefix-cache hits and mixed batches of decodes with one code path; a step of a
 few long whole prompts (no cached prefix) goes to PyTorch's causal SDPA instead, measured faster there.
+An fp8 KV cache (float8 e4m3, per-tensor `KVScales`) is the same kernels compiled with FP8 set: the stores
+quantize x * (1 / scale), the attention kernels convert each loaded tile to the query's dtype, k_scale is
+folded into the softmax scale and v_scale into the output; with FP8 off the kernels are unchanged.
 Triton is imported lazily, so this module imports on machines without it.
 """
 
@@ -24,7 +27,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
+from r1serve.kernels.attention import (
+    FP8_KV_DTYPE,
+    UNIT_SCALES,
+    AttentionBackend,
+    AttentionMetadata,
+    KVScales,
+    dequantize_kv,
+)
 
 try:  # Triton is absent on CPU-only machines; TorchAttention runs there
     import triton
@@ -71,14 +81,16 @@ def _require_triton() -> None:
 
 if triton is not None:
     from r1serve.kernels import triton_ops
-    from r1serve.kernels.triton_ops import _pdl_start, _rotate_heads
+    from r1serve.kernels.triton_ops import _kv_quantize, _pdl_start, _rotate_heads
 
     @triton.jit
     def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                          stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                         num_kv_heads, PAGE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """One token per program: copies its K and V rows (all KV heads) into its slot; slot -1 is skipped."""
+                         num_kv_heads, k_inv_scale, v_inv_scale, PAGE: tl.constexpr, HEADS_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+        """One token per program: copies its K and V rows (all KV heads) into its slot; slot -1 is skipped.
+        FP8: quantized with the inverse scales."""
         token = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:
@@ -91,6 +103,8 @@ if triton is not None:
             v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
             k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
             v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
+            k = _kv_quantize(k, k_inv_scale, k_cache_ptr, FP8)
+            v = _kv_quantize(v, v_inv_scale, v_cache_ptr, FP8)
             tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
             tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -98,10 +112,11 @@ if triton is not None:
     def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
                              stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                             num_heads, num_kv_heads, PAGE: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
-                             K_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr):
+                             num_heads, num_kv_heads, k_inv_scale, v_inv_scale, PAGE: tl.constexpr,
+                             Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
+                             USE_PDL: tl.constexpr, FP8: tl.constexpr):
         """One token per program: rotates its q heads in place, and writes its rotated k heads and its v
-        heads into its cache slot (slot -1: q only). One read of the token's cos/sin row."""
+        heads into its cache slot (slot -1: q only; FP8: quantized). One read of the token's cos/sin row."""
         token = tl.program_id(0).to(tl.int64)
         _pdl_start(USE_PDL)
         pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -109,16 +124,17 @@ if triton is not None:
         cos = tl.load(cos_sin_ptr + pos * stride_cache + dims)  # [HALF] float32
         sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + dims)
         _rotate_heads(q_ptr, q_ptr, token, stride_qt, stride_qh, stride_qt, stride_qh, cos, sin, num_heads,
-                      Q_HEADS_PAD, HALF)
+                      1.0, Q_HEADS_PAD, HALF, False)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:
             k_dst = k_cache_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
             _rotate_heads(k_ptr, k_dst, token, stride_kt, stride_kh, 0, stride_kch, cos, sin, num_kv_heads,
-                          K_HEADS_PAD, HALF)
+                          k_inv_scale, K_HEADS_PAD, HALF, FP8)
             heads = tl.arange(0, K_HEADS_PAD)[:, None]
             cols = tl.arange(0, 2 * HALF)[None, :]
             mask = heads < num_kv_heads
-            v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + cols, mask=mask)
+            v = _kv_quantize(tl.load(v_ptr + token * stride_vt + heads * stride_vh + cols, mask=mask), v_inv_scale,
+                             v_cache_ptr, FP8)
             v_dst = v_cache_ptr + (slot // PAGE) * stride_vcb + (slot % PAGE) * stride_vcs + heads * stride_vch
             tl.store(v_dst + cols, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -132,6 +148,17 @@ if triton is not None:
         c = cos.to(dt).to(tl.float32)
         s = sin.to(dt).to(tl.float32)
         return (x.to(tl.float32) * c + sign * partner.to(tl.float32) * s).to(dt)
+
+    @triton.jit
+    def _new_kv(k_row, v_row, cos, sin, dims, k_inv_scale, v_inv_scale, k_cache_ptr, v_cache_ptr,
+                HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+        """The decode token's rotated key and its value ([HEAD_DIM] each, one KV head, read at k_row and
+        v_row) as the cache stores them: in its dtype, quantized with the inverse scales if FP8."""
+        half: tl.constexpr = HEAD_DIM // 2
+        k = _rotate_loaded(tl.load(k_row + dims), tl.load(k_row + (dims + half) % HEAD_DIM), cos, sin, dims, half)
+        k = _kv_quantize(k, k_inv_scale, k_cache_ptr, FP8).to(k_cache_ptr.dtype.element_ty)
+        v = _kv_quantize(tl.load(v_row + dims), v_inv_scale, v_cache_ptr, FP8).to(k.dtype)
+        return k, v
 
     @triton.jit
     def _store_new_kv(k, v, k_cache_ptr, v_cache_ptr, slot, kv_head, dims,
@@ -181,10 +208,14 @@ if triton is not None:
         return share, tl.where(share > 0, tl.cdiv(seq_len, tl.maximum(share, 1)), 0)
 
     @triton.jit
-    def _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v, scale_log2e):
+    def _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v, scale_log2e,
+                     FP8: tl.constexpr):
         """One tile of keys offs_n [N] (k, v [N, HEAD_DIM] as loaded) folded into the running state; the key at
-        position `newest` (-1: none) is the decode token's own, taken from registers (new_k, new_v [HEAD_DIM])
-        rather than from the cache slot this kernel writes."""
+        position `newest` (-1: none) is the decode token's own, taken from registers (new_k, new_v [HEAD_DIM],
+        as stored) rather than from the cache slot this kernel writes. FP8: all of them are converted to q's
+        dtype first (exact: e4m3 values are bfloat16 values), their scales applied by the caller."""
+        if FP8:
+            k, v, new_k, new_v = k.to(q.dtype), v.to(q.dtype), new_k.to(q.dtype), new_v.to(q.dtype)
         is_new = (offs_n == newest)[:, None]
         k = tl.where(is_new, new_k[None, :], k)
         v = tl.where(is_new, new_v[None, :], v)
@@ -195,13 +226,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=["stride_bt"])  # eager steps: a variant per table width % 16 otherwise
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
                        part_lse_ptr, counters_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
-                       scale_log2e, num_splits,
+                       scale_log2e, num_splits, v_scale, k_inv_scale, v_inv_scale,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                        stride_bt, stride_ot, stride_oh, stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cs,
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                        FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, ROTARY: tl.constexpr,
-                       PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                       PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, FP8: tl.constexpr):
         """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
         context. SPLIT: write the normalised partial output and its log2-sum-exp; then either
         `_merge_kernel` merges them, or (FUSED_MERGE) the last program of (seq, kv_head) to finish does,
@@ -210,7 +241,9 @@ if triton is not None:
         in registers, the split holding the newest key writes it (and the value) into the slot, and attends
         to it from registers. PREFETCH (with ROTARY): everything but q and the new key/value comes from the
         step's inputs or earlier steps, so the metadata, cos/sin and the share's first K/V tile are loaded
-        before waiting for the kernel that writes q (PDL), which hides that chain of dependent loads."""
+        before waiting for the kernel that writes q (PDL), which hides that chain of dependent loads. FP8:
+        the cache is e4m3, k_scale is in scale_log2e, the output is multiplied by v_scale, and the new key and
+        value are quantized with the inverse scales before they are stored and attended to."""
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -244,10 +277,9 @@ if triton is not None:
         if ROTARY:
             partner = tl.load(q_rows + ((dims + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0)
             q = _rotate_loaded(q, partner, cos, sin, dims, half)
-            k_row = new_k_ptr + seq * stride_nkt + kv_head * stride_nkh
-            new_k = _rotate_loaded(tl.load(k_row + dims), tl.load(k_row + (dims + half) % HEAD_DIM), cos, sin,
-                                   dims, half).to(k_cache_ptr.dtype.element_ty)
-            new_v = tl.load(new_v_ptr + seq * stride_nvt + kv_head * stride_nvh + dims).to(new_k.dtype)
+            new_k, new_v = _new_kv(new_k_ptr + seq * stride_nkt + kv_head * stride_nkh,
+                                   new_v_ptr + seq * stride_nvt + kv_head * stride_nvh, cos, sin, dims,
+                                   k_inv_scale, v_inv_scale, k_cache_ptr, v_cache_ptr, HEAD_DIM, FP8)
             holds_newest = (end > start) & (end == seq_len)
             if (holds_newest | ((seq_len == 0) & (split == 0))) & (slot >= 0):  # (no keys: still stores)
                 _store_new_kv(new_k, new_v, k_cache_ptr, v_cache_ptr, slot.to(tl.int64), kv_head, dims,
@@ -255,21 +287,24 @@ if triton is not None:
         if not PREFETCH:
             k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, first_mask, kv_head, stride_kb,
                                    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
-        q = q.to(k_cache_ptr.dtype.element_ty)
+        if not FP8:
+            q = q.to(k_cache_ptr.dtype.element_ty)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k0, v0, offs_n, offs_n < end, newest, new_k, new_v,
-                                     scale_log2e)
+                                     scale_log2e, FP8)
         for n0 in range(start + BLOCK_N, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask & (offs_n != newest), kv_head,
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v,
-                                         scale_log2e)
+                                         scale_log2e, FP8)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]  # a share (or sequence) with no keys gives 0
+        if FP8:
+            o = o * v_scale
         if SPLIT:
             num_heads = tl.num_programs(1) * GROUP
             row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD] into [B, H, S]
@@ -341,13 +376,14 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["stride_bt"])  # a variant per step's table width % 16 otherwise
     def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, starts_ptr, out_ptr,
-                        scale_log2e,
+                        scale_log2e, v_scale,
                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                         stride_vh, stride_bt, stride_ot, stride_oh,
                         PAGE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
         """Program (seq, tile, kv_head): rows = (token, head of the group) of TOKENS new tokens, causal over
-        the whole context (cached prefix + new tokens). Keys before the tile's first position need no mask."""
+        the whole context (cached prefix + new tokens). Keys before the tile's first position need no mask.
+        FP8: an e4m3 cache, tiles converted to q's dtype, k_scale in scale_log2e, v_scale on the output."""
         TOKENS = BLOCK_M // GROUP  # new tokens per tile
         seq = tl.program_id(0).to(tl.int64)
         tok0 = tl.program_id(1) * TOKENS
@@ -364,7 +400,9 @@ if triton is not None:
             dims = tl.arange(0, HEAD_DIM)
             io_mask = row_mask[:, None]
             q_rows = q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh
-            q = tl.load(q_rows + dims[None, :], mask=io_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)
+            q = tl.load(q_rows + dims[None, :], mask=io_mask, other=0.0)
+            if not FP8:
+                q = q.to(k_cache_ptr.dtype.element_ty)
             # q: [BLOCK_M, HEAD_DIM]
             table = tables_ptr + seq * stride_bt
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -376,6 +414,8 @@ if triton is not None:
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, offs_n, kv_head, stride_kb,
                                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, False)
+                if FP8:
+                    k, v = k.to(q.dtype), v.to(q.dtype)
                 qk = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N]
                 acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
             q_pos = ctx + tok  # [BLOCK_M]
@@ -384,11 +424,15 @@ if triton is not None:
                 n_mask = offs_n < kv_end
                 k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, kv_head, stride_kb,
                                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
+                if FP8:
+                    k, v = k.to(q.dtype), v.to(q.dtype)
                 qk = tl.dot(q, tl.trans(k)) * scale_log2e
                 visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
                 qk = tl.where(visible, qk, float("-inf"))
                 acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v)
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            if FP8:
+                o = o * v_scale
             dst = out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -419,9 +463,14 @@ def _device_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _is_fp8(k_cache: torch.Tensor) -> bool:
+    return k_cache.dtype == FP8_KV_DTYPE
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """key/value [num_tokens, num_kv_heads, head_dim] (strided views allowed) → cache slots; -1 skipped."""
+             slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:
+    """key/value [num_tokens, num_kv_heads, head_dim] (strided views allowed) → cache slots; -1 skipped; an fp8
+    cache gets them quantized with `kv_scales`."""
     _require_triton()
     block_size = _check_cache(k_cache, v_cache)
     num_tokens, num_kv_heads, head_dim = key.shape
@@ -432,46 +481,49 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), num_kv_heads, PAGE=block_size,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        v_cache.stride(1), v_cache.stride(2), num_kv_heads, 1.0 / kv_scales.k, 1.0 / kv_scales.v, PAGE=block_size,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, FP8=_is_fp8(k_cache),
         num_warps=1 if num_kv_heads * head_dim <= 512 else 4)
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
     """`reference.rotary_store_kv` in one launch: q [T, heads, D] is rotated in place and returned; the
-    rotated k and v [T, kv_heads, D] (strided views of the fused qkv output allowed) go to their slots."""
+    rotated k and v [T, kv_heads, D] (strided views of the fused qkv output allowed) go to their slots
+    (quantized with `kv_scales` in an fp8 cache)."""
     _require_triton()
     block_size = _check_cache(k_cache, v_cache)
     head_dim = q.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("rotary_store_kv: the last dimension of q, k, v and the cache must be contiguous")
-    if k_cache.dtype != q.dtype:
+    if k_cache.dtype not in (q.dtype, FP8_KV_DTYPE):
         raise ValueError(f"rotary_store_kv: the cache holds {k_cache.dtype}, q is {q.dtype}")
     if q.shape[0]:
         _rotary_store_kernel[(q.shape[0],)](
             q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), q.shape[1], k.shape[1], PAGE=block_size,
+            v_cache.stride(2), q.shape[1], k.shape[1], 1.0 / kv_scales.k, 1.0 / kv_scales.v, PAGE=block_size,
             Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF=head_dim // 2, USE_PDL=triton_ops.use_pdl(), num_warps=4, **triton_ops.pdl_launch())
+            HALF=head_dim // 2, USE_PDL=triton_ops.use_pdl(), FP8=_is_fp8(k_cache), num_warps=4,
+            **triton_ops.pdl_launch())
     return q
 
 
 def rotary_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float, backend: AttentionBackend) -> torch.Tensor:
+                        meta: AttentionMetadata, scale: float, backend: AttentionBackend,
+                        kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
     """`KernelOps.rotary_store_attend`: rotary, KV store and attention of one layer. A decode-only step on this
     backend is one decode kernel (plus its merge) with the rotary and store folded in; anything else runs
     `rotary_store_kv`, then the backend's attention."""
     if meta.is_decode_only and isinstance(backend, TritonAttention):
         rotary = DecodeRotary(k, v, positions, cos_sin_cache, meta.slot_mapping)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                      meta.max_seq_len, rotary=rotary)
-    q = rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
-    return backend.attend(q, k_cache, v_cache, meta, scale)
+                                      meta.max_seq_len, rotary=rotary, kv_scales=kv_scales)
+    q = rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping, kv_scales)
+    return backend.attend(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -511,13 +563,15 @@ class DecodeRotary(NamedTuple):
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           fused_merge: bool | None = None, rotary: DecodeRotary | None = None) -> torch.Tensor:
+                           fused_merge: bool | None = None, rotary: DecodeRotary | None = None,
+                           kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
     """One new token per sequence: query [num_seqs(+pad), num_heads, head_dim] → output of the same shape.
 
     seq_lens [num_seqs] int32 (device) may hold anything in 0..max_seq_len; a row of length 0 gives zeros.
     Rows of query past num_seqs are copied through (as TorchAttention does). No host sync: graph-safe.
     With `rotary`, query is not rotated yet and the new key/value are not stored yet: the kernel does both
-    (the same function as `rotary_store_kv` followed by this call without it)."""
+    (the same function as `rotary_store_kv` followed by this call without it). An fp8 cache is read (and,
+    with `rotary`, written) with `kv_scales`."""
     _require_triton()
     block_size = _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = seq_lens.shape[0], query.shape[1], query.shape[2]
@@ -538,19 +592,23 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     counters = _merge_counters(query.device, num_seqs * num_kv_heads) if fused else part_lse
     splits_pad = triton.next_power_of_2(num_splits)
     rot = rotary or DecodeRotary(query, query, seq_lens, part_lse, seq_lens)  # unused pointers without rotary
-    if rotary is not None and (rot.key.stride(-1) != 1 or rot.value.stride(-1) != 1 or k_cache.dtype != query.dtype):
+    fp8 = _is_fp8(k_cache)
+    if rotary is not None and (rot.key.stride(-1) != 1 or rot.value.stride(-1) != 1
+                               or k_cache.dtype not in (query.dtype, FP8_KV_DTYPE)):
         raise ValueError("paged_decode_attention: rotary key/value need a contiguous head_dim and the cache's dtype")
+    scale_log2e = scale * (kv_scales.k if fp8 else 1.0) * LOG2E  # k_scale folded into the softmax scale
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters, rot.key, rot.value,
-        rot.positions, rot.cos_sin_cache, rot.slot_mapping, scale * LOG2E,
-        num_splits, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        rot.positions, rot.cos_sin_cache, rot.slot_mapping, scale_log2e, num_splits, kv_scales.v,
+        1.0 / kv_scales.k, 1.0 / kv_scales.v, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), rot.key.stride(0), rot.key.stride(1), rot.value.stride(0), rot.value.stride(1),
         rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
-        PREFETCH=rotary is not None and DECODE_PREFETCH, USE_PDL=triton_ops.use_pdl(), num_warps=DECODE_NUM_WARPS,
-        num_stages=2, **triton_ops.pdl_launch())
+        PREFETCH=rotary is not None and DECODE_PREFETCH, USE_PDL=triton_ops.use_pdl(), FP8=fp8,
+        num_warps=DECODE_NUM_WARPS, num_stages=2, **triton_ops.pdl_launch())
     if split and not fused:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, seq_lens, num_splits, out.stride(0), out.stride(1),
@@ -569,11 +627,12 @@ def _prefill_tile(group: int, num_seqs: int, max_query_len: int, num_kv_heads: i
 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                            scale: float, max_query_len: int,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float, max_query_len: int, out: torch.Tensor | None = None,
+                            kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
     """Varlen causal attention: the new tokens of sequence i are query[start[i]:start[i+1]], the last
     positions of its seq_lens[i]; keys come through its block table (prefix hits, earlier chunks, new tokens).
-    query [num_tokens, num_heads, head_dim] → output of the same shape (rows of no sequence left as is)."""
+    query [num_tokens, num_heads, head_dim] → output of the same shape (rows of no sequence left as is). An
+    fp8 cache is read back times `kv_scales`."""
     _require_triton()
     block_size = _check_cache(k_cache, v_cache)
     num_seqs = seq_lens.shape[0]
@@ -588,12 +647,14 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if query.element_size() > 2:  # fp32 tiles take twice the shared memory: smaller tiles, shallower pipeline
         block_m, block_n, num_stages = min(block_m, max(64, triton.next_power_of_2(group) * 16)), 64, 2
     grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
+    fp8 = _is_fp8(k_cache)
+    scale_log2e = scale * (kv_scales.k if fp8 else 1.0) * LOG2E  # k_scale folded into the softmax scale
     _prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale_log2e, kv_scales.v,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), PAGE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=8 if block_m >= 128 else 4, num_stages=num_stages)
+        BLOCK_N=block_n, FP8=fp8, num_warps=8 if block_m >= 128 else 4, num_stages=num_stages)
     return out
 
 
@@ -604,9 +665,10 @@ def _sdpa_fits(meta: AttentionMetadata) -> bool:
 
 
 def sdpa_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Whole prompts (query_len == seq_len): gathers each prompt's K/V from its blocks and runs PyTorch's
-    causal SDPA with grouped-query heads. query [num_tokens, num_heads, head_dim] → output, same shape."""
+                           meta: AttentionMetadata, scale: float, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+    """Whole prompts (query_len == seq_len): gathers each prompt's K/V from its blocks (an fp8 cache read back
+    times `kv_scales`) and runs PyTorch's causal SDPA with grouped-query heads. query [num_tokens, num_heads,
+    head_dim] → output, same shape."""
     out = torch.empty_like(query)
     block_size, start = k_cache.shape[1], 0
     for i, length in enumerate(meta.seq_lens_cpu):
@@ -614,8 +676,8 @@ def sdpa_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         k = k_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [kv_heads, length, head_dim]
         v = v_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)
         q = query[start:start + length].transpose(0, 1)  # [num_heads, length, head_dim]
-        o = F.scaled_dot_product_attention(q[None], k[None].to(q.dtype), v[None].to(q.dtype), is_causal=True,
-                                           scale=scale, enable_gqa=True)
+        k, v = dequantize_kv(k, q.dtype, kv_scales.k), dequantize_kv(v, q.dtype, kv_scales.v)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)
         out[start:start + length] = o[0].transpose(0, 1)
         start += length
     return out
@@ -634,15 +696,15 @@ class TritonAttention(AttentionBackend):
         _require_triton()
 
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        store_kv(key, value, k_cache, v_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:
+        store_kv(key, value, k_cache, v_cache, slot_mapping, kv_scales)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               meta: AttentionMetadata, scale: float, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         if meta.is_decode_only:
             return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                          meta.max_seq_len)
+                                          meta.max_seq_len, kv_scales=kv_scales)
         if _sdpa_fits(meta):
-            return sdpa_prefill_attention(query, k_cache, v_cache, meta, scale)
+            return sdpa_prefill_attention(query, k_cache, v_cache, meta, scale, kv_scales)
         return paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                       meta.query_start_loc, scale, meta.max_query_len)
+                                       meta.query_start_loc, scale, meta.max_query_len, kv_scales=kv_scales)

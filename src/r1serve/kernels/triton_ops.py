@@ -103,9 +103,18 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
     @triton.jit
+    def _kv_quantize(x, inv_scale, cache_ptr, FP8: tl.constexpr):
+        """What a KV-cache store writes of x (rounded to the model's dtype already): for an fp8 cache
+        (`kernels.attention.quantize_kv`), x * inv_scale in float32 clamped to ±448 and cast to e4m3; else x."""
+        if FP8:
+            x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0).to(cache_ptr.dtype.element_ty)
+        return x
+
+    @triton.jit
     def _rotate_heads(x_ptr, out_ptr, token, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, num_heads,
-                      HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
-        """Neox rotary of all heads of one token as [heads, half] halves, in float32, rounded once."""
+                      inv_scale, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, FP8: tl.constexpr):
+        """Neox rotary of all heads of one token as [heads, half] halves, in float32, rounded once; FP8: into
+        an fp8 KV cache, quantized with inv_scale after that rounding."""
         heads = tl.arange(0, HEADS_PAD)
         dims = tl.arange(0, HALF)
         mask = heads[:, None] < num_heads
@@ -118,8 +127,8 @@ if triton is not None:
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
         dst = out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(dst, (a * c - b * s).to(dt), mask=mask)
-        tl.store(dst + HALF, (b * c + a * s).to(dt), mask=mask)
+        tl.store(dst, _kv_quantize((a * c - b * s).to(dt), inv_scale, out_ptr, FP8), mask=mask)
+        tl.store(dst + HALF, _kv_quantize((b * c + a * s).to(dt), inv_scale, out_ptr, FP8), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr,
@@ -133,9 +142,9 @@ if triton is not None:
         cos = tl.load(cache_ptr + pos * stride_cache + dims)  # [HALF] float32
         sin = tl.load(cache_ptr + pos * stride_cache + HALF + dims)
         _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin,
-                      num_heads, Q_HEADS_PAD, HALF)
+                      num_heads, 1.0, Q_HEADS_PAD, HALF, False)
         _rotate_heads(k_ptr, k_out_ptr, token, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin,
-                      num_kv_heads, K_HEADS_PAD, HALF)
+                      num_kv_heads, 1.0, K_HEADS_PAD, HALF, False)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

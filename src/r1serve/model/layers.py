@@ -21,7 +21,7 @@ from torch import nn
 
 from r1serve.config import ModelConfig
 from r1serve.kernels import quant_reference, reference
-from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
+from r1serve.kernels.attention import UNIT_SCALES, AttentionBackend, AttentionMetadata, KVScales
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 NormLinear = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor, torch.Tensor | None],
@@ -29,15 +29,15 @@ NormLinear = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, t
 NormGateUp = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor],
                      tuple[torch.Tensor, torch.Tensor]]
 RotaryStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                        torch.Tensor, torch.Tensor], torch.Tensor]
-StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+                        torch.Tensor, torch.Tensor, KVScales], torch.Tensor]
+StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, KVScales], None]
 # x, qweight, scales, zeros, group_size, bias → x @ W.T + bias (the int4 layout of `kernels.quant_reference`)
 Int4Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, torch.Tensor | None],
                       torch.Tensor]
 # x, qweight, scales, bias, act_quant → x @ W.T + bias (the int8 / fp8 per-channel layouts)
 PerChannelLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
 RotaryStoreAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, AttentionMetadata, float, AttentionBackend], torch.Tensor]
+                              torch.Tensor, AttentionMetadata, float, AttentionBackend, KVScales], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -84,25 +84,28 @@ class KernelOps:
 
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, store_kv: StoreKV) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, store_kv: StoreKV,
+                        kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         """`reference.rotary_store_kv`: rotates q and k, stores k and v; returns q. Unfused, the store is the
         attention backend's `store_kv` (same cache layout), so the fused kernel and the backend agree."""
         if self.fused_rotary_store_kv is not None:
-            return self.fused_rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+            return self.fused_rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                              kv_scales)
         q, k = self.apply_rotary(q, k, positions, cos_sin_cache)
-        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        store_kv(k, v, k_cache, v_cache, slot_mapping, kv_scales)
         return q
 
     def rotary_store_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                             cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float, backend: AttentionBackend) -> torch.Tensor:
+                            meta: AttentionMetadata, scale: float, backend: AttentionBackend,
+                            kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         """`rotary_store_kv`, then `backend.attend`: q [T, heads, D] → attention output [T, heads, D]."""
         if self.fused_rotary_store_attend is not None:
             return self.fused_rotary_store_attend(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale,
-                                                  backend)
+                                                  backend, kv_scales)
         q = self.rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
-                                 backend.store_kv)
-        return backend.attend(q, k_cache, v_cache, meta, scale)
+                                 backend.store_kv, kv_scales)
+        return backend.attend(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
 REFERENCE_OPS = KernelOps(
@@ -208,6 +211,7 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.backend = backend
         self.ops = ops
+        self.kv_scales = UNIT_SCALES  # the per-tensor scales of an fp8 KV cache (`KVScales`)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], rotary_emb: RotaryEmbedding) -> torch.Tensor:
@@ -227,7 +231,7 @@ class Qwen2Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         out = self.ops.rotary_store_attend(q, k, v, positions, rotary_emb.cos_sin_cache, k_cache, v_cache, meta,
-                                           self.scale, self.backend)  # [T, heads, head_dim]
+                                           self.scale, self.backend, self.kv_scales)  # [T, heads, head_dim]
         return self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, None)
 
 

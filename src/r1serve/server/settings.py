@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from r1serve.config import DEFAULT_MODEL, QUANTIZATION_METHODS, EngineConfig
+from r1serve.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
 from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P
 from r1serve.server.policy import PolicyConfig
 
@@ -53,6 +53,8 @@ class ServerSettings(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
     quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
         "none", description="weight quantization (none: as config.json's quantization_config says)")
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="KV-cache dtype: auto = the model's; fp8 (= fp8_e4m3) holds twice the tokens")
 
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
@@ -170,6 +172,7 @@ class ServerSettings(BaseModel):
             enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
             quantization=None if self.quantization == "none" else self.quantization,
             download_dir=self.download_dir,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def policy_config(self) -> PolicyConfig:

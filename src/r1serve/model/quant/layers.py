@@ -103,5 +103,5 @@ class QuantAttention(Qwen2Attention):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.ops.rotary_store_attend(q, k, v, positions, rotary_emb.cos_sin_cache, *kv_cache, meta,
-                                           self.scale, self.backend)  # [T, heads, head_dim]
+                                           self.scale, self.backend, self.kv_scales)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
