@@ -218,7 +218,8 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
 def run(args: argparse.Namespace) -> list[Row]:
     engine_args: dict[str, Any] = dict(load_format="dummy", device=args.device, dtype=args.dtype,
                                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                       enforce_eager=args.enforce_eager, quantization=args.quantization)
+                                       enforce_eager=args.enforce_eager, quantization=args.quantization,
+                                       kv_cache_dtype=args.kv_cache_dtype)
     if args.device == "cpu":
         engine_args["kv_cache_space"] = args.kv_cache_space
     model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     sync(args.device)
     PROFILES["startup_s"] = time.perf_counter() - start  # weights, KV sizing, graph capture
     PROFILES["decode_weight_bytes"] = decode_weight_bytes(llm.engine.runner.model)
+    PROFILES["kv_cache_tokens"] = llm.engine.runner.num_blocks * llm.engine.config.block_size
     print(f"engine startup: {PROFILES['startup_s']:.1f} s")
     rows = Rows()
     workloads = args.workloads.split(",")
@@ -297,6 +299,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-space", type=float, default=2.0)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--quantization", default=None, help="as `r1serve serve --quantization` (dummy weights)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="as `r1serve serve --kv-cache-dtype`")
     parser.add_argument("--profile", default="", help="decode batch sizes to profile, e.g. 1,64 (CUDA)")
     args = parser.parse_args()
     args.hf_decode_tokens = args.hf_decode_tokens or args.decode_tokens
