@@ -129,8 +129,8 @@ def test_fp8_kv_cache_graphs_equal_eager_and_stay_close_to_bf16(model_dir: Path)
     for llm in (graphed, bf16):
         engine = llm.engine
         engine.add_request(prompts()[4], SamplingParams(temperature=0.0, max_tokens=1))
-        inputs = engine.runner.packer.pack(engine.scheduler.schedule())
-        with torch.inference_mode():
+        with torch.inference_mode():  # the packer's staging buffer is an inference tensor
+            inputs = engine.runner.packer.pack(engine.scheduler.schedule())
             hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.meta, engine.runner.kv_caches)
             logits.append(engine.runner.model.compute_logits(hidden[-1:]).float().cpu())
     err = (logits[0] - logits[1]).norm() / logits[1].norm()
