@@ -15,7 +15,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from r1serve.server.reasoning import split_reasoning
+from r1serve.r1_rules import split_reasoning
 from r1serve.server.sse import parse_sse_data
 from r1serve.tokenizer import load_tokenizer
 from server_utils import ServerHandle, running_server

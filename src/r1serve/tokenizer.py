@@ -20,15 +20,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from r1serve.r1_rules import THINK_END, THINK_START, THINKING_PREFIX
+
 logger = logging.getLogger("r1serve")
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 USER_TOKEN = "<｜User｜>"
 ASSISTANT_TOKEN = "<｜Assistant｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-THINK_PREFIX = THINK_START + "\n"  # what forced thinking appends to the generation prompt
 
 # The added tokens of DeepSeek-R1-Distill-Qwen (id, content, special), from tokenizer.json.
 R1_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
@@ -116,11 +115,11 @@ class Tokenizer(ABC):
         without_prompt = self._render_chat(messages, False)
         if text == without_prompt:  # the template wrote no generation prompt (e.g. after a tool turn)
             return text
-        has_think = text.endswith(THINK_PREFIX) and not without_prompt.endswith(THINK_PREFIX)
+        has_think = text.endswith(THINKING_PREFIX) and not without_prompt.endswith(THINKING_PREFIX)
         if force_thinking and not has_think:
-            return text + THINK_PREFIX
+            return text + THINKING_PREFIX
         if not force_thinking and has_think:
-            return text[: -len(THINK_PREFIX)]
+            return text[: -len(THINKING_PREFIX)]
         return text
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
@@ -292,7 +291,7 @@ def _render_r1_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt
             raise ValueError(f"messages[{i}]: the byte-level fallback's chat template has no tool calls or "
                              "tool turns (load the real tokenizer for those)")
     if add_generation_prompt:
-        parts.append(ASSISTANT_TOKEN + THINK_PREFIX)
+        parts.append(ASSISTANT_TOKEN + THINKING_PREFIX)
     return BOS_TOKEN + system + "".join(parts)
 
 

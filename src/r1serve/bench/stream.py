@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-THINK_END = "</think>"
+from r1serve.r1_rules import THINK_END
+
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 

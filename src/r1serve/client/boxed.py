@@ -9,6 +9,7 @@ fractions, LaTeX) is the eval's job, not this module's.
 from __future__ import annotations
 
 from r1serve.client.types import ChatResult, MathResult
+from r1serve.r1_rules import THINK_END
 
 _COMMANDS = ("\\boxed", "\\fbox")
 
@@ -59,5 +60,5 @@ def last_boxed(text: str) -> str | None:
 def math_result(result: ChatResult) -> MathResult:
     """A `MathResult` from the chat result of a math prompt: the boxed answer of the full text."""
     reasoning, content = result.reasoning, result.content
-    text = f"{reasoning.rstrip()}\n</think>\n\n{content}" if content else reasoning
+    text = f"{reasoning.rstrip()}\n{THINK_END}\n\n{content}" if content else reasoning
     return MathResult(answer=last_boxed(text), reasoning=reasoning, text=text, result=result)

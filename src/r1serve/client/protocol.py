@@ -2,7 +2,8 @@
 
 Both `LLMClient` and `AsyncLLMClient` send the same requests and read the same answers; only their I/O
 differs. So everything about the shapes lives here, free of I/O: checking and preparing the messages
-(folding the system prompt for servers that do not, dropping earlier reasoning from history), putting each
+(the R1 message rules of `r1serve.r1_rules`: folding the system prompt for servers that do not, dropping
+earlier reasoning from history), putting each
 keyword where the SDK wants it (its own parameters, or `extra_body` for r1serve's extensions), reading a
 completion into a `ChatResult`, and `StreamAssembler`, which turns chunks into ordered reasoning/answer
 deltas and a final `StreamEnd`, splitting on the client side when the server did not.
@@ -16,6 +17,7 @@ from typing import Any
 from r1serve.client.errors import BadRequestError, ModelNotFoundError, NotOpenAICompatibleError
 from r1serve.client.reasoning import ReasoningSplitter, split_reasoning
 from r1serve.client.types import ChatResult, ServerInfo, StreamDelta, StreamEnd, StreamItem, Usage
+from r1serve.r1_rules import THINK_END, fold_system_prompt, strip_history_reasoning
 
 POLICY_HEADER = "x-r1serve-policy"
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -61,34 +63,13 @@ def _check_message(i: int, message: Any) -> dict[str, Any]:
     return dict(message)
 
 
-def _without_reasoning(message: dict[str, Any]) -> dict[str, Any]:
-    """An earlier assistant turn keeps only its answer (usage rule 4), whichever server gets it."""
-    content = message.get("content")
-    if message["role"] == "assistant" and isinstance(content, str) and "</think>" in content:
-        return {**message, "content": split_reasoning(content)[1]}
-    return message
-
-
-def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """System text moved into the first user turn ("system, blank line, user"), as the R1 rules ask."""
-    system = [m["content"] for m in messages if m["role"] == "system" and isinstance(m["content"], str)]
-    rest = [m for m in messages if m["role"] != "system"]
-    if not system:
-        return messages
-    prefix = "\n\n".join(system)
-    for i, message in enumerate(rest):
-        if message["role"] == "user" and isinstance(message["content"], str):
-            rest[i] = {**message, "content": f"{prefix}\n\n{message['content']}"}
-            return rest
-    return [{"role": "user", "content": prefix}, *rest]
-
-
 def prepare_messages(messages: Any, fold: bool) -> list[dict[str, Any]]:
-    """Checked copies of `messages`, earlier reasoning dropped, the system prompt folded if `fold`."""
+    """Checked copies of `messages`, earlier reasoning dropped (usage rule 4, whichever server gets them),
+    the system prompt folded if `fold` (rule 1), by the rules of `r1serve.r1_rules`."""
     if isinstance(messages, str) or not isinstance(messages, list | tuple) or not messages:
         raise BadRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    checked = [_without_reasoning(_check_message(i, m)) for i, m in enumerate(messages)]
-    return fold_system(checked) if fold else checked
+    checked = strip_history_reasoning([_check_message(i, m) for i, m in enumerate(messages)])
+    return fold_system_prompt(checked) if fold else checked
 
 
 def build_request(
@@ -159,7 +140,7 @@ def parse_completion(
     choice = choices[0]
     content = choice.message.content or ""
     reasoning = reasoning_of(choice.message)
-    if (reasoning is not None or policy_splits(policy)) and "</think>" not in content:
+    if (reasoning is not None or policy_splits(policy)) and THINK_END not in content:
         source, reasoning, answer = "server", reasoning or "", content.lstrip()
     elif split:
         source, (reasoning, answer) = "client", split_reasoning(content)

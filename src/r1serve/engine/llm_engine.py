@@ -28,12 +28,11 @@ from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
 from r1serve.outputs import FinishReason, RequestOutput
+from r1serve.r1_rules import BUDGET_CLOSE
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("r1serve")
-
-THINK_CLOSE = "\n</think>\n\n"
 
 
 @dataclass
@@ -88,7 +87,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, model_path, self.max_model_len, self.eos_token_id)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.think_close_ids = self.tokenizer.encode(THINK_CLOSE)
+        self.think_close_ids = self.tokenizer.encode(BUDGET_CLOSE)
         self.requests: dict[str, Request] = {}
         self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)

@@ -16,8 +16,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-THINK_CLOSE = "</think>"
-THINK_OPEN = "<think>"
+from r1serve.r1_rules import THINK_END, THINK_START, partition_last_think_end
+
 NUMERIC_ABS_TOL = 1e-6
 NUMERIC_REL_TOL = 1e-9
 
@@ -62,14 +62,13 @@ class Grade:
 def split_output(text: str) -> tuple[str, str | None]:
     """(reasoning, answer text) of a raw completion, cut at the last `</think>`; the answer text is None
     when the reasoning never closed. A leading `<think>` (templates that do not force it) is dropped."""
-    cut = text.rfind(THINK_CLOSE)
-    if cut < 0:
+    reasoning, answer = partition_last_think_end(text)
+    if answer is None:
         return text, None
-    reasoning = text[:cut]
     stripped = reasoning.lstrip()
-    if stripped.startswith(THINK_OPEN):
-        reasoning = stripped[len(THINK_OPEN):]
-    return reasoning, text[cut + len(THINK_CLOSE):]
+    if stripped.startswith(THINK_START):
+        reasoning = stripped[len(THINK_START):]
+    return reasoning, answer
 
 
 def answer_region(content: str | None, reasoning: str | None) -> str | None:
@@ -77,7 +76,7 @@ def answer_region(content: str | None, reasoning: str | None) -> str | None:
     (empty content). A server that does not split leaves `</think>` in the content; cut there too."""
     if content is None or not content.strip():
         return None
-    if THINK_CLOSE in content:
+    if THINK_END in content:
         return split_output(content)[1]
     return content
 

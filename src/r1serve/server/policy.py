@@ -4,8 +4,9 @@ DeepSeek's advice for the R1 models (DESIGN.md rules 1-8) is easy to get wrong f
 prompt, greedy decoding or a resent chain of thought all hurt the answers. The server applies the rules to
 every request itself, each rule switchable by a flag (`PolicyConfig`), and records what it did in a
 `PolicyRecord` that becomes the `x-r1serve-policy` response header and a log line, so nothing is changed
-silently. Rule 3 (forced thinking) is applied by the tokenizer's chat template, rule 5 by
-`r1serve.server.reasoning`, rules 7 and 8 by the engine from the `SamplingParams` built here; rule 6 (the
+silently. The message rules themselves (1 and 4) are `r1serve.r1_rules`, shared with the client; rule 3
+(forced thinking) is applied by the tokenizer's chat template, rule 5 by `r1serve.r1_rules`'s splitter in
+`serving_chat`, rules 7 and 8 by the engine from the `SamplingParams` built here; rule 6 (the
 math instruction) belongs to the client and eval, which take it from `r1serve.prompts`.
 """
 
@@ -15,11 +16,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from r1serve.r1_rules import fold_system_prompt, strip_history_reasoning
 from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P, RepetitionGuard
 
 logger = logging.getLogger("r1serve.server")
 
-THINK_END = "</think>"
 R1_TEMPERATURE_RANGE = (0.5, 0.7)  # the authors' advice: 0.5-0.7, 0.6 recommended
 OPENAI_TEMPERATURE = 1.0  # what a request that omits them gets when rule 2 is off (OpenAI's defaults)
 OPENAI_TOP_P = 1.0
@@ -56,42 +57,17 @@ class PolicyRecord:
         return ",".join(self.applied) if self.applied else "none"
 
 
-def fold_system_prompt(messages: list[dict[str, Any]], record: PolicyRecord) -> list[dict[str, Any]]:
-    """Rule 1: system messages leave the conversation; their text, a blank line, then the first user turn's
-    text become that turn. With no user turn, the system text becomes the first user turn."""
-    system_texts = [m["content"] for m in messages if m["role"] == "system"]
-    if not system_texts:
-        return messages
-    record.add("system-folded")
-    system_text = "\n\n".join(system_texts)
-    rest = [dict(m) for m in messages if m["role"] != "system"]
-    for message in rest:
-        if message["role"] == "user":
-            message["content"] = f"{system_text}\n\n{message['content']}"
-            return rest
-    return [{"role": "user", "content": system_text}, *rest]
-
-
-def strip_history_reasoning(messages: list[dict[str, Any]], record: PolicyRecord) -> list[dict[str, Any]]:
-    """Rule 4: each earlier assistant turn keeps only its text after its last `</think>` (leading whitespace
-    dropped), so the model never re-reads an old chain of thought."""
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        content = message.get("content")
-        if message["role"] == "assistant" and isinstance(content, str) and THINK_END in content:
-            message = {**message, "content": content.rsplit(THINK_END, 1)[1].lstrip()}
-            record.add("history-stripped")
-        out.append(message)
-    return out
-
-
 def apply_message_rules(messages: list[dict[str, Any]], config: PolicyConfig,
                         record: PolicyRecord) -> list[dict[str, Any]]:
     """Rules 1, 3 and 4 on a chat conversation (rule 3 is recorded here, applied by the chat template)."""
-    if config.fold_system_prompt:
-        messages = fold_system_prompt(messages, record)
+    if config.fold_system_prompt and any(m["role"] == "system" for m in messages):
+        messages = fold_system_prompt(messages)
+        record.add("system-folded")
     if config.strip_history_reasoning:
-        messages = strip_history_reasoning(messages, record)
+        stripped = strip_history_reasoning(messages)
+        if stripped != messages:
+            record.add("history-stripped")
+        messages = stripped
     if config.force_thinking:
         record.add("forced-thinking")
     return messages

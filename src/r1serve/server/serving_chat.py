@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from r1serve.outputs import CompletionOutput, TextBuffer
+from r1serve.r1_rules import ReasoningSplitter, split_reasoning
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import APIError, bad_request, error_body
 from r1serve.server.policy import PolicyRecord, apply_message_rules
@@ -32,7 +33,7 @@ from r1serve.server.protocol import (
     chat_choice,
     chat_chunk,
 )
-from r1serve.server.reasoning import ReasoningSplitter, count_reasoning_tokens, split_reasoning
+from r1serve.server.reasoning import count_reasoning_tokens
 from r1serve.server.serving_common import (
     Admission,
     FinalOutputs,
