@@ -62,8 +62,10 @@ def dequantize_per_channel(qweight: torch.Tensor, scales: torch.Tensor, dtype: t
 def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization of x [T, K]: (x_q [T, K] int8 or float8_e4m3fn, scales float32 [T, 1])."""
     x32 = x.float()
-    limit = INT8_MAX if fmt == "int8" else FP8_MAX
-    scales = (x32.abs().amax(dim=-1, keepdim=True) / limit).clamp(min=torch.finfo(torch.float32).tiny)
+    amax = x32.abs().amax(dim=-1, keepdim=True)  # [T, 1]
+    limit = torch.full_like(amax, INT8_MAX if fmt == "int8" else FP8_MAX)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its rounded reciprocal
+    scales = (amax / limit).clamp(min=torch.finfo(torch.float32).tiny)
     scaled = x32 / scales
     if fmt == "int8":
         return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
