@@ -307,3 +307,29 @@ def test_a_dead_engine_turns_health_to_503_fails_requests_and_exits_non_zero(tin
         assert server.process.wait(timeout=30) == 1
         log = server.read_log()
         assert "the engine died: the engine process exited unexpectedly (exit code -9)" in log
+
+
+def test_sigterm_under_load_ends_every_stream_and_exits_zero(tiny_model_dir: Path) -> None:
+    with running_server(tiny_model_dir, *SERVER_ARGS, "--shutdown-grace-period", "0.5") as server:
+        async def streams_then_sigterm() -> list[list[str]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                started = asyncio.Event()
+
+                async def one() -> list[str]:
+                    body = {**long_completion(2000), "max_tokens": 200, "stream": True}
+                    async with client.stream("POST", "/v1/completions", json=body) as response:
+                        lines = []
+                        async for line in response.aiter_lines():
+                            if line.startswith("data:"):
+                                lines.append(line)
+                                started.set()
+                        return lines
+
+                tasks = [asyncio.ensure_future(one()) for _ in range(MAX_NUM_SEQS * 2)]
+                await asyncio.wait_for(started.wait(), 30)
+                server.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(streams_then_sigterm())
+        assert server.process.wait(timeout=30) == 0, server.read_log()
+        assert all(lines and lines[-1] == "data: [DONE]" for lines in results)  # none was cut off
