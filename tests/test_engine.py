@@ -297,3 +297,15 @@ def test_pipelined_steps_give_the_outputs_of_steps_read_one_at_a_time(llm: LLM) 
     assert budget.index(llm.tokenizer.think_end_id) == 4  # 3 reasoning tokens, "\n", </think>
     assert len(pipelined[2][0][0]) == 1
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_a_cpu_engine_takes_the_threads_it_is_given_and_says_so(tiny_model_dir: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="r1serve"):
+            LLM(str(tiny_model_dir), load_format="dummy", dtype="float32", kv_cache_space=0.01, num_cpu_threads=1)
+        assert torch.get_num_threads() == 1
+        assert "CPU engine: 1 threads" in caplog.text
+    finally:
+        torch.set_num_threads(before)

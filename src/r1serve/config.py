@@ -195,6 +195,7 @@ class EngineConfig:
     quantization: str | None = None  # None: as config.json's quantization_config says (dense without one)
     download_dir: str | None = None  # where hub downloads go (default: the Hugging Face cache)
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    num_cpu_threads: int | None = None  # torch's threads for a CPU engine (None: every core this process may use)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +207,7 @@ class EngineConfig:
             "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
             "kv_cache_space": self.kv_cache_space > 0,
             "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks > 0,
+            "num_cpu_threads": self.num_cpu_threads is None or self.num_cpu_threads > 0,
         }
         for name, ok in checks.items():
             if not ok:

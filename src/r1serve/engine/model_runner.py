@@ -12,6 +12,7 @@ byte per element: twice the blocks in the same memory; every layer's scales are 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -55,6 +56,15 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
     return TorchAttention()
 
 
+def set_cpu_threads(num_threads: int | None) -> int:
+    """Give the CPU engine's matmuls `num_threads` threads (default: every core this process may run on, which
+    in the server is the engine's child process: the HTTP process keeps one); logs and returns the count."""
+    count = num_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(count)
+    logger.info("CPU engine: %d threads (--num-cpu-threads)", count)
+    return count
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
                  max_model_len: int, eos_token_id: int | None) -> None:
@@ -62,6 +72,8 @@ class ModelRunner:
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            set_cpu_threads(config.num_cpu_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_dtype = FP8_KV_DTYPE if config.fp8_kv_cache else self.dtype
         self.backend = select_attention_backend(self.device)

@@ -123,6 +123,11 @@ def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) 
     try:
         from r1serve.engine.process_engine import make_engine
 
+        if settings.engine_process:  # the engine's child computes; this process only tokenizes and serves HTTP
+            import torch
+
+            torch.set_num_threads(1)
+
         engine = make_engine(settings.engine_config(), in_process=not settings.engine_process)
     except BaseException as exc:  # noqa: BLE001 - every failure must become one clear line and exit 1
         state.load_error = explain_load_failure(exc, settings)

@@ -55,6 +55,8 @@ class ServerSettings(BaseModel):
         "none", description="weight quantization (none: as config.json's quantization_config says)")
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(  # type: ignore[valid-type]
         "auto", description="KV-cache dtype: auto = the model's; fp8 (= fp8_e4m3) holds twice the tokens")
+    num_cpu_threads: int | None = Field(
+        None, gt=0, description="threads of a CPU engine (default: every core; the HTTP process keeps one)")
 
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
@@ -172,7 +174,7 @@ class ServerSettings(BaseModel):
             enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
             quantization=None if self.quantization == "none" else self.quantization,
             download_dir=self.download_dir,
-            kv_cache_dtype=self.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype, num_cpu_threads=self.num_cpu_threads,
         )
 
     def policy_config(self) -> PolicyConfig:
