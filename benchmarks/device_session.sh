@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's checks and figures on the GPU machine, in stages that each fit one device call (10 minutes):
+# The GPU checks and figures of docs/performance.md, in stages that each fit one device call (10 minutes):
 #   bash benchmarks/device_session.sh tests   OUT_DIR   # the gpu-marked tests: kernels vs twins, sampler, engine
 #   bash benchmarks/device_session.sh offline OUT_DIR   # ceilings, batch-1 decode, nano, 1,000 x 512/512, transformers
 #   bash benchmarks/device_session.sh serving OUT_DIR   # r1serve serve + r1serve bench (needs the wheels, below)
@@ -30,7 +30,7 @@ case $stage in
     timeout 150 python3 benchmarks/step_profile.py --batches 1,256 --out "$out/step_profile.json" ;;
   serving)
     R1SERVE="python3 -m r1serve.cli" RATES=inf CONCURRENCY=1,64,256 SWEEP_PROMPTS=8,256,512 \
-      timeout 560 bash benchmarks/h100_serving.sh "${TOKENIZER:-.carry/tokenizer}" "$out" ;;
+      timeout 560 bash benchmarks/serving_sweep.sh "${TOKENIZER:-.carry/tokenizer}" "$out" ;;
   quant-tests)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant_kernels_gpu.py || true
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py || true

@@ -126,17 +126,17 @@ def test_payloads() -> None:
     assert "ignore_eos" not in comp and "max_tokens" not in comp and comp["temperature"] == 0.6
 
 
-def documented_h100_commands() -> list[list[str]]:
-    """The `r1serve bench` commands of docs/bench.md's H100 section, as argument lists."""
+def documented_sweep_commands() -> list[list[str]]:
+    """The `r1serve bench` commands of docs/bench.md's serving-sweep section, as argument lists."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text()
-    section = text.split("## The H100 runs", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## The serving sweep", 1)[1].split("\n## ", 1)[0]
     joined = section.replace("\\\n", " ")
     return [shlex.split(line)[2:] for line in joined.splitlines() if line.startswith("r1serve bench ")]
 
 
-def test_cli_expresses_the_h100_runs() -> None:
-    """The two commands of docs/bench.md parse into the load points issue 8 asks for."""
-    rate_args, conc_args = documented_h100_commands()
+def test_cli_expresses_the_serving_sweep() -> None:
+    """The two commands of docs/bench.md parse into the documented load points."""
+    rate_args, conc_args = documented_sweep_commands()
     rate = parse_config(rate_args)
     assert rate.sweep == "request_rate" and rate.workload.name == "random"
     assert (rate.workload.input_len, rate.workload.output_len) == (LengthRange(512, 512), LengthRange(128, 128))

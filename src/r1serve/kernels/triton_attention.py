@@ -53,7 +53,7 @@ LOG2E = 1.4426950408889634
 # Keys per decode iteration (and the smallest share of a split) when a context is split, and when it is not (one
 # program per sequence and KV head: large batches). H200, forward graph µs, 32 vs 64 keys: 600-token contexts
 # 1,128 vs 1,174 at batch 1, 1,591 vs 1,702 at 4; 8,000-token contexts 1,341 vs 1,352 at 1, 3,121 vs 3,738 at 16;
-# but the 1,000 x 512/512 workload (batch ~256, one split) 38.4k vs 41.9k tok/s (docs/performance.md, fifth session).
+# but the 1,000 x 512/512 workload (batch ~256, one split) 38.4k vs 41.9k tok/s (a7d8c78, docs/kernels.md).
 DECODE_BLOCK_N = 32
 DECODE_BLOCK_N_WHOLE = 64
 MAX_SPLITS = 64

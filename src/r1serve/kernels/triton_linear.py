@@ -110,7 +110,7 @@ FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
 # H100's; shapes and row counts not listed keep the H100's choice.
 # H200 run of 2026-12-02, M = 1 and 2 swept (M = 4 not: cuBLAS stays), µs per call at M=1: qkv 3.48 vs cuBLAS
 # 5.87, o_proj 2.54 vs 6.55, down 9.43 vs 12.09, but gate_up 18.11 vs 17.51 and lm_head 140.96 vs 123.55: cuBLAS
-# read those two faster; fused with its norm: qkv 4.04 vs 4.46 (norm kernel + skinny). Fifth session's sweep
+# read those two faster; fused with its norm: qkv 4.04 vs 4.46 (norm kernel + skinny). The row-tile sweep
 # (gate_up_proj, lm_head, qkv, o_proj at M = 1, 2, with row tiles): gate_up with 16 one-row blocks per program
 # 16.56 vs cuBLAS 17.47, fused with its norm 17.25 vs 20.09 (norm kernel + cuBLAS); lm_head's best 128.43 vs
 # 123.46 and every M = 2 gate_up 22.71 vs 17.55: cuBLAS keeps those. (SiLU-and-mul fused
@@ -130,7 +130,7 @@ DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
         (151936, 1536, 2): None,
     },
 }
-# Sixth session: each projection's candidates timed inside the whole step graph at one and two rows
+# The in-step sweep (8cb814d): each projection's candidates timed inside the whole step graph at one and two rows
 # (decode_step_gpu.py --step-sweep): at one row only qkv + norm moved, to 4 rows and 4 warps per program (µs per
 # batch-1 step, two calls: 1,109.9-1,111.9 against 1,132.1-1,134.2 for the old config and 1,115.0-1,117.4 for 8
 # rows, 8 warps); at two rows o_proj (DEVICE_TUNED above, 4 rows, 4 warps: 1,328.4-1,331.7 against 1,335.8-1,336.2).
@@ -150,7 +150,7 @@ DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
 # runs). Not measured on the H100 (where the skinny gate_up beat cuBLAS, 20.69 vs 23.10 µs). H200 run of
 # 2026-12-02, µs per call: M=1 gated 21.53 (fma n8 k2048 w8) vs 20.23 unfused (cuBLAS alone 16.87); M=2 31.33 vs
 # 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1. With row tiles
-# (fifth session) M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38 for norm kernel + cuBLAS + SiLU, but the unfused op
+# M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38 for norm kernel + cuBLAS + SiLU, but the unfused op
 # is now the norm-fused skinny gate_up (17.25) + SiLU kernel, and in the step that won: 1,106.5 vs 1,154.4 µs per
 # batch-1 graph. M=2 26.84 vs 21.00. Gate and up in two accumulators (no interleaved tile): M=1 19.66 (fma n8
 # k2048 w8), and in the step 1,157.9 vs 1,133.7 µs for the unfused op: still off.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 8's serving figures: r1serve serve (1.5B dummy weights, real tokenizer) measured by r1serve bench.
-#   usage: benchmarks/h100_serving.sh TOKENIZER_DIR OUT_DIR
+# The serving sweep: r1serve serve (1.5B dummy weights, real tokenizer) measured by r1serve bench.
+#   usage: benchmarks/serving_sweep.sh TOKENIZER_DIR OUT_DIR
 # Runs the two documented commands of docs/bench.md against one server, then stops it (SIGTERM).
 # Environment: SERVE_ARGS (extra server flags, e.g. --no-engine-process), RATES, CONCURRENCY, SWEEP_PROMPTS, PROMPTS_512.
 set -euo pipefail
@@ -19,6 +19,6 @@ done
 grep -m1 "startup complete" "$out/server.log" || tail -5 "$out/server.out"
 bench=("${r1serve[@]}" bench --url "http://127.0.0.1:$port" --tokenizer "$tok" --workload random --num-workers 4)
 "${bench[@]}" --input-len 512 --output-len 128 --num-prompts "${PROMPTS_512:-500}" --request-rate "${RATES:-inf,16}" --num-warmups 8 \
-  --output "$out/h100-512x128.json" | grep -v '^{'
+  --output "$out/512x128.json" | grep -v '^{'
 "${bench[@]}" --input-len 1024 --output-len 1024 --concurrency "${CONCURRENCY:-1,16,64,256}" --num-prompts "${SWEEP_PROMPTS:-16,64,256,1024}" \
-  --num-warmups 4 --output "$out/h100-1024x1024.json" | grep -v '^{'
+  --num-warmups 4 --output "$out/1024x1024.json" | grep -v '^{'
