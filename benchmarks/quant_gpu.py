@@ -103,10 +103,13 @@ def print_tables(rows: list[dict], bw: float) -> dict[str, float]:
 
 
 def sweep_candidates(m: int) -> list[SkinnyConfig]:
-    """The skinny configs a sweep tries at m rows: FMA forms up to FMA_MAX_M rows, tensor-core forms above."""
+    """The skinny configs a sweep tries at m rows: FMA forms up to FMA_MAX_M rows (the taller blocks are the
+    int4 form's), tensor-core forms above."""
     if m <= tq.FMA_MAX_M:
         return [SkinnyConfig(bn, bk, split_k=s, warps=w) for bn in (2, 4, 8) for bk, s in
-                ((2048, 1), (1024, 1), (1024, 2), (1024, 4)) for w in (4, 8)]
+                ((2048, 1), (1024, 1), (1024, 2), (1024, 4)) for w in (4, 8)] + [
+                SkinnyConfig(bn, bk, split_k=s, warps=w) for bn, bk in ((16, 512), (32, 512), (64, 256))
+                for s in (1, 2, 4) for w in (2, 4)]
     return [SkinnyConfig(bn, bk, split_k=s, dot=True) for bn in (16, 32) for bk in (256, 512) for s in (1, 2, 4)]
 
 

@@ -82,6 +82,7 @@ QUANT_CASES: list[tuple[str, dict]] = [
                          (3, (70, 8960, 128), True, False), (16, (53, 8960, 8960), False, True),
                          (1, (129, 384, 128), False, False), (100, (100, 1536, 64), True, False))],
     ("test_int4_skinny_any_config", {"t": 1, "shape": (37, 384, 32), "zeros": True}),
+    ("test_int4_skinny_any_config", {"t": 2, "shape": (129, 1000, 40), "zeros": True}),
     ("test_int4_skinny_any_config", {"t": 5, "shape": (129, 1000, 40), "zeros": False}),
     ("test_int4_gemm_any_tiles", {"t": 17}),
     ("test_int4_rejects_layouts_it_cannot_read", {}),

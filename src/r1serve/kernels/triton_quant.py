@@ -55,6 +55,7 @@ INT4, INT8, FP8 = "int4", "int8", "fp8"  # the three layouts, as the tables key 
 FMA_MAX_M = 2  # the FMA product form up to this many rows (bucket), tensor cores above
 _NUM_SMS = 132  # H100 / H200 SXM; the rules scale split-K to this
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernels run on CPU tensors
+_MAGIC = 0x4B000000  # the bits of 2**23, an int4 kernel argument (see `_plane`)
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,19 @@ def _lookup(key: tuple[str, int, int, int], device: str) -> SkinnyConfig | GemmC
 
 def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> SkinnyConfig:
     """The skinny product's tiles for T = m ≤ 16 rows: measured (`TUNED`), else the rule. The rule: FMA up to
-    FMA_MAX_M rows with the whole 1536-wide reduction in one chunk (latency: one round trip) and 1024-column
-    chunks for longer ones; 16-row tensor-core tiles above; split-K until about 8 programs per SM."""
+    FMA_MAX_M rows (int4: 512-column chunks of 32 weight rows for wide products, 16 rows on 2 warps otherwise,
+    so that each thread holds several rows of the same words; int8 / fp8: the whole 1536-wide reduction in one
+    chunk, 1024-column chunks for longer ones); 16-row tensor-core tiles above; split-K until about 8 programs
+    per SM."""
     bucket = m_bucket(m)
     tuned = _lookup((layout, n, k, bucket), device)
     if isinstance(tuned, SkinnyConfig):
         return tuned
-    if bucket <= FMA_MAX_M:
+    warps = 4
+    if bucket <= FMA_MAX_M and layout == INT4:  # several weight rows per thread share each x plane
+        block_n, block_k, dot = (32, 512, False) if n >= 8192 else (16, 512, False)
+        warps = 4 if n >= 8192 else 2
+    elif bucket <= FMA_MAX_M:
         block_n, block_k, dot = 4, (2048 if k <= 2048 else 1024), False
     else:
         block_n, block_k, dot = 16, 512, True
@@ -104,7 +111,7 @@ def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> Skin
     split = 1
     while -(-n // block_n) * split < 8 * _NUM_SMS and split * 2 <= chunks:
         split *= 2
-    return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=split, dot=dot, warps=4)
+    return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=split, dot=dot, warps=warps)
 
 
 def gemm_config(layout: str, m: int, n: int, k: int, device: str = "") -> GemmConfig:
@@ -204,14 +211,75 @@ if triton is not None:
                 acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
             _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
+    @triton.jit
+    def _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
+                     GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+        """`_int4_words` for the skinny form: (words int32, scale float32, zero point float32), each
+        [BLOCK_N, BLOCK_KW]; a uint8 zero becomes a float through the mantissa of 2**23 (no conversion)."""
+        rows = offs_n.to(tl.int64)[:, None]
+        mask = n_mask[:, None] & kw_mask[None, :]
+        words = tl.load(q_ptr + rows * stride_qn + kw[None, :], mask=mask, other=0)
+        group = (kw // GROUP_WORDS)[None, :]
+        scale = tl.load(s_ptr + rows * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rows * stride_zn + group, mask=mask, other=0).to(tl.int32)
+            zero = (zero | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            zero = tl.zeros_like(scale) + 8.0  # symmetric: the zero point is 8
+        return words, scale, zero
+
+    @triton.jit
+    def _plane(words, words_hi, magic, j: tl.constexpr):
+        """Nibble j of every word [BLOCK_N, BLOCK_KW] as the float q_j · 2**shift(j), exactly: masked where it lies
+        (the top three from words >> 12; shift(j) = 4j or 4j - 12, at most 16), OR'd into the mantissa of
+        magic = 2**23, minus 2**23. magic comes at run time: as a literal beside the mask ptxas would spend a
+        second LOP3 on it."""
+        if j < 5:
+            bits = (words & (15 << (4 * j))) | magic
+        else:
+            bits = (words_hi & (15 << (4 * j - 12))) | magic
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _x_plane(x_ptr, row, kw, kw_mask, j: tl.constexpr):
+        """Column plane j of x's row: (x[row, 8 kw + j], the same times 2**-shift(j)), float32 [BLOCK_KW], by
+        stride-8 loads (x is a few KiB and stays cached)."""
+        SHIFT: tl.constexpr = 4 * j - 12 * (j // 5)
+        x = tl.load(x_ptr + row + kw * 8 + j, mask=kw_mask, other=0.0).to(tl.float32)
+        return x, x * (1.0 / (1 << SHIFT))
+
+    @triton.jit
+    def _int4_fma(acc0, acc1, words, scale, zero, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr):
+        """acc_m [BLOCK_N, BLOCK_KW] += s · (Σ_j q_j x_j − z · Σ_j x_j) for every word and x's rows m < BLOCK_M ≤ 2:
+        the eight nibble planes multiply x's eight column planes in the words' own layout, and a word's group
+        scale and zero are folded once, after its eight products. Words are summed across after the last chunk."""
+        words_hi = words >> 12
+        partial0 = tl.zeros_like(acc0)
+        partial1 = tl.zeros_like(acc1)
+        xsum0 = tl.zeros_like(kw).to(tl.float32)
+        xsum1 = tl.zeros_like(xsum0)
+        for j in tl.static_range(8):
+            plane = _plane(words, words_hi, magic, j)
+            x, x_scaled = _x_plane(x_ptr, 0, kw, kw_mask, j)
+            xsum0 += x
+            partial0 += plane * x_scaled[None, :]
+            if BLOCK_M > 1:
+                x, x_scaled = _x_plane(x_ptr, stride_xm, kw, kw_mask & (M > 1), j)
+                xsum1 += x
+                partial1 += plane * x_scaled[None, :]
+        acc0 += scale * (partial0 - zero * xsum0[None, :])
+        if BLOCK_M > 1:
+            acc1 += scale * (partial1 - zero * xsum1[None, :])
+        return acc0, acc1
+
     @triton.jit(do_not_specialize=["M"])
     def _int4_skinny_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, KW, split_words,
-                            stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                            stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, magic,
                             HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_WORDS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (n block, k split): int4 rows [BLOCK_N] over words [kw_lo, kw_lo + split_words) of the KW = K / 8
-        packed columns, for all M rows. Masks compare against K, KW and the split's end separately (never their
+        packed columns, for all M rows. Masks compare against KW and the split's end separately (never their
         minimum), so that the compiler can prove them constant over whole vectors and load 16 bytes at a time."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         BLOCK_KW: tl.constexpr = BLOCK_K // 8
@@ -222,18 +290,31 @@ if triton is not None:
         kw_lo = pid_k * split_words
         kw_end = kw_lo + split_words
         kw = kw_lo + tl.arange(0, BLOCK_KW)
-        nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn, stride_sn,
-                          stride_zn, GROUP_WORDS, HAS_ZEROS)  # depends on no earlier kernel
+        nxt = _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn,
+                           stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)  # depends on no earlier kernel
         _pdl_wait(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)  # FMA: a partial sum per word column, x's rows 0 and 1
+        acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
         for w0 in range(kw_lo, tl.minimum(kw_end, KW), BLOCK_KW):
             words, scale, zero = nxt
-            kw = w0 + BLOCK_KW + tl.arange(0, BLOCK_KW)  # the next chunk's loads fly meanwhile
-            nxt = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn,
-                              stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
-            ks = w0 * 8 + tl.arange(0, BLOCK_K)
-            a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < kw_end * 8), stride_xm)
-            acc = _multiply_add(acc, _int4_dequantize(words, scale, zero, BLOCK_K), a, DOT, False)
+            kw = w0 + tl.arange(0, BLOCK_KW)
+            kw_mask = (kw < KW) & (kw < kw_end)
+            kw_next = kw + BLOCK_KW  # the next chunk's loads fly meanwhile
+            nxt = _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw_next, (kw_next < KW) & (kw_next < kw_end),
+                               stride_qn, stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
+            if not DOT:
+                acc0, acc1 = _int4_fma(acc0, acc1, words, scale, zero, magic, x_ptr, M, kw, kw_mask, stride_xm,
+                                       BLOCK_M)
+            else:  # tensor cores: the interleaved tile (one dot per nibble plane compiled to more instructions)
+                ks = w0 * 8 + tl.arange(0, BLOCK_K)
+                a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < kw_end * 8), stride_xm)
+                acc = _multiply_add(acc, _int4_dequantize(words, scale, zero + 8388608.0, BLOCK_K), a, True, False)
+        if not DOT:
+            if BLOCK_M > 1:
+                acc = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))  # [BLOCK_N, 2]
+            else:
+                acc = tl.sum(acc0, axis=1)[:, None]
         _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, y_ptr, y_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                 m_mask, stride_ym, HAS_BIAS, False, False, BLOCK_M, BLOCK_N, SPLIT_K)
 
@@ -434,13 +515,15 @@ def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     _check_int4(x, qweight, scales, zeros, group_size)
     n, (m, k) = qweight.shape[0], x.shape
     config = config or skinny_config(INT4, m, n, k, device_name(x.device))
+    if not config.dot and m > FMA_MAX_M:
+        raise ValueError(f"int4 skinny product: cannot run {config} at M={m} (FMA up to {FMA_MAX_M} rows)")
     y, block_m, split, span, (ws, tickets) = _skinny_setup(x, n, config)
     grid = (triton.cdiv(n, config.block_n), split)
     _int4_skinny_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, ws, tickets,
         m, n, k, k // 8, span // 8, x.stride(0), qweight.stride(0), scales.stride(0),
-        0 if zeros is None else zeros.stride(0),
-        y.stride(0), HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
+        0 if zeros is None else zeros.stride(0), y.stride(0), _MAGIC, HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, DOT=config.dot,
         USE_PDL=triton_ops.use_pdl(), num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y
