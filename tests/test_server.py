@@ -133,7 +133,9 @@ def test_chat_reasoning_split_full_and_streamed_agree(server: ServerHandle, clie
                                {**request, "ignore_eos": True, "stream_options": {"include_usage": True}})
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    first = chunks[0]["choices"][0]["delta"]
+    assert first["role"] == "assistant" and first["reasoning_content"]  # the role comes with the first text
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert not any(d.get("content") and d.get("reasoning_content") for d in deltas)  # never both in one chunk
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == message.reasoning_content

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator
 
 FinishReason = Literal["stop", "length", "abort", "repetition"]
+ReasoningEffort = Literal["low", "medium", "high"]
 MAX_STOP_STRINGS = 16
 MAX_TOKEN_ID = 2**31 - 1
 
@@ -169,6 +170,9 @@ ChatMessage = Annotated[
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest turn first")
     max_completion_tokens: PositiveInt | None = Field(None, description="OpenAI's newer name for max_tokens")
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="a thinking budget (rule 7): low 1024 tokens, medium 4096, high none; an explicit "
+                          "max_thinking_tokens wins")
     logprobs: bool | None = None
     top_logprobs: Integer | None = None
     tools: list[Any] | None = None
@@ -215,6 +219,8 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = Field(None, description="the text before </think> (R1 usage rule 5)")
+    reasoning: str | None = Field(None, description="the same text under vLLM's name (off with "
+                                                    "--no-reasoning-field-alias)")
 
 
 class ChatCompletionChoice(BaseModel):
@@ -269,6 +275,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = Field(None, description="never in the same chunk as content")
+    reasoning: str | None = Field(None, description="the same text under vLLM's name (off with "
+                                                    "--no-reasoning-field-alias)")
 
 
 class ChatChunkChoice(BaseModel):

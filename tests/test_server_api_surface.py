@@ -1,0 +1,75 @@
+"""The vLLM drop-in surface, in-process on the scripted engine of test_server_app.py: the role sent with the
+first text of a chat stream, the reasoning under both names (`reasoning_content`, `reasoning`),
+`reasoning_effort`, `/tokenize` and `/detokenize`, `/v1/responses`, and `/docs` served without a CDN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from r1serve.server.cli import parse_settings
+from test_server_app import CHAT, ScriptedEngine, make_client, stream
+
+
+def test_chat_stream_sends_the_role_with_the_first_text_not_before() -> None:
+    payloads = stream(make_client(ScriptedEngine(["Let me ", "think</think>", "\n\nok"])), CHAT)
+    deltas = [p["choices"][0]["delta"] for p in payloads[:-1] if p["choices"]]
+    assert deltas[0]["role"] == "assistant" and deltas[0]["reasoning_content"] == "Let me "
+    assert all("role" not in d for d in deltas[1:])
+    assert all(d.get("reasoning_content") or d.get("content") for d in deltas[:-1])  # no text-less chunk first
+
+
+def test_an_output_without_text_still_carries_the_role_in_its_finish_chunk() -> None:
+    payloads = stream(make_client(ScriptedEngine([""])), CHAT)
+    chunks = [p for p in payloads[:-1] if p["choices"]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+PIECES = ["Let me ", "think</think>", "\n\nok"]
+
+
+def test_reasoning_is_sent_under_both_names_full_and_streamed() -> None:
+    client = make_client(ScriptedEngine(PIECES))
+    message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == message["reasoning"] == "Let me think" and message["content"] == "ok"
+    deltas = [p["choices"][0]["delta"] for p in stream(client, CHAT)[:-1] if p["choices"]]
+    reasoning = [d for d in deltas if "reasoning_content" in d]
+    assert reasoning and all(d["reasoning"] == d["reasoning_content"] for d in reasoning)
+    assert not any("reasoning" in d for d in deltas if "content" in d)
+
+
+def test_no_reasoning_field_alias_sends_only_reasoning_content() -> None:
+    client = make_client(ScriptedEngine(PIECES), reasoning_field_alias=False)
+    message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "ok", "reasoning_content": "Let me think"}
+    deltas = [p["choices"][0]["delta"] for p in stream(client, CHAT)[:-1] if p["choices"]]
+    assert any("reasoning_content" in d for d in deltas) and not any("reasoning" in d for d in deltas)
+
+
+def test_the_alias_flag_is_generated_from_the_settings() -> None:
+    assert parse_settings(["--no-reasoning-field-alias"]).reasoning_field_alias is False
+    assert parse_settings([]).reasoning_field_alias is True
+
+
+@pytest.mark.parametrize(("extra", "budget", "header"), [
+    ({"reasoning_effort": "low"}, 1024, "reasoning-effort=low"),
+    ({"reasoning_effort": "medium"}, 4096, "reasoning-effort=medium"),
+    ({"reasoning_effort": "high"}, None, "reasoning-effort=high"),  # no budget, whatever the server default
+    ({"reasoning_effort": "low", "max_thinking_tokens": 9}, 9, "thinking-budget=9"),  # explicit wins
+    ({}, 7, "thinking-budget=7"),  # the server default
+])
+def test_reasoning_effort_maps_to_a_thinking_budget(extra: dict[str, Any], budget: int | None, header: str) -> None:
+    engine = ScriptedEngine(["x"])
+    response = make_client(engine, max_thinking_tokens=7).post("/v1/chat/completions", json={**CHAT, **extra})
+    assert response.status_code == 200, response.text
+    assert engine.calls[0][1].max_thinking_tokens == budget
+    assert header in response.headers["x-r1serve-policy"].split(",")
+
+
+@pytest.mark.parametrize("effort", ["extreme", "", 1, "LOW"])
+def test_an_invalid_reasoning_effort_is_a_400_naming_it(effort: Any) -> None:
+    response = make_client(ScriptedEngine(["x"])).post("/v1/chat/completions",
+                                                        json={**CHAT, "reasoning_effort": effort})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "reasoning_effort", response.text
