@@ -151,6 +151,7 @@ def test_fuzzed_document_is_the_served_one(server: ServerHandle) -> None:
     served = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     assert served == json.loads(json.dumps(served_document()))
     assert set(served["paths"]) == {"/health", "/version", "/metrics", "/v1/models", "/v1/chat/completions",
+                                    "/tokenize", "/detokenize",
                                     "/v1/completions"}
 
 

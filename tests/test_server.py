@@ -162,6 +162,17 @@ def test_chat_prompt_is_the_r1_template_with_forced_thinking(server: ServerHandl
     assert (chat.choices[0].message.reasoning_content, chat.choices[0].message.content) == (reasoning, content)
 
 
+def test_tokenize_counts_what_chat_sends_with_the_real_tokenizer(server: ServerHandle, tokenizer: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = post(server, "/tokenize", {"model": MODEL, "messages": messages}).json()
+    expected = tokenizer.encode_chat([{"role": "user", "content": "Be brief.\n\nHi"}])  # rules 1 and 3
+    assert body == {"count": len(expected), "max_model_len": MAX_MODEL_LEN, "tokens": expected, "token_strs": None}
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == body["count"]
+    text = post(server, "/detokenize", {"model": MODEL, "tokens": expected}).json()["prompt"]
+    assert text.endswith("Be brief.\n\nHi<｜Assistant｜><think>\n")
+
+
 def test_request_thinking_budget_overrides_default_and_history_is_stripped(server: ServerHandle) -> None:
     messages = [{"role": "user", "content": "Q1"},
                 {"role": "assistant", "content": "<think>\nold\n</think>\n\nA1"},

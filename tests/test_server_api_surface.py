@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from r1serve.server.cli import parse_settings
-from test_server_app import CHAT, ScriptedEngine, make_client, stream
+from test_api_schema import request_validator
+from test_server_app import CHAT, MODEL, ScriptedEngine, make_client, stream
 
 
 def test_chat_stream_sends_the_role_with_the_first_text_not_before() -> None:
@@ -73,3 +74,75 @@ def test_an_invalid_reasoning_effort_is_a_400_naming_it(effort: Any) -> None:
     response = make_client(ScriptedEngine(["x"])).post("/v1/chat/completions",
                                                         json={**CHAT, "reasoning_effort": effort})
     assert response.status_code == 400 and response.json()["error"]["param"] == "reasoning_effort", response.text
+
+
+def test_tokenize_a_chat_gives_the_ids_the_chat_route_sends_the_engine() -> None:
+    engine = ScriptedEngine(["x"])
+    client = make_client(engine)
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    response = client.post("/tokenize", json=CHAT)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body == {"count": len(engine.calls[0][0]), "max_model_len": 256, "tokens": list(engine.calls[0][0]),
+                    "token_strs": None}
+    assert response.headers["x-r1serve-policy"] == "system-folded,forced-thinking"  # rules 1 and 3
+
+
+def test_tokenize_without_generation_prompt_forces_no_thinking() -> None:
+    client = make_client(ScriptedEngine(["x"]))
+    body = client.post("/tokenize", json={**CHAT, "add_generation_prompt": False})
+    text = client.post("/detokenize", json={"tokens": body.json()["tokens"]}).json()["prompt"]
+    assert text.endswith("<｜User｜>Sys\n\nQ") and body.headers["x-r1serve-policy"] == "system-folded"
+
+
+def test_tokenize_a_prompt_adds_the_bos_as_completions_do_and_detokenize_inverts_it() -> None:
+    engine = ScriptedEngine(["x"])
+    client = make_client(engine)
+    tokens = client.post("/tokenize", json={"model": MODEL, "prompt": "héllo"}).json()["tokens"]
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "héllo"}).status_code == 200
+    assert tokens == list(engine.calls[0][0]) and tokens[0] == engine.tokenizer.bos_token_id
+    plain = client.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()["tokens"]
+    assert plain == tokens[1:]
+    assert client.post("/detokenize", json={"model": MODEL, "tokens": plain}).json() == {"prompt": "héllo"}
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param", "code"), [
+    ("/tokenize", {"model": MODEL}, 400, "prompt", "missing_field"),
+    ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, 400, "messages", "invalid_value"),
+    ("/tokenize", {"prompt": None}, 400, "prompt", None),
+    ("/tokenize", {"prompt": "a", "return_token_strs": True}, 400, "return_token_strs", "unsupported"),
+    ("/tokenize", {"prompt": "word " * 10_000}, 400, "prompt", "context_length_exceeded"),
+    ("/tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "model", "model_not_found"),
+    ("/detokenize", {"tokens": [10**6]}, 400, "tokens", "invalid_token_id"),
+    ("/detokenize", {"tokens": [True]}, 400, "tokens[0]", None),
+    ("/detokenize", {}, 400, "tokens", "missing_field"),
+])
+def test_tokenizer_routes_refuse_bad_input_naming_the_field(route: str, body: dict[str, Any], status: int,
+                                                            param: str, code: str | None) -> None:
+    response = make_client(ScriptedEngine(["x"])).post(route, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and (code is None or error["code"] == code), error
+
+
+def test_tokenizer_routes_are_documented_and_guarded_by_the_api_key() -> None:
+    client = make_client(ScriptedEngine(["x"]), api_key="k")
+    document = client.get("/openapi.json").json()
+    for route in ("/tokenize", "/detokenize"):
+        responses = document["paths"][route]["post"]["responses"]
+        assert {"200", "400", "401", "404", "413", "500", "503"} <= set(responses) and "422" not in responses
+        assert client.post(route, json={"prompt": "a", "tokens": [1]}).status_code == 401
+    ok = client.post("/tokenize", json={"prompt": "a"}, headers={"authorization": "Bearer k"})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(("body", "accepted"), [
+    ({"prompt": "a"}, True), ({"messages": CHAT["messages"], "add_generation_prompt": False}, True),
+    ({}, False), ({"prompt": "a", "messages": CHAT["messages"]}, False), ({"prompt": None}, False),
+    ({"prompt": None, "messages": CHAT["messages"]}, False), ({"messages": []}, False),
+])
+def test_the_tokenize_schema_admits_what_the_server_accepts(body: dict[str, Any], accepted: bool) -> None:
+    client = make_client(ScriptedEngine(["x"]))
+    validator = request_validator(client.get("/openapi.json").json(), "/tokenize")
+    assert validator.is_valid(body) is accepted
+    assert (client.post("/tokenize", json=body).status_code == 200) is accepted

@@ -29,6 +29,7 @@ from r1serve.server.openapi import (
     VersionResponse,
     generation_responses,
     install_openapi,
+    json_responses,
     models_responses,
 )
 from r1serve.server.protocol import (
@@ -38,12 +39,17 @@ from r1serve.server.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from r1serve.server.serving_chat import create_chat_completion
 from r1serve.server.serving_common import ClientDisconnected
 from r1serve.server.serving_completion import create_completion
+from r1serve.server.serving_tokenize import create_detokenize, create_tokenize
 from r1serve.server.settings import ServerSettings
 from r1serve.server.state import EngineClient, ServerState
 
@@ -123,6 +129,21 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
         return await create_completion(request, raw_request, state)
 
 
+def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
+    guard = _api_key_guard(state.settings)
+    responses = json_responses(bool(guard))
+
+    @app.post("/tokenize", dependencies=guard, response_model=TokenizeResponse, responses=responses,
+              summary="token ids of a prompt, or of a conversation's chat prompt (vLLM's route)")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        return await create_tokenize(request, state)
+
+    @app.post("/detokenize", dependencies=guard, response_model=DetokenizeResponse, responses=responses,
+              summary="the text of token ids (vLLM's route)")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return await create_detokenize(request, state)
+
+
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
@@ -140,6 +161,7 @@ def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
     _add_system_routes(app, state)
     _add_api_routes(app, state)
+    _add_tokenizer_routes(app, state)
     app.add_middleware(CatchUnexpectedMiddleware)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mb * MiB))
     if settings.allowed_origins:  # CORS, answered before the routes (preflights carry no API key)

@@ -339,3 +339,39 @@ def completion_choice(index: int, text: str, finish_reason: str | None = None,
                       stop_reason: str | int | None = None) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
             "stop_reason": stop_reason}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` body: a text `prompt`, or chat `messages` (exactly one of the two)."""
+
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra={
+        "oneOf": [{"required": ["prompt"], "not": {"required": ["messages"]}},
+                  {"required": ["messages"], "not": {"required": ["prompt"]}}]})
+
+    model: Text | None = Field(None, description="a name from /v1/models (optional, as in vLLM)")
+    # Absent or set, never null: the schema's oneOf tells the two shapes apart by which key is present.
+    prompt: Text = Field(None, description="text, tokenized as /v1/completions does (BOS added)")  # type: ignore[assignment]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(  # type: ignore[assignment]
+        None, description="a conversation, rendered as /v1/chat/completions renders it (rules 1, 3, 4)")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant prompt (and "
+                                                          "<think>\\n, rule 3)")
+    add_special_tokens: bool | None = Field(
+        None, description="add the BOS (default: yes for a prompt; no for messages, whose template writes it)")
+    return_token_strs: bool = Field(False, description="not supported: true is a 400")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+    model: Text | None = Field(None, description="a name from /v1/models (optional, as in vLLM)")
+    tokens: list[TokenId] = Field(description="token ids, decoded with special tokens kept")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
