@@ -173,6 +173,21 @@ def test_tokenize_counts_what_chat_sends_with_the_real_tokenizer(server: ServerH
     assert text.endswith("Be brief.\n\nHi<｜Assistant｜><think>\n")
 
 
+def test_responses_api_through_the_sdk_full_and_streamed(client: OpenAI) -> None:
+    extra = {"ignore_eos": True}
+    full = client.responses.create(model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=10,
+                                   temperature=0, extra_body=extra)
+    assert full.status == "incomplete" and full.usage.output_tokens == 10
+    assert [item.type for item in full.output] == ["reasoning", "message"]
+    assert full.usage.output_tokens_details.reasoning_tokens == BUDGET + 1
+    events = list(client.responses.create(model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=10,
+                                          temperature=0, stream=True, extra_body=extra))
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    streamed = events[-1].response
+    assert streamed.output[0].content[0].text == full.output[0].content[0].text
+    assert streamed.output_text == full.output_text
+
+
 def test_request_thinking_budget_overrides_default_and_history_is_stripped(server: ServerHandle) -> None:
     messages = [{"role": "user", "content": "Q1"},
                 {"role": "assistant", "content": "<think>\nold\n</think>\n\nA1"},

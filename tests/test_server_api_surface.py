@@ -146,3 +146,90 @@ def test_the_tokenize_schema_admits_what_the_server_accepts(body: dict[str, Any]
     validator = request_validator(client.get("/openapi.json").json(), "/tokenize")
     assert validator.is_valid(body) is accepted
     assert (client.post("/tokenize", json=body).status_code == 200) is accepted
+
+
+def sdk(engine: ScriptedEngine, **settings: Any) -> Any:
+    """The official `openai` SDK talking to the in-process app (its httpx client is the TestClient)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
+                  http_client=make_client(engine, **settings))
+
+
+def test_responses_full_answer_parses_in_the_sdk() -> None:
+    engine = ScriptedEngine(PIECES)
+    response = sdk(engine).responses.create(model=MODEL, input="Q", instructions="Sys", max_output_tokens=50)
+    reasoning, message = response.output
+    assert (reasoning.type, reasoning.content[0].type, reasoning.content[0].text) == ("reasoning",
+                                                                                       "reasoning_text",
+                                                                                       "Let me think")
+    assert message.type == "message" and message.content[0].text == "ok" and response.output_text == "ok"
+    assert response.status == "completed" and response.instructions == "Sys"
+    assert response.usage.output_tokens == sum(len(engine.tokenizer.encode(p)) for p in PIECES)
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    text = engine.tokenizer.decode(engine.calls[0][0], skip_special_tokens=False)
+    assert text.endswith("<｜User｜>Sys\n\nQ<｜Assistant｜><think>\n")  # instructions folded (rule 1), rule 3
+    assert engine.calls[0][1].max_tokens == 50
+
+
+def test_responses_stream_parses_in_the_sdk_and_agrees_with_the_full_answer() -> None:
+    from openai.types.responses import ResponseCompletedEvent
+
+    events = list(sdk(ScriptedEngine(PIECES)).responses.create(model=MODEL, input=[
+        {"role": "user", "content": "Q"}], stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "response.completed" and isinstance(events[-1], ResponseCompletedEvent)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    answer = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert (reasoning, answer) == ("Let me think", "ok")
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [item.type for item in done] == ["reasoning", "message"]
+    final = events[-1].response
+    assert final.output_text == "ok" and final.output[0].content[0].text == "Let me think"
+    assert final.usage.output_tokens_details.reasoning_tokens == len("Let me think")
+
+
+class LengthEngine(ScriptedEngine):
+    """Ends its sample with finish_reason "length" (the output limit)."""
+
+    async def generate(self, prompt: Any, params: Any, request_id: str | None = None) -> Any:
+        async for output in super().generate(prompt, params, request_id):
+            for sample in output.outputs:
+                sample.finish_reason = "length" if sample.finish_reason else None
+            yield output
+
+
+def test_responses_cut_by_the_output_limit_is_incomplete_full_and_streamed() -> None:
+    client = sdk(LengthEngine(["Let me "]))
+    response = client.responses.create(model=MODEL, input="Q")
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in response.output] == ["reasoning", "message"] and response.output_text == ""
+    events = list(client.responses.create(model=MODEL, input="Q", stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert events[-1].response.output[-1].status == "incomplete"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"store": True}, "store"), ({"background": True}, "background"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"), ({"truncation": "auto"}, "truncation"),
+    ({"text": {"format": {"type": "json_object"}}}, "text"), ({"conversation": "c"}, "conversation"),
+    ({"reasoning": {"effort": "max"}}, "reasoning.effort"), ({"input": []}, "input"),
+    ({"input": "w " * 2000}, "input"), ({"max_output_tokens": 10**6}, "max_output_tokens"),
+])
+def test_responses_refuses_what_it_does_not_implement_naming_the_field(extra: dict[str, Any], param: str) -> None:
+    response = make_client(ScriptedEngine(["x"])).post("/v1/responses", json={"model": MODEL, "input": "Q", **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text
+
+
+def test_responses_accepts_store_false_and_maps_effort() -> None:
+    engine = ScriptedEngine(["x"])
+    body = {"model": MODEL, "input": "Q", "store": False, "reasoning": {"effort": "low"}, "text": {"format": {
+        "type": "text"}}}
+    assert make_client(engine).post("/v1/responses", json=body).status_code == 200
+    assert engine.calls[0][1].max_thinking_tokens == 1024

@@ -46,9 +46,11 @@ from r1serve.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from r1serve.server.protocol_responses import ResponseObject, ResponsesRequest, ResponsesStreamEvent
 from r1serve.server.serving_chat import create_chat_completion
 from r1serve.server.serving_common import ClientDisconnected
 from r1serve.server.serving_completion import create_completion
+from r1serve.server.serving_responses import create_response
 from r1serve.server.serving_tokenize import create_detokenize, create_tokenize
 from r1serve.server.settings import ServerSettings
 from r1serve.server.state import EngineClient, ServerState
@@ -122,6 +124,12 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
               responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk, with_auth))
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await create_chat_completion(request, raw_request, state)
+
+    @app.post("/v1/responses", dependencies=guard, response_model=ResponseObject,
+              responses=generation_responses(ResponseObject, ResponsesStreamEvent, with_auth),
+              summary="OpenAI's Responses API: text in; reasoning and answer out as output items")
+    async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await create_response(request, raw_request, state)
 
     @app.post("/v1/completions", dependencies=guard, response_model=CompletionResponse,
               responses=generation_responses(CompletionResponse, CompletionChunk, with_auth))

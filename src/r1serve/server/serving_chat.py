@@ -135,7 +135,7 @@ def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatComp
     return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
 
 
-class _SampleStream:
+class SampleStream:
     """The reasoning/answer state of one sample of a stream."""
 
     def __init__(self, in_reasoning: bool) -> None:
@@ -172,7 +172,7 @@ class _SampleStream:
 async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) -> AsyncIterator[str]:
     """The SSE events of a streamed chat completion."""
     created = int(time.time())
-    samples = {i: _SampleStream(job.in_reasoning) for i in range(job.params.n)}
+    samples = {i: SampleStream(job.in_reasoning) for i in range(job.params.n)}
     final, timer = FinalOutputs(), state.metrics.timer()
 
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
