@@ -4,6 +4,7 @@ first text of a chat stream, the reasoning under both names (`reasoning_content`
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -233,3 +234,27 @@ def test_responses_accepts_store_false_and_maps_effort() -> None:
         "type": "text"}}}
     assert make_client(engine).post("/v1/responses", json=body).status_code == 200
     assert engine.calls[0][1].max_thinking_tokens == 1024
+
+
+@pytest.mark.parametrize(("page", "assets"), [
+    ("/docs", {"swagger-ui-bundle.js": "javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}),
+    ("/redoc", {"redoc.standalone.js": "javascript", "favicon.png": "image/png"}),
+])
+def test_docs_pages_load_only_local_assets_that_answer(page: str, assets: dict[str, str]) -> None:
+    client = make_client(ScriptedEngine(["x"]))
+    html = client.get(page).text
+    urls = set(re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html))
+    assert urls and not [u for u in urls if "//" in u], urls  # no http(s)://, no protocol-relative CDN URL
+    assert "/openapi.json" in urls
+    for name, kind in assets.items():
+        url = f"/docs-static/{name}"
+        assert url in urls, (url, urls)
+        response = client.get(url)
+        assert response.status_code == 200 and kind in response.headers["content-type"], url
+        assert len(response.content) > 1000
+    assert "SwaggerUIBundle" in client.get("/docs-static/swagger-ui-bundle.js").text or page == "/redoc"
+
+
+def test_docs_under_a_root_path_point_below_it() -> None:
+    html = make_client(ScriptedEngine(["x"]), root_path="/r1").get("/docs").text
+    assert 'src="/r1/docs-static/swagger-ui-bundle.js"' in html and "url: '/r1/openapi.json'" in html

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve import __version__
 from r1serve.model.quant.config import declared_quantization
+from r1serve.server.docs import install_docs
 from r1serve.server.errors import APIError, CatchUnexpectedMiddleware, install_error_handlers
 from r1serve.server.limits import BodySizeLimit, MiB
 from r1serve.server.metrics import HTTPMetricsMiddleware
@@ -159,13 +160,15 @@ async def _client_disconnected(request: Request, exc: Exception) -> Response:
 def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI:
     """The app serving `engine` under `settings`; with `engine=None` it answers 503 "loading" until the
     engine is attached with `server_state(app).engine = engine`."""
-    app = FastAPI(title="r1serve", version=__version__, root_path=settings.root_path or "",
+    app = FastAPI(title="r1serve", version=__version__, root_path=settings.root_path or "", docs_url=None,
+                  redoc_url=None,
                   description="OpenAI-compatible server for DeepSeek-R1-Distill-Qwen models, with the R1 usage "
                               "rules built in (see the x-r1serve-policy response header).")
     state = ServerState(settings=settings, engine=engine)
     app.state.server = state
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
     _add_system_routes(app, state)
     _add_api_routes(app, state)
