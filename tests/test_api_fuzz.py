@@ -101,11 +101,13 @@ def aim_at_the_engine(case: Any) -> None:
     if not (positive and isinstance(body, dict) and isinstance(body.get("model"), str)):
         return
     body["model"] = MODEL
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if body.get(field) is None or body[field] <= MAX_MODEL_LEN:
             body[field] = min(body.get(field) or OUTPUT_CAP, OUTPUT_CAP)
     if "messages" not in body:
         body.pop("max_completion_tokens")  # a chat field
+    if "input" not in body:
+        body.pop("max_output_tokens")  # a Responses field
 
 
 @schema.parametrize()
@@ -151,12 +153,12 @@ def test_fuzzed_document_is_the_served_one(server: ServerHandle) -> None:
     served = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     assert served == json.loads(json.dumps(served_document()))
     assert set(served["paths"]) == {"/health", "/version", "/metrics", "/v1/models", "/v1/chat/completions",
-                                    "/v1/completions"}
+                                    "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"}
 
 
 def test_the_fuzz_reached_the_engine_and_the_validation() -> None:
     """Runs after the fuzz (same module, file order): the cases did not all stop at one gate."""
     print({route: dict(counts) for route, counts in STATUSES.items()})
-    for route in ("POST /v1/chat/completions", "POST /v1/completions"):
+    for route in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses"):
         counts = STATUSES.get(route, Counter())
         assert counts[200] >= 5 and counts[400] >= 5, (route, counts)

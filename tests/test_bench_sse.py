@@ -94,6 +94,23 @@ def test_stream_state_split_reasoning_server() -> None:
     assert state.output_text == "Let me think.\n\n42"
 
 
+def test_stream_state_role_with_first_text_and_both_reasoning_names() -> None:
+    """r1serve and vLLM now send the role with the first text, and the reasoning under both names: the first
+    chunk is timed and the reasoning counted once."""
+    state = StreamState()
+    state.on_data(_chat({"role": "assistant", "reasoning_content": "Hm", "reasoning": "Hm"}), 0.30)
+    state.on_data(_chat({"reasoning_content": ".", "reasoning": "."}), 0.32)
+    state.on_data(_chat({"content": "ok"}), 0.35)
+    assert state.first_token_time == 0.30 and state.reasoning_text == "Hm." and state.first_answer_time == 0.35
+
+
+def test_stream_state_completions_times_the_first_chunk_with_text() -> None:
+    state = StreamState()
+    for text, t in (("", 0.01), ("a", 0.20), ("", 0.21), ("b", 0.25)):
+        state.on_data(json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": None}]}), t)
+    assert state.chunk_times == [0.20, 0.25] and state.first_token_time == 0.20
+
+
 def test_stream_state_think_tag_in_text_split_across_chunks() -> None:
     """Other servers: everything in text with a literal </think>, here split over two chunks."""
     state = StreamState()

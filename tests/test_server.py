@@ -133,7 +133,9 @@ def test_chat_reasoning_split_full_and_streamed_agree(server: ServerHandle, clie
                                {**request, "ignore_eos": True, "stream_options": {"include_usage": True}})
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    first = chunks[0]["choices"][0]["delta"]
+    assert first["role"] == "assistant" and first["reasoning_content"]  # the role comes with the first text
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert not any(d.get("content") and d.get("reasoning_content") for d in deltas)  # never both in one chunk
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == message.reasoning_content
@@ -158,6 +160,32 @@ def test_chat_prompt_is_the_r1_template_with_forced_thinking(server: ServerHandl
     assert chat.usage.prompt_tokens == completion.usage.prompt_tokens == len(expected_ids)
     reasoning, content, _ = split_reasoning(completion.choices[0].text)
     assert (chat.choices[0].message.reasoning_content, chat.choices[0].message.content) == (reasoning, content)
+
+
+def test_tokenize_counts_what_chat_sends_with_the_real_tokenizer(server: ServerHandle, tokenizer: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = post(server, "/tokenize", {"model": MODEL, "messages": messages}).json()
+    expected = tokenizer.encode_chat([{"role": "user", "content": "Be brief.\n\nHi"}])  # rules 1 and 3
+    assert body == {"count": len(expected), "max_model_len": MAX_MODEL_LEN, "tokens": expected, "token_strs": None}
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == body["count"]
+    text = post(server, "/detokenize", {"model": MODEL, "tokens": expected}).json()["prompt"]
+    assert text.endswith("Be brief.\n\nHi<｜Assistant｜><think>\n")
+
+
+def test_responses_api_through_the_sdk_full_and_streamed(client: OpenAI) -> None:
+    extra = {"ignore_eos": True}
+    full = client.responses.create(model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=10,
+                                   temperature=0, extra_body=extra)
+    assert full.status == "incomplete" and full.usage.output_tokens == 10
+    assert [item.type for item in full.output] == ["reasoning", "message"]
+    assert full.usage.output_tokens_details.reasoning_tokens == BUDGET + 1
+    events = list(client.responses.create(model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=10,
+                                          temperature=0, stream=True, extra_body=extra))
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    streamed = events[-1].response
+    assert streamed.output[0].content[0].text == full.output[0].content[0].text
+    assert streamed.output_text == full.output_text
 
 
 def test_request_thinking_budget_overrides_default_and_history_is_stripped(server: ServerHandle) -> None:

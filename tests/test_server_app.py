@@ -97,7 +97,8 @@ def test_think_end_token_counts_reasoning_by_id() -> None:
     engine = ScriptedEngine(["abc", "</think>", "\n\nok"])
     body = make_client(engine).post("/v1/chat/completions", json=CHAT).json()
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3  # a, b, c; then the </think> id
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "ok", "reasoning_content": "abc"}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "ok", "reasoning_content": "abc",
+                                             "reasoning": "abc"}
 
 
 def test_policy_reaches_the_engine() -> None:

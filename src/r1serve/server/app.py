@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve import __version__
 from r1serve.model.quant.config import declared_quantization
+from r1serve.server.docs import install_docs
 from r1serve.server.errors import APIError, CatchUnexpectedMiddleware, install_error_handlers
 from r1serve.server.limits import BodySizeLimit, MiB
 from r1serve.server.metrics import HTTPMetricsMiddleware
@@ -29,6 +30,7 @@ from r1serve.server.openapi import (
     VersionResponse,
     generation_responses,
     install_openapi,
+    json_responses,
     models_responses,
 )
 from r1serve.server.protocol import (
@@ -38,12 +40,19 @@ from r1serve.server.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
+from r1serve.server.protocol_responses import ResponseObject, ResponsesRequest, ResponsesStreamEvent
 from r1serve.server.serving_chat import create_chat_completion
 from r1serve.server.serving_common import ClientDisconnected
 from r1serve.server.serving_completion import create_completion
+from r1serve.server.serving_responses import create_response
+from r1serve.server.serving_tokenize import create_detokenize, create_tokenize
 from r1serve.server.settings import ServerSettings
 from r1serve.server.state import EngineClient, ServerState
 
@@ -117,10 +126,31 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await create_chat_completion(request, raw_request, state)
 
+    @app.post("/v1/responses", dependencies=guard, response_model=ResponseObject,
+              responses=generation_responses(ResponseObject, ResponsesStreamEvent, with_auth),
+              summary="OpenAI's Responses API: text in; reasoning and answer out as output items")
+    async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await create_response(request, raw_request, state)
+
     @app.post("/v1/completions", dependencies=guard, response_model=CompletionResponse,
               responses=generation_responses(CompletionResponse, CompletionChunk, with_auth))
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         return await create_completion(request, raw_request, state)
+
+
+def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
+    guard = _api_key_guard(state.settings)
+    responses = json_responses(bool(guard))
+
+    @app.post("/tokenize", dependencies=guard, response_model=TokenizeResponse, responses=responses,
+              summary="token ids of a prompt, or of a conversation's chat prompt (vLLM's route)")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        return await create_tokenize(request, state)
+
+    @app.post("/detokenize", dependencies=guard, response_model=DetokenizeResponse, responses=responses,
+              summary="the text of token ids (vLLM's route)")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return await create_detokenize(request, state)
 
 
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
@@ -130,16 +160,19 @@ async def _client_disconnected(request: Request, exc: Exception) -> Response:
 def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI:
     """The app serving `engine` under `settings`; with `engine=None` it answers 503 "loading" until the
     engine is attached with `server_state(app).engine = engine`."""
-    app = FastAPI(title="r1serve", version=__version__, root_path=settings.root_path or "",
+    app = FastAPI(title="r1serve", version=__version__, root_path=settings.root_path or "", docs_url=None,
+                  redoc_url=None,
                   description="OpenAI-compatible server for DeepSeek-R1-Distill-Qwen models, with the R1 usage "
                               "rules built in (see the x-r1serve-policy response header).")
     state = ServerState(settings=settings, engine=engine)
     app.state.server = state
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
     _add_system_routes(app, state)
     _add_api_routes(app, state)
+    _add_tokenizer_routes(app, state)
     app.add_middleware(CatchUnexpectedMiddleware)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mb * MiB))
     if settings.allowed_origins:  # CORS, answered before the routes (preflights carry no API key)

@@ -95,6 +95,23 @@ def generation_responses(response_model: type[BaseModel], chunk_model: type[Base
     return {200: success, **GENERATION_ERRORS, **(UNAUTHORIZED if with_auth else {})}
 
 
+TOKENIZE_ERRORS: Responses = {
+    400: _error("invalid request: malformed JSON, a wrong type or value (`param` names the field), neither or both "
+                "of `prompt` and `messages`, a text over the context window, a token id outside the vocabulary "
+                "(codes `invalid_json`, `invalid_type`, `invalid_value`, `missing_field`, "
+                "`context_length_exceeded`, `invalid_token_id`, `unsupported`)"),
+    404: _error("unknown model (code `model_not_found`, `param` `model`)"),
+    413: _error("request body over the server's size limit"),
+    500: _error("the server failed while serving this request (logged on the server)"),
+    **UNAVAILABLE,
+}
+
+
+def json_responses(with_auth: bool) -> Responses:
+    """The error `responses` of the POST routes that answer JSON only (`/tokenize`, `/detokenize`)."""
+    return {**TOKENIZE_ERRORS, **(UNAUTHORIZED if with_auth else {})}
+
+
 def models_responses(with_auth: bool) -> Responses:
     """The error `responses` of `GET /v1/models`."""
     return {**UNAVAILABLE, **(UNAUTHORIZED if with_auth else {})}

@@ -24,6 +24,8 @@ logger = logging.getLogger("r1serve.server")
 R1_TEMPERATURE_RANGE = (0.5, 0.7)  # the authors' advice: 0.5-0.7, 0.6 recommended
 OPENAI_TEMPERATURE = 1.0  # what a request that omits them gets when rule 2 is off (OpenAI's defaults)
 OPENAI_TOP_P = 1.0
+# OpenAI's `reasoning_effort` as rule 7's thinking budget (docs/serving.md); "high" sets no budget.
+REASONING_EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": None}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class PolicyConfig:
     force_thinking: bool = True  # rule 3
     strip_history_reasoning: bool = True  # rule 4
     reasoning_split: bool = True  # rule 5
+    reasoning_field_alias: bool = True  # rule 5: `reasoning` (vLLM's name) beside `reasoning_content`
     thinking_budget: bool = True  # rule 7: honour max_thinking_tokens
     default_max_thinking_tokens: int | None = None  # rule 7: budget of requests that set none
     repetition_guard: bool = True  # rule 8
@@ -98,11 +101,20 @@ def sampling_defaults(temperature: float | None, top_p: float | None, config: Po
     return temperature, top_p
 
 
-def thinking_budget(requested: int | None, config: PolicyConfig, record: PolicyRecord) -> int | None:
-    """Rule 7: the request's `max_thinking_tokens`, else the server's default; None when switched off."""
+def thinking_budget(requested: int | None, config: PolicyConfig, record: PolicyRecord,
+                    effort: str | None = None) -> int | None:
+    """Rule 7: the request's `max_thinking_tokens`, else its `reasoning_effort`'s budget
+    (`REASONING_EFFORT_BUDGETS`; "high" is none, whatever the server default), else the server's default;
+    None when switched off."""
     if not config.thinking_budget:
         return None
-    budget = config.default_max_thinking_tokens if requested is None else requested
+    if requested is not None:
+        budget = requested
+    elif effort is not None:
+        budget = REASONING_EFFORT_BUDGETS[effort]
+        record.add(f"reasoning-effort={effort}")
+    else:
+        budget = config.default_max_thinking_tokens
     if budget is not None:
         record.add(f"thinking-budget={budget}")
     return budget

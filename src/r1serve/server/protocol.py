@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator
 
 FinishReason = Literal["stop", "length", "abort", "repetition"]
+ReasoningEffort = Literal["low", "medium", "high"]
 MAX_STOP_STRINGS = 16
 MAX_TOKEN_ID = 2**31 - 1
 
@@ -169,6 +170,9 @@ ChatMessage = Annotated[
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest turn first")
     max_completion_tokens: PositiveInt | None = Field(None, description="OpenAI's newer name for max_tokens")
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="a thinking budget (rule 7): low 1024 tokens, medium 4096, high none; an explicit "
+                          "max_thinking_tokens wins")
     logprobs: bool | None = None
     top_logprobs: Integer | None = None
     tools: list[Any] | None = None
@@ -215,6 +219,8 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = Field(None, description="the text before </think> (R1 usage rule 5)")
+    reasoning: str | None = Field(None, description="the same text under vLLM's name (off with "
+                                                    "--no-reasoning-field-alias)")
 
 
 class ChatCompletionChoice(BaseModel):
@@ -269,6 +275,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = Field(None, description="never in the same chunk as content")
+    reasoning: str | None = Field(None, description="the same text under vLLM's name (off with "
+                                                    "--no-reasoning-field-alias)")
 
 
 class ChatChunkChoice(BaseModel):
@@ -331,3 +339,39 @@ def completion_choice(index: int, text: str, finish_reason: str | None = None,
                       stop_reason: str | int | None = None) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
             "stop_reason": stop_reason}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` body: a text `prompt`, or chat `messages` (exactly one of the two)."""
+
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra={
+        "oneOf": [{"required": ["prompt"], "not": {"required": ["messages"]}},
+                  {"required": ["messages"], "not": {"required": ["prompt"]}}]})
+
+    model: Text | None = Field(None, description="a name from /v1/models (optional, as in vLLM)")
+    # Absent or set, never null: the schema's oneOf tells the two shapes apart by which key is present.
+    prompt: Text = Field(None, description="text, tokenized as /v1/completions does (BOS added)")  # type: ignore[assignment]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(  # type: ignore[assignment]
+        None, description="a conversation, rendered as /v1/chat/completions renders it (rules 1, 3, 4)")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant prompt (and "
+                                                          "<think>\\n, rule 3)")
+    add_special_tokens: bool | None = Field(
+        None, description="add the BOS (default: yes for a prompt; no for messages, whose template writes it)")
+    return_token_strs: bool = Field(False, description="not supported: true is a 400")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+    model: Text | None = Field(None, description="a name from /v1/models (optional, as in vLLM)")
+    tokens: list[TokenId] = Field(description="token ids, decoded with special tokens kept")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -2,6 +2,8 @@
 
 The split itself (`reasoning_content` before `</think>`, `content` after it, in full responses and stream
 deltas) is `r1serve.r1_rules`, shared with the client; only counting tokens needs the server's tokenizer.
+The reasoning goes out under DeepSeek's name and, unless `--no-reasoning-field-alias`, vLLM's
+(`reasoning_fields`).
 Reasoning tokens are counted by the `</think>` token id when the tokenizer has one, else by re-encoding the
 reasoning text.
 """
@@ -9,6 +11,14 @@ reasoning text.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+REASONING_FIELD = "reasoning_content"  # DeepSeek's name
+REASONING_ALIAS = "reasoning"  # vLLM's name since late 2025
+
+
+def reasoning_fields(reasoning: str | None, alias: bool) -> dict[str, str | None]:
+    """The reasoning of a message or delta under each name it is sent as."""
+    return {REASONING_FIELD: reasoning, REASONING_ALIAS: reasoning} if alias else {REASONING_FIELD: reasoning}
 
 
 def count_reasoning_tokens(token_ids: Sequence[int], has_reasoning: bool, closed: bool, reasoning_text: str,

@@ -1,10 +1,12 @@
 """`POST /v1/chat/completions`: a conversation in, the R1 answer out, with the usage rules applied.
 
 The messages go through the policy (rules 1, 3, 4), the model's chat template and the length checks; the
-output is split into `reasoning_content` and `content` (rule 5), in full responses and in stream deltas, and
-`usage.completion_tokens_details.reasoning_tokens` counts the tokens of reasoning. A stream sends the role
-first, then one chunk per piece of reasoning or answer (never both in one chunk), a chunk with the
-`finish_reason` of each sample, the usage if asked, and `[DONE]`.
+output is split into `reasoning_content` (also sent as `reasoning`, vLLM's name) and `content` (rule 5), in
+full responses and in stream deltas, and `usage.completion_tokens_details.reasoning_tokens` counts the tokens
+of reasoning. A stream sends one chunk per piece of reasoning or answer (never both in one chunk), a chunk
+with the `finish_reason` of each sample, the usage if asked, and `[DONE]`. A sample's first chunk also
+carries its `role`, as vLLM's does: nothing goes out before prefill, so a client timing the first chunk
+measures a true time to first token.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from r1serve.server.protocol import (
     chat_choice,
     chat_chunk,
 )
-from r1serve.server.reasoning import count_reasoning_tokens
+from r1serve.server.reasoning import count_reasoning_tokens, reasoning_fields
 from r1serve.server.serving_common import (
     Admission,
     FinalOutputs,
@@ -64,6 +66,7 @@ class ChatJob:
     prompt_token_ids: list[int]
     params: SamplingParams
     split: bool  # rule 5 on
+    alias: bool  # the reasoning also as `reasoning`
     in_reasoning: bool  # the prompt ends inside <think> (rule 3 on and the tokenizer has the token)
     include_usage: bool
 
@@ -85,7 +88,7 @@ async def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, sta
         record.add("reasoning-split")
     in_reasoning = state.policy.force_thinking and tokenizer.think_start_id is not None
     return ChatJob(request_id, request.model, prompt_token_ids, params, state.policy.reasoning_split,
-                   in_reasoning, request.include_usage)
+                   state.policy.reasoning_field_alias, in_reasoning, request.include_usage)
 
 
 def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], force_thinking: bool,
@@ -112,7 +115,9 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
             return SSEResponse(chat_stream(engine, job, state), headers=policy_headers(record),
                                on_close=admission.hand_over())
         final = await run_to_end(engine, job.prompt_token_ids, job.params, job.request_id, state, raw_request)
-    return JSONResponse(chat_response(job, final, engine.tokenizer).model_dump(), headers=policy_headers(record))
+    body = chat_response(job, final, engine.tokenizer)
+    no_alias = None if job.alias else {"choices": {"__all__": {"message": {"reasoning"}}}}
+    return JSONResponse(body.model_dump(exclude=no_alias), headers=policy_headers(record))
 
 
 def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatCompletionResponse:
@@ -122,7 +127,7 @@ def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatComp
         reasoning, content, closed = split_reasoning(sample.text, job.in_reasoning)
         num_reasoning += count_reasoning_tokens(sample.token_ids, reasoning is not None, closed, reasoning or "",
                                                 tokenizer.think_end_id, tokenizer.encode)
-        message = (ResponseMessage(content=content, reasoning_content=reasoning) if job.split
+        message = (ResponseMessage(content=content, **reasoning_fields(reasoning, job.alias)) if job.split
                    else ResponseMessage(content=sample.text))
         choices.append(ChatCompletionChoice(index=sample.index, message=message,
                                             finish_reason=sample.finish_reason, stop_reason=sample.stop_reason))
@@ -130,14 +135,15 @@ def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatComp
     return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
 
 
-class _SampleStream:
+class SampleStream:
     """The reasoning/answer state of one sample of a stream."""
 
     def __init__(self, in_reasoning: bool) -> None:
         self.splitter = ReasoningSplitter(in_reasoning)
         self.reasoning = TextBuffer()  # for the usage's reasoning-token count
+        self.role_sent = False  # the sample's first chunk carries `role`
 
-    def choices(self, sample: CompletionOutput, split: bool) -> list[dict[str, Any]]:
+    def choices(self, sample: CompletionOutput, split: bool, alias: bool) -> list[dict[str, Any]]:
         """The stream choices one output of this sample produces, each a chunk of its own."""
         parts = [self.splitter.feed(sample.delta_text)]
         if sample.finished:
@@ -146,13 +152,16 @@ class _SampleStream:
         for part in parts:
             self.reasoning.append(part.reasoning)
             if split and part.reasoning:
-                out.append(chat_choice(sample.index, {"reasoning_content": part.reasoning}))
+                out.append(chat_choice(sample.index, reasoning_fields(part.reasoning, alias)))
             if split and part.content:
                 out.append(chat_choice(sample.index, {"content": part.content}))
         if not split and sample.delta_text:
             out.append(chat_choice(sample.index, {"content": sample.delta_text}))
         if sample.finished:
             out.append(chat_choice(sample.index, {}, sample.finish_reason, sample.stop_reason))
+        if out and not self.role_sent:
+            out[0]["delta"] = {"role": "assistant", **out[0]["delta"]}
+            self.role_sent = True
         return out
 
     def reasoning_tokens(self, sample: CompletionOutput, tokenizer: Any) -> int:
@@ -163,7 +172,7 @@ class _SampleStream:
 async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) -> AsyncIterator[str]:
     """The SSE events of a streamed chat completion."""
     created = int(time.time())
-    samples = {i: _SampleStream(job.in_reasoning) for i in range(job.params.n)}
+    samples = {i: SampleStream(job.in_reasoning) for i in range(job.params.n)}
     final, timer = FinalOutputs(), state.metrics.timer()
 
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
@@ -171,13 +180,12 @@ async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) ->
 
     ended = False
     try:
-        yield event([chat_choice(i, {"role": "assistant", "content": ""}) for i in range(job.params.n)])
         generate = engine.generate(job.prompt_token_ids, job.params, job.request_id)
         async with contextlib.aclosing(generate) as stream:
             async for output in stream:
                 timer.tokens(final.update(output))
                 for sample in output.outputs:
-                    for choice in samples[sample.index].choices(sample, job.split):
+                    for choice in samples[sample.index].choices(sample, job.split, job.alias):
                         yield event([choice])
         ended = True
     except Exception as exc:  # the status line is sent already: report in-band, keep the server up

@@ -102,7 +102,8 @@ def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, st
             stop=list(request.stop or []), stop_token_ids=list(request.stop_token_ids or []),
             ignore_eos=request.ignore_eos, include_stop_str_in_output=request.include_stop_str_in_output,
             skip_special_tokens=request.skip_special_tokens,
-            max_thinking_tokens=thinking_budget(request.max_thinking_tokens, state.policy, record),
+            max_thinking_tokens=thinking_budget(request.max_thinking_tokens, state.policy, record,
+                                                getattr(request, "reasoning_effort", None)),
             repetition_guard=repetition_guard(state.policy, record),
         )
         check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")

@@ -111,6 +111,8 @@ class ServerSettings(BaseModel):
     strip_history_reasoning: bool = Field(
         True, description="rule 4: earlier assistant turns keep only their text after </think>")
     reasoning_split: bool = Field(True, description="rule 5: reasoning_content apart from content")
+    reasoning_field_alias: bool = Field(
+        True, description="rule 5: send the reasoning also as `reasoning` (vLLM's name) beside reasoning_content")
     thinking_budget: bool = Field(True, description="rule 7: honour max_thinking_tokens")
     max_thinking_tokens: int | None = Field(
         None, ge=0, description="rule 7: default thinking budget of requests that set none")
@@ -183,6 +185,7 @@ class ServerSettings(BaseModel):
             fold_system_prompt=self.fold_system_prompt, r1_sampling_defaults=self.r1_sampling_defaults,
             enforce_temperature=self.enforce_temperature, force_thinking=self.force_thinking,
             strip_history_reasoning=self.strip_history_reasoning, reasoning_split=self.reasoning_split,
+            reasoning_field_alias=self.reasoning_field_alias,
             thinking_budget=self.thinking_budget, default_max_thinking_tokens=self.max_thinking_tokens,
             repetition_guard=self.repetition_guard,
         )
