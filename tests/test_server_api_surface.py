@@ -112,6 +112,8 @@ def test_tokenize_a_prompt_adds_the_bos_as_completions_do_and_detokenize_inverts
     ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, 400, "messages", "invalid_value"),
     ("/tokenize", {"prompt": None}, 400, "prompt", None),
     ("/tokenize", {"prompt": "a", "return_token_strs": True}, 400, "return_token_strs", "unsupported"),
+    ("/tokenize", {"prompt": "a", "continue_final_message": True}, 400, "continue_final_message", "unsupported"),
+    ("/tokenize", {"prompt": "a", "chat_template": "{{ x }}"}, 400, "chat_template", "unsupported"),
     ("/tokenize", {"prompt": "word " * 10_000}, 400, "prompt", "context_length_exceeded"),
     ("/tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "model", "model_not_found"),
     ("/detokenize", {"tokens": [10**6]}, 400, "tokens", "invalid_token_id"),

@@ -358,6 +358,9 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = Field(
         None, description="add the BOS (default: yes for a prompt; no for messages, whose template writes it)")
     return_token_strs: bool = Field(False, description="not supported: true is a 400")
+    continue_final_message: bool = Field(False, description="not supported: true is a 400")
+    chat_template: Text | None = Field(None, description="not supported (the server's --chat-template applies): "
+                                                         "a 400")
 
 
 class TokenizeResponse(BaseModel):

@@ -33,8 +33,12 @@ def _check_shape(request: TokenizeRequest) -> None:
                           code="missing_field")
     if request.prompt is not None and request.messages is not None:
         raise bad_request("send either `prompt` or `messages`, not both", param="messages")
-    if request.return_token_strs:
-        raise bad_request("return_token_strs is not supported", param="return_token_strs", code="unsupported")
+    unsupported = {"return_token_strs": request.return_token_strs,
+                   "continue_final_message": request.continue_final_message,
+                   "chat_template": request.chat_template is not None}
+    for name, given in unsupported.items():
+        if given:
+            raise bad_request(f"{name} is not supported", param=name, code="unsupported")
 
 
 def _chat_text(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
