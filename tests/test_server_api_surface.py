@@ -8,7 +8,9 @@ import re
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from r1serve.server import ServerSettings, create_app
 from r1serve.server.cli import parse_settings
 from test_api_schema import request_validator
 from test_server_app import CHAT, MODEL, ScriptedEngine, make_client, stream
@@ -258,5 +260,6 @@ def test_docs_pages_load_only_local_assets_that_answer(page: str, assets: dict[s
 
 
 def test_docs_under_a_root_path_point_below_it() -> None:
-    html = make_client(ScriptedEngine(["x"]), root_path="/r1").get("/docs").text
+    app = create_app(ScriptedEngine(["x"]), ServerSettings(model=f"/models/{MODEL}", root_path="/r1"))
+    html = TestClient(app, root_path="/r1").get("/docs").text  # uvicorn puts --root-path in the scope
     assert 'src="/r1/docs-static/swagger-ui-bundle.js"' in html and "url: '/r1/openapi.json'" in html

@@ -160,7 +160,7 @@ async def _client_disconnected(request: Request, exc: Exception) -> Response:
 def create_app(engine: EngineClient | None, settings: ServerSettings) -> FastAPI:
     """The app serving `engine` under `settings`; with `engine=None` it answers 503 "loading" until the
     engine is attached with `server_state(app).engine = engine`."""
-    app = FastAPI(title="r1serve", version=__version__, root_path=settings.root_path or "", docs_url=None,
+    app = FastAPI(title="r1serve", version=__version__, docs_url=None,
                   redoc_url=None,
                   description="OpenAI-compatible server for DeepSeek-R1-Distill-Qwen models, with the R1 usage "
                               "rules built in (see the x-r1serve-policy response header).")
