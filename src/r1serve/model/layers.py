@@ -232,7 +232,11 @@ class Qwen2Attention(nn.Module):
         k_cache, v_cache = kv_cache
         out = self.ops.rotary_store_attend(q, k, v, positions, rotary_emb.cos_sin_cache, k_cache, v_cache, meta,
                                            self.scale, self.backend, self.kv_scales)  # [T, heads, head_dim]
-        return self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, None)
+        return self.project_out(out.reshape(num_tokens, self.q_size))
+
+    def project_out(self, attended: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' outputs [T, q_size] → [T, hidden_size]."""
+        return self.ops.linear(attended, self.o_proj.weight, None)
 
 
 class Qwen2MLP(nn.Module):

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from r1serve.config import ModelConfig
-from r1serve.kernels.attention import AttentionBackend, AttentionMetadata
+from r1serve.kernels.attention import AttentionBackend
 from r1serve.kernels.quant_reference import INT4_PER_WORD
-from r1serve.model.layers import REFERENCE_OPS, KernelOps, Qwen2Attention, RotaryEmbedding
+from r1serve.model.layers import REFERENCE_OPS, KernelOps, Qwen2Attention
 from r1serve.model.quant.config import QuantScheme
 
 
@@ -94,14 +94,6 @@ class QuantAttention(Qwen2Attention):
                                      scheme, ops)
         self.o_proj = quant_linear(self.q_size, config.hidden_size, False, scheme, ops)
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata,
-               kv_cache: tuple[torch.Tensor, torch.Tensor], rotary_emb: RotaryEmbedding) -> torch.Tensor:
-        """`Qwen2Attention.attend` with the output projection through the packed o_proj."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.ops.rotary_store_attend(q, k, v, positions, rotary_emb.cos_sin_cache, *kv_cache, meta,
-                                           self.scale, self.backend, self.kv_scales)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+    def project_out(self, attended: torch.Tensor) -> torch.Tensor:
+        """The output projection through the packed o_proj."""
+        return self.o_proj(attended)
