@@ -32,7 +32,7 @@ from r1serve.tokenizer import Tokenizer
 logger = logging.getLogger("r1serve")
 
 __all__ = ["Abort", "Add", "Command", "Dead", "Error", "LoadFailed", "Outputs", "Ready", "RequestDelta",
-           "SampleDelta", "Shutdown", "Stream", "StreamingEngine", "Update", "delta_finished", "delta_request_id"]
+           "SampleDelta", "Shutdown", "Stream", "StreamingEngine", "delta_finished", "delta_request_id"]
 
 
 # ---- down: from the frontend to the engine ------------------------------------------------------------------
@@ -116,8 +116,6 @@ class Dead:
 
     reason: str
 
-
-Update = Ready | LoadFailed | Outputs | Error | Dead
 
 
 # ---- the frontend -------------------------------------------------------------------------------------------
