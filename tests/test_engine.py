@@ -68,6 +68,7 @@ def test_greedy_matches_transformers_generate(hf_model_dir: Path) -> None:
         assert got == ref
 
 
+@pytest.mark.slow
 def test_batch_invariance(llm: LLM) -> None:
     prompts = prompts_of_mixed_lengths(16)
     alone = [greedy_tokens(llm, [p])[0] for p in prompts[:6]]
@@ -75,6 +76,7 @@ def test_batch_invariance(llm: LLM) -> None:
     assert batched[:6] == alone
 
 
+@pytest.mark.slow
 def test_chunked_prefill_and_preemption_do_not_change_outputs(tiny_model_dir: Path, llm: LLM) -> None:
     prompts = prompts_of_mixed_lengths(16, seed=1)
     reference = greedy_tokens(llm, prompts, max_tokens=20)
@@ -106,6 +108,7 @@ def test_n_samples_share_the_prompt(llm: LLM) -> None:
     assert llm.engine.stats().prefix_cache_hits - hits_before >= 3 * 16 * (len(prompt) // 16)
 
 
+@pytest.mark.slow
 def test_no_block_leaks_after_random_requests_and_aborts(llm: LLM) -> None:
     engine = llm.engine
     rng = random.Random(0)
@@ -125,6 +128,7 @@ def test_no_block_leaks_after_random_requests_and_aborts(llm: LLM) -> None:
     assert engine.scheduler.num_unfinished == 0
 
 
+@pytest.mark.slow
 def test_seeds_reproduce(llm: LLM) -> None:
     prompt = [[1234, 5678, 91011]]
     run = lambda seed: llm.generate(prompt, SamplingParams(max_tokens=16, seed=seed, temperature=1.0, top_p=1.0))[0]
@@ -281,6 +285,7 @@ def test_thinking_budget_applies_only_inside_reasoning(llm: LLM) -> None:
     assert llm.tokenizer.think_end_id not in plain.token_ids  # no <think> in the prompt: nothing to close
 
 
+@pytest.mark.slow
 def test_pipelined_steps_give_the_outputs_of_steps_read_one_at_a_time(llm: LLM) -> None:
     """The engine launches step N+1 before reading step N; forcing it to read first must change nothing, also for
     the thinking budget (whose forced tokens void a sample in flight), seeds, n, stop strings and length limits."""
