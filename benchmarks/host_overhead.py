@@ -2,10 +2,10 @@
 
     python benchmarks/host_overhead.py --batch 256 --steps 200 [--stream] [--output-len 8000] [--profile]
 
-Runs the real scheduler, input packing, sampling-parameter batching, token bookkeeping, detokenizer and outputs
-on CPU; the forward pass and the sampler are replaced by stubs that return random tokens at once. On a GPU the
-step's host time overlaps the device's (the engine pipelines steps), so a step costs the larger of the two: this
-script measures the host side alone, on any machine.
+Runs the real scheduler, input packing, sampling-parameter batching, token bookkeeping, detokenizer and outputs on
+CPU; the forward pass and the sampler are replaced by `FakeRunner`, which returns computed tokens at once. On a GPU
+the step's host time overlaps the device's (the engine pipelines steps), so a step costs the larger of the two:
+this script measures the host side alone, on any machine.
 """
 
 from __future__ import annotations
@@ -17,49 +17,26 @@ import pstats
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from r1serve import SamplingParams
 from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig
+from r1serve.engine.fake_runner import FakeRunner
 from r1serve.engine.llm_engine import LLMEngine
 
 TINY = {**R1_DISTILL_QWEN_1_5B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
         "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def stub_model(engine: LLMEngine) -> None:
-    """Forward, logits and sampling become near-free stubs with the real shapes of their outputs."""
-    runner = engine.runner
-    hidden = runner.model_config.hidden_size
-    vocab = runner.model_config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    runner._forward = lambda inputs: torch.zeros(inputs.input_ids.shape[0], hidden)  # type: ignore[method-assign]
-    runner.model.compute_logits = lambda h: h  # type: ignore[method-assign]
-    runner.sampler.__call__ = None  # type: ignore[assignment]
-
-    class StubSampler:
-        def __init__(self, real) -> None:  # noqa: ANN001
-            self.real = real
-
-        def batch(self, seqs, vocab_size, device):  # noqa: ANN001, ANN201
-            return self.real.batch(seqs, vocab_size, device)
-
-        def __call__(self, logits, batch):  # noqa: ANN001, ANN204
-            return torch.randint(1000, vocab - 1000, (logits.shape[0],), generator=generator)
-
-    runner.sampler = StubSampler(runner.sampler)
-
-
 def stubbed_engine(config: EngineConfig) -> LLMEngine:
-    """An `LLMEngine` with its model stubbed out (a picklable factory: `ProcessEngine(config, stubbed_engine)`).
-    One torch thread: on a GPU the host does no tensor arithmetic, and idle OpenMP workers spinning beside the
-    server's process doubled the CPU time measured per token."""
+    """An `LLMEngine` whose runner is `FakeRunner` doing a real step's host work (a picklable factory:
+    `ProcessEngine(config, stubbed_engine)`). One torch thread: on a GPU the host does no tensor arithmetic, and
+    idle OpenMP workers spinning beside the server's process doubled the CPU time measured per token."""
     torch.set_num_threads(1)
-    engine = LLMEngine(config)
-    stub_model(engine)
-    return engine
+    return LLMEngine(config, runner_factory=partial(FakeRunner, host_work=True))
 
 
 def tiny_model_folder() -> Path:

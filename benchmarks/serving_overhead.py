@@ -3,12 +3,13 @@
     python benchmarks/serving_overhead.py --concurrency 256 --num-prompts 512 --output-len 256 \
         [--tokenizer ../shared/data/tokenizer] [--no-engine-process] [--profile]
 
-The server is the real one (FastAPI app, usage rules, reasoning split, SSE, uvicorn) over the real
-`ProcessEngine`, whose child steps the real scheduler, detokenizer and outputs around a stubbed forward pass and
-sampler (`host_overhead.stubbed_engine`). A light client in another process opens the chat streams over raw
-sockets and counts their events without parsing them. Printed: output tokens/s, and CPU time per streamed token
-of the server process (event loop, engine reader thread) and of the engine's child. On a GPU the forward pass
-adds device time, which overlaps this host time; the tokens/s here is what the host alone allows on this CPU.
+The server is the real one (FastAPI app, usage rules, reasoning split, SSE, uvicorn) over the real `ProcessEngine`,
+whose child steps the real scheduler, detokenizer and outputs around a stubbed forward pass and sampler
+(`host_overhead.stubbed_engine`: `engine.fake_runner.FakeRunner`). A light client in another process opens the chat
+streams over raw sockets and counts their events without parsing them. Printed: output tokens/s, and CPU time per
+streamed token of the server process (event loop, engine reader thread) and of the engine's child. On a GPU the
+forward pass adds device time, which overlaps this host time; the tokens/s here is what the host alone allows on
+this CPU.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_abort_delivers_a_final_output_to_the_waiting_stream(engine: AsyncEngine
 def test_outputs_queued_behind_a_slow_consumer_arrive_merged_then_the_error() -> None:
     """A consumer that fell behind gets one output for all that is queued (deltas joined in order), and an error
     queued after them only once those are delivered."""
-    from r1serve.engine.async_engine import _Stream
+    from r1serve.engine.frontend import Stream
     from r1serve.outputs import CompletionOutput, RequestOutput
 
     def out(text: str, finished: bool = False) -> RequestOutput:
@@ -111,7 +111,7 @@ def test_outputs_queued_behind_a_slow_consumer_arrive_merged_then_the_error() ->
         return RequestOutput("r", None, [1], [sample], finished)
 
     async def main() -> list:
-        stream = _Stream(asyncio.get_running_loop())
+        stream = Stream(asyncio.get_running_loop())
         got: list = []
         for item in [out("a"), out("b"), out("c"), RuntimeError("engine died"), out("late")]:
             stream.put(item)
@@ -130,7 +130,7 @@ def test_outputs_queued_behind_a_slow_consumer_arrive_merged_then_the_error() ->
 
 
 def test_a_waiting_consumer_wakes_on_a_put_from_another_thread_and_a_cancelled_wait_leaves_no_waiter() -> None:
-    from r1serve.engine.async_engine import _Stream
+    from r1serve.engine.frontend import Stream
     from r1serve.outputs import CompletionOutput, RequestOutput
 
     def out(text: str) -> RequestOutput:
@@ -138,7 +138,7 @@ def test_a_waiting_consumer_wakes_on_a_put_from_another_thread_and_a_cancelled_w
 
     async def main() -> list[str]:
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
+        stream = Stream(loop)
         task = asyncio.create_task(stream.next_output())
         await asyncio.sleep(0)
         assert stream.waiter is not None and not task.done()  # waiting for the engine

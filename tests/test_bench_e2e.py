@@ -20,6 +20,8 @@ from r1serve.bench.cli import main
 from r1serve.bench.tokens import Tokenizer
 from server_utils import ServerHandle, running_server
 
+pytestmark = pytest.mark.slow  # a server for the module (20 s to start here) and real load on it
+
 COMPLETIONS_OK = 'r1serve_http_requests_total{route="/v1/completions",status="200"}'
 CHAT_OK = 'r1serve_http_requests_total{route="/v1/chat/completions",status="200"}'
 GENERATED = "r1serve_generation_tokens_total"

@@ -249,6 +249,7 @@ def test_unreachable_endpoint_is_one_clear_line(capsys) -> None:
     assert captured.out == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_ctrl_c_writes_partial_results(fake_server, tmp_path: Path, num_workers: int) -> None:
     """SIGINT to the bench process alone (as `kill -INT` sends it); with workers it forwards it to them."""

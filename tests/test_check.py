@@ -30,6 +30,7 @@ def run_check(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list
     return code, capsys.readouterr().out.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_check_passes_on_a_healthy_server(server: ServerHandle) -> None:
     argv = ["--url", server.url, "--model", MODEL, "--api-key", KEY, "--log-file", str(server.log_path), *FAST_CHECK]
     done = subprocess.run([sys.executable, "-m", "r1serve.cli", "check", *argv], capture_output=True, text=True,

@@ -144,6 +144,7 @@ def test_async_client_methods(server: ServerHandle) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_client_waits_for_a_server_that_starts_later(tiny_model_dir: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()

@@ -13,8 +13,12 @@ import torch
 from conftest import TINY_CONFIG, TOKENIZER_FILES, require_tokenizer
 from r1serve import LLM, SamplingParams
 from r1serve.config import EngineConfig
+from r1serve.engine.fake_runner import FakeRunner
 from r1serve.engine.llm_engine import LLMEngine
+from r1serve.engine.model_runner import ModelRunner, SampledTokens
+from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.errors import EngineDeadError, InvalidRequestError
+from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import RepetitionGuard
 
 transformers = pytest.importorskip("transformers")
@@ -64,6 +68,7 @@ def test_greedy_matches_transformers_generate(hf_model_dir: Path) -> None:
         assert got == ref
 
 
+@pytest.mark.slow
 def test_batch_invariance(llm: LLM) -> None:
     prompts = prompts_of_mixed_lengths(16)
     alone = [greedy_tokens(llm, [p])[0] for p in prompts[:6]]
@@ -71,6 +76,7 @@ def test_batch_invariance(llm: LLM) -> None:
     assert batched[:6] == alone
 
 
+@pytest.mark.slow
 def test_chunked_prefill_and_preemption_do_not_change_outputs(tiny_model_dir: Path, llm: LLM) -> None:
     prompts = prompts_of_mixed_lengths(16, seed=1)
     reference = greedy_tokens(llm, prompts, max_tokens=20)
@@ -102,6 +108,7 @@ def test_n_samples_share_the_prompt(llm: LLM) -> None:
     assert llm.engine.stats().prefix_cache_hits - hits_before >= 3 * 16 * (len(prompt) // 16)
 
 
+@pytest.mark.slow
 def test_no_block_leaks_after_random_requests_and_aborts(llm: LLM) -> None:
     engine = llm.engine
     rng = random.Random(0)
@@ -121,6 +128,7 @@ def test_no_block_leaks_after_random_requests_and_aborts(llm: LLM) -> None:
     assert engine.scheduler.num_unfinished == 0
 
 
+@pytest.mark.slow
 def test_seeds_reproduce(llm: LLM) -> None:
     prompt = [[1234, 5678, 91011]]
     run = lambda seed: llm.generate(prompt, SamplingParams(max_tokens=16, seed=seed, temperature=1.0, top_p=1.0))[0]
@@ -213,49 +221,57 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_with_the_field(llm: L
     assert info.value.param == "stop_token_ids" and not llm.engine.has_unfinished()
 
 
-def test_a_step_that_fails_for_one_request_aborts_that_request_alone(llm: LLM,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fault in a request's rows of a batched step (here: the runner fails whenever the request is in it) ends
-    that request; the others in the same steps run on, and the prefix cache keeps what they computed."""
-    engine = llm.engine
-    engine.block_manager.reset_prefix_cache()
-    good_prompt = list(range(1000, 1040))  # 2.5 blocks: two full blocks go into the prefix cache
-    bad = engine.add_request([7, 8, 9] * 13, SamplingParams(max_tokens=6, ignore_eos=True))
-    good = engine.add_request(good_prompt, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
-    execute = engine.runner.execute
+class FaultyModelRunner(ModelRunner):
+    """The real runner, except that a step carrying the request `fail_for` fails to launch."""
 
-    def failing_for_bad(sched):
-        if any(item.seq.request.request_id == bad for item in sched.scheduled):
+    fail_for: str | None = None
+
+    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+        if any(item.seq.request.request_id == self.fail_for for item in sched.scheduled):
             raise RuntimeError("rows of a bad request")
-        return execute(sched)
+        return super().execute(sched)
 
-    monkeypatch.setattr(engine.runner, "execute", failing_for_bad)
+
+class DeviceFailingRunner(FakeRunner):
+    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+
+def run_to_end(engine: LLMEngine) -> dict[str, RequestOutput]:
     finals = {}
     while engine.has_unfinished():
         for out in engine.step():
             finals[out.request_id] = out
-    assert finals[bad].outputs[0].finish_reason == "abort"
-    assert finals[good].outputs[0].finish_reason == "length" and len(finals[good].outputs[0].token_ids) == 6
+    return finals
+
+
+def test_a_step_that_fails_for_one_request_aborts_that_request_alone(tiny_model_dir: Path) -> None:
+    """A fault in a request's rows of a batched step (here: the runner fails whenever the request is in it) ends
+    that request; the others in the same steps run on, and the prefix cache keeps what they computed."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), load_format="dummy", dtype="float32",
+                                    kv_cache_space=0.05), runner_factory=FaultyModelRunner)
+    engine.runner.fail_for = "bad"
+    good_prompt = list(range(1000, 1040))  # 2.5 blocks: two full blocks go into the prefix cache
+    engine.add_request([7, 8, 9] * 13, SamplingParams(max_tokens=6, ignore_eos=True), "bad")
+    engine.add_request(good_prompt, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0), "good")
+    finals = run_to_end(engine)
+    assert finals["bad"].outputs[0].finish_reason == "abort"
+    assert finals["good"].outputs[0].finish_reason == "length" and len(finals["good"].outputs[0].token_ids) == 6
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert len(engine.block_manager.cached) >= 2  # the good request's prompt blocks stayed cached
-    monkeypatch.setattr(engine.runner, "execute", execute)
-    alone = llm.generate([good_prompt], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))[0]
-    assert alone.outputs[0].token_ids == finals[good].outputs[0].token_ids
+    engine.runner.fail_for = None
+    engine.add_request(good_prompt, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0), "alone")
+    alone = run_to_end(engine)["alone"]
+    assert alone.outputs[0].token_ids == finals["good"].outputs[0].token_ids
     assert alone.num_cached_tokens == 32
 
 
-def test_a_device_failure_ends_the_engine_with_engine_dead_error(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = llm.engine
-    request_id = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
-
-    def device_error(sched):
-        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(engine.runner, "execute", device_error)
+def test_a_device_failure_ends_the_engine_with_engine_dead_error(tiny_model_dir: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), load_format="dummy", kv_cache_space=0.05),
+                       runner_factory=DeviceFailingRunner)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
     with pytest.raises(EngineDeadError, match="device failed"):
         engine.step()
-    monkeypatch.undo()
-    engine.abort_request(request_id)
 
 
 def test_kv_cache_too_small_for_max_model_len_is_a_clear_error(tiny_model_dir: Path) -> None:
@@ -269,6 +285,7 @@ def test_thinking_budget_applies_only_inside_reasoning(llm: LLM) -> None:
     assert llm.tokenizer.think_end_id not in plain.token_ids  # no <think> in the prompt: nothing to close
 
 
+@pytest.mark.slow
 def test_pipelined_steps_give_the_outputs_of_steps_read_one_at_a_time(llm: LLM) -> None:
     """The engine launches step N+1 before reading step N; forcing it to read first must change nothing, also for
     the thinking budget (whose forced tokens void a sample in flight), seeds, n, stop strings and length limits."""
@@ -309,3 +326,17 @@ def test_a_cpu_engine_takes_the_threads_it_is_given_and_says_so(tiny_model_dir: 
         assert "CPU engine: 1 threads" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_fake_runner_gives_a_sequence_the_same_tokens_alone_and_in_a_batch(tiny_model_dir: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), load_format="dummy", kv_cache_space=0.05),
+                       runner_factory=FakeRunner)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = prompts_of_mixed_lengths(6, seed=3)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, params, f"batch-{i}", stream=False)
+    batch = run_to_end(engine)
+    engine.add_request(prompts[2], params, "alone", stream=False)
+    alone = run_to_end(engine)["alone"].outputs[0].token_ids
+    assert alone == batch["batch-2"].outputs[0].token_ids and len(alone) == 8
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -254,6 +254,7 @@ def test_bad_dataset_is_reported_before_any_request(tmp_path: Path, capsys) -> N
     assert "d.jsonl:2: not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_samples_and_the_same_command_resumes(fake_server, tmp_path: Path) -> None:
     server = fake_server(delay_s=0.3)
     args = eval_args(server.url, tmp_path, "--concurrency", "2")

@@ -94,6 +94,7 @@ def _math500_pairs(shared_data: Path) -> tuple[list[GradeRequest], list[GradeReq
     return right, shifted
 
 
+@pytest.mark.slow
 def test_every_reference_solution_grades_correct_and_a_shifted_answer_wrong(shared_data: Path) -> None:
     gsm_right, gsm_shifted = _gsm8k_pairs(shared_data)
     math_right, math_shifted = _math500_pairs(shared_data)

@@ -159,6 +159,7 @@ def test_kv_cache_dtype_values() -> None:
         ServerSettings(kv_cache_dtype="int8")
 
 
+@pytest.mark.slow
 def test_server_serves_with_an_fp8_kv_cache(model_dir: Path) -> None:
     with running_server(model_dir, "--kv-cache-dtype", "fp8", "--max-model-len", "64", "--device", "cpu",
                         "--max-num-seqs", "2", "--no-engine-process") as server:

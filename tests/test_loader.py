@@ -137,6 +137,7 @@ resolve_model_path("nobody-r1serve/not-a-model", None, allow_missing=False)
 """
 
 
+@pytest.mark.slow
 def test_hub_id_offline_and_not_cached_is_one_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("HF_HUB_CACHE", None)

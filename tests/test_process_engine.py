@@ -119,6 +119,7 @@ def test_invalid_request_raises_in_the_parent(engine: ProcessEngine) -> None:
         asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_shutdown_ends_streams_with_abort(config: EngineConfig) -> None:
     eng = ProcessEngine.from_config(config)
 

@@ -138,6 +138,7 @@ def test_engine_generates_with_a_quantized_model(model_dir):
     assert len(out[0].outputs[0].token_ids) == 5
 
 
+@pytest.mark.slow
 def test_server_serves_awq_dummy_weights(model_dir):
     with running_server(model_dir, "--quantization", "awq", "--max-model-len", "64", "--device", "cpu",
                         "--max-num-seqs", "2", "--no-engine-process") as server:

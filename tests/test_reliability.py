@@ -79,6 +79,7 @@ def long_completion(max_tokens: int = 60) -> dict[str, Any]:
 # ---- one bad request never hurts another --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_token_ids", [[999_999_999], [2**70], [-1]])
 def test_stop_token_ids_outside_the_vocabulary_are_a_400_and_spare_a_concurrent_request(
         server: ServerHandle, stop_token_ids: list[int]) -> None:
@@ -171,6 +172,7 @@ def test_a_text_certainly_over_the_window_is_refused_without_tokenizing(server: 
 # ---- overload -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streams_beyond_max_pending_requests_get_503_with_retry_after(server: ServerHandle) -> None:
     num_streams = 3 * MAX_PENDING
 
@@ -194,6 +196,7 @@ def test_streams_beyond_max_pending_requests_get_503_with_retry_after(server: Se
     wait_all_blocks_free(server)
 
 
+@pytest.mark.slow
 def test_a_disconnect_storm_frees_every_block_and_counts_the_aborts(server: ServerHandle) -> None:
     aborted_before = metric(server, 'r1serve_requests_finished_total{finish_reason="abort"}') \
         if 'finish_reason="abort"' in metrics_text(server) else 0.0
@@ -260,6 +263,7 @@ def test_a_kept_alive_connection_is_closed_when_idle(server: ServerHandle) -> No
 # ---- start-up checks ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_empty_api_key_is_refused_at_start_up(tiny_model_dir: Path) -> None:
     command = [sys.executable, "-m", "r1serve.server", "--model", str(tiny_model_dir), "--load-format", "dummy",
                "--port", str(free_port()), "--api-key", ""]
@@ -288,6 +292,7 @@ def engine_child_pid(server_pid: int) -> int:
     raise AssertionError(f"no engine child among {children}")
 
 
+@pytest.mark.slow
 def test_a_dead_engine_turns_health_to_503_fails_requests_and_exits_non_zero(tiny_model_dir: Path) -> None:
     with running_server(tiny_model_dir, *SERVER_ARGS) as server:
         with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,

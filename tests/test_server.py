@@ -85,6 +85,7 @@ def test_models_version_health(server: ServerHandle) -> None:
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
+@pytest.mark.slow
 def test_seed_client_code_works_unchanged(server: ServerHandle) -> None:
     class LLMClient:  # the seeds' client, verbatim
         def __init__(self, base_url="http://localhost:8000/v1"):
@@ -292,6 +293,7 @@ def test_openai_sdk_raises_typed_errors(client: OpenAI) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
 
 
+@pytest.mark.slow
 def test_repetition_guard_stops_a_loop(client: OpenAI) -> None:
     # a repetition penalty below 1 rewards repeating: the random model loops on one token at once
     out = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=200, temperature=0,

@@ -56,6 +56,7 @@ def test_disconnect_frees_blocks(server) -> None:
     wait_all_blocks_free(server)
 
 
+@pytest.mark.slow
 def test_sigterm_exits_cleanly(tiny_model_dir: Path) -> None:
     with running_server(tiny_model_dir, "--engine-process", "--max-model-len", "512") as handle:
         assert stop_server(handle.process) == 0

@@ -30,6 +30,7 @@ def read_stream(url: str, body: dict[str, Any], first_chunk: threading.Event, ou
                 first_chunk.set()
 
 
+@pytest.mark.slow
 def test_sigterm_aborts_in_flight_request_and_exits_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
     log_file = tmp_path / "logs" / "server.log"
     with running_server(tiny_model_dir, "--log-file", str(log_file), "--shutdown-grace-period", "0.5") as server:

@@ -78,6 +78,7 @@ def test_switched_off_rules_leave_no_trace_in_the_header(client: OpenAI) -> None
         assert raw.headers["x-r1serve-policy"] == "temperature-out-of-range,temperature-clamped"
 
 
+@pytest.mark.slow
 def test_without_the_guard_a_loop_runs_to_max_tokens(client: OpenAI) -> None:
     # the request that the default server stops with "repetition" after 112 tokens (tests/test_server.py)
     out = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=130, temperature=0,

@@ -1,211 +1,25 @@
-"""`AsyncEngine`: the engine loop on its own thread, requests streamed to and from an asyncio event loop.
+"""`AsyncEngine`: the `LLMEngine` stepped on a thread of this process, streamed to asyncio consumers.
 
-`StreamingEngine` is the half that every async engine shares: `generate()` validates a request, registers a
-stream for it and hands it to the back end; outputs come back in batches with one
-`call_soon_threadsafe` per event loop; a stream whose consumer goes away (aclose, cancellation, a client that
-disconnected) aborts its request, which frees its KV blocks. `AsyncEngine` runs the `LLMEngine` on a thread of
-this process; `ProcessEngine` (engine/process_engine.py) runs it in a child process, off this process's GIL.
+The streams, validation and abort-on-disconnect are `StreamingEngine`'s (engine/frontend.py); this module only
+drives the engine: commands from a queue, a step whenever there is work, outputs delivered as they come. It
+shares this process's GIL with the event loop; `ProcessEngine` (engine/process_engine.py), the server's default,
+runs the same loop in a child process instead.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
-import uuid
-from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-from r1serve.config import EngineConfig, ModelConfig
+from r1serve.config import EngineConfig
+from r1serve.engine.frontend import Abort, Add, StreamingEngine
 from r1serve.engine.llm_engine import EngineStats, LLMEngine
-from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
-from r1serve.outputs import RequestOutput, merge_outputs
-from r1serve.sampling_params import SamplingParams
-from r1serve.tokenizer import Tokenizer
 
 logger = logging.getLogger("r1serve")
 
-__all__ = ["AsyncEngine", "EngineStats", "StreamingEngine"]
-
-
-def _output_finished(output: RequestOutput) -> bool:
-    return output.finished
-
-
-@dataclass
-class _Stream:
-    """One request's outputs on their way to its consumer, on the consumer's event loop. A deque and the one
-    waiter's future rather than an `asyncio.Queue`: a put is once per token per stream, and the queue's
-    bookkeeping (unfinished-task counts, a list of waiting getters) was a visible share of the event loop at
-    hundreds of streams. The items are the engine's own (`RequestOutput`s, or `ProcessEngine`'s deltas);
-    `merge` turns those queued together into the one `RequestOutput` the consumer gets, and `is_final` says
-    which item ends the request."""
-
-    loop: asyncio.AbstractEventLoop
-    merge: Callable[[list[Any]], RequestOutput] = merge_outputs
-    is_final: Callable[[Any], bool] = _output_finished
-    pending: deque[Any] = field(default_factory=deque)
-    waiter: asyncio.Future[None] | None = None  # set while the consumer waits for the next item
-    error: BaseException | None = None  # queued behind outputs that were merged: raised on the next call
-
-    def put(self, item: Any) -> None:
-        """Queues an output or an error (on the event loop's thread) and wakes the consumer if it waits."""
-        self.pending.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def next_output(self) -> RequestOutput:
-        """The next output, merged with those queued behind it: a consumer that fell behind the engine sends one
-        SSE event for several steps (one JSON encoding, one socket write) rather than catching up event by
-        event. An error is raised once the outputs queued before it have been delivered."""
-        item = self.error
-        self.error = None
-        if item is None:
-            while not self.pending:
-                self.waiter = self.loop.create_future()
-                try:
-                    await self.waiter
-                finally:
-                    self.waiter = None
-            item = self.pending.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        items = [item]
-        while not self.is_final(items[-1]) and self.pending:
-            following = self.pending.popleft()
-            if isinstance(following, BaseException):
-                self.error = following
-                break
-            items.append(following)
-        return self.merge(items)
-
-
-@dataclass
-class Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    prompt_ids: list[int] | None = None  # the validated token ids (the child process uses them as they are)
-
-
-@dataclass
-class Abort:
-    request_id: str
-
-
-class StreamingEngine(ABC):
-    """Async streams over an engine that runs elsewhere (a thread or a process)."""
-
-    config: EngineConfig
-    model_config: ModelConfig
-    tokenizer: Tokenizer
-    max_model_len: int
-
-    def __init__(self) -> None:
-        self._streams: dict[str, _Stream] = {}
-        self._stopping = False
-        self.dead_reason: str | None = None  # set once, when the engine has stopped for good
-        self._death_callbacks: list[Callable[[str], None]] = []
-
-    def on_death(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(reason)` (on the engine's thread) when the engine dies; at once if it is dead already."""
-        self._death_callbacks.append(callback)
-        if self.dead_reason is not None:
-            callback(self.dead_reason)
-
-    def _die(self, reason: str) -> None:
-        """The engine is gone for good: say so in one line, fail every open stream with `EngineDeadError` and
-        tell whoever registered `on_death` (the server, which then reports it and exits)."""
-        if self.dead_reason is not None:
-            return
-        self.dead_reason = reason
-        logger.error("the engine died: %s; failing %d open requests", reason, len(self._streams))
-        for request_id in list(self._streams):
-            self._deliver_error(request_id, EngineDeadError(reason))
-        for callback in self._death_callbacks:
-            callback(reason)
-
-    @abstractmethod
-    def _submit(self, command: Add | Abort) -> None:
-        """Hands a command to the engine's back end (never blocks on it)."""
-
-    @abstractmethod
-    def start(self) -> None: ...
-
-    @abstractmethod
-    def stats(self) -> EngineStats: ...
-
-    @abstractmethod
-    def shutdown(self, timeout: float = 10.0) -> None: ...
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Streams the request's outputs; raises ValueError (naming the field) before yielding if it is invalid."""
-        if self.dead_reason is not None:
-            raise EngineDeadError(self.dead_reason)
-        if self._stopping:
-            raise RuntimeError("the engine is shutting down")
-        request_id = request_id or uuid.uuid4().hex
-        prompt_ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
-        check_request(prompt_ids, params, self.max_model_len, self.config.max_num_seqs,
-                      self.model_config.vocab_size)
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = self._open_stream()
-        self._streams[request_id] = stream
-        self.start()
-        self._submit(Add(request_id, prompt if isinstance(prompt, str) else prompt_ids, params, prompt_ids))
-        finished = False
-        try:
-            while not finished:
-                item = await stream.next_output()
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._submit(Abort(request_id))
-            self._closed(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self._submit(Abort(request_id))
-
-    def _open_stream(self) -> _Stream:
-        """The stream of a new request, on the running loop; its items are `RequestOutput`s."""
-        return _Stream(asyncio.get_running_loop())
-
-    def _closed(self, request_id: str) -> None:
-        """The request's consumer is done with it (finished or not): nothing to forget here."""
-        return None
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        self._route([(out.request_id, out) for out in outputs])
-
-    def _route(self, items: list[tuple[str, Any]]) -> None:
-        """(request id, item) pairs to their streams: one `call_soon_threadsafe` per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
-        for request_id, item in items:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that event loop is closed
-                pass
-
-    def _deliver_error(self, request_id: str, error: BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            try:
-                stream.loop.call_soon_threadsafe(stream.put, error)
-            except RuntimeError:
-                pass
+__all__ = ["AsyncEngine"]
 
 
 class AsyncEngine(StreamingEngine):
@@ -298,7 +112,3 @@ class AsyncEngine(StreamingEngine):
                 logger.exception("could not abort request %s", request_id)
             self._deliver_error(request_id, RuntimeError(f"engine error: {error}"))
 
-
-def _put_all(items: list[tuple[_Stream, Any]]) -> None:
-    for stream, out in items:
-        stream.put(out)

@@ -20,7 +20,7 @@ import torch
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.block_manager import BlockManager
 from r1serve.engine.detokenizer import IncrementalDetokenizer
-from r1serve.engine.model_runner import ModelRunner, SampledTokens
+from r1serve.engine.model_runner import ModelRunner, Runner, RunnerFactory, SampledTokens
 from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
@@ -76,7 +76,10 @@ class ModelFiles:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """`runner_factory` builds the device side (`ModelRunner`); tests and benchmarks pass
+    `engine.fake_runner.FakeRunner` to run everything else without a model."""
+
+    def __init__(self, config: EngineConfig, runner_factory: RunnerFactory = ModelRunner) -> None:
         self.config = config
         files = ModelFiles.load(config)
         model_path = files.path
@@ -84,7 +87,8 @@ class LLMEngine:
         self.tokenizer: Tokenizer = files.tokenizer
         self.max_model_len = files.max_model_len
         self.eos_token_id = self.tokenizer.eos_token_id
-        self.runner = ModelRunner(config, self.model_config, model_path, self.max_model_len, self.eos_token_id)
+        self.runner: Runner = runner_factory(config, self.model_config, model_path, self.max_model_len,
+                                             self.eos_token_id)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.think_close_ids = self.tokenizer.encode(BUDGET_CLOSE)

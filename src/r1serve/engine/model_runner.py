@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -63,6 +64,34 @@ def set_cpu_threads(num_threads: int | None) -> int:
     torch.set_num_threads(count)
     logger.info("CPU engine: %d threads (--num-cpu-threads)", count)
     return count
+
+
+class Runner(Protocol):
+    """What `LLMEngine` needs of the device side: the KV cache's size in blocks, and a step launched."""
+
+    num_blocks: int
+
+    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+        """Launches one step; its sampled tokens are one per scheduled sequence that samples, in order."""
+        ...
+
+
+class RunnerFactory(Protocol):
+    """How `LLMEngine` builds its runner: `ModelRunner` itself, or a fake (engine/fake_runner.py)."""
+
+    def __call__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+                 max_model_len: int, eos_token_id: int | None) -> Runner: ...
+
+
+def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> int:
+    """`num_blocks`, once it is certain that one sequence of `max_model_len` tokens fits in them."""
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len="
+            f"{max_model_len}: raise --kv-cache-space (CPU) / --gpu-memory-utilization (CUDA) "
+            "or lower --max-model-len"
+        )
+    return num_blocks
 
 
 class ModelRunner:
@@ -118,13 +147,7 @@ class ModelRunner:
             num = self._profile_cuda_blocks()
         else:
             num = int(self.config.kv_cache_space * GiB) // self.block_bytes
-        if num * self.config.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num * self.config.block_size} tokens, fewer than max_model_len="
-                f"{self.max_model_len}: raise --kv-cache-space (CPU) / --gpu-memory-utilization (CUDA) "
-                "or lower --max-model-len"
-            )
-        return num
+        return check_kv_capacity(num, self.config.block_size, self.max_model_len)
 
     def _profile_cuda_blocks(self) -> int:
         """Runs the largest prefill chunk once, then gives the KV cache what is left of the memory budget."""

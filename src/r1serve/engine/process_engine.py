@@ -3,13 +3,13 @@ do not take turns on one GIL.
 
 Measured on the H100 (docs/performance.md), with 256 streams of 1,024 tokens through HTTP: on a thread,
 5.7k output tokens/s and a 43 ms TPOT; in a child process, 8.7k tokens/s and 28 ms, because each step's SSE
-chunks and the step itself no longer share one interpreter. Here the child
-owns the model, the scheduler and the detokenizers. The parent only validates requests, which needs the
-tokenizer but not the model, and keeps the streams. Commands go down one pipe (`Add`, `Abort`, `None` to shut
-down). One message per step comes back up the other, carrying only what is new for each sample (text, token
-ids, finish reason) and the engine's stats. The deltas go to the streams as they are; a consumer merges what
-queued up behind it and rebuilds one cumulative output from the merged delta, so a step never pickles a whole
-output again, and a stream that fell behind costs one output per event rather than one per token.
+chunks and the step itself no longer share one interpreter. Here the child owns the model, the scheduler and
+the detokenizers. The parent only validates requests, which needs the tokenizer but not the model, and keeps
+the streams. Commands go down one pipe (`Add`, `Abort`, `Shutdown`: engine/frontend.py's messages). One
+`Outputs` per step comes back up the other, carrying only what is new for each sample (text, token ids, finish
+reason) and the engine's stats. The deltas go to the streams as they are; a consumer merges what queued up
+behind it and rebuilds one cumulative output from the merged delta, so a step never pickles a whole output
+again, and a stream that fell behind costs one output per event rather than one per token.
 """
 
 from __future__ import annotations
@@ -21,30 +21,37 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
 
 from r1serve.config import EngineConfig
-from r1serve.engine.async_engine import Abort, Add, StreamingEngine, _Stream
+from r1serve.engine.async_engine import AsyncEngine
+from r1serve.engine.frontend import (
+    Abort,
+    Add,
+    Command,
+    Dead,
+    Error,
+    LoadFailed,
+    Outputs,
+    Ready,
+    RequestDelta,
+    SampleDelta,
+    Shutdown,
+    Stream,
+    StreamingEngine,
+    delta_finished,
+    delta_request_id,
+)
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
 from r1serve.errors import EngineDeadError
-from r1serve.outputs import CompletionOutput, RequestOutput, TextBuffer
+from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
 
 logger = logging.getLogger("r1serve")
-
-# (index, delta_text, delta_token_ids, finish_reason, stop_reason)
-SampleDelta = tuple[int, str, list[int], str | None, str | int | None]
-# (request_id, finished, num_cached_tokens, samples)
-RequestDelta = tuple[str, bool, int, list[SampleDelta]]
 
 
 def _to_deltas(outputs: list[RequestOutput]) -> list[RequestDelta]:
     return [(o.request_id, o.finished, o.num_cached_tokens,
              [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason) for c in o.outputs])
             for o in outputs]
-
-
-def _delta_finished(delta: RequestDelta) -> bool:
-    return delta[1]
 
 
 def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
@@ -54,7 +61,7 @@ def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
         return deltas[0]
     texts: dict[int, list[str]] = {}
     token_ids: dict[int, list[int]] = {}
-    ends: dict[int, tuple[str | None, str | int | None]] = {}
+    ends: dict[int, tuple[FinishReason | None, str | int | None]] = {}
     for _, _, _, samples in deltas:
         for index, text, ids, finish_reason, stop_reason in samples:
             texts.setdefault(index, []).append(text)
@@ -62,8 +69,9 @@ def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
             if finish_reason is not None:
                 ends[index] = (finish_reason, stop_reason)
     request_id, finished, num_cached, _ = deltas[-1]
-    merged = [(i, "".join(texts[i]), token_ids[i], *ends.get(i, (None, None))) for i in sorted(texts)]
-    return request_id, finished, num_cached, merged  # type: ignore[return-value]
+    merged: list[SampleDelta] = [(i, "".join(texts[i]), token_ids[i], *ends.get(i, (None, None)))
+                                 for i in sorted(texts)]
+    return request_id, finished, num_cached, merged
 
 
 def _child_main(config: EngineConfig, commands: Connection, results: Connection,
@@ -74,13 +82,13 @@ def _child_main(config: EngineConfig, commands: Connection, results: Connection,
     try:
         engine = build_engine(config)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which explains it
-        results.send(("failed", _picklable(e)))
+        results.send(LoadFailed(_picklable(e)))
         return
-    results.send(("ready", engine.stats()))
+    results.send(Ready(engine.stats()))
     try:
         _serve(engine, commands, results)
     except EngineDeadError as e:  # the parent reads the reason, then sees the pipe close
-        results.send(("dead", str(e)))
+        results.send(Dead(str(e)))
         raise SystemExit(1) from e
 
 
@@ -92,15 +100,15 @@ def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> None
         outputs: list[RequestOutput] = []
         while commands.poll(0):
             command = commands.recv()
-            if command is None:  # shut down: every request ends with "abort"
+            if isinstance(command, Shutdown):  # every request ends with "abort"
                 for request_id in list(engine.requests):
                     outputs.append(engine.abort_request(request_id))  # type: ignore[arg-type]
-                results.send(("out", _to_deltas([o for o in outputs if o]), engine.stats()))
+                results.send(Outputs(_to_deltas([o for o in outputs if o]), engine.stats()))
                 return
             outputs.extend(_apply(engine, command, results))
         if engine.has_unfinished():
             outputs.extend(engine.step())
-        results.send(("out", _to_deltas(outputs), engine.stats()))
+        results.send(Outputs(_to_deltas(outputs), engine.stats()))
 
 
 def _apply(engine: LLMEngine, command: Add | Abort, results: Connection) -> list[RequestOutput]:
@@ -110,7 +118,7 @@ def _apply(engine: LLMEngine, command: Add | Abort, results: Connection) -> list
     try:
         engine.add_request(command.prompt_ids or command.prompt, command.params, command.request_id)
     except Exception as e:  # already validated in the parent; anything left is this request's alone
-        results.send(("error", command.request_id, _picklable(e)))
+        results.send(Error(command.request_id, _picklable(e)))
     return []
 
 
@@ -168,11 +176,11 @@ class ProcessEngine(StreamingEngine):
         while not self._results.poll(0.5):
             if not self._process.is_alive():
                 raise RuntimeError(f"the engine process exited with code {self._process.exitcode} while loading")
-        kind, payload = self._results.recv()
-        if kind == "failed":
+        message: Ready | LoadFailed = self._results.recv()
+        if isinstance(message, LoadFailed):
             self._process.join(5)
-            raise payload
-        self._stats = payload
+            raise message.error
+        self._stats = message.stats
 
     def start(self) -> None:
         """The child starts with the engine; nothing to do."""
@@ -186,7 +194,7 @@ class ProcessEngine(StreamingEngine):
                 command.prompt if isinstance(command.prompt, str) else None, list(command.prompt_ids or []))
         self._send(command)
 
-    def _send(self, message: Add | Abort | None) -> None:
+    def _send(self, message: Command) -> None:
         try:
             with self._send_lock:
                 self._commands.send(message)
@@ -199,21 +207,21 @@ class ProcessEngine(StreamingEngine):
                 message = self._results.recv()
             except (EOFError, OSError):
                 break
-            if message[0] == "out":
-                self._stats = message[2]
-                self._route([(delta[0], delta) for delta in message[1]])
-            elif message[0] == "error":  # its consumer raises it, and then forgets the request (`_closed`)
-                self._deliver_error(message[1], message[2])
-            elif message[0] == "dead":
-                self._die(message[1])
+            if isinstance(message, Outputs):
+                self._stats = message.stats
+                self._route([(delta_request_id(delta), delta) for delta in message.deltas])
+            elif isinstance(message, Error):  # its consumer raises it, and then forgets the request (`_closed`)
+                self._deliver_error(message.request_id, message.error)
+            elif isinstance(message, Dead):
+                self._die(message.reason)
         if self._stopping:
             self._fail_remaining()
         else:
             self._process.join(2)
             self._die(f"the engine process exited unexpectedly (exit code {self._process.exitcode})")
 
-    def _open_stream(self) -> _Stream:
-        return _Stream(asyncio.get_running_loop(), self._build, _delta_finished)
+    def _open_stream(self) -> Stream:
+        return Stream(asyncio.get_running_loop(), self._build, delta_finished)
 
     def _closed(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -231,7 +239,7 @@ class ProcessEngine(StreamingEngine):
             sample.text.append(text)
             sample.token_ids.extend(token_ids)
             outputs.append(CompletionOutput(index, sample.text, sample.token_ids, finish_reason, stop_reason,
-                                            text, token_ids))  # type: ignore[arg-type]
+                                            text, token_ids))
         if finished:
             self._requests.pop(request_id, None)
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished, num_cached)
@@ -239,12 +247,13 @@ class ProcessEngine(StreamingEngine):
     def _fail_remaining(self) -> None:
         """The child has shut down: streams still open end with finish_reason "abort"."""
         for request_id in list(self._requests):
-            self._route([(request_id, (request_id, True, 0, [(0, "", [], "abort", None)]))])
+            aborted: RequestDelta = (request_id, True, 0, [(0, "", [], "abort", None)])
+            self._route([(request_id, aborted)])
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Asks the child to abort what is in flight and exit; waits for it, then makes sure it is gone."""
         self._stopping = True
-        self._send(None)
+        self._send(Shutdown())
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
@@ -252,10 +261,8 @@ class ProcessEngine(StreamingEngine):
         self._reader.join(timeout)
 
 
-def make_engine(config: EngineConfig, in_process: bool = False) -> Any:
+def make_engine(config: EngineConfig, in_process: bool = False) -> StreamingEngine:
     """The server's engine: in a child process by default, or on a thread of this process."""
     if in_process:
-        from r1serve.engine.async_engine import AsyncEngine
-
         return AsyncEngine.from_config(config)
     return ProcessEngine.from_config(config)

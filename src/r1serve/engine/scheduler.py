@@ -121,7 +121,7 @@ class Scheduler:
     def _advance(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         """Schedule `num_new` tokens of `seq`: they count as computed, and a sample at the end as pending."""
         start = seq.num_computed_tokens
-        samples = start + num_new == len(seq.token_ids) + seq.num_pending  # num_tokens_with_pending, inlined
+        samples = start + num_new == len(seq.token_ids) + seq.num_pending  # reaches the last token, pending ones too
         out.scheduled.append(ScheduledSeq(seq, num_new, start, samples, seq.epoch))
         seq.num_computed_tokens = start + num_new
         if samples:

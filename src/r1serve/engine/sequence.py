@@ -78,11 +78,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
 
-    @property
-    def num_tokens_with_pending(self) -> int:
-        """Tokens known plus tokens sampled on the device and not yet read back."""
-        return len(self.token_ids) + self.num_pending
-
     def void_pending(self) -> None:
         """The in-flight samples no longer follow the tokens (the engine appended some itself): drop them."""
         self.epoch += 1

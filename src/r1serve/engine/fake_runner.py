@@ -1,0 +1,60 @@
+"""`FakeRunner`: the engine's device side without a model, for tests and host-side benchmarks.
+
+`LLMEngine(config, runner_factory=FakeRunner)` runs the real scheduler, block manager, token rules,
+detokenizers and outputs, and no forward pass: no weights are loaded. Each sampled token is a pure function of
+the sequence (its prompt's last token, its sample index and the position sampled), so that runs repeat, a
+sequence gets the same tokens in any batch, and no token is a special one (they stay in [1000, vocab - 1000)).
+`host_work=True` also does the host's share of a real step, packing the inputs and the sampling batch as
+`ModelRunner` does, so that benchmarks/host_overhead.py measures the Python around the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from r1serve.config import EngineConfig, ModelConfig
+from r1serve.engine.input_batch import InputPacker
+from r1serve.engine.model_runner import GiB, SampledTokens, check_kv_capacity
+from r1serve.engine.sampler import Sampler
+from r1serve.engine.scheduler import SchedulerOutput
+from r1serve.engine.sequence import Sequence
+from r1serve.model.loader import resolve_dtype
+
+CPU = torch.device("cpu")
+FIRST_TOKEN = 1000  # below: the byte-level and other low ids; the special tokens sit at the top of the vocabulary
+
+
+class FakeRunner:
+    """A `Runner` (engine/model_runner.py) whose tokens are computed, not sampled; the KV cache is sized as
+    `ModelRunner` sizes it on CPU and never allocated."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+                 max_model_len: int, eos_token_id: int | None, host_work: bool = False) -> None:
+        self.config = config
+        self.model_config = model_config
+        itemsize = 1 if config.fp8_kv_cache else resolve_dtype(config.dtype, CPU).itemsize
+        block_bytes = config.block_size * model_config.kv_cache_bytes_per_token(itemsize)
+        num_blocks = config.num_kv_blocks or int(config.kv_cache_space * GiB) // block_bytes
+        self.num_blocks = check_kv_capacity(num_blocks, config.block_size, max_model_len)
+        self.num_token_ids = model_config.vocab_size - 2 * FIRST_TOKEN
+        self.host_work = host_work
+        self.packer = InputPacker(config.block_size, CPU) if host_work else None
+        self.sampler = Sampler(eos_token_id, seed=config.seed) if host_work else None
+
+    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+        sampling = [item.seq for item in sched.scheduled if item.samples]
+        if self.packer is not None and self.sampler is not None:
+            self.packer.pack(sched)
+            if sampling:
+                self.sampler.batch(sampling, self.model_config.vocab_size, CPU)
+        if not sampling:
+            return SampledTokens(None, None)
+        return SampledTokens(torch.tensor([self.token_for(seq) for seq in sampling]), None)
+
+    def token_for(self, seq: Sequence) -> int:
+        """The token sampled at the sequence's newest pending position (the scheduler counted it already)."""
+        position = len(seq.token_ids) + seq.num_pending - 1
+        key = seq.request.prompt_token_ids[-1] * 7919 + seq.index * 104_729 + position * 31
+        return FIRST_TOKEN + key % self.num_token_ids
