@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TOKENIZER_DIR
 from r1serve.bench.cli import main
-from r1serve.bench.tokens import Tokenizer
+from r1serve.bench.tokens import BenchTokenizer
 from server_utils import ServerHandle, running_server
 
 pytestmark = pytest.mark.slow  # a server for the module (20 s to start here) and real load on it
@@ -62,7 +62,7 @@ def server_bos(server: ServerHandle) -> int:
     """Tokens the server adds to a completion prompt (BOS), from the usage of one probe-like request."""
     r = httpx.post(f"{server.url}/v1/completions", timeout=60,
                    json={"model": "DeepSeek-R1-Distill-Qwen-1.5B", "prompt": PROBE_PROMPT, "max_tokens": 1})
-    return r.json()["usage"]["prompt_tokens"] - Tokenizer(TOKENIZER_DIR).count(PROBE_PROMPT)
+    return r.json()["usage"]["prompt_tokens"] - BenchTokenizer(TOKENIZER_DIR).count(PROBE_PROMPT)
 
 
 def test_random_workload_at_concurrency_4_matches_server_metrics(server: ServerHandle, tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_random_workload_at_concurrency_4_matches_server_metrics(server: ServerH
     assert delta(before, after, COMPLETIONS_OK) == 8 + probes
     assert delta(before, after, GENERATED) == summary["total_output_tokens"] + probes
     prompt_tokens = delta(before, after, PROMPT) + delta(before, after, CACHE_HITS)
-    probe_prompt_tokens = Tokenizer(TOKENIZER_DIR).count(PROBE_PROMPT) + bos
+    probe_prompt_tokens = BenchTokenizer(TOKENIZER_DIR).count(PROBE_PROMPT) + bos
     assert prompt_tokens == summary["total_input_tokens"] + probes * probe_prompt_tokens
     assert summary["finish_reasons"] == {"length": 8}
     assert summary["ttft_ms"]["count"] == 8 and summary["tpot_ms"]["count"] == 8

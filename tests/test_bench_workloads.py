@@ -13,18 +13,18 @@ import pytest
 from conftest import SHARED_DATA, TOKENIZER_DIR
 from r1serve.bench.cli import parse_config
 from r1serve.bench.request import R1_TEMPLATE, Endpoint, build_payload
-from r1serve.bench.tokens import COMMON_WORDS, Tokenizer, approximate_text
+from r1serve.bench.tokens import COMMON_WORDS, BenchTokenizer, approximate_text
 from r1serve.bench.workloads import BenchRequest, LengthRange, WorkloadSpec, build_requests
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
+def tokenizer() -> BenchTokenizer:
     if not (TOKENIZER_DIR / "tokenizer.json").exists():
         pytest.skip(f"no real tokenizer at {TOKENIZER_DIR}")
-    return Tokenizer(TOKENIZER_DIR)
+    return BenchTokenizer(TOKENIZER_DIR)
 
 
-def test_random_prompts_have_exact_token_lengths(tokenizer: Tokenizer) -> None:
+def test_random_prompts_have_exact_token_lengths(tokenizer: BenchTokenizer) -> None:
     spec = WorkloadSpec("random", input_len=LengthRange(100, 700), output_len=LengthRange(5, 9))
     requests = build_requests(spec, 20, seed=1, tokenizer=tokenizer)
     for r in requests:
@@ -35,14 +35,14 @@ def test_random_prompts_have_exact_token_lengths(tokenizer: Tokenizer) -> None:
     assert build_requests(spec, 20, seed=2, tokenizer=tokenizer)[0].prompt != requests[0].prompt
 
 
-def test_fixed_lengths_and_default_output(tokenizer: Tokenizer) -> None:
+def test_fixed_lengths_and_default_output(tokenizer: BenchTokenizer) -> None:
     requests = build_requests(WorkloadSpec("random", input_len=LengthRange(512, 512)), 5, 0, tokenizer)
     assert {r.prompt_len for r in requests} == {512}
     assert {tokenizer.count(r.prompt) for r in requests} == {512}
     assert {r.max_tokens for r in requests} == {128}
 
 
-def test_approximation_without_tokenizer_is_one_token_per_word(tokenizer: Tokenizer) -> None:
+def test_approximation_without_tokenizer_is_one_token_per_word(tokenizer: BenchTokenizer) -> None:
     """The documented approximation: each common word is exactly one token of the R1 (Qwen2) tokenizer."""
     assert all(tokenizer.count(" " + w) == 1 for w in COMMON_WORDS)
     text = approximate_text(300, random.Random(0))
@@ -52,7 +52,7 @@ def test_approximation_without_tokenizer_is_one_token_per_word(tokenizer: Tokeni
     assert {len(r.prompt.split()) for r in requests} == {64}
 
 
-def test_shared_prefix_groups(tokenizer: Tokenizer) -> None:
+def test_shared_prefix_groups(tokenizer: BenchTokenizer) -> None:
     spec = WorkloadSpec("shared-prefix", input_len=LengthRange(20, 20), prefix_len=200, num_groups=3)
     requests = build_requests(spec, 12, seed=0, tokenizer=tokenizer)
     first_words = {" ".join(r.prompt.split()[:200]) for r in requests}
@@ -63,7 +63,7 @@ def test_shared_prefix_groups(tokenizer: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("name, field", [("gsm8k", "question"), ("math500", "problem")])
-def test_math_datasets(name: str, field: str, tokenizer: Tokenizer) -> None:
+def test_math_datasets(name: str, field: str, tokenizer: BenchTokenizer) -> None:
     path = SHARED_DATA / name
     if not (path / "test.jsonl").exists():
         pytest.skip(f"no {path}")
@@ -110,7 +110,7 @@ def test_bad_specs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid"):
         LengthRange.parse("9:3")
     with pytest.raises(ValueError, match="no tokenizer.json"):
-        Tokenizer(tmp_path)
+        BenchTokenizer(tmp_path)
 
 
 def test_payloads() -> None:

@@ -24,7 +24,7 @@ from r1serve.bench.config import BenchConfig
 from r1serve.bench.load import LoadPoint, LoadResult, run_load
 from r1serve.bench.metrics import RunSummary, summarize
 from r1serve.bench.request import Endpoint, RequestRecord, error_message_of, send_request
-from r1serve.bench.tokens import Tokenizer
+from r1serve.bench.tokens import BenchTokenizer
 from r1serve.bench.workers import WorkerError, make_tasks, num_workers_for, run_load_in_workers
 from r1serve.bench.workloads import BenchRequest, build_requests
 
@@ -113,7 +113,7 @@ class Runner:
         self.stop = stop
         self.log = log
         self.progress = progress
-        self.tokenizer = Tokenizer(config.tokenizer) if config.tokenizer else None
+        self.tokenizer = BenchTokenizer(config.tokenizer) if config.tokenizer else None
         self.result = BenchResult(config)
         self._prompts: dict[int, list[BenchRequest]] = {}
 

@@ -37,7 +37,7 @@ open problem sense began help certain means anything whole kind mother half real
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class Tokenizer:
+class BenchTokenizer:
     """A `tokenizers.Tokenizer` from a file or a model folder, with the few operations the bench needs."""
 
     def __init__(self, path: str | Path) -> None:

@@ -152,9 +152,9 @@ async def _worker_run(task: WorkerTask, start_at: float, done: Any) -> dict[str,
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
     counter = None
     if task.tokenizer:
-        from r1serve.bench.tokens import Tokenizer
+        from r1serve.bench.tokens import BenchTokenizer
 
-        counter = Tokenizer(task.tokenizer).count
+        counter = BenchTokenizer(task.tokenizer).count
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(task.endpoint.timeout_s)) as client:
 

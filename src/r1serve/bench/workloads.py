@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from r1serve.bench.tokens import Tokenizer, approximate_text
+from r1serve.bench.tokens import BenchTokenizer, approximate_text
 from r1serve.jsonl import iter_jsonl
 from r1serve.prompts import math_prompt
 
@@ -93,7 +93,7 @@ DEFAULT_RANDOM_OUTPUT = LengthRange(128, 128)
 
 
 def build_requests(
-    spec: WorkloadSpec, count: int, seed: int, tokenizer: Tokenizer | None
+    spec: WorkloadSpec, count: int, seed: int, tokenizer: BenchTokenizer | None
 ) -> list[BenchRequest]:
     """`count` requests of the workload, the same for the same (spec, count, seed)."""
     if count < 1:
@@ -106,20 +106,20 @@ def build_requests(
     return _dataset_requests(spec, count, rng, tokenizer)
 
 
-def _text(num_tokens: int, rng: random.Random, tokenizer: Tokenizer | None) -> tuple[str, int]:
+def _text(num_tokens: int, rng: random.Random, tokenizer: BenchTokenizer | None) -> tuple[str, int]:
     if tokenizer is None:
         return approximate_text(num_tokens, rng), num_tokens
     return tokenizer.random_text(num_tokens, rng)
 
 
-def _random_request(spec: WorkloadSpec, rng: random.Random, tokenizer: Tokenizer | None) -> BenchRequest:
+def _random_request(spec: WorkloadSpec, rng: random.Random, tokenizer: BenchTokenizer | None) -> BenchRequest:
     text, length = _text(spec.input_len.sample(rng), rng, tokenizer)
     max_tokens = (spec.output_len or DEFAULT_RANDOM_OUTPUT).sample(rng)
     return BenchRequest(prompt=text, prompt_len=length, max_tokens=max_tokens, fixed_output=True)
 
 
 def _shared_prefix_requests(
-    spec: WorkloadSpec, count: int, rng: random.Random, tokenizer: Tokenizer | None
+    spec: WorkloadSpec, count: int, rng: random.Random, tokenizer: BenchTokenizer | None
 ) -> list[BenchRequest]:
     prefixes = [_text(spec.prefix_len, rng, tokenizer) for _ in range(spec.num_groups)]
     requests = []
@@ -133,7 +133,7 @@ def _shared_prefix_requests(
 
 
 def _dataset_requests(
-    spec: WorkloadSpec, count: int, rng: random.Random, tokenizer: Tokenizer | None
+    spec: WorkloadSpec, count: int, rng: random.Random, tokenizer: BenchTokenizer | None
 ) -> list[BenchRequest]:
     assert spec.dataset_path is not None  # checked by WorkloadSpec
     rows = load_dataset_rows(spec.name, spec.dataset_path)
