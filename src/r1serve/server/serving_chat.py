@@ -45,8 +45,8 @@ from r1serve.server.serving_common import (
     check_unsupported,
     encode_bounded,
     engine_error,
-    finish_reasons,
     make_usage,
+    metered_outputs,
     off_loop,
     policy_headers,
     run_to_end,
@@ -173,27 +173,22 @@ async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) ->
     """The SSE events of a streamed chat completion."""
     created = int(time.time())
     samples = {i: SampleStream(job.in_reasoning) for i in range(job.params.n)}
-    final, timer = FinalOutputs(), state.metrics.timer()
+    final = FinalOutputs()
 
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return sse_event(chat_chunk(job.request_id, created, job.model, choices, usage))
 
-    ended = False
+    outputs = metered_outputs(engine, job.prompt_token_ids, job.params, job.request_id, state, final)
     try:
-        generate = engine.generate(job.prompt_token_ids, job.params, job.request_id)
-        async with contextlib.aclosing(generate) as stream:
-            async for output in stream:
-                timer.tokens(final.update(output))
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
                 for sample in output.outputs:
                     for choice in samples[sample.index].choices(sample, job.split, job.alias):
                         yield event([choice])
-        ended = True
     except Exception as exc:  # the status line is sent already: report in-band, keep the server up
         yield stream_error_event(job.request_id, exc)
         yield SSE_DONE
         return
-    finally:  # a client that left, or an error: its samples count as aborted
-        timer.finished(finish_reasons(final, ended, job.params.n))
     if job.include_usage:
         num_reasoning = sum(samples[s.index].reasoning_tokens(s, engine.tokenizer) for s in final.ordered())
         yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -197,17 +197,33 @@ class FinalOutputs:
         return [self.samples[i] for i in sorted(self.samples)]
 
 
+async def metered_outputs(engine: EngineClient, prompt: str | list[int], params: SamplingParams, request_id: str,
+                          state: ServerState, final: FinalOutputs) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs of one request, gathered into `final` and counted in /metrics: tokens as they come,
+    then each sample's finish reason, or "abort" for every sample if the request ended early (the client left,
+    the engine failed). Close it with `contextlib.aclosing`, so that an early end aborts the request at once."""
+    timer = state.metrics.timer()
+    ended = False
+    try:
+        async with contextlib.aclosing(engine.generate(prompt, params, request_id)) as stream:
+            async for output in stream:
+                timer.tokens(final.update(output))
+                yield output
+        ended = True
+    finally:
+        timer.finished([s.finish_reason or "abort" for s in final.ordered()] if ended else ["abort"] * params.n)
+
+
 async def run_to_end(engine: EngineClient, prompt: str | list[int], params: SamplingParams, request_id: str,
                      state: ServerState, raw_request: Request) -> FinalOutputs:
     """Run a request to its end; a client that disconnects first gets its request aborted (ClientDisconnected).
     An input the engine refuses becomes a 400."""
     final = FinalOutputs()
-    timer = state.metrics.timer()
 
     async def consume() -> None:
-        async with contextlib.aclosing(engine.generate(prompt, params, request_id)) as stream:
-            async for output in stream:
-                timer.tokens(final.update(output))
+        async with contextlib.aclosing(metered_outputs(engine, prompt, params, request_id, state, final)) as outputs:
+            async for _ in outputs:
+                pass
 
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(wait_for_disconnect(raw_request))
@@ -221,14 +237,11 @@ async def run_to_end(engine: EngineClient, prompt: str | list[int], params: Samp
                 await consumer
     if consumer.cancelled():
         logger.info("request %s: client disconnected; aborted", request_id)
-        timer.finished(["abort"] * params.n)
         raise ClientDisconnected(request_id)
     try:
         consumer.result()
     except Exception as exc:
-        timer.finished(["abort"] * params.n)
         raise engine_error(exc) from exc
-    timer.finished([s.finish_reason or "abort" for s in final.ordered()])
     return final
 
 
@@ -245,12 +258,6 @@ def engine_error(exc: Exception) -> Exception:
     if isinstance(exc, RuntimeError) and "shutting down" in str(exc):
         return unavailable("the server is shutting down", "shutting_down", RETRY_AFTER_DEAD_S)
     return exc
-
-
-def finish_reasons(final: FinalOutputs, ended: bool, n: int) -> list[str]:
-    """What each sample of a response counts as in /metrics: its finish reason, or "abort" if the response
-    ended early (the client left, or the engine failed)."""
-    return [s.finish_reason or "abort" for s in final.ordered()] if ended else ["abort"] * n
 
 
 def make_usage(prompt_token_ids: list[int], samples: list[CompletionOutput], num_cached_tokens: int,

@@ -39,8 +39,8 @@ from r1serve.server.serving_common import (
     check_text_length,
     check_unsupported,
     encode_bounded,
-    finish_reasons,
     make_usage,
+    metered_outputs,
     off_loop,
     policy_headers,
     run_to_end,
@@ -100,29 +100,25 @@ async def completion_stream(engine: EngineClient, ids: list[int], params: Sampli
                             request: CompletionRequest, state: ServerState) -> AsyncIterator[str]:
     """The SSE events of a streamed text completion: text deltas, a finish chunk per sample, usage, [DONE]."""
     created = int(time.time())
-    final, timer = FinalOutputs(), state.metrics.timer()
+    final = FinalOutputs()
 
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return sse_event(completion_chunk(request_id, created, request.model, choices, usage))
 
-    ended = False
+    outputs = metered_outputs(engine, ids, params, request_id, state, final)
     try:
-        async with contextlib.aclosing(engine.generate(ids, params, request_id)) as stream:
-            async for output in stream:
-                timer.tokens(final.update(output))
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
                 for sample in output.outputs:
                     if sample.delta_text:
                         yield event([completion_choice(sample.index, sample.delta_text)])
                     if sample.finished:
                         yield event([completion_choice(sample.index, "", sample.finish_reason,
                                                        sample.stop_reason)])
-        ended = True
     except Exception as exc:  # the status line is sent already: report in-band, keep the server up
         yield stream_error_event(request_id, exc)
         yield SSE_DONE
         return
-    finally:  # a client that left, or an error: its samples count as aborted
-        timer.finished(finish_reasons(final, ended, params.n))
     if request.include_usage:
         yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None))
     yield SSE_DONE

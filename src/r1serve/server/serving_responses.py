@@ -41,8 +41,8 @@ from r1serve.server.serving_chat import ChatJob, SampleStream, chat_response, pr
 from r1serve.server.serving_common import (
     Admission,
     FinalOutputs,
-    finish_reasons,
     make_usage,
+    metered_outputs,
     policy_headers,
     run_to_end,
 )
@@ -220,25 +220,21 @@ class ResponsesStream:
         return [*events, self.event(kind, response=body.model_dump())]
 
     async def events(self) -> AsyncIterator[str]:
-        job, final, timer = self.job, FinalOutputs(), self.state.metrics.timer()
-        sample_stream, ended = SampleStream(job.in_reasoning), False
+        job, final = self.job, FinalOutputs()
+        sample_stream = SampleStream(job.in_reasoning)
+        outputs = metered_outputs(self.engine, job.prompt_token_ids, job.params, job.request_id, self.state, final)
         try:
             yield self.event("response.created", response=self.shell.model_dump())
             yield self.event("response.in_progress", response=self.shell.model_dump())
-            generate = self.engine.generate(job.prompt_token_ids, job.params, job.request_id)
-            async with contextlib.aclosing(generate) as stream:
-                async for output in stream:
-                    timer.tokens(final.update(output))
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
                     for sample in output.outputs:
                         for event in self._on_sample(sample_stream, sample):
                             yield event
-            ended = True
         except Exception as exc:  # the status line is sent already: report in-band, keep the server up
             yield stream_error_event(job.request_id, exc)
             yield SSE_DONE
             return
-        finally:  # a client that left, or an error: its sample counts as aborted
-            timer.finished(finish_reasons(final, ended, job.params.n))
         samples = final.ordered()
         num_reasoning = sum(sample_stream.reasoning_tokens(s, self.engine.tokenizer) for s in samples)
         for event in self.finish(make_usage(final.prompt_token_ids, samples, final.num_cached_tokens,
