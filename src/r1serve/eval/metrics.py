@@ -66,12 +66,22 @@ class GroupMetrics:
         return data
 
 
-def _excludes_zero(low: float, high: float) -> bool:
-    return low > 0.0 or high < 0.0
+class _PairedInterval:
+    """What a comparison row says of its paired interval [ci_low, ci_high] on the difference."""
+
+    ci_low: float
+    ci_high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.ci_low > 0.0 or self.ci_high < 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "excludes_zero": self.excludes_zero}  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(_PairedInterval):
     """pass@1 of `policy` minus that of `baseline` (policies) at one endpoint, with a paired interval."""
 
     task: str
@@ -85,16 +95,9 @@ class Comparison:
     ci_high: float
     endpoint: str = ""
 
-    @property
-    def excludes_zero(self) -> bool:
-        return _excludes_zero(self.ci_low, self.ci_high)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "excludes_zero": self.excludes_zero}
-
 
 @dataclass(frozen=True)
-class EndpointComparison:
+class EndpointComparison(_PairedInterval):
     """pass@1 at `endpoint` minus that at `baseline` (endpoint labels) for one policy, with a paired interval."""
 
     task: str
@@ -107,13 +110,6 @@ class EndpointComparison:
     diff: float
     ci_low: float
     ci_high: float
-
-    @property
-    def excludes_zero(self) -> bool:
-        return _excludes_zero(self.ci_low, self.ci_high)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "excludes_zero": self.excludes_zero}
 
 
 @dataclass(frozen=True)
