@@ -103,12 +103,31 @@ def test_log_checks_name_each_problem_with_its_fix(tmp_path: Path) -> None:
     verdicts = check.check_log(log)
     assert all(status == "fail" for status, _ in verdicts)
     text = "\n".join(detail for _, detail in verdicts)
-    for expected in ("no 'Application startup complete'", "model not found (line 2): pass --model",
+    for expected in ("no 'Application startup complete': the server is still loading",
+                     "model not found (line 2): pass --model",
                      "a traceback (line 3)", "port already in use (line 4)"):
         assert expected in text
     assert check.check_log(tmp_path / "absent.log")[0][1].startswith("no log file at")
     log.write_text("INFO Application startup complete.\n")
     assert check.check_log(log) == [("ok", "startup complete; no OOM, model-not-found or traceback")]
+
+
+def test_log_check_quotes_the_error_of_a_failed_start_and_notices_a_shutdown(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    first_run = ("INFO 12-03 09:00:00 [uvicorn.error] Started server process [1]\n"
+                 "ERROR 12-03 09:00:01 [r1serve.server] old failure\n")
+    failed = ("INFO 12-03 09:10:00 [uvicorn.error] Started server process [2]\n"
+              "INFO 12-03 09:10:00 [uvicorn.error] Waiting for application startup.\n"
+              "ERROR 12-03 09:10:05 [r1serve.server] cannot load the model: no config.json in /models/x\n")
+    log.write_text(first_run + failed)
+    assert check.check_log(log) == [
+        ("fail", "the server failed to start (line 5): cannot load the model: no config.json in /models/x")]
+    ran = failed.replace("ERROR 12-03 09:10:05 [r1serve.server] cannot load the model: no config.json in /models/x",
+                         "INFO 12-03 09:10:09 [uvicorn.error] Application startup complete.")
+    log.write_text(first_run + ran + "INFO 12-03 09:20:00 [uvicorn.error] Finished server process [2]\n")
+    assert check.check_log(log) == [("fail", "the server has shut down (line 6): start it again")]
+    log.write_text(first_run + ran)  # the first run's error is not this run's
+    assert check.check_log(log)[0][0] == "ok"
 
 
 def test_same_answer() -> None:

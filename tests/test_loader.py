@@ -49,12 +49,14 @@ def hf_model():
     return make_hf_model(seed=5)
 
 
-def test_sharded_checkpoint_loads_with_progress_bar(hf_model, tmp_path, capsys):
+def test_sharded_checkpoint_logs_a_line_per_shard(hf_model, tmp_path, caplog):
     hf_model.save_pretrained(tmp_path, max_shard_size="200KB", safe_serialization=True)
     shards = sorted(tmp_path.glob("*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
-    model = load_from(tmp_path)
-    assert "Loading checkpoint shards" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="r1serve"):
+        model = load_from(tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Loading checkpoint shards")]
+    assert lines == [f"Loading checkpoint shards: {i}/{len(shards)} ({p.name})" for i, p in enumerate(shards, 1)]
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert_same_logits(model, hf_model)
 

@@ -5,6 +5,7 @@ one-line failures with their fix (model not found, port in use), exit code 1."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from r1serve.client import check
 from server_utils import free_port, running_server, stop_server
 
 MODEL = "DeepSeek-R1-Distill-Qwen-1.5B"
@@ -48,12 +50,18 @@ def test_sigterm_aborts_in_flight_request_and_exits_zero(tiny_model_dir: Path, t
         assert not reader.is_alive()
         assert payloads[-1] == "[DONE]"  # the stream ended properly, not cut off
         assert payloads[-2]["choices"][0]["finish_reason"] == "abort"
-        log = log_file.read_text()
-        for line in ("Started server process", "Uvicorn running on http://127.0.0.1:", "Application startup complete.",
-                     "received SIGTERM", "Shutting down"):
-            assert line in log, line
-        assert log.index("Uvicorn running on") < log.index("Application startup complete.")
-        assert "Application startup complete." in server.read_log()  # the same lines on stderr
+        log, stderr = log_file.read_text(), server.read_log()
+    order = ["Started server process", "Waiting for application startup.", "Uvicorn running on http://127.0.0.1:",
+             "Application startup complete.", "received SIGTERM", "Shutting down", "Finished server process"]
+    assert [log.find(line) for line in order] == sorted(log.find(line) for line in order) and log.find(order[0]) >= 0
+    assert "CPU engine:" in log  # a line of the engine's child process
+    assert set(without_time(stderr)) <= set(without_time(log))  # every stderr line is in the file
+    assert check.check_log(log_file)[-1][1].startswith("the server has shut down")
+
+
+def without_time(log: str) -> list[str]:
+    """The log's lines in r1serve's format, without their time stamps."""
+    return [m.group(1) + m.group(2) for m in re.finditer(r"^([A-Z]+ )[\d-]+ [\d:]+ (\[.*)$", log, re.MULTILINE)]
 
 
 def run_failing_server(*args: str) -> tuple[int, str]:
@@ -63,11 +71,16 @@ def run_failing_server(*args: str) -> tuple[int, str]:
 
 
 def test_model_not_found_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
-    code, output = run_failing_server("--model", str(tmp_path / "no-such-model"), "--port", str(free_port()))
+    log_file = tmp_path / "server.log"
+    code, output = run_failing_server("--model", str(tmp_path / "no-such-model"), "--port", str(free_port()),
+                                      "--log-file", str(log_file))
     assert code == 1
     errors = [line for line in output.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "not found" in errors[0] and "--load-format dummy" in errors[0]
     assert "Traceback" not in output
+    (status, detail), = check.check_log(log_file)[:1]
+    assert status == "fail" and detail.startswith("the server failed to start (line ")
+    assert detail.endswith(errors[0].split("] ", 1)[1])  # the error line, quoted
 
 
 def test_port_in_use_is_one_clear_line_and_exit_1() -> None:

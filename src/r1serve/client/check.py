@@ -49,7 +49,10 @@ LOG_PROBLEMS: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(r"Traceback \(most recent call last\)"), "a traceback",
      "the server raised an exception: read the traceback in the log"),
 ]
+STARTED = "Started server process"
 STARTUP_DONE = "Application startup complete"
+SHUTDOWN_DONE = "Finished server process"
+ERROR_LINE = re.compile(r"^(?:ERROR|CRITICAL)\b.*?\] (.*)$", re.MULTILINE)  # the text of r1serve's format
 RESULT_WIDTH = 76
 
 
@@ -72,19 +75,29 @@ class Fatal(Exception):
 
 
 def check_log(path: Path) -> list[tuple[Status, str]]:
-    """The verdicts on a server log: each problem found with its fix, or one "ok"."""
+    """The verdicts on a server log: each problem found with its fix, or one "ok". The file is appended to by
+    each start, so only the last start counts (line numbers are the file's)."""
     if not path.is_file():
         return [("fail", f"no log file at {path}: pass the file given to `r1serve serve --log-file`")]
     text = path.read_text(errors="replace")
+    start = max(text.rfind(STARTED), 0)
+    run = text[start:]
+
+    def line_of(offset: int) -> int:
+        return text.count("\n", 0, start + offset) + 1
+
     found: list[tuple[Status, str]] = []
-    if STARTUP_DONE not in text:
-        found.append(("fail", f"no '{STARTUP_DONE}': the server is still loading or failed to start; "
-                              "wait, or read the end of the log"))
+    if STARTUP_DONE not in run:
+        error = ERROR_LINE.search(run)
+        found.append(("fail", f"the server failed to start (line {line_of(error.start())}): {error.group(1)}"
+                      if error else f"no '{STARTUP_DONE}': the server is still loading; wait, or read the log"))
     for pattern, problem, fix in LOG_PROBLEMS:
-        match = pattern.search(text)
+        match = pattern.search(run)
         if match:
-            line = text.count("\n", 0, match.start()) + 1
-            found.append(("fail", f"{problem} (line {line}): {fix}"))
+            found.append(("fail", f"{problem} (line {line_of(match.start())}): {fix}"))
+    stopped = run.find(SHUTDOWN_DONE)
+    if stopped >= 0:
+        found.append(("fail", f"the server has shut down (line {line_of(stopped)}): start it again"))
     return found or [("ok", "startup complete; no OOM, model-not-found or traceback")]
 
 

@@ -43,6 +43,7 @@ from r1serve.engine.frontend import (
 )
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
 from r1serve.errors import EngineDeadError
+from r1serve.logs import LogConfig
 from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
 
 logger = logging.getLogger("r1serve")
@@ -75,10 +76,9 @@ def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
 
 
 def _child_main(config: EngineConfig, commands: Connection, results: Connection,
-                build_engine: Callable[[EngineConfig], LLMEngine]) -> None:
+                build_engine: Callable[[EngineConfig], LLMEngine], log: LogConfig) -> None:
     """The child: build the engine, then step while there is work and wait on the pipe while there is none."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [engine] %(message)s",
-                        datefmt="%m-%d %H:%M:%S")
+    log.apply()
     try:
         engine = build_engine(config)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which explains it
@@ -149,7 +149,8 @@ class ProcessEngine(StreamingEngine):
     """The engine in a spawned child process; the same interface as `AsyncEngine`. `build_engine` makes the
     child's engine from the config (a picklable callable: benchmarks pass one that stubs the model out)."""
 
-    def __init__(self, config: EngineConfig, build_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+    def __init__(self, config: EngineConfig, build_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine,
+                 log: LogConfig | None = None) -> None:
         super().__init__()
         self.config = config
         files = ModelFiles.load(config)  # the child loads the same again, with the weights
@@ -159,8 +160,8 @@ class ProcessEngine(StreamingEngine):
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         child_commands, self._commands = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._results, child_results = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_child_main, args=(config, child_commands, child_results, build_engine),
-                                    name="r1serve-engine", daemon=True)
+        child_args = (config, child_commands, child_results, build_engine, log or LogConfig())
+        self._process = ctx.Process(target=_child_main, args=child_args, name="r1serve-engine", daemon=True)
         self._process.start()
         child_commands.close()  # the child holds its own ends; ours closing lets EOF reach the reader
         child_results.close()
@@ -169,8 +170,8 @@ class ProcessEngine(StreamingEngine):
         self._reader.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> ProcessEngine:
-        return cls(config)
+    def from_config(cls, config: EngineConfig, log: LogConfig | None = None) -> ProcessEngine:
+        return cls(config, log=log)
 
     def _wait_ready(self) -> None:
         while not self._results.poll(0.5):
@@ -261,8 +262,8 @@ class ProcessEngine(StreamingEngine):
         self._reader.join(timeout)
 
 
-def make_engine(config: EngineConfig, in_process: bool = False) -> StreamingEngine:
-    """The server's engine: in a child process by default, or on a thread of this process."""
+def make_engine(config: EngineConfig, in_process: bool = False, log: LogConfig | None = None) -> StreamingEngine:
+    """The server's engine: in a child process by default (logging as `log` says), or on a thread of this one."""
     if in_process:
         return AsyncEngine.from_config(config)
-    return ProcessEngine.from_config(config)
+    return ProcessEngine.from_config(config, log)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from r1serve.config import DEFAULT_MODEL, R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig, ModelConfig
 from r1serve.kernels.attention import AttentionBackend
@@ -243,10 +244,13 @@ def safetensors_files(model_path: Path) -> list[Path]:
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every file, one shard open at a time, behind the `Loading checkpoint shards` bar."""
+    """(name, tensor) of every file, one shard open at a time. Each shard read is a log line (so `--log-file`
+    has them); on a terminal the `Loading checkpoint shards` bar also runs, with the log lines above it."""
     from safetensors import safe_open
 
-    for path in tqdm(files, desc=SHARDS_DESC, unit="shard"):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+    with logging_redirect_tqdm():
+        for done, path in enumerate(tqdm(files, desc=SHARDS_DESC, unit="shard", disable=None), start=1):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, f.get_tensor(name)
+            logger.info("%s: %d/%d (%s)", SHARDS_DESC, done, len(files), path.name)

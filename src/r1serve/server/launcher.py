@@ -16,14 +16,15 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
+from r1serve.logs import LogConfig
 from r1serve.server.app import create_app, server_state
 from r1serve.server.limits import guarded_h11_protocol
-from r1serve.server.logs import setup_logging
 from r1serve.server.settings import ServerSettings
 from r1serve.server.state import ServerState
 
@@ -77,19 +78,23 @@ def explain_load_failure(exc: BaseException, settings: ServerSettings) -> str:
 
 class R1Server(uvicorn.Server):
     """uvicorn's server, plus the grace period: after SIGTERM, in-flight requests get `grace_s` seconds,
-    then are aborted so that their responses end properly."""
+    then are aborted so that their responses end properly. It listens before the model is loaded (`/health`
+    answers "loading"); `on_listening` starts the loading, and the loader logs `Application startup complete.`"""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, on_listening: Callable[[], None]) -> None:
         super().__init__(config)
         self.state = state
+        self.on_listening = on_listening
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        uvicorn_logger.info("Waiting for application startup.")
         await super().startup(sockets=sockets)
         host, port = self.config.host, self.config.port
         uvicorn_logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
                             f"[{host}]" if ":" in host else host, port)
+        self.on_listening()
 
     def engine_died(self) -> None:
         """From the engine's thread: /health and new requests answer 503 from now on; after a short while
@@ -128,7 +133,8 @@ def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) 
 
             torch.set_num_threads(1)
 
-        engine = make_engine(settings.engine_config(), in_process=not settings.engine_process)
+        engine = make_engine(settings.engine_config(), in_process=not settings.engine_process,
+                             log=log_config(settings))
     except BaseException as exc:  # noqa: BLE001 - every failure must become one clear line and exit 1
         state.load_error = explain_load_failure(exc, settings)
         logger.debug("loading failed", exc_info=True)
@@ -145,6 +151,10 @@ def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) 
     logger.info("model %s ready: answers to %s; max_model_len %d; policy %s", settings.model,
                 ", ".join(state.model_names), engine.max_model_len, _policy_summary(settings))
     uvicorn_logger.info("Application startup complete.")
+
+
+def log_config(settings: ServerSettings) -> LogConfig:
+    return LogConfig(settings.log_level, settings.log_file, settings.uvicorn_log_level)
 
 
 def read_chat_template(value: str) -> str:
@@ -172,7 +182,7 @@ def _policy_summary(settings: ServerSettings) -> str:
 
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM/Ctrl+C (exit 0) or a start-up failure (exit 1, one clear line)."""
-    setup_logging(settings.log_level, settings.log_file, settings.uvicorn_log_level)
+    log_config(settings).apply()
     log_accepted_flags(settings)
     try:
         sock = bind_socket(settings.host, settings.port)
@@ -186,12 +196,11 @@ def run_server(settings: ServerSettings) -> int:
                             timeout_keep_alive=settings.timeout_keep_alive, root_path=settings.root_path or "",
                             ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_period + SHUTDOWN_BACKSTOP_S))
-    server = R1Server(config, state)
-    loader = threading.Thread(target=load_engine, args=(settings, state, server), name="r1serve-loader",
+    loader = threading.Thread(target=lambda: load_engine(settings, state, server), name="r1serve-loader",
                               daemon=True)
+    server = R1Server(config, state, on_listening=loader.start)
     for sig in (signal.SIGTERM, signal.SIGINT):  # what uvicorn re-raises after its graceful exit: a no-op
         signal.signal(sig, lambda signum, frame: None)
-    loader.start()
     server.run(sockets=[sock])
     return _finish(state, loader)
 

@@ -3,19 +3,33 @@
 Deployment checks read the server's log for uvicorn's own lines (`Started server process`, `Application
 startup complete`, `Uvicorn running on ...`), and operators want one stream, not two formats. So uvicorn is
 told not to configure logging, and the root logger gets one handler per destination with one format; the
-`uvicorn`, `uvicorn.error`, `uvicorn.access` and `r1serve` loggers propagate to it.
+`uvicorn`, `uvicorn.error`, `uvicorn.access` and `r1serve` loggers propagate to it. The engine's child process
+is given the same `LogConfig`, so its lines (loading, shards, kernels) reach the same file, appended.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 DATE_FORMAT = "%m-%d %H:%M:%S"
 _OWN_HANDLER = "_r1serve_handler"
 TRACE_LEVEL = 5  # uvicorn's "trace"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where a process's log goes: the level of r1serve's lines, the optional file (appended), uvicorn's level."""
+
+    level: str = "info"
+    file: Path | None = None
+    uvicorn_level: str | None = None
+
+    def apply(self) -> None:
+        setup_logging(self.level, self.file, self.uvicorn_level)
 
 
 def setup_logging(level: str = "info", log_file: Path | None = None, uvicorn_level: str | None = None) -> None:
