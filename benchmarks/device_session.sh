@@ -4,7 +4,7 @@
 #   bash benchmarks/device_session.sh offline OUT_DIR   # ceilings, batch-1 decode, nano, 1,000 x 512/512, transformers
 #   bash benchmarks/device_session.sh serving OUT_DIR   # r1serve serve + r1serve bench (needs the wheels, below)
 #   bash benchmarks/device_session.sh quant-tests OUT_DIR    # quantized kernels vs twins, engine GPU tests, op times
-#   bash benchmarks/device_session.sh quant-offline OUT_DIR  # batch-1 decode and nano per weight format
+#   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
 # real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
@@ -35,13 +35,19 @@ case $stage in
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant_kernels_gpu.py || true
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py || true
     timeout 200 python3 benchmarks/quant_gpu.py ;;
-  quant-offline)
-    for quantization in none w4a16 int8 fp8 w8a8; do
+  quant-offline)  # one line per weight format (and fp8 KV): memory, KV tokens, decode vs roofline, nano, uniform
+    summary=$out/quant-offline-summary.txt; : > "$summary"
+    for run in "none auto decode,nano,uniform" "w4a16 auto decode,nano,uniform" "int8 auto decode,nano,uniform" \
+               "fp8 auto decode,nano,uniform" "w8a8 auto decode,nano" "none fp8 decode,nano" "fp8 fp8 decode,nano"; do
+      read -r quantization kv workloads <<< "$run"
       flag=(); [ "$quantization" = none ] || flag=(--quantization "$quantization")
-      echo "== weights: $quantization"
-      timeout 110 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano \
-        --decode-tokens 1024 --hf "" --max-model-len 4096 "${flag[@]}" | tail -4 || true
-    done ;;
+      echo "== weights: $quantization, KV cache: $kv"
+      timeout "${QUANT_RUN_TIMEOUT:-100}" python3 benchmarks/offline.py --model 1.5b --device cuda --workloads "$workloads" \
+        --decode-tokens 1024 --hf "" --max-model-len 4096 --kv-cache-dtype "$kv" "${flag[@]}" > "$out/run.txt" || true
+      tail -6 "$out/run.txt"
+      tail -1 "$out/run.txt" | python3 benchmarks/offline_summary.py "$quantization" "$kv" >> "$summary" || true
+    done
+    cat "$summary" ;;
   *)
     echo "unknown stage $stage (tests, offline, serving, quant-tests, quant-offline)" >&2; exit 2 ;;
 esac

@@ -26,6 +26,7 @@ import torch
 
 from r1serve import LLM, SamplingParams
 from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG
+from r1serve.model.loader import weight_bytes
 
 PROFILES: dict[str, float] = {}
 TINY = {**R1_DISTILL_QWEN_1_5B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -237,6 +238,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     PROFILES["startup_s"] = time.perf_counter() - start  # weights, KV sizing, graph capture
     PROFILES["decode_weight_bytes"] = decode_weight_bytes(llm.engine.runner.model)
     PROFILES["kv_cache_tokens"] = llm.engine.runner.num_blocks * llm.engine.config.block_size
+    PROFILES["weight_gib"] = round(weight_bytes(llm.engine.runner.model) / (1 << 30), 3)  # as held on the device
     print(f"engine startup: {PROFILES['startup_s']:.1f} s")
     rows = Rows()
     workloads = args.workloads.split(",")
