@@ -22,6 +22,8 @@ from r1serve.config import EngineConfig, QuantizationFlag
 from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P
 from r1serve.server.policy import PolicyConfig
 
+# What `--quantization` accepts ("none": as the checkpoint's config.json says; docs/quantization.md).
+QUANTIZATION_CHOICES: tuple[str, ...] = QuantizationFlag.__args__  # type: ignore[attr-defined]
 # A flag cannot pass None: `--quantization none` (the default) says "as the checkpoint's config.json says".
 _FLAG_DEFAULTS: dict[str, tuple[Any, Any]] = {"quantization": (QuantizationFlag, "none")}
 FROZEN = ConfigDict(frozen=True, extra="forbid")
