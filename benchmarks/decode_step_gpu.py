@@ -2,14 +2,15 @@
 skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear.py`, all in one run.
 
     python benchmarks/decode_step_gpu.py --ctx 200 --batches 1,2,4,8,16 --out decode_step.json
-    python benchmarks/decode_step_gpu.py --no-sweep    # the committed TUNED / FUSED tables
+    python benchmarks/decode_step_gpu.py --no-sweep    # the committed tuning files
     python benchmarks/decode_step_gpu.py --no-sweep --ctx 600 --step-sweep qkv_proj,o_proj --step-sweep-m 1
 
 1. Projections (unless --no-sweep): each of the model's products at M = 1, 2, 4 rows over 28 distinct weight
    copies in one CUDA graph (every weight read comes from HBM, as in the model): cuBLAS alone, the skinny kernel
    alone with every candidate config, the op as the model ran it before (Triton norm / SiLU kernel + cuBLAS),
    that kernel + the best skinny product, and the fused skinny op with every candidate; prints the fastest per
-   shape and the `TUNED` / `FUSED` tables that encode them, then runs the rest of the benchmark with them.
+   shape, writes them as this device's tuning file (`kernels/tuning/skinny-<device>.json`, or --tuning-dir),
+   then runs the rest of the benchmark with them.
 2. The logits projection at batch 1, cuBLAS against the table's `linear`.
 3. The step: the forward graph of one decode step (the runner's `DecodeGraphs`, `--ctx`-token contexts,
    `--max-model-len` as the graph's bound) for several op tables side by side on the same inputs: before
@@ -23,12 +24,13 @@ skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,22 +40,20 @@ from gpu_timing import copy_bandwidth, graph_us
 from r1serve import LLM
 from r1serve.engine.cuda_graphs import DecodeGraphs
 from r1serve.kernels import triton_attention, triton_linear, triton_ops
-from r1serve.kernels.triton_linear import SkinnyConfig, m_bucket
+from r1serve.kernels.triton_linear import SKINNY_TABLE, SkinnyConfig, m_bucket
+from r1serve.kernels.tuning import TUNING_DIR, write_tuning_file
 from r1serve.model.layers import triton_kernel_ops
 
 MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 LAYERS = 28
-# name → (N, K, fused activation, bias): the products of one decoder layer, and the logits projection;
-# "gate_up+silu" is gate_up_proj with its norm in front and SiLU-and-mul behind (`skinny_linear(gated=True)`)
+# name → (N, K, fused activation, bias): the products of one decoder layer, and the logits projection
 PROJECTIONS: dict[str, tuple[int, int, int, bool]] = {
     "qkv_proj": (2048, 1536, triton_linear.ACT_ADD_RMS_NORM, True),
     "o_proj": (1536, 1536, triton_linear.ACT_PLAIN, False),
     "gate_up_proj": (17920, 1536, triton_linear.ACT_ADD_RMS_NORM, False),
-    "gate_up+silu": (17920, 1536, triton_linear.ACT_ADD_RMS_NORM, False),
     "down_proj": (1536, 8960, triton_linear.ACT_PLAIN, False),
     "lm_head": (151936, 1536, triton_linear.ACT_PLAIN, False),
 }
-GATED = "gate_up+silu"
 Inputs = dict[str, Any]
 
 
@@ -73,7 +73,6 @@ def make_inputs(name: str, m: int) -> Inputs:
         "residual": torch.randn(m, k, **bf),
         "norm_weight": torch.rand(k, **bf) + 0.5,
         "act": act,
-        "gated": name == GATED,
     }
 
 
@@ -89,16 +88,16 @@ def skinny_alone(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) 
 
 def before_op(inp: Inputs, plain: SkinnyConfig | None = None) -> Callable[[], object]:
     """The op unfused, as the model ran it before: the Triton (add +) RMSNorm kernel, then cuBLAS (or the skinny
-    product with `plain`), then (gated) the SiLU-and-mul kernel."""
+    product with `plain`)."""
     def run() -> None:
         for w in inp["weights"]:
             a = inp["x"]
             if inp["act"] == triton_linear.ACT_ADD_RMS_NORM:
                 a, _ = triton_ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["norm_weight"], 1e-6)
-            y = F.linear(a, w, inp["bias"]) if plain is None else \
-                triton_linear.skinny_linear(a, w, inp["bias"], config=plain)[0]
-            if inp["gated"]:
-                triton_ops.silu_and_mul(y)
+            if plain is None:
+                F.linear(a, w, inp["bias"])
+            else:
+                triton_linear.skinny_linear(a, w, inp["bias"], config=plain)
     return run
 
 
@@ -108,7 +107,7 @@ def after_op(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) -> C
         for w in inp["weights"][:1] if compile_only else inp["weights"]:
             triton_linear.skinny_linear(inp["x"], w, inp["bias"], act=inp["act"], residual=inp["residual"],
                                         norm_weight=inp["norm_weight"], eps=1e-6, config=config,
-                                        compile_only=compile_only, gated=inp["gated"])
+                                        compile_only=compile_only)
     return run
 
 
@@ -178,14 +177,8 @@ def sweep_projection(name: str, m: int, copy_gbps: float, rep_ms: int) -> dict[s
     n, k, act, _ = PROJECTIONS[name]
     inp = make_inputs(name, m)
     configs = candidates(n, k, m)
-    if inp["gated"]:  # a program owns (gate, up) row pairs, one whole-K chunk, no split
-        configs = [c for c in configs if c.block_n % 2 == 0 and c.split_k == 1 and c.block_k >= k]
-        configs += [replace(c, block_n=c.block_n * 2, warps=8) for c in configs if c.block_n == 8]
     copies = len(inp["weights"])
-    if inp["gated"]:  # the plain product is gate_up_proj's row
-        plain_us, plain, plain_next, compile_s = float("nan"), None, [], 0.0
-    else:
-        plain_us, plain, plain_next, compile_s = best_config(inp, configs, False, rep_ms)
+    plain_us, plain, plain_next, compile_s = best_config(inp, configs, False, rep_ms)
     row = {"op": name, "M": m, "N": n, "K": k, "candidates": len(configs),
            "cublas_us": graph_us(cublas_alone(inp), rep_ms) / copies, "plain_us": plain_us, "plain": plain,
            "plain_next": plain_next, "pct_copy": 100 * n * k * 2 / plain_us / 1e3 / copy_gbps}
@@ -221,36 +214,29 @@ def sweep(copy_gbps: float, batches: list[int], rep_ms: int, ops: list[str]) -> 
     return rows
 
 
-def tuned_tables(rows: list[dict[str, Any]]) -> tuple[dict[tuple[int, int, int], SkinnyConfig | None], ...]:
-    """TUNED: the plain config where it beat cuBLAS, else None. FUSED: the fused config where it beat the unfused
-    op that TUNED's choice gives (activation kernel + skinny or cuBLAS), else None. GATED: the same for the
-    gated op (its unfused op: norm kernel, cuBLAS, SiLU kernel)."""
-    tuned: dict[tuple[int, int, int], SkinnyConfig | None] = {}
-    fused: dict[tuple[int, int, int], SkinnyConfig | None] = {}
-    gated: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+def tuning_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep's rows as tuning entries: "plain", the best plain config where it beat cuBLAS (else null);
+    "fused", the best fused config where it beat the unfused op that the plain choice gives (activation kernel +
+    skinny or cuBLAS), else null; each with its time and the alternative's."""
+    entries = []
     for r in rows:
-        key = (r["N"], r["K"], m_bucket(r["M"]))
-        if r["op"] == GATED:
-            gated[key] = r["fused"] if r["fused_us"] < r["before_us"] else None
-            continue
+        key = {"n": r["N"], "k": r["K"], "m": m_bucket(r["M"])}
         plain_wins = r["plain_us"] < r["cublas_us"]
-        tuned[key] = r["plain"] if plain_wins else None
+        entries.append({"form": "plain", **key, "config": _fields(r["plain"]) if plain_wins else None,
+                        "us": round(r["plain_us"], 2), "baseline_us": round(r["cublas_us"], 2)})
         if "fused" in r:
             unfused = r["unfused_skinny_us"] if plain_wins else r["before_us"]
-            fused[key] = r["fused"] if r["fused_us"] < unfused else None
-    for label, table in (("TUNED", tuned), ("FUSED", fused), ("GATED", gated)):
-        print(f"--- {label} (kernels/triton_linear.py)")
-        for key, config in sorted(table.items()):
-            print(f"    {key}: {_literal(config)},")
-    return tuned, fused, gated
+            entries.append({"form": "fused", **key, "config": _fields(r["fused"]) if r["fused_us"] < unfused
+                            else None, "us": round(r["fused_us"], 2), "baseline_us": round(unfused, 2)})
+    return entries
 
 
-def _literal(config: SkinnyConfig | None) -> str:
-    if config is None:
-        return "None"
-    extra = "".join(f", {f}={getattr(config, f)!r}" for f in ("split_k", "dot", "warps", "stages", "tiles")
-                    if getattr(config, f) != SkinnyConfig.__dataclass_fields__[f].default)
-    return f"SkinnyConfig({config.block_n}, {config.block_k}{extra})"
+def _fields(config: SkinnyConfig) -> dict[str, Any]:
+    return {f: getattr(config, f) for f in SkinnyConfig.__dataclass_fields__}
+
+
+def _key(entry: dict[str, Any]) -> tuple:
+    return tuple(entry[f] for f in SKINNY_TABLE.key_fields)
 
 
 # ---------------------------------------------------------------- the whole step
@@ -318,15 +304,9 @@ def logits_us(llm: LLM, rep_ms: int) -> dict[str, float]:
             "ops.linear": graph_us(lambda: triton_linear.linear(hidden, model.lm_head.weight).float(), rep_ms)}
 
 
-GATED_FORCED = {1: SkinnyConfig(8, 2048, warps=8), 2: SkinnyConfig(4, 2048, warps=8)}  # the sweep's best
-# The device tables as committed, before a sweep of this run replaces entries: the "committed tables" variant.
-COMMITTED_TABLES = {f"triton_linear.{name}": copy.deepcopy(getattr(triton_linear, name))
-                    for name in ("DEVICE_TUNED", "DEVICE_FUSED", "DEVICE_GATED")}
-
-
 def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
     """A variant's setup: sets module globals ("module.NAME"), returns how to restore them."""
-    modules = {"triton_attention": triton_attention, "triton_linear": triton_linear}
+    modules = {"triton_attention": triton_attention}
 
     def setup() -> Callable[[], None]:
         old = []
@@ -342,52 +322,29 @@ def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
     return setup
 
 
-def _device_entries(table_name: str, entries: dict[tuple[int, int, int], SkinnyConfig]) -> Callable[[], None]:
-    """Sets this device's entries of a `triton_linear` table (e.g. "DEVICE_FUSED"); returns how to restore them."""
-    table, name = getattr(triton_linear, table_name), torch.cuda.get_device_name()
-    old = dict(table.get(name, {}))
-    table[name] = old | entries
-    return lambda: table.__setitem__(name, old)
-
-
-def _gated_forced() -> Callable[[], None]:
-    """The gated gate_up with the sweep's best configs at 1 and 2 rows, whatever the table says."""
-    return _device_entries("DEVICE_GATED", {(17920, 1536, m): c for m, c in GATED_FORCED.items()})
-
-
 def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> list[dict[str, Any]]:
     """The step's graph for each op table, same inputs; checks every variant's output against the first.
     `only`: comma-separated variant numbers to run (0 is the reference the others are checked against)."""
     model = llm.engine.runner.model
     after = triton_kernel_ops()
     same = _override()
-    variants: list[tuple[str, Any, bool, bool, bool, Callable[[], Callable[[], None]]]] = [
-        # label, ops, PDL, fused merge, decode prefetch, setup
-        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, False, False, same),
-        ("after (PDL, rotary + store in decode)", after, True, False, True, same),
-        ("after, decode loads after the PDL wait", after, True, False, False, same),
-        ("after without PDL", after, False, False, True, same),
-        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, False, True,
-         same),
-        ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, False,
-         True, same),
-        ("after + decode merge in the last split", after, True, True, True, same),
-        ("after, gated gate_up forced (M 1, 2)", after, True, False, True, _gated_forced),
-        ("after, gated forced + merge in the last split", after, True, True, True, _gated_forced),
-        ("after, decode 8 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 8})),
-        ("after, decode 2 warps", after, True, False, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 2})),
-        ("after, split decode with 64-key tiles (as before)", after, True, False, True,
-         _override(**{"triton_attention.DECODE_BLOCK_N": 64})),
-        ("after, the committed tables (not this run's sweep)", after, True, False, True,
-         _override(**COMMITTED_TABLES)),
+    variants: list[tuple[str, Any, bool, Callable[[], Callable[[], None]]]] = [
+        # label, ops, PDL, setup
+        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, same),
+        ("after (PDL, rotary + store in decode)", after, True, same),
+        ("after without PDL", after, False, same),
+        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, same),
+        ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, same),
+        ("after, decode 8 warps", after, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 8})),
+        ("after, decode 2 warps", after, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 2})),
+        ("after, split decode with 64-key tiles", after, True, _override(**{"triton_attention.DECODE_BLOCK_N": 64})),
     ]
     wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}
-    for index, (label, ops, pdl, fused_merge, prefetch, setup) in enumerate(variants):
+    for index, (label, ops, pdl, setup) in enumerate(variants):
         if index not in wanted:
             continue
-        triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE = pdl, fused_merge
-        triton_attention.DECODE_PREFETCH = prefetch
+        triton_ops.USE_PDL = pdl
         restore = setup()
         model.set_ops(ops)
         print(f"--- step: {label}", flush=True)
@@ -410,15 +367,15 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
         del graphs
         restore()
         torch.cuda.empty_cache()
-    triton_ops.USE_PDL, triton_attention.DECODE_FUSED_MERGE, triton_attention.DECODE_PREFETCH = None, False, True
+    triton_ops.USE_PDL = None
     model.set_ops(triton_kernel_ops())
     return results
 
 
-# op → (the table its decode-step form reads, N, K): at one row qkv and gate_up run with their norm fused in
+# op → (the form its decode-step product takes in the tuning file, N, K): qkv and gate_up run with their norm
 STEP_OPS: dict[str, tuple[str, int, int]] = {
-    "qkv_proj": ("DEVICE_FUSED", 2048, 1536), "o_proj": ("DEVICE_TUNED", 1536, 1536),
-    "gate_up_proj": ("DEVICE_FUSED", 17920, 1536), "down_proj": ("DEVICE_TUNED", 1536, 8960),
+    "qkv_proj": ("fused", 2048, 1536), "o_proj": ("plain", 1536, 1536),
+    "gate_up_proj": ("fused", 17920, 1536), "down_proj": ("plain", 1536, 8960),
 }
 
 
@@ -442,18 +399,19 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
     """Every candidate config of `op` at m rows, timed in the whole decode step's graph (batch m, the other ops
     as the tables say): µs per replay, fastest first. The op alone in a graph of its own copies misses how its
     launch overlaps its neighbours (PDL), which is what decides at one row."""
-    table_name, n, k = STEP_OPS[op]
-    key = (n, k, m_bucket(m))
-    committed = getattr(triton_linear, table_name).get(torch.cuda.get_device_name(), {}).get(key, "absent")
+    form, n, k = STEP_OPS[op]
+    key, device = (form, n, k, m_bucket(m)), torch.cuda.get_device_name()
+    measured, committed = SKINNY_TABLE.lookup(device, key)
+    committed = committed if measured else "absent"
     inp = make_inputs(op, m)
     configs = step_candidates(n, k, m)
-    fused = table_name == "DEVICE_FUSED"
+    fused = form == "fused"
     precompile([(after_op if fused else skinny_alone)(inp, c, compile_only=True) for c in configs])
     del inp
     print(f"--- step sweep: {op} at M={m} ({len(configs)} configs; committed: {committed})", flush=True)
 
     def timed(config: SkinnyConfig | None) -> float:  # None: the committed table
-        restore = _device_entries(table_name, {} if config is None else {key: config})
+        restore = SKINNY_TABLE.override(device, {} if config is None else {key: config})
         try:
             graphs = capture(llm, m)
             return time_step(llm, graphs, m, ctx)[0]
@@ -483,7 +441,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048, help="the graphs' context bound (≥ --ctx)")
     parser.add_argument("--sweep-batches", default="1,2,4")
     parser.add_argument("--sweep-ops", default=",".join(PROJECTIONS), help="the projections to sweep")
-    parser.add_argument("--no-sweep", action="store_true", help="use the committed TUNED table")
+    parser.add_argument("--no-sweep", action="store_true", help="use the committed tuning files")
+    parser.add_argument("--tuning-dir", default=str(TUNING_DIR), help="where the sweep writes its tuning file")
     parser.add_argument("--rep-ms", type=int, default=25)
     parser.add_argument("--variants", default="", help="step variants to run, by number (0: the reference)")
     parser.add_argument("--step-sweep", default="", help="ops to sweep inside the step's graph (e.g. "
@@ -499,11 +458,13 @@ def main() -> None:
     if not args.no_sweep:
         rows = sweep(copy_gbps, [int(b) for b in args.sweep_batches.split(",")], args.rep_ms,
                      args.sweep_ops.split(","))
-        tuned, fused, gated = tuned_tables(rows)
-        name = torch.cuda.get_device_name()  # this device's own entries: they take precedence over the H100's
-        triton_linear.DEVICE_TUNED[name] = triton_linear.DEVICE_TUNED.get(name, {}) | tuned
-        triton_linear.DEVICE_FUSED[name] = triton_linear.DEVICE_FUSED.get(name, {}) | fused
-        triton_linear.DEVICE_GATED[name] = triton_linear.DEVICE_GATED.get(name, {}) | gated
+        entries = tuning_entries(rows)
+        name = torch.cuda.get_device_name()  # this device's own entries: they take precedence over the fallback's
+        command = "python benchmarks/decode_step_gpu.py " + " ".join(sys.argv[1:])
+        path = write_tuning_file("skinny", name, command.strip(), entries, Path(args.tuning_dir))
+        print(f"--- wrote {path} ({len(entries)} entries)")
+        SKINNY_TABLE.override(name, {_key(e): None if e["config"] is None else SkinnyConfig(**e["config"])
+                                     for e in entries})
         result["projections"] = rows
     start = time.perf_counter()
     llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=args.max_model_len, max_num_seqs=16,

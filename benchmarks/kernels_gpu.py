@@ -119,12 +119,10 @@ def decode_rows(bw: float, cases: list[tuple[int, int]]) -> list[Row]:
         args = (query, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
         eager, t_twin = median_us(partial(backend.attend, *args)), median_us(partial(twin.attend, *args))
         default = decode_graph_us(batch, length)
-        other = decode_graph_us(batch, length, fused_merge=not ta.DECODE_FUSED_MERGE)
         splits = ta.decode_num_splits(batch, KV_HEADS, length, sms)
         shape = f"B={batch} L={length}"
         rows.append(Row("decode_attention", shape, default, t_twin, nbytes, nbytes / bw * 1e6,
-                        note=f"graph of 28 layers; splits={splits}; fused_merge={not ta.DECODE_FUSED_MERGE}: "
-                             f"{other:.2f} us; eager call {eager:.1f} us"))
+                        note=f"graph of 28 layers; splits={splits}; eager call {eager:.1f} us"))
     return rows
 
 
@@ -136,10 +134,8 @@ def split_sweep(bw: float, cases: list[tuple[int, int]], splits: list[int]) -> l
             if s > -(-length // ta.DECODE_BLOCK_N):
                 continue
             t = decode_graph_us(batch, length, num_splits=s)
-            other = not ta.DECODE_FUSED_MERGE
-            t2 = decode_graph_us(batch, length, num_splits=s, fused_merge=other) if s > 1 else t
             rows.append(Row("decode_split_sweep", f"B={batch} L={length} splits={s}", t, float("nan"), nbytes,
-                            nbytes / bw * 1e6, note=f"graph; fused_merge={other}: {t2:.2f} us"))
+                            nbytes / bw * 1e6, note="graph"))
     return rows
 
 

@@ -19,9 +19,11 @@ import argparse
 import json
 import math
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from r1serve.kernels import quant_reference as qr
 from r1serve.kernels import triton_linear
 from r1serve.kernels import triton_quant as tq
 from r1serve.kernels.triton_linear import SkinnyConfig
+from r1serve.kernels.tuning import TUNING_DIR, write_tuning_file
 
 SHAPES = {"qkv_proj": (2048, 1536), "o_proj": (1536, 1536), "gate_up_proj": (17920, 1536),
           "down_proj": (1536, 8960)}  # name → (N, K)
@@ -115,7 +118,7 @@ def sweep_candidates(m: int) -> list[SkinnyConfig]:
 
 def sweep(rows_to_sweep: list[int]) -> list[dict]:
     """Each layout's skinny candidates per shape and T bucket over the same weight copies: the fastest against
-    the rule's choice, and the `TUNED` entries that encode the winners."""
+    the rule's choice."""
     results = []
     for layout, variant in ((tq.INT4, "int4 g128"), (tq.INT8, "int8"), (tq.FP8, "fp8")):
         for name, (n, k) in SHAPES.items():
@@ -125,32 +128,40 @@ def sweep(rows_to_sweep: list[int]) -> list[dict]:
                 default = tq.skinny_config(layout, m, n, k)
                 timed = {}
                 for config in {default, *sweep_candidates(m)}:
-                    tq.TUNED[""][(layout, n, k, m)] = config
+                    restore = tq.QUANT_TABLE.override(torch.cuda.get_device_name(), {(layout, n, k, m): config})
                     try:
                         timed[config] = graph_calls_us([partial(call, x) for call in calls])
                     except (triton.runtime.errors.OutOfResources, ValueError):
                         pass
-                del tq.TUNED[""][(layout, n, k, m)]
+                    finally:
+                        restore()
                 best = min(timed, key=timed.get)
-                results.append({"layout": layout, "shape": name, "m": m, "default": str(default),
+                results.append({"layout": layout, "shape": name, "n": n, "k": k, "m": m, "default": str(default),
                                 "default_us": round(timed[default], 2), "best": asdict(best),
                                 "best_us": round(timed[best], 2), "best_GBps": round(nbytes / timed[best] * 1e-3)})
                 print(f"{layout:<5}{name:<13}{m:>3}  rule {default} {timed[default]:.2f} µs   best {best} "
                       f"{timed[best]:.2f} µs ({nbytes / timed[best] * 1e-3:.0f} GB/s)", flush=True)
             del calls
             torch.cuda.empty_cache()
-    print("\nTUNED entries (SkinnyConfig), where the best beat the rule by more than 3%:")
-    for r in results:
-        if r["best_us"] < 0.97 * r["default_us"]:
-            n, k = SHAPES[r["shape"]]
-            print(f"    ({r['layout']!r}, {n}, {k}, {r['m']}): SkinnyConfig(**{r['best']}),")
     return results
+
+
+def write_sweep(results: list[dict], device: str, directory: Path) -> Path:
+    """This device's tuning file: the best config of each swept key where it beat the rule by more than 3%."""
+    entries = [{"layout": r["layout"], "n": r["n"], "k": r["k"], "m": r["m"], "config": r["best"],
+                "us": r["best_us"], "baseline_us": r["default_us"]}
+               for r in results if r["best_us"] < 0.97 * r["default_us"]]
+    command = "python benchmarks/quant_gpu.py " + " ".join(sys.argv[1:])
+    path = write_tuning_file("quant", device, command.strip(), entries, directory)
+    print(f"\nwrote {path}: {len(entries)} entries where the best beat the rule by more than 3%")
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep the skinny configs (several minutes)")
     parser.add_argument("--sweep-rows", default="1,2,16", help="comma-separated T buckets the sweep covers")
+    parser.add_argument("--tuning-dir", default=str(TUNING_DIR), help="where the sweep writes its tuning file")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth() * 1e9  # bytes read + written per second
@@ -159,6 +170,8 @@ def main() -> None:
     rows = time_variants(bw)
     step = print_tables(rows, bw)
     swept = sweep([int(m) for m in args.sweep_rows.split(",")]) if args.sweep else []
+    if swept:
+        write_sweep(swept, device, Path(args.tuning_dir))
     print(json.dumps({"benchmark": "quant_gpu", "device": device, "torch": torch.__version__,
                       "triton": triton.__version__, "python": platform.python_version(),
                       "copy_GBps": round(bw * 1e-9, 1), "layers": LAYERS, "step_projections_us_m1": step,

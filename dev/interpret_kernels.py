@@ -37,8 +37,6 @@ interpreter._patch_lang_tensor = _patch_lang_tensor
 import tests.test_kernels_gpu as gpu_tests  # noqa: E402
 import tests.test_quant_kernels_gpu as quant_tests  # noqa: E402
 
-from r1serve.kernels import triton_attention  # noqa: E402
-
 gpu_tests.DEVICE, gpu_tests.DTYPE = "cpu", torch.float32
 gpu_tests.EXACT_FP8 = False  # the interpreter's float-to-fp8 conversion is not the GPU's
 quant_tests.DEVICE, quant_tests.DTYPES = "cpu", (torch.float32,)
@@ -55,8 +53,8 @@ class _AnyPointer(set):
 gpu_tests.poison_next_allocations = lambda *shapes: _AnyPointer()
 ROTARY = "test_decode_with_rotary_equals_rotary_store_then_decode"
 CASES: list[tuple[str, dict]] = [
-    *[(ROTARY, {"num_splits": n, "fused_merge": f}) for n in (1, 5, None) for f in (False, True)],
-    *[("test_decode_any_split_count_gives_the_same_result", {"num_splits": n, "fused_merge": False}) for n in (1, 5)],
+    *[(ROTARY, {"num_splits": n}) for n in (1, 5, None)],
+    *[("test_decode_any_split_count_gives_the_same_result", {"num_splits": n}) for n in (1, 5)],
     ("test_decode_upper_bound_and_zero_length_padding", {}),
     ("test_decode_matches_twin", {"batch": 7, "block_size": 16}),
     ("test_decode_gqa_groups", {"heads": (8, 1)}),
@@ -65,11 +63,10 @@ CASES: list[tuple[str, dict]] = [
     ("test_fp8_store_kv_matches_twin_and_skips_padding", {"block_size": 16}),
     ("test_fp8_rotary_store_matches_rotary_then_store", {"tokens": 6}),
     *[("test_fp8_decode_matches_twin", {"batch": 7, "num_splits": n}) for n in (1, 5)],
-    *[("test_fp8_decode_with_rotary_equals_rotary_store_then_decode", {"num_splits": n, "fused_merge": f})
-      for n, f in ((1, False), (5, True))],
+    *[("test_fp8_decode_with_rotary_equals_rotary_store_then_decode", {"num_splits": n}) for n in (1, 5)],
     ("test_fp8_prefill_matches_twin", {"case": "block_boundaries"}),
     *[("test_skinny_any_config_odd_sizes", {"act": a, "m": m, "shape": (37, 200, True)})
-      for a in ("gated", "add_rms_norm", "plain") for m in (1, 7)],
+      for a in ("rms_norm", "add_rms_norm", "plain") for m in (1, 7)],
     ("test_skinny_rejects_configs_it_cannot_run", {}),
     ("test_skinny_row_tiles_need_one_whole_k_chunk", {}),
 ]
@@ -118,9 +115,7 @@ def _run(module: object, name: str, kwargs: dict, note: str, wanted: list[str]) 
 def main() -> int:
     wanted = sys.argv[1:]
     failed = 0
-    for prefetch in (True, False):  # the decode kernel's two load orders
-        triton_attention.DECODE_PREFETCH = prefetch
-        failed += sum(_run(gpu_tests, name, kwargs, f" prefetch={prefetch}", wanted) for name, kwargs in CASES)
+    failed += sum(_run(gpu_tests, name, kwargs, "", wanted) for name, kwargs in CASES)
     failed += sum(_run(quant_tests, name, kwargs, "", wanted) for name, kwargs in QUANT_CASES)
     print(f"{failed} failed")
     return 1 if failed else 0

@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from r1serve.config import DEFAULT_MODEL, EngineConfig, ModelConfig
-from r1serve.model import loader
 from r1serve.model.loader import (
     ModelNotFoundError,
-    cpu_has_native_bf16,
     load_model,
     load_model_config,
-    resolve_device,
-    resolve_dtype,
     resolve_model_path,
 )
 from test_model import HF_CONFIG, PROMPTS, PagedRunner, make_hf_model
@@ -150,36 +146,6 @@ def test_hub_id_offline_and_not_cached_is_one_clear_error(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("r1serve.model.loader.ModelNotFoundError:")
     assert "'nobody-r1serve/not-a-model'" in last and "--load-format dummy" in last and "local path" in last
-
-
-def test_resolve_dtype_rules(monkeypatch):
-    assert resolve_dtype("float32", CPU) is torch.float32
-    assert resolve_dtype("float16", CPU) is torch.float16
-    assert resolve_dtype("bfloat16", CPU) is torch.bfloat16
-    with pytest.raises(ValueError, match="dtype: 'int8'"):
-        resolve_dtype("int8", CPU)
-    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda cpuinfo=None: True)
-    assert resolve_dtype("auto", CPU) is torch.bfloat16
-    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda cpuinfo=None: False)
-    assert resolve_dtype("auto", CPU) is torch.float32
-    if not torch.cuda.is_available():
-        assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
-
-
-def test_cpu_bf16_detection_reads_flags():
-    assert cpu_has_native_bf16("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n")
-    assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile\n")
-    assert not cpu_has_native_bf16("processor : 0\nflags : fpu sse avx2 avx512f\n")
-
-
-def test_resolve_device():
-    assert resolve_device("cpu") == CPU
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="device: 'tpu'"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            resolve_device("cuda")
 
 
 def test_model_config_from_saved_checkpoint(hf_model, tmp_path):

@@ -1,15 +1,88 @@
 """The skinny products' measured tables: a device's own sweep overrides the H100's, key by key (CPU, no Triton)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from r1serve.kernels import triton_linear as tl_
 from r1serve.kernels.triton_linear import SkinnyConfig
 
+# (device, fused, N, K, M, the config chosen as str, None = cuBLAS / the activation's own kernel): every
+# projection of the 1.5B model at one, two and three rows, on the H100's table (any device) and the H200's.
+CHOICES = [
+    ('', False, 1536, 1536, 1, 'fma n1 k2048 s1 w4 st1'),
+    ('', False, 1536, 1536, 2, 'fma n2 k2048 s1 w8 st1'),
+    ('', False, 1536, 1536, 3, None),
+    ('', False, 1536, 8960, 1, 'fma n2 k1024 s1 w4 st1'),
+    ('', False, 1536, 8960, 2, 'fma n2 k1024 s1 w4 st1'),
+    ('', False, 1536, 8960, 3, None),
+    ('', False, 2048, 1536, 1, 'fma n1 k2048 s1 w4 st1'),
+    ('', False, 2048, 1536, 2, 'fma n4 k2048 s1 w8 st1'),
+    ('', False, 2048, 1536, 3, None),
+    ('', False, 17920, 1536, 1, 'fma n2 k2048 s1 w4 st1'),
+    ('', False, 17920, 1536, 2, None),
+    ('', False, 17920, 1536, 3, None),
+    ('', False, 151936, 1536, 1, 'fma n2 k2048 s1 w4 st1'),
+    ('', False, 151936, 1536, 2, None),
+    ('', False, 151936, 1536, 3, None),
+    ('', True, 1536, 1536, 1, 'fma n8 k512 s2 w4 st1'),
+    ('', True, 1536, 1536, 2, 'fma n4 k512 s1 w4 st1'),
+    ('', True, 1536, 1536, 3, 'fma n4 k256 s1 w4 st1'),
+    ('', True, 1536, 8960, 1, 'fma n8 k512 s2 w4 st1'),
+    ('', True, 1536, 8960, 2, 'fma n4 k512 s1 w4 st1'),
+    ('', True, 1536, 8960, 3, 'fma n4 k256 s1 w4 st1'),
+    ('', True, 2048, 1536, 1, 'fma n2 k2048 s1 w4 st1'),
+    ('', True, 2048, 1536, 2, 'fma n4 k2048 s1 w8 st1'),
+    ('', True, 2048, 1536, 3, None),
+    ('', True, 17920, 1536, 1, 'fma n2 k2048 s1 w4 st1'),
+    ('', True, 17920, 1536, 2, None),
+    ('', True, 17920, 1536, 3, None),
+    ('', True, 151936, 1536, 1, 'fma n8 k512 s1 w4 st1'),
+    ('', True, 151936, 1536, 2, 'fma n4 k512 s1 w4 st1'),
+    ('', True, 151936, 1536, 3, 'fma n4 k256 s1 w4 st1'),
+    ('NVIDIA H200', False, 1536, 1536, 1, 'fma n4 k2048 s1 w8 st1'),
+    ('NVIDIA H200', False, 1536, 1536, 2, 'fma n4 k2048 s1 w4 st1'),
+    ('NVIDIA H200', False, 1536, 1536, 3, None),
+    ('NVIDIA H200', False, 1536, 8960, 1, 'fma n2 k2048 s1 w4 st1'),
+    ('NVIDIA H200', False, 1536, 8960, 2, None),
+    ('NVIDIA H200', False, 1536, 8960, 3, None),
+    ('NVIDIA H200', False, 2048, 1536, 1, 'fma n4 k2048 s1 w8 st1'),
+    ('NVIDIA H200', False, 2048, 1536, 2, 'fma n4 k2048 s1 w8 st1'),
+    ('NVIDIA H200', False, 2048, 1536, 3, None),
+    ('NVIDIA H200', False, 17920, 1536, 1, 'fma n1 k2048 s1 w4 st1 t16'),
+    ('NVIDIA H200', False, 17920, 1536, 2, None),
+    ('NVIDIA H200', False, 17920, 1536, 3, None),
+    ('NVIDIA H200', False, 151936, 1536, 1, None),
+    ('NVIDIA H200', False, 151936, 1536, 2, None),
+    ('NVIDIA H200', False, 151936, 1536, 3, None),
+    ('NVIDIA H200', True, 1536, 1536, 1, 'fma n8 k512 s2 w4 st1'),
+    ('NVIDIA H200', True, 1536, 1536, 2, 'fma n4 k512 s1 w4 st1'),
+    ('NVIDIA H200', True, 1536, 1536, 3, 'fma n4 k256 s1 w4 st1'),
+    ('NVIDIA H200', True, 1536, 8960, 1, 'fma n8 k512 s2 w4 st1'),
+    ('NVIDIA H200', True, 1536, 8960, 2, 'fma n4 k512 s1 w4 st1'),
+    ('NVIDIA H200', True, 1536, 8960, 3, 'fma n4 k256 s1 w4 st1'),
+    ('NVIDIA H200', True, 2048, 1536, 1, 'fma n4 k2048 s1 w4 st1'),
+    ('NVIDIA H200', True, 2048, 1536, 2, 'fma n4 k2048 s1 w8 st1'),
+    ('NVIDIA H200', True, 2048, 1536, 3, None),
+    ('NVIDIA H200', True, 17920, 1536, 1, 'fma n1 k2048 s1 w4 st1 t16'),
+    ('NVIDIA H200', True, 17920, 1536, 2, None),
+    ('NVIDIA H200', True, 17920, 1536, 3, None),
+    ('NVIDIA H200', True, 151936, 1536, 1, 'fma n8 k512 s1 w4 st1'),
+    ('NVIDIA H200', True, 151936, 1536, 2, 'fma n4 k512 s1 w4 st1'),
+    ('NVIDIA H200', True, 151936, 1536, 3, 'fma n4 k256 s1 w4 st1'),
+]
+
+
+@pytest.mark.parametrize(("device", "fused", "n", "k", "m", "chosen"), CHOICES)
+def test_each_projection_takes_the_measured_config(device: str, fused: bool, n: int, k: int, m: int,
+                                                   chosen: str | None) -> None:
+    config = tl_.skinny_config(m, n, k, fused=fused, device=device)
+    assert (str(config) if config else None) == chosen
+
 
 def test_device_entries_replace_the_h100_choice() -> None:
     gate_up, lm_head = (17920, 1536), (151936, 1536)
-    assert tl_.skinny_config(1, *gate_up) == tl_.TUNED[(*gate_up, 1)] is not None
+    assert tl_.skinny_config(1, *gate_up) == SkinnyConfig(2, 2048)
     assert tl_.skinny_config(1, *gate_up, device="NVIDIA H200") == SkinnyConfig(1, 2048, tiles=16)
     assert tl_.skinny_config(2, *gate_up, device="NVIDIA H200") is None  # cuBLAS won there
     assert tl_.skinny_config(1, *lm_head, device="NVIDIA H200") is None
@@ -18,22 +91,10 @@ def test_device_entries_replace_the_h100_choice() -> None:
 
 def test_unlisted_devices_and_rows_keep_the_h100_table() -> None:
     qkv = (2048, 1536)
-    assert tl_.skinny_config(1, *qkv, device="NVIDIA A100-SXM4-80GB") == tl_.TUNED[(*qkv, 1)]
+    assert tl_.skinny_config(1, *qkv, device="NVIDIA A100-SXM4-80GB") == tl_.skinny_config(1, *qkv)
     assert tl_.skinny_config(3, *qkv, device="NVIDIA H200") is None  # M=4 bucket: not swept there, cuBLAS
     assert tl_.skinny_config(32, *qkv, device="NVIDIA H200") is None  # past SKINNY_MAX_M
 
 
 def test_cpu_tensors_have_no_device_name() -> None:
     assert tl_.device_name(torch.device("cpu")) == ""
-
-
-def test_gated_gate_up_keeps_the_unfused_op_where_it_lost_or_was_not_measured() -> None:
-    gate_up = (17920, 1536)
-    assert tl_.skinny_config(1, *gate_up, fused=True, device="NVIDIA H200", gated=True) is None  # lost there
-    assert tl_.skinny_config(1, *gate_up, fused=True, gated=True) is None  # the H100: not measured
-    tl_.GATED[(*gate_up, 1)] = SkinnyConfig(8, 2048, warps=8)
-    try:  # a measured entry is taken, and the device's own entry still wins
-        assert tl_.skinny_config(1, *gate_up, fused=True, gated=True) == SkinnyConfig(8, 2048, warps=8)
-        assert tl_.skinny_config(1, *gate_up, fused=True, device="NVIDIA H200", gated=True) is None
-    finally:
-        del tl_.GATED[(*gate_up, 1)]

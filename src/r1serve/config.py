@@ -20,7 +20,8 @@ SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 # `--quantization` (vLLM's names where vLLM has them): awq and compressed-tensors checkpoints; int8 (weight-only),
 # w8a8 (int8 weights and activations), fp8 and w4a16 (int4, group 128) quantize a dense checkpoint on load; awq
 # and w4a16 also quantize dummy weights. docs/quantization.md has the table.
-QUANTIZATION_METHODS = ("awq", "compressed-tensors", "fp8", "int8", "w8a8", "w4a16")
+QuantizationFlag = Literal["none", "awq", "compressed-tensors", "fp8", "int8", "w8a8", "w4a16"]  # none: as it is
+QUANTIZATION_METHODS: tuple[str, ...] = QuantizationFlag.__args__[1:]  # type: ignore[attr-defined]
 
 # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (see shared/data/SOURCES.md), so that the default
 # model runs with `--load-format dummy` on a machine that has no file of it.
@@ -164,54 +165,65 @@ class ModelConfig:
 
 # `--kv-cache-dtype` (vLLM's names): auto = the model's dtype; fp8 and fp8_e4m3 = float8 e4m3 with per-tensor
 # scales (docs/quantization.md)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
+KV_CACHE_DTYPES: tuple[str, ...] = KVCacheDType.__args__  # type: ignore[attr-defined]
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
+
+def option(default: Any, help: str, *, server: bool = True, **bounds: float) -> Any:
+    """An `EngineConfig` field with what `r1serve serve` makes of it: the flag's help and the value's bounds
+    (pydantic's names: gt, ge, le), checked here and by the server's settings alike. `server=False`: an engine
+    argument that is no server flag."""
+    return field(default=default, metadata={"help": help, "bounds": bounds, "server": server})
+
+
+_BOUND_CHECKS = {"gt": lambda value, bound: value > bound, "ge": lambda value, bound: value >= bound,
+                 "le": lambda value, bound: value <= bound}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine arguments, shared by `LLM(...)`, `AsyncEngine` and `r1serve serve` (names follow vLLM's)."""
+    """Engine arguments, shared by `LLM(...)`, `AsyncEngine` and `r1serve serve` (names follow vLLM's). Each
+    field's metadata holds its flag's help and its bounds: `server.settings` builds the server's engine options
+    from them."""
 
-    model: str = DEFAULT_MODEL
-    tokenizer: str | None = None  # defaults to the model's folder; dummy mode falls back to bytes
-    revision: str | None = None
-    load_format: LoadFormat = "auto"
-    dtype: DType = "auto"
-    device: Device = "auto"
-    seed: int = 0
-    max_model_len: int = 4096
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # token budget of one engine step (prefill chunks + decodes)
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.90
-    kv_cache_space: float = 4.0  # GiB of KV cache on CPU
-    num_kv_blocks: int | None = None  # exact number of KV blocks (overrides both of the above; for tests)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    quantization: str | None = None  # None: as config.json's quantization_config says (dense without one)
-    download_dir: str | None = None  # where hub downloads go (default: the Hugging Face cache)
-    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
-    num_cpu_threads: int | None = None  # torch's threads for a CPU engine (None: every core this process may use)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    model: str = option(DEFAULT_MODEL, "model folder or Hugging Face id")
+    tokenizer: str | None = option(None, "tokenizer folder (default: the model's)")  # dummy: bytes without one
+    revision: str | None = option(None, "model revision on the Hugging Face hub")
+    load_format: LoadFormat = option("auto", "'dummy' builds random weights (no checkpoint needed)")
+    dtype: DType = option("auto", "weight dtype")
+    device: Device = option("auto", "where the model runs")
+    seed: int = option(0, "seed of dummy weights and of requests without their own seed")
+    max_model_len: int = option(4096, "context window: prompt + output tokens", gt=0)
+    max_num_seqs: int = option(256, "sequences decoded together (also the most `n` allowed)", gt=0)
+    max_num_batched_tokens: int = option(8192, "token budget of one engine step", gt=0)  # prefill chunks + decodes
+    block_size: int = option(16, "tokens per KV-cache block", gt=0)
+    gpu_memory_utilization: float = option(
+        0.90, "fraction of GPU memory r1serve may use (weights + KV cache)", gt=0.0, le=1.0)
+    kv_cache_space: float = option(4.0, "GiB of KV cache when running on CPU", gt=0.0)
+    num_kv_blocks: int | None = option(  # overrides both of the above
+        None, "exact number of KV blocks (for tests)", server=False, gt=0)
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of shared prompt prefixes")
+    enforce_eager: bool = option(False, "no CUDA graphs")
+    tensor_parallel_size: int = option(1, "GPUs per model (only 1 is supported yet)", ge=1)
+    quantization: QuantizationFlag | None = option(
+        None, "weight quantization (none: as config.json's quantization_config says)")
+    download_dir: str | None = option(None, "where hub downloads go (default: the Hugging Face cache)")
+    kv_cache_dtype: KVCacheDType = option(
+        "auto", "KV-cache dtype: auto = the model's; fp8 (= fp8_e4m3) holds twice the tokens")
+    num_cpu_threads: int | None = option(
+        None, "threads of a CPU engine (default: every core; the HTTP process keeps one)", gt=0)
 
     def __post_init__(self) -> None:
-        checks = {
-            "max_model_len": self.max_model_len > 0,
-            "max_num_seqs": self.max_num_seqs > 0,
-            "max_num_batched_tokens": self.max_num_batched_tokens > 0,
-            "block_size": self.block_size > 0,
-            "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
-            "kv_cache_space": self.kv_cache_space > 0,
-            "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks > 0,
-            "num_cpu_threads": self.num_cpu_threads is None or self.num_cpu_threads > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for kind, bound in f.metadata.get("bounds", {}).items():
+                if value is not None and not _BOUND_CHECKS[kind](value, bound):
+                    raise ValueError(f"{f.name}: invalid value {value!r}")
         choices = {"load_format": LoadFormat, "dtype": DType, "device": Device}
         for name, lit in choices.items():
             allowed = lit.__args__  # type: ignore[attr-defined]

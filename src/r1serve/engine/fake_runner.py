@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from r1serve.config import EngineConfig, ModelConfig
+from r1serve.engine.device import resolve_dtype
 from r1serve.engine.input_batch import InputPacker
 from r1serve.engine.model_runner import GiB, SampledTokens, check_kv_capacity
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.engine.sequence import Sequence
-from r1serve.model.loader import resolve_dtype
 
 CPU = torch.device("cpu")
 FIRST_TOKEN = 1000  # below: the byte-level and other low ids; the special tokens sit at the top of the vocabulary

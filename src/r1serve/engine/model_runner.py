@@ -20,13 +20,14 @@ import torch
 
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.cuda_graphs import DecodeGraphs
+from r1serve.engine.device import resolve_device, resolve_dtype
 from r1serve.engine.input_batch import InputPacker, StepInputs
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
 from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
-from r1serve.model.loader import load_model, resolve_device, resolve_dtype, weight_bytes
+from r1serve.model.loader import load_model, weight_bytes
 
 logger = logging.getLogger("r1serve")
 

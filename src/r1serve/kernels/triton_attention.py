@@ -16,7 +16,7 @@ few long whole prompts (no cached prefix) goes to PyTorch's causal SDPA instead,
 An fp8 KV cache (float8 e4m3, per-tensor `KVScales`) is the same kernels compiled with FP8 set: the stores
 quantize x * (1 / scale), the attention kernels convert each loaded tile to the query's dtype, k_scale is
 folded into the softmax scale and v_scale into the output; with FP8 off the kernels are unchanged.
-Triton is imported lazily, so this module imports on machines without it.
+The module imports without Triton (`kernels/triton_support.py`).
 """
 
 from __future__ import annotations
@@ -35,20 +35,13 @@ from r1serve.kernels.attention import (
     KVScales,
     dequantize_kv,
 )
-
-try:  # Triton is absent on CPU-only machines; TorchAttention runs there
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU machines
-    triton = None
-    tl = None
+from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
 
 __all__ = [
     "HAS_TRITON", "DecodeRotary", "TritonAttention", "decode_num_splits", "paged_decode_attention",
     "paged_prefill_attention", "rotary_store_attend", "rotary_store_kv", "sdpa_prefill_attention", "store_kv",
 ]
 
-HAS_TRITON = triton is not None
 LOG2E = 1.4426950408889634
 # Keys per decode iteration (and the smallest share of a split) when a context is split, and when it is not (one
 # program per sequence and KV head: large batches). H200, forward graph µs, 32 vs 64 keys: 600-token contexts
@@ -58,12 +51,6 @@ DECODE_BLOCK_N = 32
 DECODE_BLOCK_N_WHOLE = 64
 MAX_SPLITS = 64
 DECODE_NUM_WARPS = 4
-# The last split of each (sequence, KV head) merges instead of a second kernel: measured slower on the H100
-# past 8 splits (its merge loop is serial), equal below, so off by default (docs/kernels.md).
-DECODE_FUSED_MERGE = False
-# With the rotary folded in, the decode kernel loads its metadata and first K/V tile before waiting for the
-# previous kernel (PDL); False loads them after the wait, as before (kept to measure the difference).
-DECODE_PREFETCH = True
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
 PREFILL_BLOCK_N = 128  # keys per prefill iteration, and pipeline depth: the H100 sweep's best
 PREFILL_NUM_STAGES = 3
@@ -74,14 +61,9 @@ SDPA_MIN_PROMPT = 4096
 SDPA_MAX_SEQS = 4
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("triton is not installed: use r1serve.kernels.attention.TorchAttention here")
-
-
 if triton is not None:
     from r1serve.kernels import triton_ops
-    from r1serve.kernels.triton_ops import _kv_quantize, _pdl_start, _rotate_heads
+    from r1serve.kernels.triton_ops import kv_quantize, pdl_start, rotate_heads
 
     @triton.jit
     def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -103,8 +85,8 @@ if triton is not None:
             v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
             k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
             v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
-            k = _kv_quantize(k, k_inv_scale, k_cache_ptr, FP8)
-            v = _kv_quantize(v, v_inv_scale, v_cache_ptr, FP8)
+            k = kv_quantize(k, k_inv_scale, k_cache_ptr, FP8)
+            v = kv_quantize(v, v_inv_scale, v_cache_ptr, FP8)
             tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
             tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -118,22 +100,22 @@ if triton is not None:
         """One token per program: rotates its q heads in place, and writes its rotated k heads and its v
         heads into its cache slot (slot -1: q only; FP8: quantized). One read of the token's cos/sin row."""
         token = tl.program_id(0).to(tl.int64)
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         pos = tl.load(positions_ptr + token).to(tl.int64)
         dims = tl.arange(0, HALF)
         cos = tl.load(cos_sin_ptr + pos * stride_cache + dims)  # [HALF] float32
         sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + dims)
-        _rotate_heads(q_ptr, q_ptr, token, stride_qt, stride_qh, stride_qt, stride_qh, cos, sin, num_heads,
+        rotate_heads(q_ptr, q_ptr, token, stride_qt, stride_qh, stride_qt, stride_qh, cos, sin, num_heads,
                       1.0, Q_HEADS_PAD, HALF, False)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:
             k_dst = k_cache_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
-            _rotate_heads(k_ptr, k_dst, token, stride_kt, stride_kh, 0, stride_kch, cos, sin, num_kv_heads,
+            rotate_heads(k_ptr, k_dst, token, stride_kt, stride_kh, 0, stride_kch, cos, sin, num_kv_heads,
                           k_inv_scale, K_HEADS_PAD, HALF, FP8)
             heads = tl.arange(0, K_HEADS_PAD)[:, None]
             cols = tl.arange(0, 2 * HALF)[None, :]
             mask = heads < num_kv_heads
-            v = _kv_quantize(tl.load(v_ptr + token * stride_vt + heads * stride_vh + cols, mask=mask), v_inv_scale,
+            v = kv_quantize(tl.load(v_ptr + token * stride_vt + heads * stride_vh + cols, mask=mask), v_inv_scale,
                              v_cache_ptr, FP8)
             v_dst = v_cache_ptr + (slot // PAGE) * stride_vcb + (slot % PAGE) * stride_vcs + heads * stride_vch
             tl.store(v_dst + cols, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -156,8 +138,8 @@ if triton is not None:
         v_row) as the cache stores them: in its dtype, quantized with the inverse scales if FP8."""
         half: tl.constexpr = HEAD_DIM // 2
         k = _rotate_loaded(tl.load(k_row + dims), tl.load(k_row + (dims + half) % HEAD_DIM), cos, sin, dims, half)
-        k = _kv_quantize(k, k_inv_scale, k_cache_ptr, FP8).to(k_cache_ptr.dtype.element_ty)
-        v = _kv_quantize(tl.load(v_row + dims), v_inv_scale, v_cache_ptr, FP8).to(k.dtype)
+        k = kv_quantize(k, k_inv_scale, k_cache_ptr, FP8).to(k_cache_ptr.dtype.element_ty)
+        v = kv_quantize(tl.load(v_row + dims), v_inv_scale, v_cache_ptr, FP8).to(k.dtype)
         return k, v
 
     @triton.jit
@@ -225,25 +207,22 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["stride_bt"])  # eager steps: a variant per table width % 16 otherwise
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
-                       part_lse_ptr, counters_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
+                       part_lse_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
                        scale_log2e, num_splits, v_scale, k_inv_scale, v_inv_scale,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                        stride_bt, stride_ot, stride_oh, stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cs,
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                       FUSED_MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, ROTARY: tl.constexpr,
-                       PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, FP8: tl.constexpr):
+                       ROTARY: tl.constexpr, USE_PDL: tl.constexpr, FP8: tl.constexpr):
         """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
-        context. SPLIT: write the normalised partial output and its log2-sum-exp; then either
-        `_merge_kernel` merges them, or (FUSED_MERGE) the last program of (seq, kv_head) to finish does,
-        found by a self-resetting atomic ticket, which saves a launch. ROTARY: q is not rotated yet, and the
-        decode token's key and value are not in the cache yet: the program rotates its q heads and the new key
-        in registers, the split holding the newest key writes it (and the value) into the slot, and attends
-        to it from registers. PREFETCH (with ROTARY): everything but q and the new key/value comes from the
-        step's inputs or earlier steps, so the metadata, cos/sin and the share's first K/V tile are loaded
-        before waiting for the kernel that writes q (PDL), which hides that chain of dependent loads. FP8:
-        the cache is e4m3, k_scale is in scale_log2e, the output is multiplied by v_scale, and the new key and
-        value are quantized with the inverse scales before they are stored and attended to."""
+        context. SPLIT: write the normalised partial output and its log2-sum-exp, which `_merge_kernel` merges.
+        ROTARY: q is not rotated yet, and the decode token's key and value are not in the cache yet: the
+        program rotates its q heads and the new key in registers, the split holding the newest key writes it
+        (and the value) into the slot, and attends to it from registers. Everything but q and the new key/value
+        comes then from the step's inputs or earlier steps, so the metadata, cos/sin and the share's first K/V
+        tile are loaded before waiting for the kernel that writes q (PDL), which hides that chain of dependent
+        loads. FP8: the cache is e4m3, k_scale is in scale_log2e, the output is multiplied by v_scale, and the
+        new key and value are quantized with the inverse scales before they are stored and attended to."""
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -266,10 +245,10 @@ if triton is not None:
             slot = tl.load(slots_ptr + seq)
             newest = tl.where(slot >= 0, seq_len - 1, -1)  # slot -1 stores nothing: the cache is read as is
         first_mask = (offs_n < end) & (offs_n != newest)  # the newest key's slot is not written yet
-        if PREFETCH:
+        if ROTARY:  # no earlier kernel of this step writes what the first tile reads: load it before the wait
             k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, first_mask, kv_head, stride_kb,
                                    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
         q = tl.load(q_rows + dims[None, :], mask=q_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM]
         new_k = tl.zeros([HEAD_DIM], k_cache_ptr.dtype.element_ty)
@@ -284,7 +263,7 @@ if triton is not None:
             if (holds_newest | ((seq_len == 0) & (split == 0))) & (slot >= 0):  # (no keys: still stores)
                 _store_new_kv(new_k, new_v, k_cache_ptr, v_cache_ptr, slot.to(tl.int64), kv_head, dims,
                               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE)
-        if not PREFETCH:
+        else:  # the store kernel before this one wrote the newest key
             k0, v0 = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, first_mask, kv_head, stride_kb,
                                    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
         if not FP8:
@@ -301,6 +280,16 @@ if triton is not None:
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v,
                                          scale_log2e, FP8)
+        _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads, group,
+                          dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, SPLIT, FP8)
+
+    @triton.jit
+    def _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
+                          group, dims, v_scale, stride_ot, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          SPLIT: tl.constexpr, FP8: tl.constexpr):
+        """The decode program's result for its GROUP heads [GROUP_PAD]: the normalised output (SPLIT: the
+        partial and its log2-sum-exp, for `_merge_kernel`)."""
+        q_mask = group[:, None] < GROUP
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]  # a share (or sequence) with no keys gives 0
         if FP8:
@@ -311,44 +300,9 @@ if triton is not None:
             lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
             tl.store(part_lse_ptr + row, lse, mask=group < GROUP)
             tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], o, mask=q_mask)
-            if FUSED_MERGE:
-                tl.debug_barrier()  # every thread's partial stores precede the release below
-                counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                if ticket == num_splits - 1:  # the others have all published their partials
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                    out_rows = out_ptr + seq * stride_ot + heads * stride_oh  # [GROUP_PAD]
-                    _merge_group(part_out_ptr, part_lse_ptr, out_rows, row - split, group < GROUP, dims,
-                                 num_splits, active, SPLITS_PAD, 4)
         else:
             dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
-
-    @triton.jit
-    def _merge_group(part_out_ptr, part_lse_ptr, out_rows, row0, g_mask, dims, num_splits, active,
-                     SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr):
-        """The fused merge: rows row0 [G] of [B*H, S] partials → the G output rows at out_rows [G]. Only the
-        first `active` splits saw keys (the rest have weight 0), so only their partials are read, MERGE_CHUNK
-        splits at a time (one split per iteration was a serial chain of L2 round trips)."""
-        splits = tl.arange(0, SPLITS_PAD)
-        both = g_mask[:, None] & (splits[None, :] < num_splits)
-        lse = tl.load(part_lse_ptr + row0[:, None] + splits[None, :], mask=both, other=float("-inf"),
-                      cache_modifier=".cg")  # [G, SPLITS_PAD]
-        m = tl.max(lse, 1)
-        total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0), 1)
-        acc = tl.zeros([row0.shape[0], dims.shape[0]], tl.float32)
-        for s0 in range(0, active, MERGE_CHUNK):  # MERGE_CHUNK splits' partials per round trip to L2
-            ss = s0 + tl.arange(0, MERGE_CHUNK)
-            s_mask = g_mask[:, None] & (ss < active)[None, :]  # [G, C]
-            lse_c = tl.load(part_lse_ptr + row0[:, None] + ss[None, :], mask=s_mask, other=float("-inf"),
-                            cache_modifier=".cg")
-            part = tl.load(part_out_ptr + (row0[:, None, None] + ss[None, :, None]) * dims.shape[0]
-                           + dims[None, None, :], mask=s_mask[:, :, None], other=0.0,
-                           cache_modifier=".cg")  # [G, C, HEAD_DIM]
-            w = tl.where(lse_c > float("-inf"), tl.exp2(lse_c - m[:, None]), 0.0)
-            acc += tl.sum(w[:, :, None] * part, 1)
-        o = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_rows[:, None] + dims[None, :], o.to(out_rows.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit
     def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, stride_ot, stride_oh,
@@ -364,7 +318,7 @@ if triton is not None:
         splits = tl.arange(0, SPLITS_PAD)
         dims = tl.arange(0, HEAD_DIM)
         s_mask = splits < active
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         lse = tl.load(part_lse_ptr + row + splits, mask=s_mask, other=float("-inf"))  # [SPLITS_PAD]
         part = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :], mask=s_mask[:, None],
                        other=0.0)  # [SPLITS_PAD, HEAD_DIM]
@@ -471,7 +425,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
              slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:
     """key/value [num_tokens, num_kv_heads, head_dim] (strided views allowed) → cache slots; -1 skipped; an fp8
     cache gets them quantized with `kv_scales`."""
-    _require_triton()
+    require_triton("r1serve.kernels.attention.TorchAttention")
     block_size = _check_cache(k_cache, v_cache)
     num_tokens, num_kv_heads, head_dim = key.shape
     if key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -492,7 +446,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     """`reference.rotary_store_kv` in one launch: q [T, heads, D] is rotated in place and returned; the
     rotated k and v [T, kv_heads, D] (strided views of the fused qkv output allowed) go to their slots
     (quantized with `kv_scales` in an fp8 cache)."""
-    _require_triton()
+    require_triton("r1serve.kernels.attention.TorchAttention")
     block_size = _check_cache(k_cache, v_cache)
     head_dim = q.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
@@ -534,21 +488,6 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the fused merge's self-resetting tickets
-
-
-def _merge_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """Zeroed int32 tickets, one per (sequence, KV head); every launch leaves them at zero again."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < needed:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_decode_attention: run one eager call of the largest batch before "
-                               "capturing a CUDA graph (it allocates the split-merge counters)")
-        counters = torch.zeros(max(needed, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
-
-
 class DecodeRotary(NamedTuple):
     """What a decode step still has to do before attending, done inside the decode kernel: rotate q and the new
     key by `positions`, and store key and value [num_seqs, kv_heads, head_dim] in their slots (-1: none)."""
@@ -563,7 +502,7 @@ class DecodeRotary(NamedTuple):
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           fused_merge: bool | None = None, rotary: DecodeRotary | None = None,
+                           rotary: DecodeRotary | None = None,
                            kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
     """One new token per sequence: query [num_seqs(+pad), num_heads, head_dim] → output of the same shape.
 
@@ -572,7 +511,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     With `rotary`, query is not rotated yet and the new key/value are not stored yet: the kernel does both
     (the same function as `rotary_store_kv` followed by this call without it). An fp8 cache is read (and,
     with `rotary`, written) with `kv_scales`."""
-    _require_triton()
+    require_triton("r1serve.kernels.attention.TorchAttention")
     block_size = _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = seq_lens.shape[0], query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -585,11 +524,9 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device))
     split = num_splits > 1
     block_n = DECODE_BLOCK_N if split else DECODE_BLOCK_N_WHOLE
-    fused = split and (DECODE_FUSED_MERGE if fused_merge is None else fused_merge)
     f32 = {"dtype": torch.float32, "device": query.device}
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,), **f32)  # [B,H,S,D]
     part_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), **f32)  # [B, H, S]
-    counters = _merge_counters(query.device, num_seqs * num_kv_heads) if fused else part_lse
     splits_pad = triton.next_power_of_2(num_splits)
     rot = rotary or DecodeRotary(query, query, seq_lens, part_lse, seq_lens)  # unused pointers without rotary
     fp8 = _is_fp8(k_cache)
@@ -598,7 +535,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         raise ValueError("paged_decode_attention: rotary key/value need a contiguous head_dim and the cache's dtype")
     scale_log2e = scale * (kv_scales.k if fp8 else 1.0) * LOG2E  # k_scale folded into the softmax scale
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters, rot.key, rot.value,
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, rot.key, rot.value,
         rot.positions, rot.cos_sin_cache, rot.slot_mapping, scale_log2e, num_splits, kv_scales.v,
         1.0 / kv_scales.k, 1.0 / kv_scales.v, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2),
@@ -606,10 +543,9 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out.stride(1), rot.key.stride(0), rot.key.stride(1), rot.value.stride(0), rot.value.stride(1),
         rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, SPLIT=split, FUSED_MERGE=fused, SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
-        PREFETCH=rotary is not None and DECODE_PREFETCH, USE_PDL=triton_ops.use_pdl(), FP8=fp8,
+        BLOCK_N=block_n, SPLIT=split, ROTARY=rotary is not None, USE_PDL=triton_ops.use_pdl(), FP8=fp8,
         num_warps=DECODE_NUM_WARPS, num_stages=2, **triton_ops.pdl_launch())
-    if split and not fused:
+    if split:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, seq_lens, num_splits, out.stride(0), out.stride(1),
             SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, USE_PDL=triton_ops.use_pdl(),
@@ -633,7 +569,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     positions of its seq_lens[i]; keys come through its block table (prefix hits, earlier chunks, new tokens).
     query [num_tokens, num_heads, head_dim] → output of the same shape (rows of no sequence left as is). An
     fp8 cache is read back times `kv_scales`."""
-    _require_triton()
+    require_triton("r1serve.kernels.attention.TorchAttention")
     block_size = _check_cache(k_cache, v_cache)
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -693,7 +629,7 @@ class TritonAttention(AttentionBackend):
     name = "triton"
 
     def __init__(self) -> None:
-        _require_triton()
+        require_triton("r1serve.kernels.attention.TorchAttention")
 
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:

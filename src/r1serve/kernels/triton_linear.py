@@ -14,16 +14,15 @@ activation is computed in the prologue from the previous op's output: plain x, o
 RMSNorm of x or of x + residual (each program recomputes the row's norm, and program 0 writes the new
 residual). It is rounded where its plain-torch twin rounds (`kernels/reference.py`), so the product sees the
 twin's bf16 operands; the sum runs in float32 and is rounded once, bias added first (cuBLAS's epilogue does the
-same). The gated form serves the MLP's fused [gate; up] projection: a program owns the gate and the up rows of the
-same output columns and stores silu(gate) * up, so the SiLU-and-mul kernel and half the intermediate's bytes go.
-With split-K each program stores its float32 partial and the last of a column's programs to arrive (a
+same). With split-K each program stores its float32 partial and the last of a column's programs to arrive (a
 self-resetting atomic ticket) sums them in split order: deterministic, one launch. Two product forms: FMA
 (broadcast multiply and row sums) and `tl.dot` (tensor cores, x padded to 16 rows). Which tiles serve a (N, K, M)
-shape, and whether fusing the activation pays, was measured per device (`TUNED`, `FUSED`, `GATED` for the H100;
-`DEVICE_*` for others, e.g. the H200; benchmarks/decode_step_gpu.py): cuBLAS keeps what it won, e.g. every shape
-from 4 rows on. On Hopper the kernel launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues
-its first weight load, then waits for the previous kernel, so the weight stream starts during that kernel's tail.
-Triton is imported lazily: the module imports without it.
+shape, and whether fusing the activation pays, is measured per device by benchmarks/decode_step_gpu.py and read
+from its files in `kernels/tuning/` (`SKINNY_TABLE`; the H100's file serves devices with none of their own):
+cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper the kernel launches as a programmatic
+dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then waits for the previous kernel, so
+the weight stream starts during that kernel's tail.
+The module imports without Triton (`kernels/triton_support.py`).
 """
 
 from __future__ import annotations
@@ -34,25 +33,19 @@ from dataclasses import dataclass
 import torch
 
 from r1serve.kernels import reference, triton_ops
-
-try:  # Triton is absent on CPU-only machines; the reference ops run there instead
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU machines
-    triton = None
-    tl = None
+from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
+from r1serve.kernels.tuning import TuningTable
 
 __all__ = [
-    "FUSED", "GATED", "HAS_TRITON", "SKINNY_MAX_M", "TUNED", "SkinnyConfig", "linear", "rms_norm_gate_up",
-    "rms_norm_linear", "skinny_config", "skinny_linear",
+    "HAS_TRITON", "SKINNY_MAX_M", "SKINNY_TABLE", "SkinnyConfig", "linear", "rms_norm_gate_up",
+    "rms_norm_linear", "skinny_config", "skinny_linear", "split_k_shares", "split_k_workspace",
 ]
 
-HAS_TRITON = triton is not None
 SKINNY_MAX_M = 16
 # The activation each kernel computes from its input (the op fused in front of the product).
 ACT_PLAIN, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2
-_WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
-_TICKETS = 1 << 14
+WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
+NUM_TICKETS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -73,105 +66,16 @@ class SkinnyConfig:
                 f"w{self.warps} st{self.stages}" + (f" t{self.tiles}" if self.tiles > 1 else ""))
 
 
-# Measured on the H100 (benchmarks/decode_step_gpu.py, docs/kernels.md), keyed (N, K, M bucket). TUNED: the
-# plain product's config, or None where cuBLAS was faster. FUSED: the config of the product with its activation
-# fused in, or None where the activation's own kernel followed by the plain product was faster. Shapes not
-# listed take `_default_config`.
-# H100 run of 2026-11-25, µs per call (28 weight copies in a graph): e.g. M=1 qkv 4.92 vs cuBLAS 6.20, o_proj 4.44
-# vs 5.72, gate_up 20.69 vs 23.10, down 12.43 vs 14.86, lm_head 161.7 vs 176.8; fused with their norm: qkv 5.33
-# vs 7.95 (norm kernel + cuBLAS), gate_up 21.82 vs 25.56. From 4 rows on cuBLAS won every shape.
-TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {
-    (1536, 1536, 1): SkinnyConfig(1, 2048),  # o_proj
-    (1536, 1536, 2): SkinnyConfig(2, 2048, warps=8),
-    (1536, 1536, 4): None,
-    (1536, 8960, 1): SkinnyConfig(2, 1024),  # down_proj
-    (1536, 8960, 2): SkinnyConfig(2, 1024),
-    (1536, 8960, 4): None,
-    (2048, 1536, 1): SkinnyConfig(1, 2048),  # qkv_proj
-    (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
-    (2048, 1536, 4): None,
-    (17920, 1536, 1): SkinnyConfig(2, 2048),  # gate_up_proj
-    (17920, 1536, 2): None,
-    (17920, 1536, 4): None,
-    (151936, 1536, 1): SkinnyConfig(2, 2048),  # lm_head
-    (151936, 1536, 2): None,
-    (151936, 1536, 4): None,
-}
-FUSED: dict[tuple[int, int, int], SkinnyConfig | None] = {
-    (2048, 1536, 1): SkinnyConfig(2, 2048),
-    (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
-    (2048, 1536, 4): None,
-    (17920, 1536, 1): SkinnyConfig(2, 2048),
-    (17920, 1536, 2): None,
-    (17920, 1536, 4): None,
-}
-
-# Other devices' sweeps (the same benchmark), keyed by torch.cuda.get_device_name(): their entries replace the
-# H100's; shapes and row counts not listed keep the H100's choice.
-# H200 run of 2026-12-02, M = 1 and 2 swept (M = 4 not: cuBLAS stays), µs per call at M=1: qkv 3.48 vs cuBLAS
-# 5.87, o_proj 2.54 vs 6.55, down 9.43 vs 12.09, but gate_up 18.11 vs 17.51 and lm_head 140.96 vs 123.55: cuBLAS
-# read those two faster; fused with its norm: qkv 4.04 vs 4.46 (norm kernel + skinny). The row-tile sweep
-# (gate_up_proj, lm_head, qkv, o_proj at M = 1, 2, with row tiles): gate_up with 16 one-row blocks per program
-# 16.56 vs cuBLAS 17.47, fused with its norm 17.25 vs 20.09 (norm kernel + cuBLAS); lm_head's best 128.43 vs
-# 123.46 and every M = 2 gate_up 22.71 vs 17.55: cuBLAS keeps those. (SiLU-and-mul fused
-# into down_proj's prologue lost on both devices, 13.98 vs 13.93 and 11.02 vs 10.35 µs, and is gone: each
-# program recomputed it over all 2 x 8960 inputs; SiLU now goes into gate_up's epilogue, `GATED`.)
-DEVICE_TUNED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
-    "NVIDIA H200": {
-        (1536, 1536, 1): SkinnyConfig(4, 2048, warps=8),
-        (1536, 1536, 2): SkinnyConfig(4, 2048),
-        (1536, 8960, 1): SkinnyConfig(2, 2048),
-        (1536, 8960, 2): None,
-        (2048, 1536, 1): SkinnyConfig(4, 2048, warps=8),
-        (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
-        (17920, 1536, 1): SkinnyConfig(1, 2048, tiles=16),
-        (17920, 1536, 2): None,
-        (151936, 1536, 1): None,
-        (151936, 1536, 2): None,
-    },
-}
-# The in-step sweep (8cb814d): each projection's candidates timed inside the whole step graph at one and two rows
-# (decode_step_gpu.py --step-sweep): at one row only qkv + norm moved, to 4 rows and 4 warps per program (µs per
-# batch-1 step, two calls: 1,109.9-1,111.9 against 1,132.1-1,134.2 for the old config and 1,115.0-1,117.4 for 8
-# rows, 8 warps); at two rows o_proj (DEVICE_TUNED above, 4 rows, 4 warps: 1,328.4-1,331.7 against 1,335.8-1,336.2).
-DEVICE_FUSED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
-    "NVIDIA H200": {
-        (2048, 1536, 1): SkinnyConfig(4, 2048),
-        (2048, 1536, 2): SkinnyConfig(4, 2048, warps=8),
-        (17920, 1536, 1): SkinnyConfig(1, 2048, tiles=16),
-        (17920, 1536, 2): None,
-    },
-}
-
-
-# The gate/up projection with SiLU-and-mul in its epilogue (`gated`; with the norm in its prologue), keyed
-# (2 * intermediate, K, M bucket) like the others: a config where it beat the unfused op (norm kernel, the
-# product the tables choose, SiLU kernel), None or absent where it did not or was not measured (the unfused op
-# runs). Not measured on the H100 (where the skinny gate_up beat cuBLAS, 20.69 vs 23.10 µs). H200 run of
-# 2026-12-02, µs per call: M=1 gated 21.53 (fma n8 k2048 w8) vs 20.23 unfused (cuBLAS alone 16.87); M=2 31.33 vs
-# 20.76; forced into the decode step's graph at 1 and 2 rows: 1,274.3 vs 1,211.5 µs at batch 1. With row tiles
-# M=1: 18.78 (fma n2 k2048 w4 t4) vs 20.38 for norm kernel + cuBLAS + SiLU, but the unfused op
-# is now the norm-fused skinny gate_up (17.25) + SiLU kernel, and in the step that won: 1,106.5 vs 1,154.4 µs per
-# batch-1 graph. M=2 26.84 vs 21.00. Gate and up in two accumulators (no interleaved tile): M=1 19.66 (fma n8
-# k2048 w8), and in the step 1,157.9 vs 1,133.7 µs for the unfused op: still off.
-GATED: dict[tuple[int, int, int], SkinnyConfig | None] = {}
-DEVICE_GATED: dict[str, dict[tuple[int, int, int], SkinnyConfig | None]] = {
-    "NVIDIA H200": {
-        (17920, 1536, 1): None,
-        (17920, 1536, 2): None,
-    },
-}
+# The measured configs, keyed (form, N, K, M bucket) with form "plain" (the product alone; null: cuBLAS was faster)
+# or "fused" (with its activation; null: the activation's own kernel, then the plain product, was faster).
+SKINNY_TABLE: TuningTable[SkinnyConfig] = TuningTable("skinny", ("form", "n", "k", "m"),
+                                                      lambda fields: SkinnyConfig(**fields))
 
 
 @functools.lru_cache(maxsize=16)
 def device_name(device: torch.device) -> str:
     """The name the device tables are keyed by ('' for a CPU tensor)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-
-
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("triton is not installed: use r1serve.kernels.reference on this machine")
 
 
 if triton is not None:
@@ -224,7 +128,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS: tl.constexpr):
+    def store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS: tl.constexpr):
         """y[m, n] = acc[n, m] (+ bias[n]), rounded once to y's dtype."""
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -242,7 +146,7 @@ if triton is not None:
             tl.store(new_res_ptr + offs_m[:, None] * stride_nm + ks, h, mask=mask)
 
     @triton.jit
-    def _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+    def split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         """Publishes this split's float32 partial; the column's last program to arrive gets (True, the sum of
         all partials in split order), the others (False, acc)."""
@@ -259,18 +163,8 @@ if triton is not None:
         return last, acc
 
     @triton.jit
-    def _store_gated(y_ptr, gate, up, offs_n, offs_m, n_mask, m_mask, stride_ym):
-        """GATED: y[m, n] = silu(gate[n, m]) * up[n, m], each product rounded to y's dtype first, as
-        `silu_and_mul` over the plain product's output sees them."""
-        dt = y_ptr.dtype.element_ty
-        g32 = gate.to(dt).to(tl.float32)
-        silu = (g32 / (1.0 + tl.exp(-g32))).to(dt).to(tl.float32)
-        out = (silu * up.to(dt).to(tl.float32)).to(dt)
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=n_mask[:, None] & m_mask[None, :])
-
-    @triton.jit
     def _tile_rows(tile, N, BLOCK_N: tl.constexpr):
-        """The weight rows of row block `tile` (GATED: its gate rows; the up rows are N further) and their mask."""
+        """The weight rows of row block `tile` and their mask."""
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         return offs_n, offs_n < N
 
@@ -285,12 +179,10 @@ if triton is not None:
                        stride_xm, stride_rm, stride_wn, stride_ym, stride_nm,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       SINGLE: tl.constexpr, DOT: tl.constexpr, GATED: tl.constexpr, TILES: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       SINGLE: tl.constexpr, DOT: tl.constexpr, TILES: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (n block, k split): rows [BLOCK_N] of W over columns [k_lo, k_lo + split_span) of the
         reduction, for all M rows of x. SINGLE: one chunk holds all K columns (one load of everything), and the
-        program may own TILES row blocks in turn. GATED (SINGLE only): W is [gate; up], 2N rows; the program
-        multiplies gate rows [BLOCK_N] and the same columns' up rows and stores silu(gate) * up."""
+        program may own TILES row blocks in turn."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n, n_mask = _tile_rows(pid_n * TILES, N, BLOCK_N)
@@ -302,9 +194,6 @@ if triton is not None:
         cols = ks[None, :]
         col_mask = ((ks < K) & (ks < k_end))[None, :]
         w_next = _load_rows(w_ptr, offs_n, n_mask, cols, col_mask, stride_wn)  # depends on no earlier kernel
-        up_next = w_next  # a placeholder the loop carries unless GATED
-        if GATED:
-            up_next = _load_rows(w_ptr, offs_n + N, n_mask, cols, col_mask, stride_wn)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # the activations do: wait for the kernel that wrote them
@@ -319,20 +208,14 @@ if triton is not None:
             a = _activation(h, nw, inv_rms, ACT)
             for t in range(TILES):  # TILES row blocks, the next one's weights in flight during each product
                 tile = pid_n * TILES + t
-                w, up_w = w_next, up_next
+                w = w_next
                 if TILES > 1:
                     rows_next, mask_next = _tile_rows(tile + 1, N, BLOCK_N)
                     mask_next = mask_next & (t + 1 < TILES)
                     w_next = _load_rows(w_ptr, rows_next, mask_next, cols, col_mask, stride_wn)
-                    if GATED:
-                        up_next = _load_rows(w_ptr, rows_next + N, mask_next, cols, col_mask, stride_wn)
                 offs_n, n_mask = _tile_rows(tile, N, BLOCK_N)
                 acc = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w, a, DOT)
-                if GATED:
-                    up = _multiply_add(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), up_w, a, DOT)
-                    _store_gated(y_ptr, acc, up, offs_n, offs_m, n_mask, m_mask, stride_ym)
-                else:
-                    _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+                store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         else:
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
             if ACT >= 1:
@@ -350,12 +233,12 @@ if triton is not None:
                                             m_mask[:, None] & in_split, K, stride_xm, stride_rm, ACT)
                 acc = _multiply_add(acc, w, _activation(h, nw, inv_rms, ACT), DOT)
             if SPLIT_K == 1:
-                _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+                store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
             else:
-                last, total = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
-                                           BLOCK_M, BLOCK_N, SPLIT_K)
+                last, total = split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+                                          BLOCK_M, BLOCK_N, SPLIT_K)
                 if last:
-                    _store_out(y_ptr, b_ptr, total, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+                    store_out(y_ptr, b_ptr, total, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         if ACT == 2:
             if (pid_n == 0) & (pid_k == 0):
                 _store_new_residual(x_ptr, res_ptr, new_res_ptr, offs_m, m_mask, K, stride_xm, stride_rm,
@@ -379,116 +262,105 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def skinny_config(m: int, n: int, k: int, fused: bool = False, device: str = "", gated: bool = False
-                  ) -> SkinnyConfig | None:
-    """The config for an (M, N, K) product (`fused`: with its activation fused in; `gated`: the gate/up
-    product with its norm and SiLU-and-mul) on the device named `device`, or None: cuBLAS for the plain product,
-    the activation's own kernel first for the fused one, the unfused op for the gated one."""
+def skinny_config(m: int, n: int, k: int, fused: bool = False, device: str = "") -> SkinnyConfig | None:
+    """The config for an (M, N, K) product (`fused`: with its activation fused in) on the device named `device`,
+    or None: cuBLAS for the plain product, the activation's own kernel first for the fused one. Measured
+    (`SKINNY_TABLE`), else `_default_config`'s rule."""
     if m > SKINNY_MAX_M or m < 1:
         return None
-    key = (n, k, m_bucket(m))
-    if gated:
-        return DEVICE_GATED.get(device, {}).get(key, GATED.get(key))
-    for table in ((DEVICE_FUSED if fused else DEVICE_TUNED).get(device, {}), FUSED if fused else TUNED):
-        if key in table:
-            return table[key]
-    return _default_config(key[2], n, k)
+    bucket = m_bucket(m)
+    measured, config = SKINNY_TABLE.lookup(device, ("fused" if fused else "plain", n, k, bucket))
+    return config if measured else _default_config(bucket, n, k)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per device: float32 split-K partials and zeroed int32 tickets (every launch leaves them at zero)."""
+def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per device: float32 split-K partials and zeroed int32 tickets (every launch leaves them at zero), for
+    `split_k_sum`."""
     space = _WORKSPACES.get(device)
     if space is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("skinny linear: run one eager call before capturing a CUDA graph (it allocates "
                                "the split-K workspace)")
-        space = (torch.empty(_WORKSPACE_FLOATS, dtype=torch.float32, device=device),
-                 torch.zeros(_TICKETS, dtype=torch.int32, device=device))
+        space = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+                 torch.zeros(NUM_TICKETS, dtype=torch.int32, device=device))
         _WORKSPACES[device] = space
     return space
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, columns] with a contiguous last dimension."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+def split_k_shares(config: SkinnyConfig, n: int, k: int, block_m: int) -> tuple[int, int]:
+    """(programs along K, columns per program): `split_k` shares of whole chunks, none empty; one share when the
+    partials or tickets would not fit the split-K workspace."""
+    chunks = triton.cdiv(k, config.block_k)
+    per_split = triton.cdiv(chunks, max(1, min(config.split_k, chunks)))
+    split = triton.cdiv(chunks, per_split)
+    if split > 1 and (split * n * block_m > WORKSPACE_FLOATS or triton.cdiv(n, config.block_n) > NUM_TICKETS):
+        split, per_split = 1, chunks
+    return split, per_split * config.block_k
 
 
-def _fits(config: SkinnyConfig, block_m: int, n: int, split: int) -> bool:
-    """Whether the split-K partials and tickets fit the workspace."""
-    return split == 1 or (split * n * block_m <= _WORKSPACE_FLOATS and triton.cdiv(n, config.block_n) <= _TICKETS)
+def _check_skinny(x2: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig | None) -> SkinnyConfig:
+    """The config a skinny call runs, after the checks of its operands and tiles."""
+    m, (n, k) = x2.shape[0], weight.shape
+    if weight.stride(-1) != 1:
+        raise ValueError("skinny_linear: the weight's rows must be contiguous")
+    if x2.shape[1] != k:
+        raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns for a weight of {k}")
+    config = config or skinny_config(m, n, k, device=device_name(weight.device))
+    if config is None or m > SKINNY_MAX_M:
+        raise ValueError(f"skinny_linear: no config for M={m}, N={n}, K={k}")
+    if config.dot and config.block_n < 16:
+        raise ValueError(f"skinny_linear: tensor cores need 16 rows per block ({config.block_n})")
+    return config
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: int = ACT_PLAIN,
                   residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  config: SkinnyConfig | None = None, compile_only: bool = False, gated: bool = False
+                  config: SkinnyConfig | None = None, compile_only: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """act(x) @ weight.T (+ bias) for x [M ≤ 16, K_in] in one launch; returns (y [M, N], new residual or None).
 
     act: ACT_PLAIN (x), ACT_RMS_NORM (norm_weight * rmsnorm(x)),
-    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual). `gated`: weight is the fused
-    [gate; up] projection [2N, K] and y [M, N] = silu(gate) * up of its product (no bias; `config.block_n`
-    counts weight rows, so it is even). `config` overrides the measured choice (the benchmark's sweep);
-    `compile_only` compiles the kernel without running it (so a sweep can compile its candidates in parallel
-    first)."""
-    _require_triton()
-    x2 = _rows(x)
+    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual). `config` overrides the
+    measured choice (the benchmark's sweep); `compile_only` compiles the kernel without running it (so a sweep
+    can compile its candidates in parallel first)."""
+    require_triton("r1serve.kernels.reference")
+    x2 = triton_ops.as_rows(x)
+    config = _check_skinny(x2, weight, config)
     m, n, k = x2.shape[0], weight.shape[0], weight.shape[1]
-    if weight.stride(-1) != 1:
-        raise ValueError("skinny_linear: the weight's rows must be contiguous")
-    if x2.shape[1] != k:
-        raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns for a weight of {k} (act {act})")
-    config = config or skinny_config(m, n, k, device=device_name(weight.device), gated=gated)
-    if config is None or m > SKINNY_MAX_M:
-        raise ValueError(f"skinny_linear: no config for M={m}, N={n}, K={k}")
-    if gated:
-        if n % 2 or bias is not None or config.block_n % 2:
-            raise ValueError(f"skinny_linear: gated needs an even row count ({n}), no bias and an even block_n "
-                             f"({config.block_n})")
-        n //= 2
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    res2 = _rows(residual) if residual is not None else x2
+    res2 = triton_ops.as_rows(residual) if residual is not None else x2
     new_res = torch.empty_like(x2) if act == ACT_ADD_RMS_NORM else None
     if m == 0:
         return y, new_res
     block_m = 16 if config.dot else m_bucket(m)
-    chunks = triton.cdiv(k, config.block_k)
-    per_split = triton.cdiv(chunks, min(1 if gated else config.split_k, chunks))
-    split = triton.cdiv(chunks, per_split)  # no empty splits
-    if not _fits(config, block_m, n, split):
-        split, per_split = 1, chunks
+    split, span = split_k_shares(config, n, k, block_m)
     single = split == 1 and config.block_k >= k
-    if (config.tiles > 1 or gated) and not single:
-        raise ValueError(f"skinny_linear: {'gated' if gated else f'tiles={config.tiles}'} needs one chunk over "
-                         f"all K={k} columns, no split")
-    ws, tickets = _workspace(x.device) if split > 1 else (y, y)
-    block_n = config.block_n // 2 if gated else config.block_n  # gated: block_n counts gate and up rows
-    if config.dot and block_n < 16:
-        raise ValueError(f"skinny_linear: tensor cores need 16 rows per block ({block_n}{' gated' if gated else ''})")
-    grid = (triton.cdiv(triton.cdiv(n, block_n), config.tiles), split)
+    if config.tiles > 1 and not single:
+        raise ValueError(f"skinny_linear: tiles={config.tiles} needs one chunk over all K={k} columns, no split")
+    ws, tickets = split_k_workspace(x.device) if split > 1 else (y, y)
+    grid = (triton.cdiv(triton.cdiv(n, config.block_n), config.tiles), split)
     kernel = _skinny_kernel[grid] if not compile_only else functools.partial(_skinny_kernel.warmup, grid=grid)
     kernel(
         x2, res2, norm_weight if norm_weight is not None else x2, weight, bias if bias is not None else weight, y,
-        new_res if new_res is not None else y, ws, tickets, m, n, k, eps, per_split * config.block_k,
+        new_res if new_res is not None else y, ws, tickets, m, n, k, eps, span,
         x2.stride(0), res2.stride(0), weight.stride(0), y.stride(0), new_res.stride(0) if new_res is not None else 0,
-        ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, SINGLE=single, DOT=config.dot, GATED=gated, TILES=config.tiles, USE_PDL=triton_ops.use_pdl(),
+        ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=split, SINGLE=single, DOT=config.dot, TILES=config.tiles, USE_PDL=triton_ops.use_pdl(),
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y, new_res
 
 
-def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool, gated: bool = False) -> SkinnyConfig | None:
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> SkinnyConfig | None:
     """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes)."""
     if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     k = weight.shape[1]
     if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1 or not x.shape[-1]:
         return None
-    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device), gated)
+    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -502,18 +374,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.rms_norm_gate_up` in one launch where that was measured faster (`GATED`); else
-    `rms_norm_linear`, then the Triton SiLU-and-mul kernel."""
-    config = _skinny_ok(x, weight, fused=True, gated=True)
-    if config is None:
-        gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
-        if not (x.is_cuda and HAS_TRITON):
-            return reference.silu_and_mul(gate_up), residual
-        return triton_ops.silu_and_mul(gate_up), residual
-    act = ACT_RMS_NORM if residual is None else ACT_ADD_RMS_NORM
-    y, new_res = skinny_linear(x, weight, act=act, residual=residual, norm_weight=norm_weight, eps=eps,
-                               config=config, gated=True)
-    return y.view(*x.shape[:-1], weight.shape[0] // 2), (x if new_res is None else new_res.view(x.shape))
+    """`reference.rms_norm_gate_up`: `rms_norm_linear` over the fused [gate; up] weight, then the Triton
+    SiLU-and-mul kernel."""
+    gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
+    if not (x.is_cuda and HAS_TRITON):
+        return reference.silu_and_mul(gate_up), residual
+    return triton_ops.silu_and_mul(gate_up), residual
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -524,8 +390,6 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     if config is None:
         if not (x.is_cuda and HAS_TRITON):
             return reference.rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
-        from r1serve.kernels import triton_ops
-
         if residual is None:
             return linear(triton_ops.rms_norm(x, norm_weight, eps), weight, bias), x
         normed, residual = triton_ops.fused_add_rms_norm(x, residual, norm_weight, eps)

@@ -6,8 +6,8 @@ residual once and writes both outputs in the same pass) and launches once per ca
 of 28 layers cheap. Every function has the signature of its plain-torch twin in `kernels/reference.py` and
 rounds where the twin rounds (the normalised row to the input dtype before the weight, the SiLU before the
 product), so results match the twin to the last bit or nearly; rotary computes in float32 and rounds once
-(within an ulp of the twin, closer to the exact value). Triton is imported lazily: this module imports on a
-machine without it, and calling an op there raises an error.
+(within an ulp of the twin, closer to the exact value). The module imports without Triton
+(`kernels/triton_support.py`); calling an op there raises an error.
 
 On Hopper (`use_pdl()`; R1SERVE_PDL=0 turns it off) the kernels of a decode step's chain (these norms, the
 skinny products, the fused rotary + store, decode attention and its merge) launch as programmatic dependent
@@ -22,19 +22,13 @@ import os
 import torch
 
 from r1serve.kernels.reference import rotary_cos_sin_cache
-
-try:  # Triton is absent on CPU-only machines; the reference ops run there instead
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU machines
-    triton = None
-    tl = None
+from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
 
 __all__ = [
-    "HAS_TRITON", "apply_rotary", "fused_add_rms_norm", "rms_norm", "rotary_cos_sin_cache", "silu_and_mul",
+    "HAS_TRITON", "apply_rotary", "as_rows", "fused_add_rms_norm", "kv_quantize", "pdl_launch", "pdl_start",
+    "rms_norm", "rotary_cos_sin_cache", "rotate_heads", "silu_and_mul", "use_pdl",
 ]
 
-HAS_TRITON = triton is not None
 # Programmatic dependent launch: True / False, or None to decide on first use (R1SERVE_PDL=1 / 0 overrides).
 USE_PDL: bool | None = {"1": True, "0": False}.get(os.environ.get("R1SERVE_PDL", ""))
 
@@ -53,15 +47,10 @@ def pdl_launch() -> dict[str, bool]:
     return {"launch_pdl": True} if use_pdl() else {}
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("triton is not installed: use r1serve.kernels.reference on this machine")
-
-
 if triton is not None:
 
     @triton.jit
-    def _pdl_start(USE_PDL: tl.constexpr):
+    def pdl_start(USE_PDL: tl.constexpr):
         """Programmatic dependent launch: let the next kernel launch, then wait until the previous one is done
         and its writes are visible. A no-op without USE_PDL."""
         if USE_PDL:
@@ -76,7 +65,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -95,7 +84,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
         g32 = gate.to(tl.float32)
@@ -103,7 +92,7 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
     @triton.jit
-    def _kv_quantize(x, inv_scale, cache_ptr, FP8: tl.constexpr):
+    def kv_quantize(x, inv_scale, cache_ptr, FP8: tl.constexpr):
         """What a KV-cache store writes of x (rounded to the model's dtype already): for an fp8 cache
         (`kernels.attention.quantize_kv`), x * inv_scale in float32 clamped to ±448 and cast to e4m3; else x."""
         if FP8:
@@ -111,7 +100,7 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _rotate_heads(x_ptr, out_ptr, token, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, num_heads,
+    def rotate_heads(x_ptr, out_ptr, token, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, num_heads,
                       inv_scale, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, FP8: tl.constexpr):
         """Neox rotary of all heads of one token as [heads, half] halves, in float32, rounded once; FP8: into
         an fp8 KV cache, quantized with inv_scale after that rounding."""
@@ -127,8 +116,8 @@ if triton is not None:
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
         dst = out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(dst, _kv_quantize((a * c - b * s).to(dt), inv_scale, out_ptr, FP8), mask=mask)
-        tl.store(dst + HALF, _kv_quantize((b * c + a * s).to(dt), inv_scale, out_ptr, FP8), mask=mask)
+        tl.store(dst, kv_quantize((a * c - b * s).to(dt), inv_scale, out_ptr, FP8), mask=mask)
+        tl.store(dst + HALF, kv_quantize((b * c + a * s).to(dt), inv_scale, out_ptr, FP8), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cache_ptr,
@@ -141,13 +130,13 @@ if triton is not None:
         dims = tl.arange(0, HALF)
         cos = tl.load(cache_ptr + pos * stride_cache + dims)  # [HALF] float32
         sin = tl.load(cache_ptr + pos * stride_cache + HALF + dims)
-        _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin,
+        rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin,
                       num_heads, 1.0, Q_HEADS_PAD, HALF, False)
-        _rotate_heads(k_ptr, k_out_ptr, token, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin,
+        rotate_heads(k_ptr, k_out_ptr, token, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin,
                       num_kv_heads, 1.0, K_HEADS_PAD, HALF, False)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View x as [rows, last] with a contiguous last dimension (copying only if it is not)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -160,8 +149,8 @@ def _norm_warps(block: int) -> int:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, hidden], weight [hidden] → weight * x / rms(x) [T, hidden] in x's dtype (one pass)."""
-    _require_triton()
-    x2 = _rows(x)  # [T, hidden]
+    require_triton("r1serve.kernels.reference")
+    x2 = as_rows(x)  # [T, hidden]
     out = torch.empty_like(x2)
     if x2.shape[0]:
         block = triton.next_power_of_2(x2.shape[1])
@@ -175,8 +164,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """new_residual = x + residual; returns (rms_norm(new_residual), new_residual), both [T, hidden]."""
-    _require_triton()
-    x2, r2 = _rows(x), _rows(residual)  # [T, hidden]
+    require_triton("r1serve.kernels.reference")
+    x2, r2 = as_rows(x), as_rows(residual)  # [T, hidden]
     out, new_residual = torch.empty_like(x2), torch.empty_like(x2)
     if x2.shape[0]:
         block = triton.next_power_of_2(x2.shape[1])
@@ -189,10 +178,10 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2*I] (gate first, up second) → silu(gate) * up [T, I]."""
-    _require_triton()
+    require_triton("r1serve.kernels.reference")
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: last dimension must be even, got {x.shape[-1]}")
-    x2 = _rows(x)  # [T, 2I]
+    x2 = as_rows(x)  # [T, 2I]
     inter = x2.shape[1] // 2
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)  # [T, I]
     if x2.shape[0]:
@@ -208,7 +197,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     """Neox rotary of q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim] at positions [T] with the
     [max_position, head_dim] float32 cache. q and k may be strided views (e.g. of a fused qkv output); with
     `inplace=True` they are rotated where they lie and returned, else new tensors are returned."""
-    _require_triton()
+    require_triton("r1serve.kernels.reference")
     head_dim = q.shape[-1]
     if head_dim % 2 or head_dim & (head_dim - 1):
         raise ValueError(f"apply_rotary: head_dim must be an even power of two, got {head_dim}")

@@ -22,39 +22,40 @@ zero are loaded once per word. With `act_quant` (W8A8 INT8, FP8 dynamic) x is fi
 one-pass kernel; INT8 products run on int8 tensor cores (or FMA) with int32 sums; FP8 prefill on Hopper goes to
 `torch._scaled_mm` with per-token × per-channel scales, elsewhere to the Triton GEMM. On Hopper every kernel
 is a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight loads, then waits for the
-kernel that wrote x. Configs are chosen per (layout, N, K, T bucket) from `TUNED` (measured; per device name)
-and otherwise by `skinny_config` / `gemm_config`'s rules. Triton is imported lazily: the module imports on a
-CPU machine without it, and the public functions then run the twins.
+kernel that wrote x. Configs are chosen per (layout, N, K, T bucket) from `QUANT_TABLE` (measured; per device)
+and otherwise by `skinny_config` / `gemm_config`'s rules. The module imports without Triton
+(`kernels/triton_support.py`), and the public functions then run the twins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from r1serve.kernels import quant_reference, triton_ops
-from r1serve.kernels.triton_linear import SKINNY_MAX_M, SkinnyConfig, _rows, _workspace, device_name, m_bucket
-
-try:  # Triton is absent on CPU-only machines; the twins run there instead
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU machines
-    triton = None
-    tl = None
+from r1serve.kernels.triton_linear import (
+    SKINNY_MAX_M,
+    SkinnyConfig,
+    device_name,
+    m_bucket,
+    split_k_shares,
+    split_k_workspace,
+)
+from r1serve.kernels.triton_support import HAS_TRITON, INTERPRET, require_triton, tl, triton
+from r1serve.kernels.tuning import TuningTable
 
 __all__ = [
-    "HAS_TRITON", "TUNED", "GemmConfig", "int4_gemm", "int4_linear", "int4_skinny", "per_channel_gemm",
+    "HAS_TRITON", "QUANT_TABLE", "GemmConfig", "int4_gemm", "int4_linear", "int4_skinny", "per_channel_gemm",
     "per_channel_linear", "per_channel_skinny", "quantize_per_token", "skinny_config", "gemm_config",
 ]
 
-HAS_TRITON = triton is not None
 INT4, INT8, FP8 = "int4", "int8", "fp8"  # the three layouts, as the tables key them
 FMA_MAX_M = 2  # the FMA product form up to this many rows (bucket), tensor cores above
 _NUM_SMS = 132  # H100 / H200 SXM; the rules scale split-K to this
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernels run on CPU tensors
 _MAGIC = 0x4B000000  # the bits of 2**23, an int4 kernel argument (see `_plane`)
 
 
@@ -71,10 +72,21 @@ class GemmConfig:
     stages: int = 3
 
 
-# Measured configs, keyed by device name ('' = any device), then (layout, N, K, M bucket) with M bucket the power
-# of two ≥ T for T ≤ 16 (a SkinnyConfig) or 0 for the tiled form (a GemmConfig). A key not listed takes the
-# rule of `skinny_config` / `gemm_config`. Fill from `benchmarks/quant_gpu.py --sweep`.
-TUNED: dict[str, dict[tuple[str, int, int, int], SkinnyConfig | GemmConfig]] = {"": {}}
+
+def _parse_config(fields: dict[str, Any]) -> SkinnyConfig | GemmConfig:
+    """A tuning entry's config: a GemmConfig if it names block_m, else a SkinnyConfig."""
+    return GemmConfig(**fields) if "block_m" in fields else SkinnyConfig(**fields)
+
+
+# Measured configs (`kernels/tuning/quant-*.json`, written by `benchmarks/quant_gpu.py --sweep`), keyed (layout,
+# N, K, M bucket) with M bucket the power of two ≥ T for T ≤ 16 (a SkinnyConfig) or 0 for the tiled form (a
+# GemmConfig). A key not listed takes the rule of `skinny_config` / `gemm_config`.
+QUANT_TABLE: TuningTable[SkinnyConfig | GemmConfig] = TuningTable("quant", ("layout", "n", "k", "m"), _parse_config)
+
+
+def config_fields(config: SkinnyConfig | GemmConfig) -> dict[str, Any]:
+    """A config as a tuning entry's fields (the inverse of how QUANT_TABLE reads them)."""
+    return dataclasses.asdict(config)
 
 
 def _layout(qweight: torch.Tensor) -> str:
@@ -82,14 +94,11 @@ def _layout(qweight: torch.Tensor) -> str:
 
 
 def _lookup(key: tuple[str, int, int, int], device: str) -> SkinnyConfig | GemmConfig | None:
-    for table in (TUNED.get(device, {}), TUNED.get("", {})):
-        if key in table:
-            return table[key]
-    return None
+    return QUANT_TABLE.lookup(device, key)[1]
 
 
 def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> SkinnyConfig:
-    """The skinny product's tiles for T = m ≤ 16 rows: measured (`TUNED`), else the rule. The rule: FMA up to
+    """The skinny product's tiles for T = m ≤ 16 rows: measured (`QUANT_TABLE`), else the rule. The rule: FMA up to
     FMA_MAX_M rows (int4: 512-column chunks of 32 weight rows for wide products, 16 rows on 2 warps otherwise,
     so that each thread holds several rows of the same words; int8 / fp8: the whole 1536-wide reduction in one
     chunk, 1024-column chunks for longer ones); 16-row tensor-core tiles above; split-K until about 8 programs
@@ -115,7 +124,7 @@ def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> Skin
 
 
 def gemm_config(layout: str, m: int, n: int, k: int, device: str = "") -> GemmConfig:
-    """The tiled product's tiles for T = m > 16 rows: measured (`TUNED`, key M bucket 0), else 64- or 128-token
+    """The tiled product's tiles for T = m > 16 rows: measured (`QUANT_TABLE`, key M bucket 0), else 64- or 128-token
     tiles of 128 weight rows and 128 columns, 3 stages."""
     tuned = _lookup((layout, n, k, 0), device)
     if isinstance(tuned, GemmConfig):
@@ -125,20 +134,9 @@ def gemm_config(layout: str, m: int, n: int, k: int, device: str = "") -> GemmCo
     return GemmConfig(block_m=128, block_n=128, block_k=128 if layout == INT4 else 64, warps=8)
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("triton is not installed: use r1serve.kernels.quant_reference on this machine")
-
-
 if triton is not None:
-    from r1serve.kernels.triton_linear import _split_k_sum, _store_out
-
-    @triton.jit
-    def _pdl_wait(USE_PDL: tl.constexpr):
-        """Programmatic dependent launch: let the next kernel launch, then wait for the one that wrote x."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+    from r1serve.kernels.triton_linear import split_k_sum, store_out
+    from r1serve.kernels.triton_ops import pdl_start
 
     @triton.jit
     def _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
@@ -202,14 +200,14 @@ if triton is not None:
         acc = acc.to(tl.float32)
         last = True
         if SPLIT_K > 1:
-            last, acc = _split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
+            last, acc = split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                                      BLOCK_M, BLOCK_N, SPLIT_K)
         if last:
             if SCALED:
                 acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
             if ACT_QUANT:
                 acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-            _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+            store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit
     def _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
@@ -292,7 +290,7 @@ if triton is not None:
         kw = kw_lo + tl.arange(0, BLOCK_KW)
         nxt = _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn,
                            stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)  # depends on no earlier kernel
-        _pdl_wait(USE_PDL)
+        pdl_start(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)  # FMA: a partial sum per word column, x's rows 0 and 1
         acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
@@ -341,7 +339,7 @@ if triton is not None:
         k_end = k_lo + split_span  # masks compare against K and k_end apart (see _int4_skinny_kernel)
         ks = k_lo + tl.arange(0, BLOCK_K)
         w_next = _load_rows(q_ptr, offs_n, n_mask, ks, (ks < K) & (ks < k_end), stride_qn)  # needs no earlier kernel
-        _pdl_wait(USE_PDL)
+        pdl_start(USE_PDL)
         if INT_DOT:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
         else:
@@ -379,7 +377,7 @@ if triton is not None:
             acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
         if ACT_QUANT:
             acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-        _store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+        store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit
     def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, stride_xm, stride_qn, stride_sn,
@@ -389,7 +387,7 @@ if triton is not None:
         """Tile [BLOCK_M tokens, BLOCK_N weight rows] of x @ W.T with W int4, dequantized per chunk in registers."""
         offs_m, offs_n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m_mask, n_mask = offs_m < M, offs_n < N
-        _pdl_wait(USE_PDL)
+        pdl_start(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -408,7 +406,7 @@ if triton is not None:
         """Tile [BLOCK_M tokens, BLOCK_N weight rows] of x @ W.T with W int8 / fp8 (ACT_QUANT: x quantized)."""
         offs_m, offs_n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m_mask, n_mask = offs_m < M, offs_n < N
-        _pdl_wait(USE_PDL)
+        pdl_start(USE_PDL)
         if INT_DOT:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
         else:
@@ -426,7 +424,7 @@ if triton is not None:
         """One row per program: scale = max|x| / LIMIT (at least the smallest normal float), q = x / scale rounded
         to int8 (half to even, clamped to ±127) or fp8 e4m3 (clamped to ±448); writes q and scale."""
         row = tl.program_id(0).to(tl.int64)
-        _pdl_wait(USE_PDL)
+        pdl_start(USE_PDL)
         amax = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             ks = k0 + tl.arange(0, BLOCK)
@@ -448,12 +446,11 @@ if triton is not None:
 
 # ---------------------------------------------------------------- host side: checks, launches, dispatch
 
-SCALED_MM_FP8 = True  # FP8 act_quant prefill through torch._scaled_mm where it runs (Hopper, Ada); else Triton
 
 
 def _runs_kernels(x: torch.Tensor) -> bool:
     """Whether this call runs the Triton kernels (a CUDA tensor, or any under the interpreter) or the twin."""
-    return triton is not None and (x.is_cuda or _INTERPRET)
+    return triton is not None and (x.is_cuda or INTERPRET)
 
 
 def _check_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -479,19 +476,6 @@ def _check_per_channel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError("per_channel: qweight rows must be contiguous and scales float32 [N]")
 
 
-def _split(config: SkinnyConfig, n: int, k: int, block_m: int) -> tuple[int, int]:
-    """(programs along K, columns per program): `split_k` shares of whole chunks, none empty; one share when the
-    partials or tickets would not fit the workspace."""
-    from r1serve.kernels.triton_linear import _TICKETS, _WORKSPACE_FLOATS
-
-    chunks = triton.cdiv(k, config.block_k)
-    per_split = triton.cdiv(chunks, max(1, min(config.split_k, chunks)))
-    split = triton.cdiv(chunks, per_split)
-    if split > 1 and (split * n * block_m > _WORKSPACE_FLOATS or triton.cdiv(n, config.block_n) > _TICKETS):
-        split, per_split = 1, chunks
-    return split, per_split * config.block_k
-
-
 def _skinny_setup(x: torch.Tensor, n: int, config: SkinnyConfig) -> tuple[torch.Tensor, int, int, int, tuple]:
     """(y [M, N], block_m, split, split span, (workspace, tickets)) of a skinny launch, after its checks."""
     m, k = x.shape
@@ -501,9 +485,9 @@ def _skinny_setup(x: torch.Tensor, n: int, config: SkinnyConfig) -> tuple[torch.
         raise ValueError(f"skinny quantized product: cannot run {config} (block_k a multiple of 16, one row tile, "
                          f"16 rows per block for tensor cores)")
     block_m = 16 if config.dot else m_bucket(m)
-    split, span = _split(config, n, k, block_m)
+    split, span = split_k_shares(config, n, k, block_m)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    space = _workspace(x.device) if split > 1 else (y, y)
+    space = split_k_workspace(x.device) if split > 1 else (y, y)
     return y, block_m, split, span, space
 
 
@@ -511,7 +495,7 @@ def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                 group_size: int, bias: torch.Tensor | None = None, *, config: SkinnyConfig | None = None
                 ) -> torch.Tensor:
     """x [M ≤ 16, K] @ int4 weight.T (+ bias) → [M, N] in one launch; `config` overrides the table / rule."""
-    _require_triton()
+    require_triton("r1serve.kernels.quant_reference")
     _check_int4(x, qweight, scales, zeros, group_size)
     n, (m, k) = qweight.shape[0], x.shape
     config = config or skinny_config(INT4, m, n, k, device_name(x.device))
@@ -533,7 +517,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               group_size: int, bias: torch.Tensor | None = None, *, config: GemmConfig | None = None
               ) -> torch.Tensor:
     """x [M, K] @ int4 weight.T (+ bias) → [M, N], the tiled form (any M; meant for M > 16)."""
-    _require_triton()
+    require_triton("r1serve.kernels.quant_reference")
     _check_int4(x, qweight, scales, zeros, group_size)
     n, (m, k) = qweight.shape[0], x.shape
     config = config or gemm_config(INT4, m, n, k, device_name(x.device))
@@ -553,7 +537,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`quant_reference.quantize_per_token` in one launch: x [T, K] → (x_q [T, K] int8 or float8_e4m3fn,
     scales float32 [T, 1])."""
-    _require_triton()
+    require_triton("r1serve.kernels.quant_reference")
     t, k = x.shape
     to_int8 = fmt == INT8
     x_q = torch.empty((t, k), dtype=torch.int8 if to_int8 else torch.float8_e4m3fn, device=x.device)
@@ -580,7 +564,7 @@ def per_channel_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        config: SkinnyConfig | None = None) -> torch.Tensor:
     """x [M ≤ 16, K] times the int8 / fp8 layout (+ bias) → [M, N]: one launch (two with act_quant, the first
     quantizing x per token)."""
-    _require_triton()
+    require_triton("r1serve.kernels.quant_reference")
     _check_per_channel(x, qweight, scales)
     n, (m, k) = qweight.shape[0], x.shape
     config = config or skinny_config(_layout(qweight), m, n, k, device_name(x.device))
@@ -600,7 +584,7 @@ def per_channel_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      bias: torch.Tensor | None = None, act_quant: bool = False, *,
                      config: GemmConfig | None = None) -> torch.Tensor:
     """x [M, K] times the int8 / fp8 layout (+ bias) → [M, N], the tiled Triton form (any M; meant for M > 16)."""
-    _require_triton()
+    require_triton("r1serve.kernels.quant_reference")
     _check_per_channel(x, qweight, scales)
     n, (m, k) = qweight.shape[0], x.shape
     config = config or gemm_config(_layout(qweight), m, n, k, device_name(x.device))
@@ -620,7 +604,7 @@ def per_channel_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 def _scaled_mm_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     """Whether FP8 act_quant prefill goes to torch._scaled_mm: a CUDA device of compute capability ≥ 8.9 and
     dimensions that are multiples of 16."""
-    return (SCALED_MM_FP8 and x.is_cuda and qweight.dtype == torch.float8_e4m3fn
+    return (x.is_cuda and qweight.dtype == torch.float8_e4m3fn
             and _capability(x.device) >= (8, 9) and x.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0)
 
 
@@ -644,7 +628,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """`quant_reference.int4_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows, the tiled one above."""
     if not _runs_kernels(x):
         return quant_reference.int4_linear(x, qweight, scales, zeros, group_size, bias)
-    x2 = _rows(x)  # [T, K]
+    x2 = triton_ops.as_rows(x)  # [T, K]
     product = int4_skinny if 1 <= x2.shape[0] <= SKINNY_MAX_M else int4_gemm
     y = product(x2, qweight, scales, zeros, group_size, bias)
     return y.view(*x.shape[:-1], qweight.shape[0])
@@ -656,7 +640,7 @@ def per_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     tiled kernel (FP8 act_quant: torch._scaled_mm where it runs)."""
     if not _runs_kernels(x):
         return quant_reference.per_channel_linear(x, qweight, scales, bias, act_quant)
-    x2 = _rows(x)  # [T, K]
+    x2 = triton_ops.as_rows(x)  # [T, K]
     if 1 <= x2.shape[0] <= SKINNY_MAX_M:
         y = per_channel_skinny(x2, qweight, scales, bias, act_quant)
     elif act_quant and _scaled_mm_ok(x2, qweight):

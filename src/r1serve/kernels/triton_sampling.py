@@ -38,28 +38,16 @@ import functools
 
 import torch
 
-try:  # Triton is absent on CPU-only machines
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU machines
-    triton = None
-    tl = None
+from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
 
 __all__ = ["BLOCK", "HAS_TRITON", "LANES", "MAX_ROUNDS", "programs_per_row", "sample"]
 
-HAS_TRITON = triton is not None
 BLOCK = 4096  # tokens per tile: 32 rows of LANES; a lane's column of 32 tokens is a group
 LANES = 128  # one lane per thread
 NUM_WARPS = LANES // 32
 MAX_ROUNDS = 32  # rejection rounds before the fallback to the most likely token
 MAX_VOCAB = 1 << 20  # the Philox counters pack (round, group or token) into 32 bits
 MAX_SPLIT = 128  # programs per row at most (one compiled variant merges up to this many partial answers)
-
-
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("triton is not installed: r1serve.kernels.triton_sampling needs a CUDA machine with "
-                           "Triton; use r1serve.engine.sampler.Sampler on this machine")
 
 
 if triton is not None:
@@ -347,7 +335,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     One kernel launch (two when rows are split over several programs: the barrier flags are zeroed first), no
     host synchronisation, CUDA-graph capturable. `max_split` caps the programs per row (1: never split);
     `passes`, an optional [B] int32 tensor, receives the number of passes each row made over its logits."""
-    _require_triton()
+    require_triton("r1serve.engine.sampler.Sampler")
     _check(logits, {"temperature": (temperature, torch.float32), "top_p": (top_p, torch.float32),
                     "top_k": (top_k, torch.int64), "min_p": (min_p, torch.float32), "seeds": (seeds, torch.int64)})
     batch, vocab = logits.shape

@@ -28,20 +28,30 @@ OPENAI_TOP_P = 1.0
 REASONING_EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": None}
 
 
+def _rule(default: Any, help: str, *, flag: str = "", **bounds: int) -> Any:
+    """A PolicyConfig switch with its server flag's help, the flag's name if it is not the field's, and bounds."""
+    return field(default=default, metadata={"help": help, "flag": flag, "bounds": bounds, "server": True})
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Which usage rules the server applies; each is on by default."""
+    """Which usage rules the server applies; each is on by default. A field's metadata holds its flag's help
+    (`server.settings` makes the flags from them; "flag" where the flag's name differs)."""
 
-    fold_system_prompt: bool = True  # rule 1
-    r1_sampling_defaults: bool = True  # rule 2: defaults and the out-of-range flag
-    enforce_temperature: bool = False  # rule 2: clamp into R1_TEMPERATURE_RANGE
-    force_thinking: bool = True  # rule 3
-    strip_history_reasoning: bool = True  # rule 4
-    reasoning_split: bool = True  # rule 5
-    reasoning_field_alias: bool = True  # rule 5: `reasoning` (vLLM's name) beside `reasoning_content`
-    thinking_budget: bool = True  # rule 7: honour max_thinking_tokens
-    default_max_thinking_tokens: int | None = None  # rule 7: budget of requests that set none
-    repetition_guard: bool = True  # rule 8
+    fold_system_prompt: bool = _rule(True, "rule 1: fold system messages into the first user turn")
+    r1_sampling_defaults: bool = _rule(
+        True, "rule 2: temperature 0.6 / top_p 0.95 if omitted; flag temperature outside 0.5-0.7")
+    enforce_temperature: bool = _rule(False, "rule 2: clamp temperature into 0.5-0.7")  # R1_TEMPERATURE_RANGE
+    force_thinking: bool = _rule(True, "rule 3: the prompt ends with `<think>\\n`")
+    strip_history_reasoning: bool = _rule(
+        True, "rule 4: earlier assistant turns keep only their text after </think>")
+    reasoning_split: bool = _rule(True, "rule 5: reasoning_content apart from content")
+    reasoning_field_alias: bool = _rule(
+        True, "rule 5: send the reasoning also as `reasoning` (vLLM's name) beside reasoning_content")
+    thinking_budget: bool = _rule(True, "rule 7: honour max_thinking_tokens")
+    default_max_thinking_tokens: int | None = _rule(
+        None, "rule 7: default thinking budget of requests that set none", flag="max_thinking_tokens", ge=0)
+    repetition_guard: bool = _rule(True, "rule 8: stop looping streams (finish_reason 'repetition')")
     default_temperature: float = R1_TEMPERATURE  # rule 2's defaults (--generation-config may change them)
     default_top_p: float = R1_TOP_P
 

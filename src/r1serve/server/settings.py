@@ -2,61 +2,66 @@
 
 The command-line flags are generated from this model (`r1serve.server.cli`), tests and embedders build it
 directly, and `create_app` reads it: one definition, so the flags, the defaults, `--help` and the validation
-never drift apart. Engine options carry vLLM's names and map one-to-one onto `EngineConfig`; the usage-rule
-switches (DESIGN.md rules 1-8) are each on by default and map onto `PolicyConfig`. Invalid combinations are
-refused here, before anything is loaded, with a message that names the flag.
+never drift apart. The engine options are `EngineConfig`'s fields (vLLM's names) and the usage-rule switches
+(DESIGN.md rules 1-8, each on by default) `PolicyConfig`'s: their types, defaults, bounds and help are declared
+once there (`dataclasses` field metadata) and become fields of `EngineOptions` / `RuleOptions` here. Invalid
+combinations are refused here, before anything is loaded, with a message that names the flag.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
 
-from r1serve.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
+from r1serve.config import EngineConfig, QuantizationFlag
 from r1serve.sampling_params import R1_TEMPERATURE, R1_TOP_P
 from r1serve.server.policy import PolicyConfig
 
 # What `--quantization` accepts ("none": as the checkpoint's config.json says; docs/quantization.md).
-QUANTIZATION_CHOICES = ("none", *QUANTIZATION_METHODS)
+QUANTIZATION_CHOICES: tuple[str, ...] = QuantizationFlag.__args__  # type: ignore[attr-defined]
+# A flag cannot pass None: `--quantization none` (the default) says "as the checkpoint's config.json says".
+_FLAG_DEFAULTS: dict[str, tuple[Any, Any]] = {"quantization": (QuantizationFlag, "none")}
+FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
-class ServerSettings(BaseModel):
-    """Options of `r1serve serve` (flag `--foo-bar` is field `foo_bar`; booleans also have `--no-foo-bar`)."""
+def _options(config: type) -> dict[str, tuple[Any, Any]]:
+    """Pydantic field definitions of a dataclass's server options (fields whose metadata has help), by flag
+    name: the dataclass's type, default, bounds and help."""
+    hints = typing.get_type_hints(config)
+    options: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("server"):
+            continue
+        annotation, default = _FLAG_DEFAULTS.get(f.name, (hints[f.name], f.default))
+        options[f.metadata.get("flag") or f.name] = (
+            annotation, Field(default, description=f.metadata["help"], **f.metadata["bounds"]))
+    return options
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # --- model and engine (names follow vLLM) ---
-    model: str = Field(DEFAULT_MODEL, description="model folder or Hugging Face id")
+def _field_names(config: type) -> dict[str, str]:
+    """flag name -> the dataclass field it sets, for the server options of `config`."""
+    return {f.metadata.get("flag") or f.name: f.name for f in dataclasses.fields(config) if f.metadata.get("server")}
+
+
+EngineOptions = create_model("EngineOptions", __config__=FROZEN, **_options(EngineConfig))  # type: ignore[call-overload]
+RuleOptions = create_model("RuleOptions", __base__=EngineOptions, **_options(PolicyConfig))  # type: ignore[call-overload]
+
+
+class ServerSettings(RuleOptions):  # type: ignore[misc,valid-type]
+    """Options of `r1serve serve` (flag `--foo-bar` is field `foo_bar`; booleans also have `--no-foo-bar`): the
+    engine's and the usage rules' (from `EngineConfig` and `PolicyConfig`), then the server's own."""
+
+    model_config = FROZEN
+
     served_model_name: list[str] = Field(
         default_factory=list, description="extra name the model answers to (repeatable)")
-    tokenizer: str | None = Field(None, description="tokenizer folder (default: the model's)")
-    revision: str | None = Field(None, description="model revision on the Hugging Face hub")
-    load_format: Literal["auto", "safetensors", "dummy"] = Field(
-        "auto", description="'dummy' builds random weights (no checkpoint needed)")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="weight dtype")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
-    seed: int = Field(0, description="seed of dummy weights and of requests without their own seed")
-    max_model_len: int = Field(4096, gt=0, description="context window: prompt + output tokens")
-    max_num_seqs: int = Field(256, gt=0, description="sequences decoded together (also the most `n` allowed)")
-    max_num_batched_tokens: int = Field(8192, gt=0, description="token budget of one engine step")
-    block_size: int = Field(16, gt=0, description="tokens per KV-cache block")
-    gpu_memory_utilization: float = Field(
-        0.90, gt=0.0, le=1.0, description="fraction of GPU memory r1serve may use (weights + KV cache)")
-    kv_cache_space: float = Field(4.0, gt=0.0, description="GiB of KV cache when running on CPU")
-    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of shared prompt prefixes")
-    enforce_eager: bool = Field(False, description="no CUDA graphs")
     engine_process: bool = Field(
         True, description="run the engine in a child process, off the HTTP server's GIL (--no-: on a thread)")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (only 1 is supported yet)")
-    quantization: Literal[QUANTIZATION_CHOICES] = Field(  # type: ignore[valid-type]
-        "none", description="weight quantization (none: as config.json's quantization_config says)")
-    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(  # type: ignore[valid-type]
-        "auto", description="KV-cache dtype: auto = the model's; fp8 (= fp8_e4m3) holds twice the tokens")
-    num_cpu_threads: int | None = Field(
-        None, gt=0, description="threads of a CPU engine (default: every core; the HTTP process keeps one)")
 
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
@@ -97,27 +102,8 @@ class ServerSettings(BaseModel):
     generation_config: str = Field(
         "auto", description="'auto': the R1 sampling defaults (the model's generation_config.json); 'vllm': "
                             "OpenAI's 1.0 / 1.0; a folder: the temperature and top_p of its generation_config.json")
-    download_dir: str | None = Field(None, description="where hub downloads go (default: the Hugging Face cache)")
     max_logprobs: int = Field(20, ge=0, description="accepted: logprobs are not supported yet (a request asking "
                                                     "for them gets 400)")
-
-    # --- the R1 usage rules (DESIGN.md), each on by default ---
-    fold_system_prompt: bool = Field(
-        True, description="rule 1: fold system messages into the first user turn")
-    r1_sampling_defaults: bool = Field(
-        True, description="rule 2: temperature 0.6 / top_p 0.95 if omitted; flag temperature outside 0.5-0.7")
-    enforce_temperature: bool = Field(False, description="rule 2: clamp temperature into 0.5-0.7")
-    force_thinking: bool = Field(True, description="rule 3: the prompt ends with `<think>\\n`")
-    strip_history_reasoning: bool = Field(
-        True, description="rule 4: earlier assistant turns keep only their text after </think>")
-    reasoning_split: bool = Field(True, description="rule 5: reasoning_content apart from content")
-    reasoning_field_alias: bool = Field(
-        True, description="rule 5: send the reasoning also as `reasoning` (vLLM's name) beside reasoning_content")
-    thinking_budget: bool = Field(True, description="rule 7: honour max_thinking_tokens")
-    max_thinking_tokens: int | None = Field(
-        None, ge=0, description="rule 7: default thinking budget of requests that set none")
-    repetition_guard: bool = Field(
-        True, description="rule 8: stop looping streams (finish_reason 'repetition')")
 
     @field_validator("served_model_name", "allowed_origins", "allowed_methods", "allowed_headers", mode="before")
     @classmethod
@@ -167,28 +153,12 @@ class ServerSettings(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         """The `EngineConfig` these settings describe."""
-        return EngineConfig(
-            model=self.model, tokenizer=self.tokenizer, revision=self.revision, load_format=self.load_format,
-            dtype=self.dtype, device=self.device, seed=self.seed, max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_space=self.kv_cache_space, enable_prefix_caching=self.enable_prefix_caching,
-            enforce_eager=self.enforce_eager, tensor_parallel_size=self.tensor_parallel_size,
-            quantization=None if self.quantization == "none" else self.quantization,
-            download_dir=self.download_dir,
-            kv_cache_dtype=self.kv_cache_dtype, num_cpu_threads=self.num_cpu_threads,
-        )
+        values = {name: getattr(self, flag) for flag, name in _field_names(EngineConfig).items()}
+        return EngineConfig(**{**values, "quantization": None if self.quantization == "none" else self.quantization})
 
     def policy_config(self) -> PolicyConfig:
         """The usage-rule switches these settings describe."""
-        switches: dict[str, Any] = dict(
-            fold_system_prompt=self.fold_system_prompt, r1_sampling_defaults=self.r1_sampling_defaults,
-            enforce_temperature=self.enforce_temperature, force_thinking=self.force_thinking,
-            strip_history_reasoning=self.strip_history_reasoning, reasoning_split=self.reasoning_split,
-            reasoning_field_alias=self.reasoning_field_alias,
-            thinking_budget=self.thinking_budget, default_max_thinking_tokens=self.max_thinking_tokens,
-            repetition_guard=self.repetition_guard,
-        )
+        switches = {name: getattr(self, flag) for flag, name in _field_names(PolicyConfig).items()}
         return PolicyConfig(**{**switches, **self._sampling_defaults()})
 
     def _sampling_defaults(self) -> dict[str, Any]:
