@@ -137,6 +137,17 @@ def test_logprobs_are_of_the_raw_distribution_and_skip_the_prefix_cache(llm: LLM
             assert logprob == pytest.approx(float(reference[len(PROMPT) - 1 + i, token]), abs=1e-4)
 
 
+def test_prompt_logprobs_equal_the_sampled_tokens_logprobs(llm: LLM) -> None:
+    """The prompt path (every position's logits, through the lm_head in chunks) and the sampling path agree: the
+    output fed back as a prompt gets the logprobs it was sampled with."""
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True, logprobs=2)
+    sample = llm.generate([PROMPT], params)[0].outputs[0]
+    again = llm.generate([PROMPT + sample.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    fed_back = again.prompt_logprobs[len(PROMPT):]
+    assert [e[0] for e in fed_back] == pytest.approx([e[0] for e in sample.logprobs], abs=1e-4)
+    assert [e[1] for e in fed_back] == [e[1] for e in sample.logprobs]
+
+
 def test_requests_that_do_not_ask_get_none(llm: LLM) -> None:
     asks = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=1)
     plain = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)

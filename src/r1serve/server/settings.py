@@ -98,8 +98,8 @@ class ServerSettings(BaseModel):
         "auto", description="'auto': the R1 sampling defaults (the model's generation_config.json); 'vllm': "
                             "OpenAI's 1.0 / 1.0; a folder: the temperature and top_p of its generation_config.json")
     download_dir: str | None = Field(None, description="where hub downloads go (default: the Hugging Face cache)")
-    max_logprobs: int = Field(20, ge=0, description="accepted: logprobs are not supported yet (a request asking "
-                                                    "for them gets 400)")
+    max_logprobs: int = Field(20, ge=0, description="the most top logprobs a request may ask for (chat "
+                                                    "top_logprobs, completions logprobs); more is a 400")
 
     # --- the R1 usage rules (DESIGN.md), each on by default ---
     fold_system_prompt: bool = Field(
