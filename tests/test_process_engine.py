@@ -102,11 +102,14 @@ def test_a_slow_consumer_gets_merged_outputs_that_add_up(engine: ProcessEngine) 
 def test_merged_deltas_join_each_samples_text_and_ids_in_order() -> None:
     from r1serve.engine.process_engine import _merge_deltas
 
-    deltas = [("r", False, 3, [(0, "a", [1], None, None), (1, "x", [7], None, None)]),
-              ("r", False, 3, [(1, "y", [8], "stop", "</s>")]),
-              ("r", True, 3, [(0, "b", [2, 3], "length", None)])]
-    assert _merge_deltas(deltas) == ("r", True, 3, [(0, "ab", [1, 2, 3], "length", None),
-                                                     (1, "xy", [7, 8], "stop", "</s>")])
+    deltas = [("r", False, 3, [(0, "a", [1], None, None, [(-1.0, (), ())]), (1, "x", [7], None, None, None)],
+               [None, (-4.0, (), ())]),
+              ("r", False, 3, [(1, "y", [8], "stop", "</s>", None)], None),
+              ("r", True, 3, [(0, "b", [2, 3], "length", None, [(-2.0, (), ()), (-3.0, (), ())])], None)]
+    assert _merge_deltas(deltas) == ("r", True, 3, [(0, "ab", [1, 2, 3], "length", None,
+                                                      [(-1.0, (), ()), (-2.0, (), ()), (-3.0, (), ())]),
+                                                     (1, "xy", [7, 8], "stop", "</s>", None)],
+                                     [None, (-4.0, (), ())])
     assert _merge_deltas(deltas[:1]) is deltas[0]
 
 

@@ -257,7 +257,9 @@ def test_stop_string_ends_the_output(client: OpenAI) -> None:
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MODEL_LEN}, 400,
      "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": MAX_NUM_SEQS + 1}, 400, "n"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": -1}, 400,
+     "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop[0]"),
 ])
 def test_bad_chat_input_gets_an_openai_error(server: ServerHandle, body: Any, status: int, param: str | None) -> None:
@@ -274,7 +276,7 @@ def test_bad_chat_input_gets_an_openai_error(server: ServerHandle, body: Any, st
 def test_bad_completion_input_and_unknown_route(server: ServerHandle) -> None:
     cases = [({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": [-1]}, "prompt[0]"),
              ({"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
-             ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
+             ({"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
              ({"model": MODEL, "prompt": ["a", "b"]}, "prompt")]
     for body, param in cases:
         response = post(server, "/v1/completions", body)

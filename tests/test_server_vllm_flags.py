@@ -28,13 +28,14 @@ def test_a_vllm_recipe_parses_with_several_served_names() -> None:
     assert settings.model_names()[:2] == ["r1", "r1-distill"]
     assert settings.engine_config().download_dir == "/tmp/hf"
     assert settings.disable_log_requests and settings.uvicorn_log_level == "warning"
+    assert settings.max_logprobs == 5  # a real limit now (server/logprobs.py), not a flag merely accepted
 
 
 def test_accepted_flags_each_get_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="r1serve.server"):
         log_accepted_flags(parse_settings(RECIPE))
     for flag in ("--trust-remote-code", "--reasoning-parser deepseek_r1", "--enable-reasoning",
-                 "--enable-chunked-prefill", "--max-logprobs"):
+                 "--enable-chunked-prefill"):
         assert sum(flag in r.getMessage() for r in caplog.records) == 1, flag
 
 

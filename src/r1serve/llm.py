@@ -95,4 +95,6 @@ def _merge(final: dict[str, RequestOutput], out: RequestOutput) -> None:
     by_index = {c.index: c for c in previous.outputs}
     by_index.update({c.index: c for c in out.outputs})
     out.outputs = [by_index[i] for i in sorted(by_index)]
+    if out.prompt_logprobs is None:  # reported once, in an earlier output
+        out.prompt_logprobs = previous.prompt_logprobs
     final[out.request_id] = out

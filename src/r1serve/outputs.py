@@ -11,9 +11,10 @@ never read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort", "repetition"]
+Logprobs = list[Any]  # of engine.logprobs.TokenLogprob (None for a prompt's first token): this module imports none
 
 
 class TextBuffer:
@@ -46,14 +47,17 @@ class CompletionOutput:
 
     `text` is the text as it was when this output was made (read lazily from the sample's `TextBuffer`);
     `token_ids` is the sample's live list while it runs (no per-step copy): copy it to keep a snapshot.
+    `logprobs` / `delta_logprobs` (one `TokenLogprob` per token of `token_ids` / `delta_token_ids`) are None unless
+    the request asked for them.
     """
 
     __slots__ = ("index", "_text", "_text_length", "token_ids", "finish_reason", "stop_reason", "delta_text",
-                 "delta_token_ids")
+                 "delta_token_ids", "logprobs", "delta_logprobs")
 
     def __init__(self, index: int, text: str | TextBuffer = "", token_ids: list[int] | None = None,
                  finish_reason: FinishReason | None = None, stop_reason: str | int | None = None,
-                 delta_text: str = "", delta_token_ids: list[int] | None = None) -> None:
+                 delta_text: str = "", delta_token_ids: list[int] | None = None, logprobs: Logprobs | None = None,
+                 delta_logprobs: Logprobs | None = None) -> None:
         self.index = index
         self._text = text
         self._text_length = text.length if isinstance(text, TextBuffer) else len(text)
@@ -62,6 +66,8 @@ class CompletionOutput:
         self.stop_reason = stop_reason  # the stop string or token id that ended it, if any
         self.delta_text = delta_text
         self.delta_token_ids = [] if delta_token_ids is None else delta_token_ids
+        self.logprobs = logprobs
+        self.delta_logprobs = delta_logprobs
 
     @property
     def text(self) -> str:
@@ -86,6 +92,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first sample's)
+    prompt_logprobs: Logprobs | None = None  # when asked: in the first output after the prompt is computed
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
@@ -104,7 +111,10 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         if earlier:
             newest.delta_text = "".join([c.delta_text for c in earlier] + [newest.delta_text])
             newest.delta_token_ids = [t for c in (*earlier, newest) for t in c.delta_token_ids]
+            if newest.delta_logprobs is not None:
+                newest.delta_logprobs = [e for c in (*earlier, newest) for e in c.delta_logprobs or ()]
         samples.append(newest)
     last = outputs[-1]
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, samples, last.finished,
-                         last.num_cached_tokens)
+                         last.num_cached_tokens, prompt_logprobs)

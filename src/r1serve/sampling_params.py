@@ -51,6 +51,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     max_thinking_tokens: int | None = None  # usage rule 7: close the reasoning after this many tokens
     repetition_guard: RepetitionGuard | None = None  # usage rule 8
+    logprobs: int | None = None  # each sampled token's logprob and this many top ones (engine/logprobs.py)
+    prompt_logprobs: int | None = None  # the same for the prompt tokens (the first one has none)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +79,9 @@ class SamplingParams:
              "must be non-negative"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(_is_token_id(t) for t in self.stop_token_ids), "must be non-negative token ids"),
+            ("logprobs", self.logprobs is None or _is_token_id(self.logprobs), "must be None or non-negative"),
+            ("prompt_logprobs", self.prompt_logprobs is None or _is_token_id(self.prompt_logprobs),
+             "must be None or non-negative"),
         ]
         for name, ok, why in errors:
             if not ok:

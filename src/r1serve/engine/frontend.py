@@ -25,7 +25,7 @@ from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.llm_engine import EngineStats
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
-from r1serve.outputs import FinishReason, RequestOutput, merge_outputs
+from r1serve.outputs import FinishReason, Logprobs, RequestOutput, merge_outputs
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer
 
@@ -66,10 +66,10 @@ Command = Add | Abort | Shutdown
 # cross the pipe once per request per step, and a step's list of NamedTuples took 4.4x the time of tuples to
 # build, pickle and unpickle (932 vs 208 us at 256 requests): each one pays Python's reduce and `__new__`. Their
 # shapes are declared here once; code reads them by unpacking into named variables or through the accessors below.
-SampleDelta = tuple[int, str, list[int], FinishReason | None, str | int | None]
-"""(index, delta_text, delta_token_ids, finish_reason, stop_reason)"""
-RequestDelta = tuple[str, bool, int, list[SampleDelta]]
-"""(request_id, finished, num_cached_tokens, samples)"""
+SampleDelta = tuple[int, str, list[int], FinishReason | None, str | int | None, Logprobs | None]
+"""(index, delta_text, delta_token_ids, finish_reason, stop_reason, delta_logprobs: None unless asked)"""
+RequestDelta = tuple[str, bool, int, list[SampleDelta], Logprobs | None]
+"""(request_id, finished, num_cached_tokens, samples, prompt_logprobs: None unless asked, and sent once)"""
 
 
 def delta_request_id(delta: RequestDelta) -> str:

@@ -20,6 +20,7 @@ import torch
 from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.block_manager import BlockManager
 from r1serve.engine.detokenizer import IncrementalDetokenizer
+from r1serve.engine.logprobs import StepLogprobs, TokenLogprob, record_prompt, wants_logprobs
 from r1serve.engine.model_runner import ModelRunner, Runner, RunnerFactory, SampledTokens
 from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
@@ -95,6 +96,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
+        self.num_logprob_requests = 0  # live requests asking for logprobs: their steps compute them
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         # The block table (one object per KV block: ~10^5 on a GPU) and the weights' wrappers live as long as the
@@ -128,6 +130,7 @@ class LLMEngine:
             request.seqs.append(self._new_sequence(request, index))
         self.requests[request_id] = request
         self.num_sync_requests += params.needs_penalties
+        self.num_logprob_requests += wants_logprobs(params)
         for seq in request.seqs:
             forced: list[int] = []
             self._apply_thinking_budget(seq, forced)  # a budget of 0 closes the reasoning at once
@@ -173,6 +176,7 @@ class LLMEngine:
             outputs += self._read(done)
         previous, self.in_flight = self.in_flight, None
         sched = self.scheduler.schedule()
+        sched.logprobs = self.num_logprob_requests > 0
         if not sched.is_empty:
             try:
                 self.in_flight = InFlight(sched, self.runner.execute(sched))
@@ -191,7 +195,7 @@ class LLMEngine:
         except Exception as error:
             raise_if_device_failure(error)
             return self._fail(done.sched)
-        return self._process(done.sched, tokens)
+        return self._process(done.sched, tokens, done.sampled.logprobs)
 
     def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """A step failed to launch: each of its requests runs again in a step of its own (recomputing the same
@@ -209,14 +213,16 @@ class LLMEngine:
             if part.is_empty:
                 continue
             try:
-                tokens = self.runner.execute(part).tolist()
+                part.logprobs = sched.logprobs
+                sampled = self.runner.execute(part)
+                tokens = sampled.tolist()
             except Exception as part_error:
                 raise_if_device_failure(part_error)
                 logger.error("request %s failed (%s: %s); aborting it", request_id, type(part_error).__name__,
                              part_error)
                 outputs += self._abort_failed(request_id)
                 continue
-            outputs += self._process(part, tokens)
+            outputs += self._process(part, tokens, sampled.logprobs)
         return outputs
 
     def _abort_failed(self, request_id: str) -> list[RequestOutput]:
@@ -237,21 +243,27 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         return self._abort_scheduled(sched)
 
-    def _process(self, sched: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
+    def _process(self, sched: SchedulerOutput, sampled: list[int],
+                 logprobs: StepLogprobs | None = None) -> list[RequestOutput]:
         progressed: dict[str, list[Sequence]] = {}
-        tokens = iter(sampled)
-        for item in sched.scheduled:
+        sample_logprobs, prompt_logprobs = logprobs.unpack() if logprobs is not None else ({}, {})
+        for i, item in enumerate(sched.scheduled):
             seq = item.seq
             if item.start < seq.num_prompt_tokens:  # a prompt chunk (decodes skip the call)
                 self._count_prompt_tokens(seq, item.start, item.num_new_tokens)
+                if i in prompt_logprobs and seq.request.prompt_logprobs is not None:
+                    record_prompt(seq.request.prompt_logprobs, item.start + 1, prompt_logprobs[i])
+        row = 0
+        for item in sched.scheduled:
             if not item.samples:
                 continue
-            token = next(tokens)
+            seq, token, logprob = item.seq, sampled[row], sample_logprobs.get(row)
+            row += 1
             if seq.is_finished or item.epoch != seq.epoch:  # aborted, or its tokens changed while it ran
                 continue
             seq.num_pending -= 1
             try:
-                self._append_token(seq, token)
+                self._append_token(seq, token, logprob)
             except Exception:
                 logger.exception("request %s failed; aborting it", seq.request.request_id)
                 self._finish(seq, "abort")
@@ -274,13 +286,14 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.num_sync_requests -= request.params.needs_penalties
+            self.num_logprob_requests -= wants_logprobs(request.params)
         return request
 
     def _count_prompt_tokens(self, seq: Sequence, start: int, num_new: int) -> None:
         self.num_prompt_tokens += max(0, min(start + num_new, seq.num_prompt_tokens) - start)
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        seq.append_tokens([token])
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
+        seq.append_tokens([token], logprob)
         self.num_generation_tokens += 1
         new_ids = [token]
         if token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:

@@ -22,6 +22,7 @@ from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.cuda_graphs import DecodeGraphs
 from r1serve.engine.device import resolve_device, resolve_dtype
 from r1serve.engine.input_batch import InputPacker, StepInputs
+from r1serve.engine.logprobs import StepLogprobs, gather_step, plan_step
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
@@ -207,16 +208,22 @@ class ModelRunner:
         inputs = self.packer.pack(sched)
         if len(inputs.pending_dst):  # decodes of tokens the previous step sampled: fill them in on the device
             inputs.input_ids.index_copy_(0, inputs.pending_dst, self.last_sampled.index_select(0, inputs.pending_src))
-        hidden = self._forward(inputs)
+        all_hidden = hidden = self._forward(inputs)
         sampling = [s.seq for s in sched.scheduled if s.samples]
+        plan = plan_step(sched) if sched.logprobs else None
         if not sampling:
-            return SampledTokens(None, None)
+            if plan is None:
+                return SampledTokens(None, None)
+            return self._to_host(None, gather_step(plan, hidden[:0], hidden.new_empty(0, dtype=torch.int64),
+                                                   hidden, self.model.compute_logits))
         if len(sampling) < hidden.shape[0]:  # else every row samples, in order (decodes): no gather
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
         batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
-        self.last_sampled = self.sampler(logits, batch)
-        return self._to_host(self.last_sampled)
+        self.last_sampled = self.sampler(logits, batch)  # (the sampler leaves `logits` as they are: raw)
+        logprobs = None if plan is None else gather_step(plan, logits, self.last_sampled, all_hidden,
+                                                          self.model.compute_logits)
+        return self._to_host(self.last_sampled, logprobs)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.meta
@@ -225,11 +232,18 @@ class ModelRunner:
                                    meta.block_tables)
         return self.model(inputs.input_ids, inputs.positions, meta, self.kv_caches)  # [num_tokens, hidden]
 
-    def _to_host(self, sampled: torch.Tensor) -> SampledTokens:
-        """Starts the copy of the sampled ids to the host (pinned, non-blocking on CUDA; two buffers in turn, since
-        a step's tokens are read only after the next step has launched)."""
+    def _to_host(self, sampled: torch.Tensor | None, logprobs: StepLogprobs | None = None) -> SampledTokens:
+        """Starts the copy of the sampled ids (and of the logprobs some rows asked for) to the host (pinned,
+        non-blocking on CUDA; two buffers in turn, since a step's tokens are read only after the next step has
+        launched). One event covers both copies."""
         if self.device.type != "cuda":
-            return SampledTokens(sampled, None)
+            return SampledTokens(sampled, None, logprobs)
+        if logprobs is not None:
+            logprobs.start_copy()
+        if sampled is None:
+            done = torch.cuda.Event()
+            done.record()
+            return SampledTokens(None, done, logprobs)
         self._turn ^= 1
         if self._host_ids[self._turn].numel() < sampled.numel():
             self._host_ids[self._turn] = torch.empty(max(sampled.numel(), self.config.max_num_seqs),
@@ -238,19 +252,22 @@ class ModelRunner:
         host.copy_(sampled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return SampledTokens(host, done)
+        return SampledTokens(host, done, logprobs)
 
 
 class SampledTokens:
-    """One step's sampled token ids, on their way to the host; `tolist()` waits for them."""
+    """One step's sampled token ids, on their way to the host; `tolist()` waits for them. `logprobs`, when some
+    row asked, come with them (read after `tolist()`, same event)."""
 
-    def __init__(self, ids: torch.Tensor | None, ready: torch.cuda.Event | None) -> None:
+    def __init__(self, ids: torch.Tensor | None, ready: torch.cuda.Event | None,
+                 logprobs: StepLogprobs | None = None) -> None:
         self._ids = ids
         self._ready = ready
+        self.logprobs = logprobs
 
     def tolist(self) -> list[int]:
-        if self._ids is None:
-            return []
         if self._ready is not None:
             self._ready.synchronize()
+        if self._ids is None:
+            return []
         return self._ids.tolist()

@@ -44,35 +44,41 @@ from r1serve.engine.frontend import (
 from r1serve.engine.llm_engine import EngineStats, LLMEngine, ModelFiles
 from r1serve.errors import EngineDeadError
 from r1serve.logs import LogConfig
-from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
+from r1serve.outputs import CompletionOutput, FinishReason, Logprobs, RequestOutput, TextBuffer
 
 logger = logging.getLogger("r1serve")
 
 
 def _to_deltas(outputs: list[RequestOutput]) -> list[RequestDelta]:
     return [(o.request_id, o.finished, o.num_cached_tokens,
-             [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason) for c in o.outputs])
+             [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason, c.delta_logprobs)
+              for c in o.outputs], o.prompt_logprobs)
             for o in outputs]
 
 
 def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
-    """Consecutive deltas of one request as one: each sample's text and token ids joined in order, its finish
-    and stop reasons where one arrived, the last delta's finished flag and cached-token count."""
+    """Consecutive deltas of one request as one: each sample's text, token ids (and logprobs) joined in order,
+    its finish and stop reasons where one arrived, the last delta's finished flag and cached-token count, the
+    prompt logprobs of the delta that had them."""
     if len(deltas) == 1:
         return deltas[0]
     texts: dict[int, list[str]] = {}
     token_ids: dict[int, list[int]] = {}
+    logprobs: dict[int, Logprobs] = {}
     ends: dict[int, tuple[FinishReason | None, str | int | None]] = {}
-    for _, _, _, samples in deltas:
-        for index, text, ids, finish_reason, stop_reason in samples:
+    for _, _, _, samples, _ in deltas:
+        for index, text, ids, finish_reason, stop_reason, entries in samples:
             texts.setdefault(index, []).append(text)
             token_ids.setdefault(index, []).extend(ids)
+            if entries is not None:
+                logprobs.setdefault(index, []).extend(entries)
             if finish_reason is not None:
                 ends[index] = (finish_reason, stop_reason)
-    request_id, finished, num_cached, _ = deltas[-1]
-    merged: list[SampleDelta] = [(i, "".join(texts[i]), token_ids[i], *ends.get(i, (None, None)))
+    request_id, finished, num_cached, _, _ = deltas[-1]
+    prompt_logprobs = next((d[4] for d in deltas if d[4] is not None), None)
+    merged: list[SampleDelta] = [(i, "".join(texts[i]), token_ids[i], *ends.get(i, (None, None)), logprobs.get(i))
                                  for i in sorted(texts)]
-    return request_id, finished, num_cached, merged
+    return request_id, finished, num_cached, merged, prompt_logprobs
 
 
 def _child_main(config: EngineConfig, commands: Connection, results: Connection,
@@ -136,6 +142,7 @@ def _picklable(error: BaseException) -> BaseException:
 class _Sample:
     text: TextBuffer = field(default_factory=TextBuffer)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: Logprobs | None = None  # when the request asked
 
 
 @dataclass
@@ -232,23 +239,27 @@ class ProcessEngine(StreamingEngine):
         return self._rebuild(_merge_deltas(deltas))
 
     def _rebuild(self, delta: RequestDelta) -> RequestOutput:
-        request_id, finished, num_cached, samples = delta
+        request_id, finished, num_cached, samples, prompt_logprobs = delta
         state = self._requests.get(request_id) or _RequestState(None, [])  # (forgotten: only this delta's text)
         outputs = []
-        for index, text, token_ids, finish_reason, stop_reason in samples:
+        for index, text, token_ids, finish_reason, stop_reason, entries in samples:
             sample = state.samples.setdefault(index, _Sample())
             sample.text.append(text)
             sample.token_ids.extend(token_ids)
+            if entries is not None:
+                sample.logprobs = sample.logprobs if sample.logprobs is not None else []
+                sample.logprobs.extend(entries)
             outputs.append(CompletionOutput(index, sample.text, sample.token_ids, finish_reason, stop_reason,
-                                            text, token_ids))
+                                            text, token_ids, sample.logprobs, entries))
         if finished:
             self._requests.pop(request_id, None)
-        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished, num_cached)
+        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished, num_cached,
+                             prompt_logprobs)
 
     def _fail_remaining(self) -> None:
         """The child has shut down: streams still open end with finish_reason "abort"."""
         for request_id in list(self._requests):
-            aborted: RequestDelta = (request_id, True, 0, [(0, "", [], "abort", None)])
+            aborted: RequestDelta = (request_id, True, 0, [(0, "", [], "abort", None, None)], None)
             self._route([(request_id, aborted)])
 
     def shutdown(self, timeout: float = 10.0) -> None:

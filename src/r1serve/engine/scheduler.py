@@ -38,6 +38,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    logprobs: bool = False  # some live request asks for logprobs (set by the engine; engine/logprobs.py)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -130,7 +131,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Look the prefix up and allocate the first chunk; None (and no change) if the blocks are not there."""
-        matched = self.block_manager.match_prefix(seq)
+        matched = 0 if _needs_prompt_logits(seq) else self.block_manager.match_prefix(seq)
         if seq.num_output_tokens == 0:
             seq.num_cached_tokens = matched
         num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -156,6 +157,13 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _needs_prompt_logits(seq: Sequence) -> bool:
+    """A prompt whose logprobs are still to compute needs the logits of every position: a cached prefix has
+    none, so it skips the prefix cache (its siblings do not: only the first sample reports them)."""
+    recorded = seq.request.prompt_logprobs
+    return recorded is not None and seq.index == 0 and len(recorded) < seq.num_prompt_tokens
 
 
 def _ends_by_length(seq: Sequence) -> bool:

@@ -20,6 +20,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from r1serve.engine.logprobs import FORCED, TokenLogprob
 from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
 from r1serve.sampling_params import SamplingParams
 
@@ -61,10 +62,13 @@ class Sequence:
     defer_text: bool = False  # decode the text once at the end (nobody reads it before, and no stop strings)
     text: TextBuffer = field(default_factory=TextBuffer)  # all text emitted so far
     pending_text: list[str] = field(default_factory=list)  # pieces of text produced since the last RequestOutput
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asks
 
     def __post_init__(self) -> None:
         if not self.output_ids:
             self.output_ids = self.token_ids[self.num_prompt_tokens:]
+        if self.request.params.logprobs is not None:
+            self.logprobs = [FORCED] * len(self.output_ids)
 
     @property
     def params(self) -> SamplingParams:
@@ -88,9 +92,13 @@ class Sequence:
         if piece:
             self.pending_text.append(piece)
 
-    def append_tokens(self, token_ids: list[int]) -> None:
+    def append_tokens(self, token_ids: list[int], logprob: TokenLogprob | None = None) -> None:
+        """Appends output tokens; with logprobs asked, `logprob` is the one sampled token's (forced tokens have
+        none)."""
         self.token_ids.extend(token_ids)
         self.output_ids.extend(token_ids)
+        if self.logprobs is not None:
+            self.logprobs.extend([logprob or FORCED] if len(token_ids) == 1 else [FORCED] * len(token_ids))
 
     @property
     def is_finished(self) -> bool:
@@ -98,13 +106,15 @@ class Sequence:
 
     def to_output(self) -> CompletionOutput:
         """The cumulative output so far plus the delta since the previous call."""
-        delta_ids = self.output_ids[self.num_emitted_tokens:]
+        start = self.num_emitted_tokens
+        delta_ids = self.output_ids[start:]
         self.num_emitted_tokens += len(delta_ids)
         delta_text = "".join(self.pending_text)
         self.pending_text.clear()
         return CompletionOutput(
             index=self.index, text=self.text, token_ids=self.output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids,
+            logprobs=self.logprobs, delta_logprobs=None if self.logprobs is None else self.logprobs[start:],
         )
 
 
@@ -119,6 +129,12 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     num_finished: int = 0  # samples that have finished (the engine counts them as they end)
     stream: bool = True  # report every step's progress; False: only the final output
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked: [None, then one per prompt token]
+    prompt_logprobs_reported: bool = False  # they go out once, in the first output after they are complete
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
@@ -133,5 +149,13 @@ class Request:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=[s.to_output() for s in seqs], finished=self.finished,
-            num_cached_tokens=self.seqs[0].num_cached_tokens,
+            num_cached_tokens=self.seqs[0].num_cached_tokens, prompt_logprobs=self._new_prompt_logprobs(),
         )
+
+    def _new_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt logprobs once complete, in the first output after that only."""
+        recorded = self.prompt_logprobs
+        if recorded is None or self.prompt_logprobs_reported or len(recorded) < len(self.prompt_token_ids):
+            return None
+        self.prompt_logprobs_reported = True
+        return recorded

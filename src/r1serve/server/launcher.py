@@ -168,8 +168,7 @@ def log_accepted_flags(settings: ServerSettings) -> None:
     notes = {"trust_remote_code": "--trust-remote-code: the Qwen2 architecture is built in; no remote code runs",
              "reasoning_parser": "--reasoning-parser deepseek_r1: the reasoning split is built in (usage rule 5)",
              "enable_reasoning": "--enable-reasoning: reasoning is always returned apart from the answer",
-             "enable_chunked_prefill": "--enable-chunked-prefill: chunked prefill is always on",
-             "max_logprobs": "--max-logprobs: logprobs are not supported yet; requests asking for them get 400"}
+             "enable_chunked_prefill": "--enable-chunked-prefill: chunked prefill is always on"}
     for name, note in notes.items():
         if name in settings.model_fields_set:
             logger.info(note)

@@ -6,7 +6,7 @@ admits exactly what validation admits. Validation is strict, as OpenAI's own API
 integer is meant, a string where a number is meant or `true` as a token id is refused, not coerced; NaN and
 infinity are refused in every number field; a lone UTF-16 surrogate (`"\\ud800"`, which no UTF-8 text can hold)
 is refused in every text field, before it could reach the tokenizer or be echoed in an error. Fields OpenAI defines
-but r1serve does not implement (`logprobs`, `tools`, `echo`, `suffix`, ...) are refused by the serving code
+but r1serve does not implement (`tools`, `suffix`, ...) are refused by the serving code
 with a clear message rather than silently ignored; fields nobody defines are accepted and ignored, because
 the `openai` SDK and other clients send extras (`extra_body`) that must not break a drop-in server. Stream
 chunks are plain dicts built by `chat_chunk` / `completion_chunk` (a hot path; the JSON stays explicit).
@@ -173,8 +173,9 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: ReasoningEffort | None = Field(
         None, description="a thinking budget (rule 7): low 1024 tokens, medium 4096, high none; an explicit "
                           "max_thinking_tokens wins")
-    logprobs: bool | None = None
-    top_logprobs: Integer | None = None
+    logprobs: bool | None = Field(None, description="each output token's logprob (server/logprobs.py)")
+    top_logprobs: Integer | None = Field(None, description="with logprobs: this many most likely tokens per "
+                                                           "position, 0..--max-logprobs")
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -189,8 +190,9 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
              ) = Field(description="text, or token ids (a list of one of either is accepted too; batched prompts "
                                    "are not supported yet)")
-    logprobs: Integer | None = None
-    echo: bool = False
+    logprobs: Integer | None = Field(None, description="each output token's logprob and this many most likely "
+                                                       "tokens, 0..--max-logprobs")
+    echo: bool = Field(False, description="the prompt before the output (with logprobs: the prompt tokens' too)")
     suffix: str | None = None
     best_of: Integer | None = None
 
@@ -228,7 +230,7 @@ class ChatCompletionChoice(BaseModel):
     message: ResponseMessage
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -245,7 +247,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -284,7 +286,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -6,7 +6,9 @@ full responses and in stream deltas, and `usage.completion_tokens_details.reason
 of reasoning. A stream sends one chunk per piece of reasoning or answer (never both in one chunk), a chunk
 with the `finish_reason` of each sample, the usage if asked, and `[DONE]`. A sample's first chunk also
 carries its `role`, as vLLM's does: nothing goes out before prefill, so a client timing the first chunk
-measures a true time to first token.
+measures a true time to first token. With `logprobs`, they cover every output token, reasoning included (as
+vLLM's do): a full response lists them all in `choices[].logprobs.content`, and a stream chunk carries those of
+the tokens that arrived since the sample's previous chunk.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from r1serve.outputs import CompletionOutput, TextBuffer
 from r1serve.r1_rules import ReasoningSplitter, split_reasoning
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import APIError, bad_request, error_body
+from r1serve.server.logprobs import chat_logprobs
 from r1serve.server.policy import PolicyRecord, apply_message_rules
 from r1serve.server.protocol import (
     ChatCompletionChoice,
@@ -129,8 +132,9 @@ def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatComp
                                                 tokenizer.think_end_id, tokenizer.encode)
         message = (ResponseMessage(content=content, **reasoning_fields(reasoning, job.alias)) if job.split
                    else ResponseMessage(content=sample.text))
-        choices.append(ChatCompletionChoice(index=sample.index, message=message,
-                                            finish_reason=sample.finish_reason, stop_reason=sample.stop_reason))
+        logprobs = None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer)
+        choices.append(ChatCompletionChoice(index=sample.index, message=message, finish_reason=sample.finish_reason,
+                                            stop_reason=sample.stop_reason, logprobs=logprobs))
     usage = make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, num_reasoning)
     return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
 
@@ -142,6 +146,18 @@ class SampleStream:
         self.splitter = ReasoningSplitter(in_reasoning)
         self.reasoning = TextBuffer()  # for the usage's reasoning-token count
         self.role_sent = False  # the sample's first chunk carries `role`
+        self.pending_ids: list[int] = []  # tokens whose logprobs no chunk has carried yet
+        self.pending_logprobs: list[Any] = []
+
+    def with_logprobs(self, out: list[dict[str, Any]], sample: CompletionOutput, tokenizer: Any) -> None:
+        """The first of `out` carries the logprobs of the tokens since the last chunk that carried some."""
+        if sample.delta_logprobs is None:
+            return
+        self.pending_ids.extend(sample.delta_token_ids)
+        self.pending_logprobs.extend(sample.delta_logprobs)
+        if out and self.pending_ids:
+            out[0]["logprobs"] = chat_logprobs(self.pending_ids, self.pending_logprobs, tokenizer)
+            self.pending_ids, self.pending_logprobs = [], []
 
     def choices(self, sample: CompletionOutput, split: bool, alias: bool) -> list[dict[str, Any]]:
         """The stream choices one output of this sample produces, each a chunk of its own."""
@@ -183,7 +199,9 @@ async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) ->
         async with contextlib.aclosing(outputs):
             async for output in outputs:
                 for sample in output.outputs:
-                    for choice in samples[sample.index].choices(sample, job.split, job.alias):
+                    out = samples[sample.index].choices(sample, job.split, job.alias)
+                    samples[sample.index].with_logprobs(out, sample, engine.tokenizer)
+                    for choice in out:
                         yield event([choice])
     except Exception as exc:  # the status line is sent already: report in-band, keep the server up
         yield stream_error_event(job.request_id, exc)

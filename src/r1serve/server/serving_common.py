@@ -27,6 +27,7 @@ from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import APIError, bad_request, unavailable
+from r1serve.server.logprobs import requested_counts
 from r1serve.server.policy import PolicyRecord, repetition_guard, sampling_defaults, thinking_budget
 from r1serve.server.protocol import (
     ChatCompletionRequest,
@@ -51,8 +52,6 @@ class ClientDisconnected(Exception):
 
 def check_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
     """400 for OpenAI features r1serve does not implement, rather than ignoring them silently."""
-    if request.logprobs or getattr(request, "top_logprobs", None):
-        raise bad_request("logprobs are not supported yet", param="logprobs", code="unsupported")
     if isinstance(request, ChatCompletionRequest):
         if request.tools:
             raise bad_request("tools / function calling are not supported", param="tools", code="unsupported")
@@ -60,8 +59,6 @@ def check_unsupported(request: ChatCompletionRequest | CompletionRequest) -> Non
             raise bad_request("response_format other than text is not supported", param="response_format",
                               code="unsupported")
         return
-    if request.echo:
-        raise bad_request("echo is not supported", param="echo", code="unsupported")
     if request.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported")
     if request.best_of not in (None, request.n):
@@ -93,6 +90,7 @@ def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, st
         raise bad_request(f"n={request.n} is more than this server runs at once (--max-num-seqs {max_num_seqs})",
                           param="n")
     temperature, top_p = sampling_defaults(request.temperature, request.top_p, state.policy, record)
+    logprobs, prompt_logprobs = requested_counts(request, state.settings.max_logprobs)
     try:
         params = SamplingParams(
             n=request.n, temperature=temperature, top_p=top_p, top_k=request.top_k or 0,
@@ -104,7 +102,8 @@ def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, st
             skip_special_tokens=request.skip_special_tokens,
             max_thinking_tokens=thinking_budget(request.max_thinking_tokens, state.policy, record,
                                                 getattr(request, "reasoning_effort", None)),
-            repetition_guard=repetition_guard(state.policy, record),
+            repetition_guard=repetition_guard(state.policy, record), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
         return params
@@ -183,10 +182,13 @@ class FinalOutputs:
     prompt_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     samples: dict[int, CompletionOutput] = field(default_factory=dict)
+    prompt_logprobs: list[Any] | None = None  # when asked (they come once)
 
     def update(self, output: RequestOutput) -> int:
         """Keep the newest cumulative state of each sample; returns how many new tokens arrived."""
         self.prompt_token_ids, self.num_cached_tokens = output.prompt_token_ids, output.num_cached_tokens
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         num_new = 0
         for sample in output.outputs:
             num_new += len(sample.delta_token_ids)

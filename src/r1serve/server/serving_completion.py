@@ -2,7 +2,10 @@
 
 Text completions bypass the chat template, so rules 1, 3, 4 and 5 do not apply (the caller writes the whole
 prompt, `<think>` included if wanted, and gets the raw text back); the sampling rules 2, 7 and 8 do. A text
-prompt gets the tokenizer's BOS, as Hugging Face and vLLM add it; a token-id prompt is used as given.
+prompt gets the tokenizer's BOS, as Hugging Face and vLLM add it; a token-id prompt is used as given. `echo`
+puts the prompt text (a token-id prompt decoded) before each choice's text, and with `logprobs` the prompt
+tokens' logprobs before the output's (server/logprobs.py), in full responses and in a stream's first chunk of
+each choice.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -22,6 +26,7 @@ from r1serve.engine.validation import check_token_ids
 from r1serve.errors import InvalidRequestError
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import bad_request
+from r1serve.server.logprobs import CompletionLogprobs, join_completion_logprobs
 from r1serve.server.policy import PolicyRecord
 from r1serve.server.protocol import (
     CompletionChoice,
@@ -89,11 +94,41 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
             stream = completion_stream(engine, ids, params, request_id, request, state)
             return SSEResponse(stream, headers=policy_headers(record), on_close=admission.hand_over())
         final = await run_to_end(engine, ids, params, request_id, state, raw_request)
-    choices = [CompletionChoice(index=s.index, text=s.text, finish_reason=s.finish_reason,
-                                stop_reason=s.stop_reason) for s in final.ordered()]
+    echo = Echo(request, ids, engine.tokenizer)
+    choices = [CompletionChoice(index=s.index, text=echo.text() + s.text, finish_reason=s.finish_reason,
+                                stop_reason=s.stop_reason, logprobs=echo.logprobs(final, s))
+               for s in final.ordered()]
     usage = make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None)
     body = CompletionResponse(id=request_id, model=request.model, choices=choices, usage=usage)
     return JSONResponse(body.model_dump(), headers=policy_headers(record))
+
+
+class Echo:
+    """What `echo` and `logprobs` add to one choice: the prompt's text and logprobs first, then the output's."""
+
+    def __init__(self, request: CompletionRequest, prompt_ids: list[int], tokenizer: Any) -> None:
+        self.echo, self.asks = request.echo, request.logprobs is not None
+        self.prompt_ids, self.tokenizer = prompt_ids, tokenizer
+        prompt = request.prompt[0] if isinstance(request.prompt, list) else request.prompt
+        self.prompt_text = "" if not self.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
+
+    def text(self) -> str:
+        return self.prompt_text
+
+    def logprobs(self, final: FinalOutputs, sample: Any, whole: bool = True,
+                 builder: CompletionLogprobs | None = None) -> dict[str, Any] | None:
+        """The choice's `logprobs`: of the sample's tokens (all of them, or its delta), the prompt's first if
+        echoed and `builder` has not started yet."""
+        if not self.asks:
+            return None
+        builder = builder or CompletionLogprobs(self.tokenizer)
+        parts = []
+        if self.echo and builder.offset == 0 and final.prompt_logprobs is not None:
+            parts.append(builder.build(self.prompt_ids, final.prompt_logprobs))
+        ids, entries = (sample.token_ids, sample.logprobs) if whole else (sample.delta_token_ids,
+                                                                           sample.delta_logprobs)
+        parts.append(builder.build(ids, entries or []))
+        return join_completion_logprobs(parts)
 
 
 async def completion_stream(engine: EngineClient, ids: list[int], params: SamplingParams, request_id: str,
@@ -105,16 +140,15 @@ async def completion_stream(engine: EngineClient, ids: list[int], params: Sampli
     def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
         return sse_event(completion_chunk(request_id, created, request.model, choices, usage))
 
+    echo = Echo(request, ids, engine.tokenizer)
+    choices = {i: StreamChoice(echo) for i in range(params.n)}
     outputs = metered_outputs(engine, ids, params, request_id, state, final)
     try:
         async with contextlib.aclosing(outputs):
             async for output in outputs:
                 for sample in output.outputs:
-                    if sample.delta_text:
-                        yield event([completion_choice(sample.index, sample.delta_text)])
-                    if sample.finished:
-                        yield event([completion_choice(sample.index, "", sample.finish_reason,
-                                                       sample.stop_reason)])
+                    for choice in choices[sample.index].choices(final, sample):
+                        yield event([choice])
     except Exception as exc:  # the status line is sent already: report in-band, keep the server up
         yield stream_error_event(request_id, exc)
         yield SSE_DONE
@@ -122,3 +156,38 @@ async def completion_stream(engine: EngineClient, ids: list[int], params: Sampli
     if request.include_usage:
         yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None))
     yield SSE_DONE
+
+
+@dataclass
+class _Pending:
+    """Tokens of a stream's choice not yet sent with logprobs (read as a sample's delta)."""
+
+    delta_token_ids: list[int]
+    delta_logprobs: list[Any]
+
+
+class StreamChoice:
+    """One choice of a text-completion stream: its text deltas (the echoed prompt before the first), each with the
+    logprobs of the tokens since the previous chunk, then its finish chunk."""
+
+    def __init__(self, echo: Echo) -> None:
+        self.echo = echo
+        self.builder = CompletionLogprobs(echo.tokenizer)
+        self.started = False
+        self.pending = _Pending([], [])
+
+    def choices(self, final: FinalOutputs, sample: Any) -> list[dict[str, Any]]:
+        text = sample.delta_text
+        if not self.started:
+            text, self.started = self.echo.text() + text, True
+        self.pending.delta_token_ids.extend(sample.delta_token_ids)
+        self.pending.delta_logprobs.extend(sample.delta_logprobs or ())
+        out = []
+        if text:
+            out.append(completion_choice(sample.index, text))
+        if sample.finished:
+            out.append(completion_choice(sample.index, "", sample.finish_reason, sample.stop_reason))
+        if out and self.echo.asks and (self.pending.delta_token_ids or self.builder.offset == 0):
+            out[0]["logprobs"] = self.echo.logprobs(final, self.pending, whole=False, builder=self.builder)
+            self.pending = _Pending([], [])
+        return out

@@ -102,8 +102,8 @@ class ServerSettings(RuleOptions):  # type: ignore[misc,valid-type]
     generation_config: str = Field(
         "auto", description="'auto': the R1 sampling defaults (the model's generation_config.json); 'vllm': "
                             "OpenAI's 1.0 / 1.0; a folder: the temperature and top_p of its generation_config.json")
-    max_logprobs: int = Field(20, ge=0, description="accepted: logprobs are not supported yet (a request asking "
-                                                    "for them gets 400)")
+    max_logprobs: int = Field(20, ge=0, description="the most top logprobs a request may ask for (chat "
+                                                    "top_logprobs, completions logprobs); more is a 400")
 
     @field_validator("served_model_name", "allowed_origins", "allowed_methods", "allowed_headers", mode="before")
     @classmethod
