@@ -24,6 +24,7 @@ from r1serve.engine.model_runner import ModelRunner, Runner, RunnerFactory, Samp
 from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
+from r1serve.engine.structured import Guide, StructuredOutputs
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
@@ -33,6 +34,8 @@ from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("r1serve")
+
+COMPILE_POLL_S = 0.01  # an engine with nothing to run but grammars compiling waits this long for one per step
 
 
 @dataclass
@@ -95,6 +98,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         # The block table (one object per KV block: ~10^5 on a GPU) and the weights' wrappers live as long as the
@@ -128,12 +132,37 @@ class LLMEngine:
             request.seqs.append(self._new_sequence(request, index))
         self.requests[request_id] = request
         self.num_sync_requests += params.needs_penalties
+        if params.structured_output is not None:
+            self.structured.submit(request)  # scheduled once its grammar is compiled (`_admit_compiled`)
+        else:
+            self._enqueue(request)
+        return request_id
+
+    def _enqueue(self, request: Request) -> None:
         for seq in request.seqs:
             forced: list[int] = []
             self._apply_thinking_budget(seq, forced)  # a budget of 0 closes the reasoning at once
             self._emit_text(seq, forced)
+            if not seq.reasoning_open:
+                self.structured.start(seq)  # no reasoning to wait for: the answer is constrained at once
             self.scheduler.add(seq)
-        return request_id
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedules the requests whose grammar has compiled; one whose grammar failed is aborted."""
+        if not self.scheduler.num_unfinished and self.in_flight is None:
+            self.structured.wait(COMPILE_POLL_S)
+        outputs = []
+        for request, compiled in self.structured.take_ready():
+            if isinstance(compiled, BaseException):
+                logger.error("request %s: its structured output does not compile (%s); aborting it",
+                             request.request_id, compiled)
+                aborted = self.abort_request(request.request_id)
+                outputs += [aborted] if aborted is not None else []
+                continue
+            for seq in request.seqs:
+                seq.guide = Guide(compiled)
+            self._enqueue(request)
+        return outputs
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         params = request.params
@@ -167,12 +196,14 @@ class LLMEngine:
         step (scheduling, packing, detokenizing) overlaps the device's work for the other. Returns the outputs of
         the step read. While a request that needs its output tokens on the host to sample (penalties) runs, the
         step before is read first instead."""
-        outputs: list[RequestOutput] = []
-        if self.num_sync_requests and self.in_flight is not None:
+        outputs: list[RequestOutput] = self._admit_compiled() if self.structured.compiling else []
+        if (self.num_sync_requests or self.structured.num_running) and self.in_flight is not None:
             done, self.in_flight = self.in_flight, None
             outputs += self._read(done)
         previous, self.in_flight = self.in_flight, None
         sched = self.scheduler.schedule()
+        if self.structured.num_running:
+            sched.token_masks = self.structured.masks(sched)
         if not sched.is_empty:
             try:
                 self.in_flight = InFlight(sched, self.runner.execute(sched))
@@ -208,6 +239,8 @@ class LLMEngine:
             part = SchedulerOutput([item for item in items if not item.seq.is_finished])
             if part.is_empty:
                 continue
+            if self.structured.num_running:
+                part.token_masks = self.structured.masks(part)
             try:
                 tokens = self.runner.execute(part).tolist()
             except Exception as part_error:
@@ -274,6 +307,8 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.num_sync_requests -= request.params.needs_penalties
+            if request.params.structured_output is not None:
+                self.structured.drop(request_id)
         return request
 
     def _count_prompt_tokens(self, seq: Sequence, start: int, num_new: int) -> None:
@@ -283,11 +318,15 @@ class LLMEngine:
         seq.append_tokens([token])
         self.num_generation_tokens += 1
         new_ids = [token]
-        if token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
+        guided_end = None
+        if seq.guide is not None and seq.guide.running:
+            guided_end = self.structured.accept(seq, token)  # the answer, under its grammar
+        elif token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
             seq.reasoning_open = True  # the model opened its reasoning itself
         elif seq.reasoning_open:
             if token == self.tokenizer.think_end_id:
                 seq.reasoning_open = False
+                self.structured.start(seq)
             else:
                 seq.num_reasoning_tokens += 1
                 self._apply_thinking_budget(seq, new_ids)
@@ -296,6 +335,8 @@ class LLMEngine:
             self._finish(seq, "stop", seq.detokenizer.stop_reason)
             return
         reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len)
+        if reason is None and guided_end is not None:  # the grammar terminated (even with ignore_eos)
+            reason, stop_token = guided_end, None
         if reason is not None:
             self._finish(seq, reason, stop_token)
 
@@ -310,6 +351,7 @@ class LLMEngine:
         seq.void_pending()  # a sample in flight was drawn for the position the forced tokens now hold
         new_ids.extend(forced)
         seq.reasoning_open = False
+        self.structured.start(seq)
 
     def _emit_text(self, seq: Sequence, new_ids: list[int]) -> None:
         if seq.detokenizer is None or not new_ids or seq.defer_text:
@@ -327,6 +369,7 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.request.num_finished += 1
+        self.structured.release(seq)
         self.scheduler.finish(seq)
 
     def _abort_scheduled(self, sched: SchedulerOutput) -> list[RequestOutput]:
