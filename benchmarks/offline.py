@@ -3,6 +3,7 @@
     python benchmarks/offline.py --model tiny --device cpu            # the CI-sized model
     python benchmarks/offline.py --model 1.5b --device cpu --decode-tokens 32 --batch-tokens 16
     python benchmarks/offline.py --model 1.5b --device cuda --workloads decode,batch,nano,uniform --hf decode
+    python benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano --hf '' --structured json
 
 Workloads: `decode` (one stream: 128-token prompt, N generated, ignore_eos; decode tokens/s and, on CUDA, percent of
 the weight-bandwidth roofline), `batch` (16 prompts of 128 tokens at once), `nano` (nano-vllm's: 256 requests,
@@ -10,6 +11,10 @@ prompt and output lengths uniform in 100-1024, temperature 0.6), `uniform` (1,00
 The random weights are copied into a transformers `Qwen2ForCausalLM`, so both sides compute the same function;
 `--hf nano` runs the nano workload's first 16 requests with 64 output tokens each on both engines (`nano-subset`:
 transformers is too slow for the whole workload), left-padded into one `generate` batch.
+`--structured json` runs each r1serve workload a second time with a JSON schema on every request (rows
+`<workload>+json`, and the slowdown): an object holding an array of at least 1,024 integers, which no output
+of the workloads' lengths can complete, so that both runs generate the same tokens, every one of them under a
+mask (the prompts open no reasoning). The goals: nano at most 10% slower, batch-1 decode at most 5%.
 Prints a table, then one JSON line with every setting.
 """
 
@@ -24,13 +29,17 @@ from typing import Any
 
 import torch
 
-from r1serve import LLM, SamplingParams
+from r1serve import LLM, SamplingParams, StructuredOutput
 from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG
 from r1serve.model.loader import weight_bytes
 
 PROFILES: dict[str, float] = {}
 TINY = {**R1_DISTILL_QWEN_1_5B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2}
+# --structured json: a schema that no output under 2,047 tokens completes (each integer and its comma: 2 tokens)
+NEVER_DONE_SCHEMA = {"type": "object", "required": ["values"], "properties": {
+    "values": {"type": "array", "items": {"type": "integer"}, "minItems": 1024}}}
+STRUCTURED = {"json": StructuredOutput("json", json.dumps(NEVER_DONE_SCHEMA))}
 
 
 @dataclass
@@ -62,21 +71,25 @@ def nano_workload(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[in
     return random_prompts(n, ins, 2), outs
 
 
-def bench_decode(llm: LLM, tokens: int, device: str) -> Row:
+def bench_decode(llm: LLM, tokens: int, device: str, structured: str = "") -> Row:
     prompt = random_prompts(1, [128], 0)[0]
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True,
+                            structured_output=STRUCTURED.get(structured))
+    llm.generate([prompt], replace(params, max_tokens=8))  # warm-up (and the grammar's compile)
     stamps = []
     for _ in llm.stream(prompt, params):
         stamps.append(time.perf_counter())
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    return Row("decode", "r1serve", 1, tokens, stamps[-1] - stamps[0], rate, "after the first token")
+    return Row("decode" + (f"+{structured}" if structured else ""), "r1serve", 1, tokens, stamps[-1] - stamps[0],
+               rate, "after the first token")
 
 
 def bench_requests(llm: LLM, name: str, prompts: list[list[int]], outputs: list[int], device: str,
-                   temperature: float = 0.0) -> Row:
+                   temperature: float = 0.0, structured: str = "") -> Row:
     params = [SamplingParams(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, max_tokens=o,
-                             ignore_eos=True, seed=i) for i, o in enumerate(outputs)]
+                             ignore_eos=True, seed=i, structured_output=STRUCTURED.get(structured))
+              for i, o in enumerate(outputs)]
+    name += f"+{structured}" if structured else ""
     # Warm-up on the workload's own first prompts, all at once: Triton compiles a kernel variant the first time it
     # meets new integer specialisations (token counts divisible by 16 or not, prefill tile sizes), which would
     # otherwise land inside the timed run on a machine whose kernel cache is cold.
@@ -241,18 +254,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     PROFILES["weight_gib"] = round(weight_bytes(llm.engine.runner.model) / (1 << 30), 3)  # as held on the device
     print(f"engine startup: {PROFILES['startup_s']:.1f} s")
     rows = Rows()
-    workloads = args.workloads.split(",")
-    if "decode" in workloads:
-        rows.append(bench_decode(llm, args.decode_tokens, args.device))
-    if "batch" in workloads:
-        rows.append(bench_requests(llm, "batch", random_prompts(16, [128] * 16, 1), [args.batch_tokens] * 16,
-                                   args.device))
-    if "nano" in workloads:
-        prompts, outs = nano_workload()
-        rows.append(bench_requests(llm, "nano", prompts, outs, args.device, temperature=0.6))
-    if "uniform" in workloads:
-        rows.append(bench_requests(llm, "uniform", random_prompts(1000, [512] * 1000, 3), [512] * 1000, args.device,
-                                   temperature=0.6))
+    for structured in ["", *filter(None, [args.structured])]:
+        run_workloads(llm, args, rows, structured)
     if args.profile:
         for batch in (int(b) for b in args.profile.split(",")):
             PROFILES.update(profile_decode(llm, batch))
@@ -271,6 +274,33 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def run_workloads(llm: LLM, args: argparse.Namespace, rows: Rows, structured: str) -> None:
+    """The r1serve workloads of `--workloads`, each request under `structured` (a key of STRUCTURED) if set."""
+    workloads = args.workloads.split(",")
+    if "decode" in workloads:
+        rows.append(bench_decode(llm, args.decode_tokens, args.device, structured))
+    if "batch" in workloads:
+        rows.append(bench_requests(llm, "batch", random_prompts(16, [128] * 16, 1), [args.batch_tokens] * 16,
+                                   args.device, structured=structured))
+    if "nano" in workloads:
+        prompts, outs = nano_workload()
+        rows.append(bench_requests(llm, "nano", prompts, outs, args.device, temperature=0.6, structured=structured))
+    if "uniform" in workloads:
+        rows.append(bench_requests(llm, "uniform", random_prompts(1000, [512] * 1000, 3), [512] * 1000, args.device,
+                                   temperature=0.6, structured=structured))
+
+
+def structured_slowdown(rows: list[Row]) -> dict[str, float]:
+    """Per workload run both ways: how much slower (percent of tokens/s) it ran with a schema on every request."""
+    free = {r.workload: r.tokens_per_s for r in rows if r.engine == "r1serve" and "+" not in r.workload}
+    out = {}
+    for r in rows:
+        base, _, kind = r.workload.partition("+")
+        if kind and base in free:
+            out[f"{base}+{kind}_slowdown_pct"] = round(100 * (1 - r.tokens_per_s / free[base]), 1)
+    return out
+
+
 def report(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> None:
     print(f"{'workload':<9} {'engine':<13} {'requests':>8} {'out tokens':>10} {'seconds':>9} {'tok/s':>10}  note")
     for r in rows:
@@ -281,7 +311,11 @@ def report(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
     ratios = {w: round(ours[w] / theirs[w], 2) for w in theirs if w in ours}
     if ratios:
         print("r1serve / transformers:", ", ".join(f"{w} {x}x" for w, x in ratios.items()))
-    print(json.dumps({"settings": vars(args), "rows": [asdict(r) for r in rows], "ratios": ratios, **extra}))
+    slowdown = structured_slowdown(rows)
+    if slowdown:
+        print("structured output, slower than free by:", ", ".join(f"{k} {v}%" for k, v in slowdown.items()))
+    print(json.dumps({"settings": vars(args), "rows": [asdict(r) for r in rows], "ratios": ratios, **slowdown,
+                      **extra}))
 
 
 def main() -> None:
@@ -303,6 +337,8 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="as `r1serve serve --quantization` (dummy weights)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="as `r1serve serve --kv-cache-dtype`")
     parser.add_argument("--profile", default="", help="decode batch sizes to profile, e.g. 1,64 (CUDA)")
+    parser.add_argument("--structured", default="", choices=["", *STRUCTURED],
+                        help="run the workloads again with this constraint on every request (json: a schema)")
     args = parser.parse_args()
     args.hf_decode_tokens = args.hf_decode_tokens or args.decode_tokens
     torch.set_num_threads(torch.get_num_threads())

@@ -118,9 +118,10 @@ def test_health_documents_200_and_503_and_answers_both() -> None:
 def test_bounds_are_json_schema_keywords(document: dict[str, Any]) -> None:
     """A pydantic bound it cannot place natively is emitted under its own name (`ge`), which no JSON Schema
     tool reads: the schema would admit what validation refuses."""
-    def keys(node: Any) -> set[str]:
+    def keys(node: Any, names: bool = False) -> set[str]:  # names: the keys of `properties` are field names
         if isinstance(node, dict):
-            return set(node) | {k for value in node.values() for k in keys(value)}
+            own = set() if names else set(node)
+            return own | {k for key, value in node.items() for k in keys(value, key == "properties" and not names)}
         return {k for value in node for k in keys(value)} if isinstance(node, list) else set()
 
     found = keys(document["components"]["schemas"])

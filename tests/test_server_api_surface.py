@@ -222,7 +222,7 @@ def test_responses_cut_by_the_output_limit_is_incomplete_full_and_streamed() -> 
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"store": True}, "store"), ({"background": True}, "background"), ({"tool_choice": "auto"}, "tool_choice"),
     ({"include": ["reasoning.encrypted_content"]}, "include"), ({"truncation": "auto"}, "truncation"),
-    ({"text": {"format": {"type": "json_object"}}}, "text"), ({"conversation": "c"}, "conversation"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format"), ({"conversation": "c"}, "conversation"),
     ({"reasoning": {"effort": "max"}}, "reasoning.effort"), ({"input": []}, "input"),
     ({"input": "w " * 2000}, "input"), ({"max_output_tokens": 10**6}, "max_output_tokens"),
 ])

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "r1serve.llm",
     "SamplingParams": "r1serve.sampling_params",
+    "StructuredOutput": "r1serve.sampling_params",
     "RequestOutput": "r1serve.outputs",
     "CompletionOutput": "r1serve.outputs",
     "EngineConfig": "r1serve.config",
@@ -21,14 +22,14 @@ _LAZY = {
 }
 
 __all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "ModelConfig", "RequestOutput",
-           "SamplingParams", "__version__"]
+           "SamplingParams", "StructuredOutput", "__version__"]
 
 if TYPE_CHECKING:
     from r1serve.config import EngineConfig, ModelConfig
     from r1serve.engine.async_engine import AsyncEngine
     from r1serve.llm import LLM
     from r1serve.outputs import CompletionOutput, RequestOutput
-    from r1serve.sampling_params import SamplingParams
+    from r1serve.sampling_params import SamplingParams, StructuredOutput
 
 
 def __getattr__(name: str) -> Any:

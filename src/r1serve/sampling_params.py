@@ -8,11 +8,15 @@ Every invalid value raises an `InvalidRequestError` (a `ValueError`) whose `para
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from r1serve.errors import InvalidRequestError
 
 R1_TEMPERATURE = 0.6
 R1_TOP_P = 0.95
+
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
 
 
 @dataclass
@@ -29,6 +33,25 @@ class RepetitionGuard:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"repetition_guard.{name} must be at least 1, got {getattr(self, name)}",
                                           param=f"repetition_guard.{name}")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the answer (after `</think>`): `kind` and its `spec`, a string. `json`: a JSON schema
+    (JSON text); `json_object`: any JSON object (spec empty); `regex`: a regular expression; `choice`: a JSON
+    list of strings, one of which is the answer; `grammar`: an EBNF grammar (xgrammar's GBNF, with `::=`) or
+    a Lark grammar. Whether the spec itself is valid is checked by `engine.grammar.check_structured_output`."""
+
+    kind: StructuredKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequestError(f"structured_output.kind must be one of {', '.join(STRUCTURED_KINDS)}, "
+                                      f"got {self.kind!r}", param="structured_output.kind")
+        if not isinstance(self.spec, str):
+            raise InvalidRequestError(f"structured_output.spec must be a string, got {type(self.spec).__name__}",
+                                      param="structured_output.spec")
 
 
 @dataclass
@@ -53,6 +76,7 @@ class SamplingParams:
     repetition_guard: RepetitionGuard | None = None  # usage rule 8
     logprobs: int | None = None  # each sampled token's logprob and this many top ones (engine/logprobs.py)
     prompt_logprobs: int | None = None  # the same for the prompt tokens (the first one has none)
+    structured_output: StructuredOutput | None = None  # the answer after </think> follows this constraint
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -208,6 +208,11 @@ class HFTokenizer(Tokenizer):
     def set_chat_template(self, source: str) -> None:
         self._template = _compile_chat_template(source)
 
+    @property
+    def backend(self) -> Any:
+        """The `tokenizers.Tokenizer` itself (structured output reads its vocabulary)."""
+        return self._tok
+
     def _token_strings(self) -> list[str]:
         return list(self._tok.get_vocab(with_added_tokens=True))  # byte-level: one symbol per UTF-8 byte
 

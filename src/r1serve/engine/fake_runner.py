@@ -4,6 +4,7 @@
 detokenizers and outputs, and no forward pass: no weights are loaded. Each sampled token is a pure function of
 the sequence (its prompt's last token, its sample index and the position sampled), so that runs repeat, a
 sequence gets the same tokens in any batch, and no token is a special one (they stay in [1000, vocab - 1000)).
+A row under a structured-output mask takes the first allowed token at or after its computed one (cyclically).
 `host_work=True` also does the host's share of a real step, packing the inputs and the sampling batch as
 `ModelRunner` does, so that benchmarks/host_overhead.py measures the Python around the device.
 """
@@ -51,7 +52,13 @@ class FakeRunner:
                 self.sampler.batch(sampling, self.model_config.vocab_size, CPU)
         if not sampling:
             return SampledTokens(None, None)
-        return SampledTokens(torch.tensor([self.token_for(seq) for seq in sampling]), None)
+        tokens = [self.token_for(seq) for seq in sampling]
+        masks = sched.token_masks
+        for row in masks.rows if masks is not None else ():
+            allowed = masks.allowed(row, self.model_config.vocab_size)
+            later = allowed[allowed >= tokens[row]]
+            tokens[row] = int(later[0] if len(later) else allowed[0])
+        return SampledTokens(torch.tensor(tokens), None)
 
     def token_for(self, seq: Sequence) -> int:
         """The token sampled at the sequence's newest pending position (the scheduler counted it already)."""

@@ -25,6 +25,7 @@ from r1serve.engine.model_runner import ModelRunner, Runner, RunnerFactory, Samp
 from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
+from r1serve.engine.structured import Guide, StructuredOutputs
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
@@ -34,6 +35,8 @@ from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("r1serve")
+
+COMPILE_POLL_S = 0.01  # an engine with nothing to run but grammars compiling waits this long for one per step
 
 
 @dataclass
@@ -97,6 +100,7 @@ class LLMEngine:
         self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
         self.num_logprob_requests = 0  # live requests asking for logprobs: their steps compute them
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         # The block table (one object per KV block: ~10^5 on a GPU) and the weights' wrappers live as long as the
@@ -131,12 +135,37 @@ class LLMEngine:
         self.requests[request_id] = request
         self.num_sync_requests += params.needs_penalties
         self.num_logprob_requests += wants_logprobs(params)
+        if params.structured_output is not None:
+            self.structured.submit(request)  # scheduled once its grammar is compiled (`_admit_compiled`)
+        else:
+            self._enqueue(request)
+        return request_id
+
+    def _enqueue(self, request: Request) -> None:
         for seq in request.seqs:
             forced: list[int] = []
             self._apply_thinking_budget(seq, forced)  # a budget of 0 closes the reasoning at once
             self._emit_text(seq, forced)
+            if not seq.reasoning_open:
+                self.structured.start(seq)  # no reasoning to wait for: the answer is constrained at once
             self.scheduler.add(seq)
-        return request_id
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedules the requests whose grammar has compiled; one whose grammar failed is aborted."""
+        if not self.scheduler.num_unfinished and self.in_flight is None:
+            self.structured.wait(COMPILE_POLL_S)
+        outputs = []
+        for request, compiled in self.structured.take_ready():
+            if isinstance(compiled, BaseException):
+                logger.error("request %s: its structured output does not compile (%s); aborting it",
+                             request.request_id, compiled)
+                aborted = self.abort_request(request.request_id)
+                outputs += [aborted] if aborted is not None else []
+                continue
+            for seq in request.seqs:
+                seq.guide = Guide(compiled)
+            self._enqueue(request)
+        return outputs
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         params = request.params
@@ -170,13 +199,15 @@ class LLMEngine:
         step (scheduling, packing, detokenizing) overlaps the device's work for the other. Returns the outputs of
         the step read. While a request that needs its output tokens on the host to sample (penalties) runs, the
         step before is read first instead."""
-        outputs: list[RequestOutput] = []
-        if self.num_sync_requests and self.in_flight is not None:
+        outputs: list[RequestOutput] = self._admit_compiled() if self.structured.compiling else []
+        if (self.num_sync_requests or self.structured.num_running) and self.in_flight is not None:
             done, self.in_flight = self.in_flight, None
             outputs += self._read(done)
         previous, self.in_flight = self.in_flight, None
         sched = self.scheduler.schedule()
         sched.logprobs = self.num_logprob_requests > 0
+        if self.structured.num_running:
+            sched.token_masks = self.structured.masks(sched)
         if not sched.is_empty:
             try:
                 self.in_flight = InFlight(sched, self.runner.execute(sched))
@@ -212,6 +243,8 @@ class LLMEngine:
             part = SchedulerOutput([item for item in items if not item.seq.is_finished])
             if part.is_empty:
                 continue
+            if self.structured.num_running:
+                part.token_masks = self.structured.masks(part)
             try:
                 part.logprobs = sched.logprobs
                 sampled = self.runner.execute(part)
@@ -287,6 +320,8 @@ class LLMEngine:
         if request is not None:
             self.num_sync_requests -= request.params.needs_penalties
             self.num_logprob_requests -= wants_logprobs(request.params)
+            if request.params.structured_output is not None:
+                self.structured.drop(request_id)
         return request
 
     def _count_prompt_tokens(self, seq: Sequence, start: int, num_new: int) -> None:
@@ -296,11 +331,15 @@ class LLMEngine:
         seq.append_tokens([token], logprob)
         self.num_generation_tokens += 1
         new_ids = [token]
-        if token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
+        guided_end = None
+        if seq.guide is not None and seq.guide.running:
+            guided_end = self.structured.accept(seq, token)  # the answer, under its grammar
+        elif token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
             seq.reasoning_open = True  # the model opened its reasoning itself
         elif seq.reasoning_open:
             if token == self.tokenizer.think_end_id:
                 seq.reasoning_open = False
+                self.structured.start(seq)
             else:
                 seq.num_reasoning_tokens += 1
                 self._apply_thinking_budget(seq, new_ids)
@@ -309,6 +348,8 @@ class LLMEngine:
             self._finish(seq, "stop", seq.detokenizer.stop_reason)
             return
         reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len)
+        if reason is None and guided_end is not None:  # the grammar terminated (even with ignore_eos)
+            reason, stop_token = guided_end, None
         if reason is not None:
             self._finish(seq, reason, stop_token)
 
@@ -323,6 +364,7 @@ class LLMEngine:
         seq.void_pending()  # a sample in flight was drawn for the position the forced tokens now hold
         new_ids.extend(forced)
         seq.reasoning_open = False
+        self.structured.start(seq)
 
     def _emit_text(self, seq: Sequence, new_ids: list[int]) -> None:
         if seq.detokenizer is None or not new_ids or seq.defer_text:
@@ -340,6 +382,7 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.request.num_finished += 1
+        self.structured.release(seq)
         self.scheduler.finish(seq)
 
     def _abort_scheduled(self, sched: SchedulerOutput) -> list[RequestOutput]:

@@ -219,6 +219,8 @@ class ModelRunner:
         if len(sampling) < hidden.shape[0]:  # else every row samples, in order (decodes): no gather
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
+        if sched.token_masks is not None:  # structured output: constrained rows keep only allowed tokens
+            sched.token_masks.apply(logits)
         batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
         self.last_sampled = self.sampler(logits, batch)  # (the sampler leaves `logits` as they are: raw)
         logprobs = None if plan is None else gather_step(plan, logits, self.last_sampled, all_hidden,

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from r1serve.engine.block_manager import BlockManager
 from r1serve.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from r1serve.engine.structured import TokenMasks
 
 
 @dataclass
@@ -39,6 +43,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     logprobs: bool = False  # some live request asks for logprobs (set by the engine; engine/logprobs.py)
+    token_masks: TokenMasks | None = None  # structured output: the engine's masks of the constrained rows
 
     @property
     def num_batched_tokens(self) -> int:
@@ -69,10 +74,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        """Take a finished or aborted sequence out of the queues (if it was ever added) and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED

@@ -26,6 +26,7 @@ from r1serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from r1serve.engine.detokenizer import IncrementalDetokenizer
+    from r1serve.engine.structured import Guide
 
 _seq_ids = itertools.count()
 
@@ -63,6 +64,7 @@ class Sequence:
     text: TextBuffer = field(default_factory=TextBuffer)  # all text emitted so far
     pending_text: list[str] = field(default_factory=list)  # pieces of text produced since the last RequestOutput
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asks
+    guide: Guide | None = None  # the grammar of its answer (structured output), engine/structured.py
 
     def __post_init__(self) -> None:
         if not self.output_ids:

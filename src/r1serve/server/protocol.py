@@ -66,7 +66,54 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as OpenAI defines it (the SDK's `parse` sends it with strict: true)."""
+
+    model_config = REQUEST_CONFIG
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema of the answer")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text` (the default: no constraint), `json_object` (any JSON object) or `json_schema`."""
+
+    model_config = REQUEST_CONFIG
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = REQUEST_CONFIG
+    json_: dict[str, Any] | Text | None = Field(None, alias="json", description="a JSON schema")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = Field(None, description="EBNF (with ::=) or Lark")
+    json_object: bool | None = None
+    structural_tag: Any = Field(None, description="not supported: a 400")
+    disable_any_whitespace: bool = Field(False, description="not supported: true is a 400")
+    disable_additional_properties: bool = Field(False, description="not supported: true is a 400")
+    whitespace_pattern: Text | None = Field(None, description="not supported: a 400")
+
+
+class StructuredFields(BaseModel):
+    """The constraints on the answer after `</think>` (server/structured.py reads them; at most one)."""
+
+    model_config = REQUEST_CONFIG
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | Text | None = Field(None, description="vLLM's older name: a JSON schema")
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = Field(None, description="EBNF (with ::=) or Lark")
+    guided_decoding_backend: Text | None = Field(None, description="xgrammar (or auto): the only backend")
+    guided_whitespace_pattern: Text | None = Field(None, description="not supported: a 400")
+
+
+class SamplingFields(StructuredFields):
     """Fields shared by chat and text completions (OpenAI's names, plus vLLM's and r1serve's extensions)."""
 
     model_config = REQUEST_CONFIG
@@ -177,7 +224,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Integer | None = Field(None, description="with logprobs: this many most likely tokens per "
                                                            "position, 0..--max-logprobs")
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def output_limit(self) -> int | None:

@@ -81,7 +81,9 @@ class ResponsesRequest(BaseModel):
     background: bool | None = Field(None, description="not supported: true is a 400")
     include: list[Any] | None = Field(None, description="not supported: a non-empty list is a 400")
     prompt: Any | None = Field(None, description="prompt templates are not supported: a 400")
-    text: dict[str, Any] | None = Field(None, description="only the text format: any other is a 400")
+    text: dict[str, Any] | None = Field(
+        None, description="format: text, json_object or json_schema (name, schema, strict), applied to the "
+                          "answer after </think>")
     truncation: Literal["auto", "disabled"] | None = Field(None, description="'auto' is not supported: a 400")
     top_logprobs: int | None = Field(None, description="not supported: a 400")
     max_tool_calls: int | None = Field(None, description="not supported: a 400")

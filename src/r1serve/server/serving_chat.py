@@ -56,6 +56,7 @@ from r1serve.server.serving_common import (
 )
 from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
+from r1serve.server.structured import structured_output_of
 
 logger = logging.getLogger("r1serve.server")
 
@@ -83,7 +84,8 @@ async def prepare_chat(request: ChatCompletionRequest, engine: EngineClient, sta
     tokenizer = engine.tokenizer
     num_chars = sum(len(m["content"] or "") for m in messages)
     check_text_length(num_chars, tokenizer, engine.max_model_len, "messages")
-    params = build_sampling_params(request, state, record, engine.tokenizer.vocab_size)
+    params = build_sampling_params(request, state, record, engine.tokenizer.vocab_size,
+                                   await structured_output_of(request))
     prompt_token_ids = await off_loop(_encode_chat, tokenizer, messages, state.policy.force_thinking,
                                       engine.max_model_len)
     check_fits(len(prompt_token_ids), params.max_tokens, engine.max_model_len, "messages")

@@ -25,7 +25,7 @@ from fastapi import Request
 from r1serve.engine.validation import check_token_ids
 from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import CompletionOutput, RequestOutput
-from r1serve.sampling_params import SamplingParams
+from r1serve.sampling_params import SamplingParams, StructuredOutput
 from r1serve.server.errors import APIError, bad_request, unavailable
 from r1serve.server.logprobs import requested_counts
 from r1serve.server.policy import PolicyRecord, repetition_guard, sampling_defaults, thinking_budget
@@ -55,9 +55,6 @@ def check_unsupported(request: ChatCompletionRequest | CompletionRequest) -> Non
     if isinstance(request, ChatCompletionRequest):
         if request.tools:
             raise bad_request("tools / function calling are not supported", param="tools", code="unsupported")
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than text is not supported", param="response_format",
-                              code="unsupported")
         return
     if request.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported")
@@ -82,9 +79,11 @@ def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: in
 
 
 def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, state: ServerState,
-                          record: PolicyRecord, vocab_size: int) -> SamplingParams:
+                          record: PolicyRecord, vocab_size: int,
+                          structured_output: StructuredOutput | None = None) -> SamplingParams:
     """`SamplingParams` of a request with the usage rules 2, 7 and 8 applied (and recorded); its stop ids are
-    checked against the vocabulary here, before a stream's response starts."""
+    checked against the vocabulary here, before a stream's response starts. `structured_output` is the
+    request's checked constraint (`server.structured.structured_output_of`)."""
     max_num_seqs = state.settings.max_num_seqs
     if request.n > max_num_seqs:
         raise bad_request(f"n={request.n} is more than this server runs at once (--max-num-seqs {max_num_seqs})",
@@ -103,7 +102,7 @@ def build_sampling_params(request: ChatCompletionRequest | CompletionRequest, st
             max_thinking_tokens=thinking_budget(request.max_thinking_tokens, state.policy, record,
                                                 getattr(request, "reasoning_effort", None)),
             repetition_guard=repetition_guard(state.policy, record), logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=prompt_logprobs, structured_output=structured_output,
         )
         check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
         return params

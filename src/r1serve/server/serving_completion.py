@@ -52,6 +52,7 @@ from r1serve.server.serving_common import (
 )
 from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
+from r1serve.server.structured import structured_output_of
 
 logger = logging.getLogger("r1serve.server")
 
@@ -84,7 +85,8 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
         request_id = admission.request_id
         if isinstance(request.prompt, str):
             check_text_length(len(request.prompt), engine.tokenizer, engine.max_model_len, "prompt")
-        params = build_sampling_params(request, state, record, engine.tokenizer.vocab_size)
+        params = build_sampling_params(request, state, record, engine.tokenizer.vocab_size,
+                                       await structured_output_of(request))
         ids = await off_loop(prompt_token_ids, request.prompt, engine.tokenizer, engine.max_model_len)
         check_fits(len(ids), params.max_tokens, engine.max_model_len, "prompt")
         if not state.settings.disable_log_requests:

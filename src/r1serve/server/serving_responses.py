@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from r1serve.server.errors import APIError, bad_request
 from r1serve.server.policy import PolicyRecord
@@ -62,7 +63,6 @@ def check_unsupported(request: ResponsesRequest) -> None:
         "background": bool(request.background), "include": bool(request.include),
         "prompt": request.prompt is not None, "truncation": request.truncation == "auto",
         "top_logprobs": request.top_logprobs is not None, "max_tool_calls": request.max_tool_calls is not None,
-        "text": request.text is not None and (request.text.get("format") or {"type": "text"}) != {"type": "text"},
     }
     for name, bad in refused.items():
         if bad:
@@ -76,12 +76,28 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
         m.to_chat() for m in request.input]
     if request.instructions is not None:
         messages.insert(0, {"role": "system", "content": request.instructions})
-    return ChatCompletionRequest.model_validate({
+    chat = {
         "model": request.model, "messages": messages, "max_tokens": request.max_output_tokens,
         "temperature": request.temperature, "top_p": request.top_p,
         "max_thinking_tokens": request.max_thinking_tokens, "ignore_eos": request.ignore_eos,
         "reasoning_effort": request.reasoning.effort if request.reasoning else None,
-    })
+        "response_format": response_format(request.text),
+    }
+    try:
+        return ChatCompletionRequest.model_validate(chat)
+    except ValidationError as exc:  # only text.format can fail here: the other fields are checked already
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"][1:])
+        raise bad_request(f"text.format{'.' + where if where else ''}: {error['msg']}",
+                          param="text.format") from exc
+
+
+def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat's `response_format` for the Responses API's `text.format`, which writes the json_schema flat."""
+    fmt = (text or {}).get("format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
 
 async def _prepare(request: ResponsesRequest, engine: EngineClient, state: ServerState, record: PolicyRecord,
@@ -90,7 +106,11 @@ async def _prepare(request: ResponsesRequest, engine: EngineClient, state: Serve
     try:
         return await prepare_chat(chat_request(request), engine, state, record, request_id)
     except APIError as exc:
-        exc.param = CHAT_TO_RESPONSES_PARAM.get(exc.param or "", exc.param)
+        param = exc.param or ""
+        if param.startswith("response_format"):  # text.format writes json_schema's fields flat
+            exc.param = "text.format" + param.removeprefix("response_format").removeprefix(".json_schema")
+        else:
+            exc.param = CHAT_TO_RESPONSES_PARAM.get(param, exc.param)
         raise
 
 
@@ -117,7 +137,8 @@ def response_shell(request: ResponsesRequest, job: ChatJob) -> ResponseObject:
         instructions=request.instructions, max_output_tokens=request.max_output_tokens,
         temperature=job.params.temperature, top_p=job.params.top_p, output=[],
         reasoning=ReasoningEcho(effort=request.reasoning.effort if request.reasoning else None),
-        metadata=request.metadata or {}, user=request.user)
+        metadata=request.metadata or {}, user=request.user,
+        **({"text": {"format": request.text["format"]}} if request.text and request.text.get("format") else {}))
 
 
 def status_of(finish_reason: str | None) -> dict[str, Any]:

@@ -1,0 +1,168 @@
+"""Structured output in the engine: one grammar matcher per constrained sequence, and each step's token masks.
+
+A constrained sequence (its request has `SamplingParams.structured_output`) reasons freely. Its `Guide` starts
+once the reasoning is closed (`</think>` sampled, or forced by the thinking budget), or from the first token when
+the prompt opens no reasoning (a text completion without `<think>`, chat without forced thinking). From then on
+each token it samples is drawn under the mask of the tokens its grammar allows next, then accepted by its
+matcher; once the grammar has terminated (a complete answer, then the EOS, which the mask alone allows), the
+sequence ends with finish_reason "stop".
+
+Costs. A batch in which no guide has started pays nothing: no mask, no per-row work, the usual pipelined steps
+(the engine checks one counter per step). While some guide runs, the engine reads each step before scheduling
+the next (a mask needs the token before it), so those steps lose the host/device overlap; the masks are filled
+on the host by xgrammar and applied on the logits' device to the constrained rows only, before the sampler
+(penalties, temperature, top-p act on what the mask leaves). A sequence whose reasoning closes while its next
+sample is already in flight has that sample dropped and drawn again under the mask (one more decode row, once).
+Grammars compile on `GrammarCompiler`'s threads; a request waits for its grammar before it is scheduled.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from r1serve.outputs import FinishReason
+
+if TYPE_CHECKING:
+    from r1serve.engine.grammar import GrammarCompiler
+    from r1serve.engine.scheduler import SchedulerOutput
+    from r1serve.engine.sequence import Request, Sequence
+    from r1serve.tokenizer import Tokenizer
+
+logger = logging.getLogger("r1serve")
+
+
+class Guide:
+    """The grammar of one sequence; its matcher exists from the start of the answer on."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled  # xgrammar.CompiledGrammar
+        self.matcher: Any = None  # xgrammar.GrammarMatcher, once started
+        self.done = False  # terminated, or its sequence finished
+
+    @property
+    def running(self) -> bool:
+        return self.matcher is not None and not self.done
+
+    def start(self) -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(self.compiled)
+
+
+@dataclass
+class TokenMasks:
+    """One step's masks: `bitmask` row i (xgrammar's packed bits, 1 = allowed) is for logits row `rows[i]`."""
+
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, on the host
+    rows: list[int]  # the constrained rows of the step's logits
+    num_rows: int  # rows of the step's logits
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Sets the disallowed logits of the constrained rows to -inf, in place, on the logits' device."""
+        import xgrammar as xgr
+
+        bitmask = self.bitmask.to(logits.device, non_blocking=True)
+        if len(self.rows) == self.num_rows:
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            return
+        index = torch.tensor(self.rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        constrained = logits.index_select(0, index)  # [len(rows), vocab]
+        xgr.apply_token_bitmask_inplace(constrained, bitmask)
+        logits.index_copy_(0, index, constrained)
+
+    def allowed(self, row: int, vocab_size: int) -> torch.Tensor:
+        """The token ids logits row `row` may take (all of them when the row is free), ascending."""
+        if row not in self.rows:
+            return torch.arange(vocab_size)
+        words = self.bitmask[self.rows.index(row)].to(torch.int64) & 0xFFFFFFFF  # [ceil(vocab / 32)]
+        bits = (words[:, None] >> torch.arange(32)) & 1  # [ceil(vocab / 32), 32]
+        return bits.flatten()[:vocab_size].nonzero().flatten()
+
+
+class StructuredOutputs:
+    """The engine's structured-output state: requests whose grammar is compiling, and the running guides."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.compiling: dict[str, tuple[Request, Future[Any]]] = {}
+        self.num_running = 0  # guides started and not done: while > 0, steps synchronise and carry masks
+        self._compiler: GrammarCompiler | None = None
+
+    def submit(self, request: Request) -> None:
+        """Starts compiling the request's grammar; `take_ready` hands the request back once it is done."""
+        assert request.params.structured_output is not None
+        if self._compiler is None:
+            from r1serve.engine.grammar import GrammarCompiler
+
+            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
+        self.compiling[request.request_id] = (request, self._compiler.submit(request.params.structured_output))
+
+    def wait(self, timeout_s: float) -> None:
+        """Blocks until some compile is done or `timeout_s` passed (for an engine with nothing else to run)."""
+        wait([future for _, future in self.compiling.values()], timeout=timeout_s, return_when=FIRST_COMPLETED)
+
+    def take_ready(self) -> list[tuple[Request, Any]]:
+        """The requests whose compile is done, each with its compiled grammar or the exception it raised."""
+        ready = [(rid, request, future) for rid, (request, future) in self.compiling.items() if future.done()]
+        for rid, _, _ in ready:
+            del self.compiling[rid]
+        return [(request, future.exception() or future.result()) for _, request, future in ready]
+
+    def drop(self, request_id: str) -> None:
+        self.compiling.pop(request_id, None)
+
+    def start(self, seq: Sequence) -> None:
+        """The answer of `seq` begins: its guide runs from the next sample on (a no-op if it has none)."""
+        guide = seq.guide
+        if guide is None or guide.matcher is not None or seq.is_finished:
+            return
+        guide.start()
+        self.num_running += 1
+        if seq.num_pending:  # a sample in flight was drawn without the mask: drop it, draw it again
+            seq.void_pending()
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.num_computed_tokens -= 1  # its KV is there; computing it again samples the next token
+
+    def accept(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Feeds a sampled token to the guide: "stop" once the grammar has terminated, "abort" for a token the
+        grammar refuses (a mask not applied), else None."""
+        guide = seq.guide
+        assert guide is not None and guide.running
+        if not guide.matcher.accept_token(token):
+            logger.error("request %s: token %d is outside its grammar; aborting it", seq.request.request_id, token)
+            self.release(seq)
+            return "abort"
+        if guide.matcher.is_terminated():
+            self.release(seq)
+            return "stop"
+        return None
+
+    def release(self, seq: Sequence) -> None:
+        """The guide of `seq` is done (its grammar terminated, or the sequence finished)."""
+        guide = seq.guide
+        if guide is not None and guide.running:
+            guide.done = True
+            self.num_running -= 1
+
+    def masks(self, sched: SchedulerOutput) -> TokenMasks | None:
+        """The masks of a step's sampling rows whose guide runs; None when none does."""
+        import xgrammar as xgr
+
+        sampling = [item.seq for item in sched.scheduled if item.samples]
+        rows = [row for row, seq in enumerate(sampling) if seq.guide is not None and seq.guide.running]
+        if not rows:
+            return None
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)  # fresh: a copy may still read the last
+        for i, row in enumerate(rows):
+            sampling[row].guide.matcher.fill_next_token_bitmask(bitmask, i)
+        return TokenMasks(bitmask, rows, len(sampling))
+
+    def shutdown(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown()

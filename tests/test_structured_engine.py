@@ -1,0 +1,206 @@
+"""Structured output in the engine: the door's check of constraints, the vocabulary xgrammar sees, the masks, and
+the engine's rules (the grammar starts after `</think>`, a constrained answer ends with its grammar, a request
+waits for its compile), on the fake runner with the byte-level tokenizer (no model, no shared data)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_model_dir
+from r1serve.config import EngineConfig
+from r1serve.engine.fake_runner import FakeRunner
+from r1serve.engine.grammar import (
+    GrammarCompiler,
+    check_structured_output,
+    choice_grammar,
+    grammar_error,
+    tokenizer_info,
+)
+from r1serve.engine.llm_engine import LLMEngine
+from r1serve.engine.sequence import Sequence
+from r1serve.engine.structured import TokenMasks
+from r1serve.errors import InvalidRequestError
+from r1serve.outputs import RequestOutput
+from r1serve.sampling_params import SamplingParams, StructuredOutput
+from r1serve.tokenizer import ByteTokenizer
+
+xgr = pytest.importorskip("xgrammar")
+
+VOCAB = 151936
+THINK_END = 151649
+
+
+@pytest.mark.parametrize(("kind", "spec"), [
+    ("json", '{"type": "nope"}'), ("json", "{not json"), ("regex", "(a"), ("grammar", 'root ::= undefined_rule'),
+    ("grammar", "start: unknown_name"), ("choice", "[]"), ("choice", '["a", 1]'), ("choice", "not json"),
+])
+def test_an_invalid_constraint_is_an_error_naming_the_field(kind: str, spec: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        check_structured_output(StructuredOutput(kind, spec), "guided_x")  # type: ignore[arg-type]
+    assert info.value.param == "guided_x" and "guided_x" in info.value.message
+    assert ".cc:" not in info.value.message  # xgrammar's C++ location is dropped
+
+
+@pytest.mark.parametrize(("kind", "spec"), [
+    ("json", '{"type": "object", "properties": {"a": {"type": "integer"}}}'), ("json_object", ""),
+    ("regex", "[a-z]{3}"), ("choice", '["yes", "no"]'), ("grammar", 'root ::= "a" | "b"'),
+    ("grammar", 'start: "x" | "y"'),
+])
+def test_a_valid_constraint_passes_the_check(kind: str, spec: str) -> None:
+    check_structured_output(StructuredOutput(kind, spec), "field")  # type: ignore[arg-type]
+
+
+def test_an_unknown_kind_is_refused_when_built() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        StructuredOutput("yaml", "")  # type: ignore[arg-type]
+    assert info.value.param == "structured_output.kind"
+
+
+def test_grammar_error_keeps_the_message_without_the_source_location() -> None:
+    error = RuntimeError("[09:38:31] /project/cpp/regex_converter.cc:94: Regex parsing error at position 3")
+    assert grammar_error(error) == "Regex parsing error at position 3"
+
+
+def matches(compiled: object, text: bytes) -> bool:
+    matcher = xgr.GrammarMatcher(compiled)
+    return all(matcher.accept_token(byte) for byte in text) and matcher.is_completed()
+
+
+def test_choices_with_quotes_escapes_and_unicode_match_exactly_themselves() -> None:
+    choices = ['say "hi"', "back\\slash", "tab\tand\nnewline", "héllo"]
+    compiler = GrammarCompiler(ByteTokenizer(), VOCAB)
+    compiled = compiler.compile(StructuredOutput("choice", json.dumps(choices)))
+    for choice in choices:
+        assert matches(compiled, choice.encode()), choice
+    assert not matches(compiled, b"say hi")
+    assert choice_grammar(["a"]) == 'root ::= "a"'
+
+
+def test_the_byte_tokenizer_vocabulary_keeps_think_tags_and_hides_special_tokens() -> None:
+    info = tokenizer_info(ByteTokenizer(), VOCAB)
+    assert info.vocab_size == VOCAB and info.stop_token_ids == [151643]
+    assert THINK_END not in info.special_token_ids and 151646 in info.special_token_ids  # BOS never allowed
+    assert info.decoded_vocab[ord("{")] == b"{" and info.decoded_vocab[THINK_END] == b"</think>"
+
+
+def test_masks_touch_only_the_constrained_rows() -> None:
+    compiler = GrammarCompiler(ByteTokenizer(), VOCAB)
+    matcher = xgr.GrammarMatcher(compiler.compile(StructuredOutput("regex", "[ab]")))
+    bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    masks = TokenMasks(bitmask, rows=[1], num_rows=3)
+    logits = torch.randn(3, VOCAB)
+    before = logits.clone()
+    masks.apply(logits)
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    tokenizer = ByteTokenizer()
+    assert allowed[:2] == [ord("a"), ord("b")] and {tokenizer.decode([t]) for t in allowed} == {"a", "b"}
+    assert masks.allowed(1, VOCAB).tolist() == allowed and len(masks.allowed(0, VOCAB)) == VOCAB
+
+
+# ---- the engine, on the fake runner ------------------------------------------------------------------------
+
+
+class ThinkingRunner(FakeRunner):
+    """The fake runner, whose sequences close their reasoning with `</think>` after `THINK_TOKENS` tokens."""
+
+    THINK_TOKENS = 3
+
+    def token_for(self, seq: Sequence) -> int:
+        position = len(seq.token_ids) + seq.num_pending - 1
+        if position - seq.num_prompt_tokens == self.THINK_TOKENS:
+            return THINK_END
+        return super().token_for(seq)
+
+
+@pytest.fixture(scope="module")
+def byte_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder without tokenizer files: the byte-level fallback tokenizer (dummy mode)."""
+    from conftest import TINY_CONFIG
+
+    return write_model_dir(tmp_path_factory.mktemp("so") / "tiny", TINY_CONFIG, with_tokenizer=False)
+
+
+def make_engine(model_dir: Path, runner: type[FakeRunner] = FakeRunner) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", kv_cache_space=0.05),
+                     runner_factory=runner)
+
+
+def run_to_end(engine: LLMEngine) -> dict[str, RequestOutput]:
+    final: dict[str, RequestOutput] = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            return final
+        for out in engine.step():
+            final[out.request_id] = out
+    raise AssertionError("the engine did not finish")
+
+
+def constrained(kind: str, spec: str, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_tokens=40, structured_output=StructuredOutput(kind, spec), **kwargs)  # type: ignore
+
+
+THINK_PROMPT = "<｜User｜>hi<｜Assistant｜><think>\n"
+
+
+def test_without_reasoning_the_whole_output_follows_the_grammar_and_ends_with_it(byte_model_dir: Path) -> None:
+    engine = make_engine(byte_model_dir)
+    engine.add_request("plain prompt", constrained("regex", "[a-c]{4}x", ignore_eos=True), "r")
+    out = run_to_end(engine)["r"].outputs[0]
+    assert re.fullmatch("[a-c]{4}x", out.text) and out.finish_reason == "stop"
+    assert engine.structured.num_running == 0
+
+
+def test_the_reasoning_is_free_and_the_answer_after_think_is_constrained(byte_model_dir: Path) -> None:
+    engine = make_engine(byte_model_dir, ThinkingRunner)
+    engine.add_request(THINK_PROMPT, constrained("choice", '["yes", "no"]'), "r")
+    out = run_to_end(engine)["r"].outputs[0]
+    reasoning, answer = out.text.split("</think>")
+    assert len(reasoning) == ThinkingRunner.THINK_TOKENS and not re.fullmatch("yes|no", reasoning)
+    assert answer in ("yes", "no") and out.finish_reason == "stop"
+    assert out.token_ids[ThinkingRunner.THINK_TOKENS] == THINK_END
+
+
+def test_the_thinking_budget_closes_the_reasoning_and_starts_the_grammar(byte_model_dir: Path) -> None:
+    engine = make_engine(byte_model_dir)
+    engine.add_request(THINK_PROMPT, constrained("regex", "[0-9]{3}", max_thinking_tokens=5), "r")
+    out = run_to_end(engine)["r"].outputs[0]
+    reasoning, answer = out.text.split("</think>")
+    assert len(reasoning) == 5 + 1  # the budget, and the "\n" of the forced close
+    assert re.fullmatch("[0-9]{3}", answer.strip()) and out.finish_reason == "stop"
+
+
+def test_free_requests_keep_their_tokens_beside_constrained_ones(byte_model_dir: Path) -> None:
+    engine = make_engine(byte_model_dir, ThinkingRunner)
+    free = SamplingParams(max_tokens=12, ignore_eos=True)
+    engine.add_request(THINK_PROMPT, free, "alone")
+    alone = run_to_end(engine)["alone"].outputs[0].token_ids
+    engine.add_request(THINK_PROMPT, free, "free")
+    engine.add_request(THINK_PROMPT, constrained("regex", "[a-z]{6}"), "guided")
+    outs = run_to_end(engine)
+    assert outs["free"].outputs[0].token_ids == alone
+    assert re.fullmatch("[a-z]{6}", outs["guided"].outputs[0].text.split("</think>")[1])
+
+
+def test_a_request_aborted_while_its_grammar_compiles_ends_cleanly(byte_model_dir: Path) -> None:
+    engine = make_engine(byte_model_dir)
+    engine.add_request("p", constrained("json_object", ""), "r")
+    out = engine.abort_request("r")
+    assert out is not None and out.outputs[0].finish_reason == "abort" and not engine.has_unfinished()
+    engine.step()  # the compile finishing later finds nothing to schedule
+    assert not engine.structured.compiling
+
+
+def test_a_constraint_that_fails_to_compile_aborts_its_request_alone(byte_model_dir: Path) -> None:
+    engine = make_engine(byte_model_dir)
+    engine.add_request("p", constrained("regex", "(unclosed"), "bad")
+    engine.add_request("p", SamplingParams(max_tokens=4, ignore_eos=True), "good")
+    outs = run_to_end(engine)
+    assert outs["bad"].outputs[0].finish_reason == "abort"
+    assert outs["good"].outputs[0].finish_reason == "length"
