@@ -44,6 +44,8 @@ def test_check_passes_on_a_healthy_server(server: ServerHandle) -> None:
     assert "skipped: dummy weights" in rows["math"]
     assert all(" ok" in rows[name] for name in ["log", "health", "server", "models", "chat", "stream", "rules"])
     assert "TTFT" in rows["stream"] and "folded by the server" in done.stdout
+    words = " ".join(done.stdout.split())  # the server row wraps: device, dtype, kernels, KV-cache dtype
+    assert "quantization none; cpu, " in words and "kernels torch, attention torch, KV cache" in words
     assert lines[-1].startswith("PASSED: 7 steps ok, 1 skipped")
 
 

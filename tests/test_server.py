@@ -81,6 +81,8 @@ def test_models_version_health(server: ServerHandle) -> None:
     version = httpx.get(f"{server.url}/version").json()
     assert version["load_format"] == "dummy" and version["dummy_weights"] is True
     assert version["quantization"] == "none"
+    assert version["device"] == "cpu" and version["kernels"] == "torch" and version["attention"] == "torch"
+    assert version["dtype"] in ("float32", "bfloat16") and version["kv_cache_dtype"] == version["dtype"]
     assert httpx.get(f"{server.url}/openapi.json").json()["info"]["title"] == "r1serve"
     assert httpx.get(f"{server.url}/docs").status_code == 200
 

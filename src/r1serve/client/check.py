@@ -199,7 +199,8 @@ class Checker:
             return "ok", "not r1serve (no /version): generic OpenAI checks only"
         weights = "random dummy weights: answers are not checked" if self.info.dummy_weights else "real weights"
         quant = f", quantization {self.info.quantization}" if self.info.quantization is not None else ""
-        return "ok", f"r1serve {self.info.version}, load format {self.info.load_format}{quant} ({weights})"
+        runtime = f"; {self.info.runtime()}" if self.info.runtime() is not None else ""
+        return "ok", f"r1serve {self.info.version}, load format {self.info.load_format}{quant}{runtime} ({weights})"
 
     def models(self) -> tuple[Status, str]:
         entries = self.client.list_model_details()

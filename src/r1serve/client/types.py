@@ -97,6 +97,16 @@ class ServerInfo:
     def dummy_weights(self) -> bool:
         return self.load_format == "dummy"
 
+    def runtime(self) -> str | None:
+        """How the server runs the model, in one phrase ("cpu, float32, kernels torch, attention torch, KV cache
+        float32"), from /version's device, dtype, kernels, attention and kv_cache_dtype; None if it does not say."""
+        raw = self.raw
+        if raw.get("device") is None:
+            return None
+        parts = [str(raw["device"]), str(raw.get("dtype")), f"kernels {raw.get('kernels')}",
+                 f"attention {raw.get('attention')}", f"KV cache {raw.get('kv_cache_dtype')}"]
+        return ", ".join(parts)
+
     @property
     def quantization(self) -> str | None:
         """The quantization method the server reports ('none' when dense; None if it does not say)."""

@@ -50,6 +50,9 @@ class AsyncEngine(StreamingEngine):
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def runtime_info(self) -> dict[str, str]:
+        return self.engine.runtime_info()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the loop thread; requests still in flight end with finish_reason "abort"."""
         self._stopping = True

@@ -82,9 +82,10 @@ def delta_finished(delta: RequestDelta) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The child built its engine; these are its first stats."""
+    """The child built its engine; these are its first stats, and how it runs the model."""
 
     stats: EngineStats
+    runtime: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +215,10 @@ class StreamingEngine(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    def runtime_info(self) -> dict[str, str]:
+        """How the model runs (device, dtype, kernels, quantization, KV-cache dtype: `ModelRunner.describe`)."""
 
     @abstractmethod
     def shutdown(self, timeout: float = 10.0) -> None: ...

@@ -393,6 +393,11 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
+    def runtime_info(self) -> dict[str, str]:
+        """How the runner runs the model (`ModelRunner.describe`); empty for a runner that does not say."""
+        describe = getattr(self.runner, "describe", None)
+        return describe() if callable(describe) else {}
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(

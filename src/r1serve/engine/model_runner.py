@@ -111,7 +111,8 @@ class ModelRunner:
         self._baseline_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         torch.manual_seed(config.seed)
         self.model = load_model(config, model_config, model_path, self.device, self.dtype, self.backend)
-        self.model.set_ops(select_kernel_ops(self.device))
+        self.kernel_ops = select_kernel_ops(self.device)
+        self.model.set_ops(self.kernel_ops)
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model_config.num_hidden_layers)]
@@ -132,6 +133,13 @@ class ModelRunner:
                     weight_bytes(self.model) / GiB, str(self.kv_dtype).removeprefix("torch."), self.num_blocks,
                     config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / GiB)
+
+    def describe(self) -> dict[str, str]:
+        """How the model runs, for `/version` and `r1serve check`: device, dtype, attention backend, element-wise
+        kernels (triton or torch), quantization and KV-cache dtype."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "attention": self.backend.name, "kernels": "torch" if self.kernel_ops is REFERENCE_OPS else "triton",
+                "quantization": self.quantization, "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch.")}
 
     @property
     def quantization(self) -> str:

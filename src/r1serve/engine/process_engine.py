@@ -90,7 +90,7 @@ def _child_main(config: EngineConfig, commands: Connection, results: Connection,
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which explains it
         results.send(LoadFailed(_picklable(e)))
         return
-    results.send(Ready(engine.stats()))
+    results.send(Ready(engine.stats(), engine.runtime_info()))
     try:
         _serve(engine, commands, results)
     except EngineDeadError as e:  # the parent reads the reason, then sees the pipe close
@@ -189,12 +189,16 @@ class ProcessEngine(StreamingEngine):
             self._process.join(5)
             raise message.error
         self._stats = message.stats
+        self._runtime = message.runtime
 
     def start(self) -> None:
         """The child starts with the engine; nothing to do."""
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def runtime_info(self) -> dict[str, str]:
+        return dict(self._runtime)
 
     def _submit(self, command: Add | Abort) -> None:
         if isinstance(command, Add):

@@ -58,6 +58,7 @@ from r1serve.server.state import EngineClient, ServerState
 
 logger = logging.getLogger("r1serve.server")
 
+RUNTIME_FIELDS = ("device", "dtype", "attention", "kernels", "kv_cache_dtype")  # of /version, from the engine
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; nobody reads it
 
 
@@ -97,12 +98,15 @@ def _add_system_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/version", summary="r1serve's version and how the model was loaded")
+    @app.get("/version", summary="r1serve's version, how the model was loaded and how it runs")
     async def version() -> VersionResponse:
         settings = state.settings
+        runtime = getattr(state.engine, "runtime_info", None)
+        described = {k: v for k, v in (runtime() if callable(runtime) else {}).items()
+                     if k in RUNTIME_FIELDS}
         return VersionResponse(version=__version__, model=settings.model, served_model_names=state.model_names,
                                load_format=settings.load_format, dummy_weights=settings.load_format == "dummy",
-                               quantization=declared_quantization(settings.quantization, settings.model))
+                               quantization=declared_quantization(settings.quantization, settings.model), **described)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
              responses=METRICS_RESPONSES)

@@ -104,10 +104,15 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `r1serve serve`: parse the flags, then run the server until it is stopped."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        settings = parse_settings(sys.argv[1:] if argv is None else list(argv))
+        settings = parse_settings(args)
     except SystemExit as exc:  # --help, or a usage error already printed
         return int(exc.code or 0)
+    if settings.data_parallel_size > 1:  # N replicas of this command behind a router
+        from r1serve.server.data_parallel import run_data_parallel
+
+        return run_data_parallel(settings, args)
     from r1serve.server.launcher import run_server
 
     return run_server(settings)

@@ -43,6 +43,12 @@ class VersionResponse(BaseModel):
     load_format: str
     dummy_weights: bool
     quantization: str
+    # How the loaded model runs (None while it loads): `ModelRunner.describe`.
+    device: str | None = None
+    dtype: str | None = None
+    attention: str | None = None
+    kernels: str | None = None
+    kv_cache_dtype: str | None = None
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:

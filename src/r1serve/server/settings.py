@@ -63,6 +63,17 @@ class ServerSettings(RuleOptions):  # type: ignore[misc,valid-type]
     engine_process: bool = Field(
         True, description="run the engine in a child process, off the HTTP server's GIL (--no-: on a thread)")
 
+    # --- data parallel: replicas behind vllm-router (docs/deployment.md) ---
+    data_parallel_size: int = Field(
+        1, ge=1, description="engines (one per GPU, or a share of the CPU cores each) behind vllm-router on --port")
+    data_parallel_base_port: int | None = Field(
+        None, ge=1, le=65535, description="port of the first replica on 127.0.0.1 (default: --port + 1)")
+    router_policy: Literal["cache_aware", "round_robin"] = Field(
+        "cache_aware", description="how the router picks a replica: cache_aware sends a prompt to the replica "
+                                   "holding its prefix")
+    data_parallel_max_restarts: int = Field(
+        3, ge=0, description="restarts of a replica that died, after which the whole server exits with code 1")
+
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
@@ -145,6 +156,19 @@ class ServerSettings(RuleOptions):  # type: ignore[misc,valid-type]
             raise ValueError("--api-key is empty, which would turn authentication off: pass a key, or leave the "
                              "flag out to serve without one")
         return key
+
+    @model_validator(mode="after")
+    def _replica_ports_fit(self) -> ServerSettings:
+        if self.data_parallel_size > 1:
+            first = self.data_parallel_base_port or self.port + 1
+            last = first + self.data_parallel_size  # the replicas, then the router's metrics port
+            if last > 65535:
+                raise ValueError(f"--data-parallel-size {self.data_parallel_size} replicas from port {first} run "
+                                 "past 65535: lower --port or --data-parallel-base-port")
+            if first <= self.port <= last:
+                raise ValueError(f"--port {self.port} is among the replica ports {first}-{last}: choose a "
+                                 "--data-parallel-base-port outside it")
+        return self
 
     @model_validator(mode="after")
     def _engine_accepts(self) -> ServerSettings:
