@@ -31,7 +31,7 @@ from types import FrameType
 
 import httpx
 
-from r1serve.server.logs import setup_logging
+from r1serve.logs import setup_logging
 from r1serve.server.settings import ServerSettings
 
 logger = logging.getLogger("r1serve.server")
