@@ -135,3 +135,29 @@ def test_fp8_kv_cache_graphs_equal_eager_and_stay_close_to_bf16(model_dir: Path)
             logits.append(engine.runner.model.compute_logits(hidden[-1:]).float().cpu())
     err = (logits[0] - logits[1]).norm() / logits[1].norm()
     assert err < 5e-2, f"relative error {err:.2e}"
+
+
+def test_logprobs_on_cuda_match_the_cpu_reference_and_leave_other_rows_alone(model_dir: Path) -> None:
+    """Logprobs gathered on the device (prompt positions, and decode steps under CUDA graphs) equal a float32 CPU
+    engine's on the same weights within bf16 tolerance; a row that does not ask draws what it draws alone."""
+    common = dict(load_format="dummy", max_model_len=1024)
+    cuda = LLM(str(model_dir), dtype="bfloat16", gpu_memory_utilization=0.3, **common)
+    cpu = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_space=0.5, **common)
+    state = {k: v.to("cuda", torch.bfloat16) for k, v in cpu.engine.runner.model.state_dict().items()}
+    cuda.engine.runner.model.load_state_dict(state)
+    prompt = prompts()[4]
+    free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    alone = cuda.generate([prompts()[3]], free)[0].outputs[0].token_ids
+    asks = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    got, neighbour = cuda.generate([prompt, prompts()[3]], [asks, free])
+    assert neighbour.outputs[0].token_ids == alone and neighbour.outputs[0].logprobs is None
+    ref = cpu.generate([prompt], asks)[0]
+    for ours, theirs in zip(got.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True):
+        assert ours[0] == pytest.approx(theirs[0], abs=0.05)
+    sample = got.outputs[0]
+    assert len(sample.logprobs) == len(sample.token_ids) == 8
+    for token, (logprob, top_ids, top_values) in zip(sample.token_ids, sample.logprobs, strict=True):
+        assert top_ids[0] == token and top_values[0] == pytest.approx(logprob)  # greedy: the sample is the top
+        assert list(top_values) == sorted(top_values, reverse=True) and -30 < logprob <= 0
+    first = ref.outputs[0].logprobs[0]  # the first output token comes from the same prompt on both
+    assert sample.logprobs[0][0] == pytest.approx(first[0], abs=0.05)

@@ -492,7 +492,7 @@ def test_skinny_split_k_is_deterministic_and_tickets_reset() -> None:
     for _ in range(3):
         again, _ = run_skinny("plain", case, config)
         assert torch.equal(again, first)
-    _, tickets = tl_._workspace(torch.device(DEVICE, torch.cuda.current_device()))
+    _, tickets = tl_.split_k_workspace(torch.device(DEVICE, torch.cuda.current_device()))
     assert tickets.count_nonzero() == 0
 
 
