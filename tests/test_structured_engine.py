@@ -21,7 +21,7 @@ from r1serve.engine.grammar import (
     grammar_error,
     tokenizer_info,
 )
-from r1serve.engine.llm_engine import LLMEngine
+from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
 from r1serve.engine.sequence import Sequence
 from r1serve.engine.structured import TokenMasks
 from r1serve.errors import InvalidRequestError
@@ -204,3 +204,31 @@ def test_a_constraint_that_fails_to_compile_aborts_its_request_alone(byte_model_
     outs = run_to_end(engine)
     assert outs["bad"].outputs[0].finish_reason == "abort"
     assert outs["good"].outputs[0].finish_reason == "length"
+
+
+class OrderRecordingRunner(FakeRunner):
+    """The fake runner, recording for each step whether its masks came late, and whether the step before had
+    been read when they were asked for."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.steps: list[tuple[bool, bool]] = []  # (late masks, the step before was still unread at launch)
+
+    def execute(self, sched, late_masks=None):  # type: ignore[no-untyped-def]
+        unread = isinstance(late_masks, ReadThenMask) and late_masks.previous is not None
+        self.steps.append((late_masks is not None, unread))
+        return super().execute(sched, late_masks)
+
+
+def test_a_constrained_step_launches_before_the_step_before_is_read(byte_model_dir: Path) -> None:
+    """While a guide runs, the step is launched first and the step before is read when the runner asks for the
+    masks (host work beside the device's forward pass), and the answer still follows its grammar."""
+    engine = make_engine(byte_model_dir, OrderRecordingRunner)
+    runner = engine.runner
+    assert isinstance(runner, OrderRecordingRunner)
+    engine.add_request("plain prompt", constrained("regex", "[a-c]{12}x", ignore_eos=True), "r")
+    out = run_to_end(engine)["r"].outputs[0]
+    assert re.fullmatch("[a-c]{12}x", out.text) and out.finish_reason == "stop"
+    late = [step for step in runner.steps if step[0]]
+    assert len(late) >= 10 and all(unread for _, unread in late)
+    assert runner.steps[0] == (False, False)  # the first step has no step before: masks up front

@@ -22,6 +22,7 @@ from r1serve.engine.model_runner import GiB, SampledTokens, check_kv_capacity
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.engine.sequence import Sequence
+from r1serve.engine.structured import LateMasks
 
 CPU = torch.device("cpu")
 FIRST_TOKEN = 1000  # below: the byte-level and other low ids; the special tokens sit at the top of the vocabulary
@@ -41,10 +42,11 @@ class FakeRunner:
         self.num_blocks = check_kv_capacity(num_blocks, config.block_size, max_model_len)
         self.num_token_ids = model_config.vocab_size - 2 * FIRST_TOKEN
         self.host_work = host_work
+        self.device = CPU
         self.packer = InputPacker(config.block_size, CPU) if host_work else None
         self.sampler = Sampler(eos_token_id, seed=config.seed) if host_work else None
 
-    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+    def execute(self, sched: SchedulerOutput, late_masks: LateMasks | None = None) -> SampledTokens:
         sampling = [item.seq for item in sched.scheduled if item.samples]
         if self.packer is not None and self.sampler is not None:
             self.packer.pack(sched)
@@ -52,8 +54,8 @@ class FakeRunner:
                 self.sampler.batch(sampling, self.model_config.vocab_size, CPU)
         if not sampling:
             return SampledTokens(None, None)
-        tokens = [self.token_for(seq) for seq in sampling]
-        masks = sched.token_masks
+        tokens = [self.token_for(seq) for seq in sampling]  # (the forward pass: before the late masks)
+        masks = late_masks() if late_masks is not None else sched.token_masks
         for row in masks.rows if masks is not None else ():
             allowed = masks.allowed(row, self.model_config.vocab_size)
             later = allowed[allowed >= tokens[row]]

@@ -25,7 +25,7 @@ from r1serve.engine.model_runner import ModelRunner, Runner, RunnerFactory, Samp
 from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
-from r1serve.engine.structured import Guide, StructuredOutputs
+from r1serve.engine.structured import Guide, StructuredOutputs, TokenMasks
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
@@ -59,6 +59,31 @@ class InFlight:
 
     sched: SchedulerOutput
     sampled: SampledTokens
+
+
+class ReadThenMask:
+    """A step's late masks (`Runner.execute`'s `late_masks`): called once the step's forward pass is launched,
+    it reads the step before (whose tokens the guides accept) and returns this step's masks, so that the host's
+    reading and mask filling overlap the device's forward pass. `finish` reads the step before if the runner
+    never called it (a step with no sampling row) and hands over the outputs of that read."""
+
+    def __init__(self, engine: LLMEngine, previous: InFlight, sched: SchedulerOutput) -> None:
+        self.engine, self.previous, self.sched = engine, previous, sched
+        self.outputs: list[RequestOutput] = []
+
+    def __call__(self) -> TokenMasks | None:
+        self._read_previous()
+        return self.engine.structured.masks(self.sched)
+
+    def _read_previous(self) -> None:
+        if self.previous is not None:
+            done, self.previous = self.previous, None
+            self.outputs += self.engine._read(done)
+
+    def finish(self) -> list[RequestOutput]:
+        self._read_previous()
+        outputs, self.outputs = self.outputs, []
+        return outputs
 
 
 @dataclass(frozen=True)
@@ -100,7 +125,8 @@ class LLMEngine:
         self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
         self.num_logprob_requests = 0  # live requests asking for logprobs: their steps compute them
-        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size,
+                                            pin_memory=self.runner.device.type == "cuda")
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         # The block table (one object per KV block: ~10^5 on a GPU) and the weights' wrappers live as long as the
@@ -198,24 +224,32 @@ class LLMEngine:
         """Schedules and launches a step, then reads the step launched before it, so that the host's work for one
         step (scheduling, packing, detokenizing) overlaps the device's work for the other. Returns the outputs of
         the step read. While a request that needs its output tokens on the host to sample (penalties) runs, the
-        step before is read first instead."""
+        step before is read first instead. While a constrained answer runs, the step before is read once this
+        step's forward pass is launched, and this step's masks are filled from it (`ReadThenMask`)."""
         outputs: list[RequestOutput] = self._admit_compiled() if self.structured.compiling else []
-        if (self.num_sync_requests or self.structured.num_running) and self.in_flight is not None:
+        if self.num_sync_requests and self.in_flight is not None:
             done, self.in_flight = self.in_flight, None
             outputs += self._read(done)
         previous, self.in_flight = self.in_flight, None
         sched = self.scheduler.schedule()
         sched.logprobs = self.num_logprob_requests > 0
-        if self.structured.num_running:
-            sched.token_masks = self.structured.masks(sched)
+        late = None
+        if self.structured.num_running and not sched.is_empty:
+            if previous is None:
+                sched.token_masks = self.structured.masks(sched)
+            else:
+                late, previous = ReadThenMask(self, previous, sched), None
         if not sched.is_empty:
             try:
-                self.in_flight = InFlight(sched, self.runner.execute(sched))
+                self.in_flight = InFlight(sched, self.runner.execute(sched, late))
             except Exception as error:
+                outputs += late.finish() if late is not None else []
                 if previous is not None:  # its tokens come first: the retries below read theirs at once
                     outputs += self._read(previous)
                     previous = None
                 outputs += self._isolate(sched, error)
+                late = None
+        outputs += late.finish() if late is not None else []
         if previous is not None:
             outputs += self._read(previous)
         return outputs

@@ -25,6 +25,7 @@ from r1serve.engine.input_batch import InputPacker, StepInputs
 from r1serve.engine.logprobs import StepLogprobs, gather_step, plan_step
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler import SchedulerOutput
+from r1serve.engine.structured import LateMasks
 from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
 from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
@@ -69,12 +70,15 @@ def set_cpu_threads(num_threads: int | None) -> int:
 
 
 class Runner(Protocol):
-    """What `LLMEngine` needs of the device side: the KV cache's size in blocks, and a step launched."""
+    """What `LLMEngine` needs of the device side: its device, the KV cache's size in blocks, and a step launched."""
 
+    device: torch.device
     num_blocks: int
 
-    def execute(self, sched: SchedulerOutput) -> SampledTokens:
-        """Launches one step; its sampled tokens are one per scheduled sequence that samples, in order."""
+    def execute(self, sched: SchedulerOutput, late_masks: LateMasks | None = None) -> SampledTokens:
+        """Launches one step; its sampled tokens are one per scheduled sequence that samples, in order. With
+        `late_masks`, the step's token masks come from calling it once the forward pass is launched (instead
+        of `sched.token_masks`), so that the host's work for them overlaps the device's."""
         ...
 
 
@@ -210,9 +214,10 @@ class ModelRunner:
         self.sampler.warm_up(self.model_config.vocab_size, self.config.max_num_seqs, self.device)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> SampledTokens:
+    def execute(self, sched: SchedulerOutput, late_masks: LateMasks | None = None) -> SampledTokens:
         """Launches one step; returns its sampled tokens (one per scheduled sequence that samples, in order),
-        which reach the host when the device is done: the caller reads them after launching the next step."""
+        which reach the host when the device is done: the caller reads them after launching the next step.
+        `late_masks` (structured output) is called once the logits are launched, for the step's masks."""
         inputs = self.packer.pack(sched)
         if len(inputs.pending_dst):  # decodes of tokens the previous step sampled: fill them in on the device
             inputs.input_ids.index_copy_(0, inputs.pending_dst, self.last_sampled.index_select(0, inputs.pending_src))
@@ -227,8 +232,9 @@ class ModelRunner:
         if len(sampling) < hidden.shape[0]:  # else every row samples, in order (decodes): no gather
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
-        if sched.token_masks is not None:  # structured output: constrained rows keep only allowed tokens
-            sched.token_masks.apply(logits)
+        masks = late_masks() if late_masks is not None else sched.token_masks
+        if masks is not None:  # structured output: constrained rows keep only allowed tokens
+            masks.apply(logits)
         batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
         self.last_sampled = self.sampler(logits, batch)  # (the sampler leaves `logits` as they are: raw)
         logprobs = None if plan is None else gather_step(plan, logits, self.last_sampled, all_hidden,

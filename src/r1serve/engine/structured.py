@@ -8,9 +8,10 @@ matcher; once the grammar has terminated (a complete answer, then the EOS, which
 sequence ends with finish_reason "stop".
 
 Costs. A batch in which no guide has started pays nothing: no mask, no per-row work, the usual pipelined steps
-(the engine checks one counter per step). While some guide runs, the engine reads each step before scheduling
-the next (a mask needs the token before it), so those steps lose the host/device overlap; the masks are filled
-on the host by xgrammar and applied on the logits' device to the constrained rows only, before the sampler
+(the engine checks one counter per step). While some guide runs, a step's mask needs the token before it: the
+engine launches the step's forward pass first, then reads the step before and fills the masks from it while the
+device computes (`LateMasks`), and the sampling waits for them; the masks are filled on the host by xgrammar
+(into pinned memory on CUDA) and applied on the logits' device to the constrained rows only, before the sampler
 (penalties, temperature, top-p act on what the mask leaves). A sequence whose reasoning closes while its next
 sample is already in flight has that sample dropped and drawn again under the mask (one more decode row, once).
 Grammars compile on `GrammarCompiler`'s threads; a request waits for its grammar before it is scheduled.
@@ -19,6 +20,7 @@ Grammars compile on `GrammarCompiler`'s threads; a request waits for its grammar
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,7 @@ class TokenMasks:
     bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, on the host
     rows: list[int]  # the constrained rows of the step's logits
     num_rows: int  # rows of the step's logits
+    pin_memory: bool = False  # the host tensors are pinned (their copies do not wait for the device)
 
     def apply(self, logits: torch.Tensor) -> None:
         """Sets the disallowed logits of the constrained rows to -inf, in place, on the logits' device."""
@@ -70,7 +73,8 @@ class TokenMasks:
         if len(self.rows) == self.num_rows:
             xgr.apply_token_bitmask_inplace(logits, bitmask)
             return
-        index = torch.tensor(self.rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        index = torch.tensor(self.rows, dtype=torch.int64)
+        index = (index.pin_memory() if self.pin_memory else index).to(logits.device, non_blocking=True)
         constrained = logits.index_select(0, index)  # [len(rows), vocab]
         xgr.apply_token_bitmask_inplace(constrained, bitmask)
         logits.index_copy_(0, index, constrained)
@@ -84,12 +88,16 @@ class TokenMasks:
         return bits.flatten()[:vocab_size].nonzero().flatten()
 
 
+LateMasks = Callable[[], "TokenMasks | None"]  # a step's masks, asked for once its forward pass is launched
+
+
 class StructuredOutputs:
     """The engine's structured-output state: requests whose grammar is compiling, and the running guides."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, pin_memory: bool = False) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.pin_memory = pin_memory  # CUDA: a copy from pageable memory would wait for the device's queue
         self.compiling: dict[str, tuple[Request, Future[Any]]] = {}
         self.num_running = 0  # guides started and not done: while > 0, steps synchronise and carry masks
         self._compiler: GrammarCompiler | None = None
@@ -158,10 +166,12 @@ class StructuredOutputs:
         rows = [row for row, seq in enumerate(sampling) if seq.guide is not None and seq.guide.running]
         if not rows:
             return None
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)  # fresh: a copy may still read the last
+        # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done)
+        bitmask = torch.full((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), -1, dtype=torch.int32,
+                             pin_memory=self.pin_memory)
         for i, row in enumerate(rows):
             sampling[row].guide.matcher.fill_next_token_bitmask(bitmask, i)
-        return TokenMasks(bitmask, rows, len(sampling))
+        return TokenMasks(bitmask, rows, len(sampling), self.pin_memory)
 
     def shutdown(self) -> None:
         if self._compiler is not None:
