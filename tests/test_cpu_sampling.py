@@ -61,6 +61,19 @@ def test_bisection_matches_the_candidates_on_flat_rows() -> None:
                        cpu_sampling._cut_in_sorted(ordered, torch.zeros(3), top_p))
 
 
+def test_bisection_stops_on_ties_of_bf16_logits() -> None:
+    logits = (torch.randn(2, 151936, generator=torch.Generator().manual_seed(4)) * 0.5).bfloat16().float()
+    probs = logits.softmax(-1)  # a few hundred distinct values: ties of many entries at the cut
+    top_p = torch.tensor([0.95, 0.5])
+    ordered = probs.sort(dim=-1, descending=True).values
+    expected = cpu_sampling._cut_in_sorted(ordered, torch.zeros(2), top_p)
+    assert torch.equal(cpu_sampling._bisect_cut(probs, top_p), expected)
+    below = torch.where(probs < expected[:, None], probs, 0.0).amax(dim=-1)  # the next lower value
+    tie = (probs == expected[:, None]).sum(dim=-1)
+    assert bool((tie > cpu_sampling.BAND).all())  # one value, too many entries for the count alone
+    assert cpu_sampling._band_resolved(probs, below, expected)
+
+
 def test_draw_follows_the_kept_distribution() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, -30.0] + [-1e9] * 96]).repeat(6000, 1)
     ones = torch.ones(6000)

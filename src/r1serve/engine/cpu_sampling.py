@@ -74,7 +74,7 @@ def _bisect_cut(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     lo = torch.zeros_like(top_p)
     hi = probs.amax(dim=-1)
     for step in range(MAX_BISECTIONS):
-        if step % 4 == 0 and _max_band(probs, lo, hi) <= BAND:
+        if step % 4 == 0 and _band_resolved(probs, lo, hi):
             break
         mid = (lo + hi) / 2
         below_p = torch.where(probs > mid[:, None], probs, 0.0).sum(dim=-1) < top_p  # the cut is <= mid
@@ -87,8 +87,16 @@ def _bisect_cut(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(cut), 0.0, cut)  # which happens only where the whole row's mass is below top_p
 
 
-def _max_band(probs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int:
-    return int(((probs > lo[:, None]) & (probs <= hi[:, None])).sum(dim=-1).max())
+def _band_resolved(probs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Whether every row's (lo, hi] holds at most `BAND` entries or one value alone (ties: bf16 logits take few
+    distinct values, so a tie can hold thousands of entries that no bisection separates)."""
+    in_band = (probs > lo[:, None]) & (probs <= hi[:, None])
+    few = in_band.sum(dim=-1) <= BAND
+    if bool(few.all()):
+        return True
+    top = torch.where(in_band, probs, 0.0).amax(dim=-1)
+    bottom = torch.where(in_band, probs, 2.0).amin(dim=-1)
+    return bool((few | (top <= bottom)).all())
 
 
 def draw(probs: torch.Tensor, cut: torch.Tensor, seeds: list[int]) -> torch.Tensor:
