@@ -68,10 +68,9 @@ def test_bisection_stops_on_ties_of_bf16_logits() -> None:
     ordered = probs.sort(dim=-1, descending=True).values
     expected = cpu_sampling._cut_in_sorted(ordered, torch.zeros(2), top_p)
     assert torch.equal(cpu_sampling._bisect_cut(probs, top_p), expected)
-    below = torch.where(probs < expected[:, None], probs, 0.0).amax(dim=-1)  # the next lower value
-    tie = (probs == expected[:, None]).sum(dim=-1)
-    assert bool((tie > cpu_sampling.BAND).all())  # one value, too many entries for the count alone
-    assert cpu_sampling._band_resolved(probs, below, expected)
+    tie = torch.where(probs == expected[:, None], probs, -1.0)
+    assert bool(((tie >= 0).sum(dim=-1) > cpu_sampling.BAND).all())  # one value, too many entries to count
+    assert cpu_sampling._band_resolved(tie) and not cpu_sampling._band_resolved(probs)
 
 
 def test_draw_follows_the_kept_distribution() -> None:
@@ -107,3 +106,14 @@ def test_tokens_of_zero_probability_are_never_drawn() -> None:
     logits[:, 7], logits[:, 49] = 0.0, 0.0
     ids = cpu_sampling.sample(logits, torch.ones(2000), None, None, None, list(range(2000)))
     assert set(ids.tolist()) == {7, 49}
+
+
+def test_narrowing_keeps_the_band_in_order_and_counts_the_mass_above() -> None:
+    band = torch.tensor([[0.4, 0.1, 0.3, 0.05, 0.15], [0.2, 0.2, 0.6, -1.0, 0.0]])
+    packed, mass_above = cpu_sampling._narrow(band, torch.tensor([0.1, 0.0]), torch.tensor([0.3, 0.2]),
+                                              torch.tensor([0.0, 0.5]), always=True)
+    assert packed.tolist() == [[0.30000001192092896, 0.15000000596046448], [0.20000000298023224, 0.20000000298023224]]
+    assert torch.allclose(mass_above, torch.tensor([0.4, 1.1]))
+    unchanged, same_mass = cpu_sampling._narrow(band, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]),
+                                                torch.tensor([0.0, 0.5]))  # most entries remain: no packing
+    assert unchanged is band and same_mass.tolist() == [0.0, 0.5]

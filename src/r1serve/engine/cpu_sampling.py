@@ -70,33 +70,53 @@ def _cut_in_sorted(values: torch.Tensor, mass_above: torch.Tensor, top_p: torch.
 
 def _bisect_cut(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The top-p cut by bisection on p: the mass above `hi` stays below top_p and the mass above `lo` reaches
-    it, so the cut lies in (lo, hi]; once few entries lie there, they are ordered and the cut read exactly."""
+    it, so the cut lies in (lo, hi]. Every few halvings the entries outside (lo, hi] leave the search (those
+    above hi into `mass_above`), so later passes read a shrinking band; once few entries remain, they are
+    ordered and the cut read exactly."""
     lo = torch.zeros_like(top_p)
     hi = probs.amax(dim=-1)
-    for step in range(MAX_BISECTIONS):
-        if step % 4 == 0 and _band_resolved(probs, lo, hi):
-            break
+    band, mass_above = probs, torch.zeros_like(top_p)  # [B, W] the entries in play (padding -1)
+    for step in range(1, MAX_BISECTIONS + 1):
         mid = (lo + hi) / 2
-        below_p = torch.where(probs > mid[:, None], probs, 0.0).sum(dim=-1) < top_p  # the cut is <= mid
+        mass = mass_above + torch.where(band > mid[:, None], band, 0.0).sum(dim=-1)
+        below_p = mass < top_p  # the cut is <= mid
         hi, lo = torch.where(below_p, mid, hi), torch.where(below_p, lo, mid)
-    in_band = (probs > lo[:, None]) & (probs <= hi[:, None])
-    width = max(1, int(in_band.sum(dim=-1).max()))
-    band = torch.topk(torch.where(in_band, probs, -1.0), width, dim=-1).values  # [B, width], descending
-    mass_above = torch.where(probs > hi[:, None], probs, 0.0).sum(dim=-1)
-    cut = _cut_in_sorted(band, mass_above, top_p)  # the band's largest entry is kept unless the band is empty,
+        if step % 4 == 0:
+            band, mass_above = _narrow(band, lo, hi, mass_above)
+            if _band_resolved(band):
+                break
+    band, mass_above = _narrow(band, lo, hi, mass_above, always=True)
+    ordered = band.sort(dim=-1, descending=True).values
+    cut = _cut_in_sorted(ordered, mass_above, top_p)  # the band's largest entry is kept unless the band is empty,
     return torch.where(torch.isinf(cut), 0.0, cut)  # which happens only where the whole row's mass is below top_p
 
 
-def _band_resolved(probs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
-    """Whether every row's (lo, hi] holds at most `BAND` entries or one value alone (ties: bf16 logits take few
-    distinct values, so a tie can hold thousands of entries that no bisection separates)."""
-    in_band = (probs > lo[:, None]) & (probs <= hi[:, None])
+def _narrow(band: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mass_above: torch.Tensor,
+            always: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """band [B, W] → its entries in (lo, hi], packed left into [B, W'] (padding -1), and `mass_above` plus the
+    mass of the entries above hi; unchanged unless W' <= W / 4 or `always` (packing costs more than it saves
+    while most entries remain)."""
+    keep = (band > lo[:, None]) & (band <= hi[:, None])
+    counts = keep.sum(dim=-1)
+    if not always and int(counts.max()) * 4 > band.shape[1]:
+        return band, mass_above
+    mass_above = mass_above + torch.where(band > hi[:, None], band, 0.0).sum(dim=-1)
+    rows, cols = keep.nonzero(as_tuple=True)  # row by row, in order
+    slots = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    packed = torch.full((band.shape[0], max(1, int(counts.max()))), -1.0, dtype=band.dtype)
+    packed[rows, slots] = band[rows, cols]
+    return packed, mass_above
+
+
+def _band_resolved(band: torch.Tensor) -> bool:
+    """Whether every row of the band [B, W] (padding -1) holds at most `BAND` entries or one value alone (ties:
+    bf16 logits take few distinct values, so a tie can hold thousands of entries that no bisection separates)."""
+    in_band = band >= 0.0
     few = in_band.sum(dim=-1) <= BAND
     if bool(few.all()):
         return True
-    top = torch.where(in_band, probs, 0.0).amax(dim=-1)
-    bottom = torch.where(in_band, probs, 2.0).amin(dim=-1)
-    return bool((few | (top <= bottom)).all())
+    bottom = torch.where(in_band, band, 2.0).amin(dim=-1)
+    return bool((few | (band.amax(dim=-1) <= bottom)).all())
 
 
 def draw(probs: torch.Tensor, cut: torch.Tensor, seeds: list[int]) -> torch.Tensor:
