@@ -46,6 +46,16 @@ def test_a_row_of_top_p_one_keeps_every_token_beside_rows_that_cut() -> None:
     assert cut[1] == 0.0 and cut[0] > 0.0
 
 
+def test_a_row_without_top_p_does_not_prolong_the_bisection(monkeypatch: pytest.MonkeyPatch) -> None:
+    probs = (torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5)) * 0.05).softmax(-1)  # flat
+    checks = []
+    resolved = cpu_sampling._band_resolved
+    monkeypatch.setattr(cpu_sampling, "_band_resolved", lambda band: checks.append(1) or resolved(band))
+    cut = cpu_sampling.kept_cut(probs, None, torch.tensor([0.95, 1.0]), None)
+    assert cut[1] == 0.0 and cut[0] > 0.0
+    assert len(checks) < 8  # the row of top-p 1.0 alone would run all MAX_BISECTIONS halvings
+
+
 def test_top_p_cut_is_exact_at_the_boundary() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 296])
     for top_p, kept in ((0.7, 2), (0.8, 2), (0.81, 3), (0.01, 1), (0.999, 4)):

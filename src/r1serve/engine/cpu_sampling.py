@@ -46,7 +46,8 @@ def kept_cut(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tenso
         kth = candidates.gather(-1, (top_k.clamp(max=candidates.shape[-1]) - 1)[:, None]).squeeze(-1)
         cut = torch.where(top_k < vocab, kth, cut)
     if top_p is not None and candidates is not None:
-        cut = torch.maximum(cut, torch.where(top_p < 1.0, top_p_cut(probs, candidates, top_p), 0.0))
+        active = top_p < 1.0  # the others search with top-p 0 (done at once), then keep every token
+        cut = torch.maximum(cut, torch.where(active, top_p_cut(probs, candidates, top_p * active), 0.0))
     if min_p is not None:
         cut = torch.maximum(cut, probs.amax(dim=-1) * min_p)
     return cut
