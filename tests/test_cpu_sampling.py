@@ -47,7 +47,8 @@ def test_a_row_of_top_p_one_keeps_every_token_beside_rows_that_cut() -> None:
 
 
 def test_a_row_without_top_p_does_not_prolong_the_bisection(monkeypatch: pytest.MonkeyPatch) -> None:
-    probs = (torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5)) * 0.05).softmax(-1)  # flat
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5))
+    probs = (logits * torch.tensor([[0.05], [10.0]])).softmax(-1)  # flat (bisection), then p over ~90 octaves
     checks = []
     resolved = cpu_sampling._band_resolved
     monkeypatch.setattr(cpu_sampling, "_band_resolved", lambda band: checks.append(1) or resolved(band))
