@@ -172,10 +172,15 @@ def offline_decode(model: str, workdir: Path, tokens: int) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def model_loads(model: str, prompt_fraction: float) -> list[Workload]:
+    """The rows of `model`, each with `prompt_fraction` of its prompts (at least its concurrency)."""
+    return [replace(w, num_prompts=max(w.concurrency, round(w.num_prompts * prompt_fraction)))
+            for w in WORKLOADS if w.model == model]
+
+
 def measure_model(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every row of `model`: on the server (and its A/B twin), interleaved over the repeats; the offline decode."""
-    loads = [replace(w, num_prompts=max(w.concurrency, round(w.num_prompts * args.prompt_fraction)))
-             for w in WORKLOADS if w.model == model]
+    loads = model_loads(model, args.prompt_fraction)
     variants = {"r1serve": {}} | ({f"r1serve {args.ab_env}": dict([args.ab_env.split("=", 1)])}
                                   if args.ab_env else {})
     servers = {name: start_server(model, args.port + i, workdir, env, args.server_arg)
@@ -199,7 +204,7 @@ def measure_model(model: str, args: argparse.Namespace, workdir: Path) -> dict[s
 def baseline(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, tuple[float, float]]:
     """The vLLM column: measured at `--baseline-url MODEL=URL` by the same client, else the issue's reference."""
     urls = dict(item.split("=", 1) for item in args.baseline_url)
-    loads = [w for w in WORKLOADS if w.model == model]
+    loads = model_loads(model, args.prompt_fraction)
     if model not in urls:
         return {load.name: REFERENCE[load.name] for load in loads}
     out = {}
@@ -236,7 +241,7 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=[], help="extra `r1serve serve` argument")
     parser.add_argument("--baseline-url", action="append", default=[], help="MODEL=URL of a server to compare")
     parser.add_argument("--prompt-fraction", type=float, default=1.0,
-                        help="send this fraction of each row's prompts (a quick A/B; the vLLM column keeps its own)")
+                        help="send this fraction of each row's prompts (a quick A/B; to a --baseline-url too)")
     parser.add_argument("--offline-tokens", type=int, default=32, help="offline decode tokens (0: skip)")
     parser.add_argument("--port", type=int, default=18600)
     args = parser.parse_args()
