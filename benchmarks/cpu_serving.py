@@ -11,8 +11,9 @@ Each model (`tiny`: 2 layers, hidden 256, the 1.5B's vocabulary; `1.5b`: the bui
 processes' CPU share, and once per model the offline engine's batch-1 greedy decode (`LLM.stream`). The vLLM
 column is a server at `--baseline-url MODEL=URL` measured by the same client, or else the reference figures of
 vLLM's CPU build 0.32 from the CPU-speed issue's table (2026-12-02), labelled "reference": not measured here.
-`--ab-env K=V` starts a second server with that environment and measures each row on both, interleaved, the
-medians of `--repeats` printed side by side (for a shared, noisy machine). Prints a table, then one JSON line.
+`--ab-env K=V` starts a second server with that environment and measures each row on both, interleaved (which
+goes first alternates), the medians of `--repeats` printed side by side (for a shared, noisy machine). Prints a
+table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -187,9 +188,9 @@ def measure_model(model: str, args: argparse.Namespace, workdir: Path) -> dict[s
                for i, (name, env) in enumerate(variants.items())}
     try:
         measures = {(load.name, name): Measure() for load in loads for name in servers}
-        for _ in range(args.repeats):
-            for load in loads:
-                for name, server in servers.items():
+        for repeat in range(args.repeats):
+            for load in loads:  # the servers' order alternates between repeats: neither always goes first
+                for name, server in list(servers.items())[::-1 if repeat % 2 else 1]:
                     measures[load.name, name].add(server, load, workdir)
     finally:
         for server in servers.values():
