@@ -7,8 +7,9 @@ randomness from its own 63-bit seed: for a request with a seed, a hash of (seed,
 so the same seed gives the same output whatever else is in the batch and however the steps were pipelined; for
 the others, a fresh number from the sampler's own random stream. Work that no row needs (sorting for top-p, the
 penalty scatter) is skipped. On CUDA the draw itself is one Triton kernel (`kernels/triton_sampling.py`: the same
-function, exact top-k/top-p/min-p by rejection, no sort and no host synchronisation); the torch code here is its
-twin and runs everywhere else.
+function, exact top-k/top-p/min-p by rejection, no sort and no host synchronisation); on a CPU it is
+`engine/cpu_sampling.py` (the same kept set by a threshold search, one uniform number per row); the torch code
+here is their twin.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r1serve.engine import cpu_sampling
 from r1serve.engine.sequence import Sequence
 
 
@@ -154,6 +156,10 @@ class Sampler:
         if logits.is_cuda and _triton_sample() is not None:  # one kernel, no host synchronisation
             return _triton_sample()(logits.contiguous(), batch.temperature, batch.top_p, batch.top_k, batch.min_p,
                                     batch.seeds_tensor)
+        if logits.device.type == "cpu":  # no sort of whole rows, one random number per row
+            return cpu_sampling.sample(logits, batch.temperature, batch.top_k if batch.any_top_k else None,
+                                       batch.top_p if batch.any_top_p else None,
+                                       batch.min_p if batch.any_min_p else None, batch.seeds)
         greedy_ids = logits.argmax(dim=-1)
         probs = self._probabilities(logits, batch)
         sampled = probs.div_(self._exponentials(probs, batch)).argmax(dim=-1)
