@@ -4,6 +4,8 @@
 #   bash benchmarks/device_session.sh offline OUT_DIR   # ceilings, batch-1 decode, nano, 1,000 x 512/512, transformers
 #   bash benchmarks/device_session.sh serving OUT_DIR   # r1serve serve + r1serve bench (needs the wheels, below)
 #   bash benchmarks/device_session.sh quant-tests OUT_DIR    # quantized kernels vs twins, engine GPU tests, op times
+#   bash benchmarks/device_session.sh dp OUT_DIR       # DP_SIZE replicas behind vllm-router (needs the wheels and
+#                                                       # vllm-router's: see dp_sweep.sh), through the front
 #   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
@@ -35,6 +37,9 @@ case $stage in
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant_kernels_gpu.py || true
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py || true
     timeout 200 python3 benchmarks/quant_gpu.py ;;
+  dp)
+    export PATH=/tmp/site/bin:$PATH  # vllm-router's script, installed with the wheels
+    R1SERVE="python3 -m r1serve.cli" timeout 580 bash benchmarks/dp_sweep.sh "${TOKENIZER:-.carry/tokenizer}" "$out" ;;
   quant-offline)  # one line per weight format (and fp8 KV): memory, KV tokens, decode vs roofline, nano, uniform
     summary=$out/quant-offline-summary.txt; : > "$summary"
     for run in "none auto decode,nano,uniform" "w4a16 auto decode,nano,uniform" "int8 auto decode,nano,uniform" \
@@ -49,5 +54,5 @@ case $stage in
     done
     cat "$summary" ;;
   *)
-    echo "unknown stage $stage (tests, offline, serving, quant-tests, quant-offline)" >&2; exit 2 ;;
+    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline)" >&2; exit 2 ;;
 esac
