@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from r1serve.engine.grammar import (
     tokenizer_info,
 )
 from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
+from r1serve.engine.scheduler import SchedulerOutput
 from r1serve.engine.sequence import Sequence
 from r1serve.engine.structured import TokenMasks
 from r1serve.errors import InvalidRequestError
@@ -103,6 +106,35 @@ def test_masks_touch_only_the_constrained_rows() -> None:
     assert allowed[:2] == [ord("a"), ord("b")] and {tokenizer.decode([t]) for t in allowed} == {"a", "b"}
     assert masks.allowed(1, VOCAB).tolist() == allowed and len(masks.allowed(0, VOCAB)) == VOCAB
 
+
+
+def step_of(seqs: list[Sequence]) -> SchedulerOutput:
+    """A step in which each of `seqs` samples (what `StructuredOutputs.masks` reads of it)."""
+    return types.SimpleNamespace(scheduled=[types.SimpleNamespace(seq=seq, samples=True) for seq in seqs])  # type: ignore[return-value]
+
+
+def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Path) -> None:
+    """`StructuredOutputs.masks` fills the rows of several guides at once (xgrammar's batch matcher): each row
+    equals its matcher's own mask, free rows get none, and one guide alone gets the same."""
+    engine = make_engine(byte_model_dir)
+    specs = ["[ab]{30}", "[0-9]{20}x", "(yes|no){10}"]
+    for i, spec in enumerate(specs):
+        engine.add_request("plain prompt", constrained("regex", spec), f"g{i}")
+    deadline = time.monotonic() + 30
+    while engine.structured.compiling and time.monotonic() < deadline:
+        engine.step()
+    engine.add_request("plain prompt", SamplingParams(max_tokens=4), "free")
+    guided = [engine.requests[f"g{i}"].seqs[0] for i in range(len(specs))]
+    assert all(seq.guide is not None and seq.guide.running for seq in guided)
+    seqs = [guided[0], engine.requests["free"].seqs[0], guided[1], guided[2]]
+    masks = engine.structured.masks(step_of(seqs))
+    assert masks is not None and masks.rows == [0, 2, 3]
+    for i, seq in zip(masks.rows, [guided[0], guided[1], guided[2]], strict=True):
+        own = xgr.allocate_token_bitmask(1, engine.model_config.vocab_size)
+        seq.guide.matcher.fill_next_token_bitmask(own, 0)
+        assert torch.equal(masks.bitmask[masks.rows.index(i)], own[0])
+    alone = engine.structured.masks(step_of([guided[1]]))
+    assert alone is not None and torch.equal(alone.bitmask[0], masks.bitmask[1])
 
 # ---- the engine, on the fake runner ------------------------------------------------------------------------
 

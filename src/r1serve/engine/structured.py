@@ -101,6 +101,7 @@ class StructuredOutputs:
         self.compiling: dict[str, tuple[Request, Future[Any]]] = {}
         self.num_running = 0  # guides started and not done: while > 0, steps synchronise and carry masks
         self._compiler: GrammarCompiler | None = None
+        self._batch: Any = None  # xgrammar.BatchGrammarMatcher, filling a step's masks on several threads
 
     def submit(self, request: Request) -> None:
         """Starts compiling the request's grammar; `take_ready` hands the request back once it is done."""
@@ -169,8 +170,13 @@ class StructuredOutputs:
         # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done)
         bitmask = torch.full((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), -1, dtype=torch.int32,
                              pin_memory=self.pin_memory)
-        for i, row in enumerate(rows):
-            sampling[row].guide.matcher.fill_next_token_bitmask(bitmask, i)
+        matchers = [sampling[row].guide.matcher for row in rows]
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(bitmask, 0)
+        else:  # on xgrammar's threads (half the cores): ~0.1 ms a row for a JSON schema on one core
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
         return TokenMasks(bitmask, rows, len(sampling), self.pin_memory)
 
     def shutdown(self) -> None:
