@@ -30,14 +30,11 @@ def test_builtin_tasks_load_with_their_gold_answers(shared_data: Path) -> None:
     assert aime.problems[0].answer == "204" and aime.source.endswith("aime24/test.jsonl")
 
 
-def test_builtin_task_without_local_file_or_datasets_says_what_to_do(tmp_path: Path) -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DatasetError, match="no local file.*datasets.*--data-dir"):
-            load_task("math500", data_dir=tmp_path)
-    else:  # machines with `datasets` would go to the hub instead
-        pytest.skip("`datasets` is installed here")
+def test_builtin_task_without_local_file_or_datasets_says_what_to_do(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # a machine without `datasets` (it would go to the hub)
+    with pytest.raises(DatasetError, match="no local file.*datasets.*--data-dir"):
+        load_task("math500", data_dir=tmp_path)
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -95,14 +92,10 @@ def test_missing_file_and_unknown_task(tmp_path: Path) -> None:
         load_task("gsm8k", limit=0)
 
 
-def test_hub_ids_need_the_datasets_package() -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DatasetError, match="needs the `datasets` package.*or pass a local JSONL"):
-            load_task("hf:someone/some-math@test")
-    else:  # machines with `datasets` would go to the hub instead
-        pytest.skip("`datasets` is installed here")
+def test_hub_ids_need_the_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # a machine without `datasets`
+    with pytest.raises(DatasetError, match="needs the `datasets` package.*or pass a local JSONL"):
+        load_task("hf:someone/some-math@test")
 
 
 def test_gsm8k_answer_without_marker_is_an_error(tmp_path: Path) -> None:
