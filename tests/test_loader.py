@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_CONFIG
 from r1serve.config import DEFAULT_MODEL, EngineConfig, ModelConfig
 from r1serve.model.loader import (
     ModelNotFoundError,
@@ -152,3 +153,16 @@ def test_model_config_from_saved_checkpoint(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
     config = load_model_config(EngineConfig(model=str(tmp_path)), tmp_path)
     assert config == ModelConfig.from_hf_dict({**HF_CONFIG, "torch_dtype": config.torch_dtype})
+
+
+def test_building_the_model_imports_no_compiler_stack(tmp_path: Path) -> None:
+    """The model is built on the meta device without running torch's ops there (random initialisers, the
+    rotary table): on meta tensors those go through torch's compiler stack, ~1.5 s of import (and Triton where
+    installed, which then reports leaked objects at exit)."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    code = ("import sys; from r1serve import LLM; LLM(sys.argv[1], load_format='dummy', device='cpu', "
+            "kv_cache_space=0.05); print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "leaked" not in out.stderr

@@ -176,14 +176,19 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self.theta = theta
         self.ops = ops
-        cache = reference.rotary_cos_sin_cache(head_dim, max_position, theta)  # [max_position, head_dim]
+        cache = torch.empty(max_position, head_dim)  # [max_position, head_dim] float32
+        if cache.device.type != "meta":  # (on meta, computed where the model lands: see `_apply`)
+            cache = reference.rotary_cos_sin_cache(head_dim, max_position, theta)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self._computed_on = cache.device
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryEmbedding:
         super()._apply(fn, recurse)
         cache = self.cos_sin_cache
-        if cache.device != self._computed_on or cache.dtype != torch.float32:
+        if cache.device.type == "meta":  # nowhere yet: computed where it lands
+            self.cos_sin_cache = torch.empty(self.max_position, self.head_dim, device=cache.device)
+            self._computed_on = cache.device
+        elif cache.device != self._computed_on or cache.dtype != torch.float32:
             with torch.device(cache.device):
                 self.cos_sin_cache = reference.rotary_cos_sin_cache(self.head_dim, self.max_position,
                                                                     self.theta)

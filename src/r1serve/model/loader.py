@@ -13,6 +13,7 @@ does not fit the config) is one clear error that says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -111,12 +112,32 @@ def load_quant_scheme(config: EngineConfig, model_path: Path | None, device: tor
     return scheme.on_load() if scheme is not None and dummy else scheme
 
 
+@contextlib.contextmanager
+def skip_random_init() -> Iterator[None]:
+    """Modules built on the meta device are filled later: their random initialisers are skipped. (On meta
+    tensors torch runs them through its compiler stack, whose import takes ~1.5 s and loads Triton where it
+    is installed, which on a CPU then reports leaked objects at exit.)"""
+    names = ("uniform_", "normal_", "kaiming_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
+
+
 def load_model(config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
                device: torch.device, dtype: torch.dtype,
                backend: AttentionBackend | None = None) -> Qwen2ForCausalLM:
     """Build the model on `device` in `dtype`, fill it (safetensors or seeded dummy weights); eval mode."""
     quant = load_quant_scheme(config, model_path, device)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_random_init():
         model = Qwen2ForCausalLM(model_config, backend, quant=quant)
     _materialize(model.to(dtype), device)
     if config.load_format == "dummy" and quant is not None:
