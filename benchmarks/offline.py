@@ -7,7 +7,9 @@
 
 Workloads: `decode` (one stream: 128-token prompt, N generated, ignore_eos; decode tokens/s and, on CUDA, percent of
 the weight-bandwidth roofline), `batch` (16 prompts of 128 tokens at once), `nano` (nano-vllm's: 256 requests,
-prompt and output lengths uniform in 100-1024, temperature 0.6), `uniform` (1,000 requests of 512 in / 512 out).
+prompt and output lengths uniform in 100-1024, temperature 0.6), `uniform` (1,000 requests of 512 in / 512 out),
+`serving` (the offline twin of the serving stage's largest point: 256 requests of 1,024 in / 1,024 out at once,
+temperature 0.6 / top-p 0.95, so that the server's cost is a ratio from one call).
 The random weights are copied into a transformers `Qwen2ForCausalLM`, so both sides compute the same function;
 `--hf nano` runs the nano workload's first 16 requests with 64 output tokens each on both engines (`nano-subset`:
 transformers is too slow for the whole workload), left-padded into one `generate` batch.
@@ -287,6 +289,9 @@ def run_workloads(llm: LLM, args: argparse.Namespace, rows: Rows, structured: st
         rows.append(bench_requests(llm, "nano", prompts, outs, args.device, temperature=0.6, structured=structured))
     if "uniform" in workloads:
         rows.append(bench_requests(llm, "uniform", random_prompts(1000, [512] * 1000, 3), [512] * 1000, args.device,
+                                   temperature=0.6, structured=structured))
+    if "serving" in workloads:
+        rows.append(bench_requests(llm, "serving", random_prompts(256, [1024] * 256, 4), [1024] * 256, args.device,
                                    temperature=0.6, structured=structured))
 
 
