@@ -72,3 +72,29 @@ def test_products_keep_the_activation_dtype():
     qweight, scales, zeros = qr.quantize_int4(torch.randn(8, 64, dtype=torch.bfloat16), 64, True)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     assert qr.int4_linear(x, qweight, scales, zeros, 64, None).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("same_order", [True, False])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_act_order_linear_equals_the_dense_product_in_checkpoint_order(same_order, zeros):
+    """The CPU path of GPTQ act order: columns sorted by group, x's columns permuted alike (per shard where the
+    shards' orders differ), the product unchanged (the GPU test runs the same module on the Triton ops)."""
+    from r1serve.model.layers import REFERENCE_OPS
+    from test_quant_kernels_gpu import act_order_linear
+
+    module, dense = act_order_linear((48, 16, 16), 256, 32, zeros, same_order, REFERENCE_OPS, "cpu", torch.float32)
+    assert module.input_perm.shape == ((1 if same_order else 3), 256)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    expected = x @ dense.T + module.bias
+    assert torch.allclose(module(x), expected, atol=1e-4, rtol=1e-4)
+    module.input_perm = None  # the sorted layout read in column order is another product
+    assert not torch.allclose(module(x), expected, atol=1e-2)
+
+
+def test_group_order_refuses_groups_of_unequal_size():
+    from r1serve.model.quant.compressed import group_order
+
+    order = group_order("g", torch.tensor([1, 0, 1, 0], dtype=torch.int32), 2)
+    assert order.tolist() == [1, 3, 0, 2]
+    with pytest.raises(ValueError, match="g does not put 2 input columns in each of the 2 groups"):
+        group_order("g", torch.tensor([1, 1, 1, 0], dtype=torch.int32), 2)
