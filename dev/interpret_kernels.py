@@ -94,6 +94,8 @@ QUANT_CASES: list[tuple[str, dict]] = [
       for f, a in (("int8", True), ("fp8", False), ("fp8", True))],
     ("test_quantize_per_token_matches_twin", {"fmt": "int8", "k": 1000}),
     ("test_quantize_per_token_matches_twin", {"fmt": "fp8", "k": 8960}),
+    *[("test_act_order_int4_linear_matches_twin", {"t": t, "same_order": o, "zeros": z})
+      for t, o, z in ((1, True, False), (17, False, True))],
 ]
 
 

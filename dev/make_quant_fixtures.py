@@ -1,12 +1,18 @@
 """Writes the quantized checkpoints under tests/data/quant/ with the tools that write them in the wild, and the
 reference each tool gives, so that CI checks r1serve's loaders without installing those tools.
 
-The fixtures are one tiny random Qwen2 (hidden 128, 2 layers, vocab 512) quantized four ways:
+The fixtures are one tiny random Qwen2 (hidden 128, 2 layers, vocab 512) quantized five ways:
 
 - `w4a16`, `fp8-dynamic`, `w8a8`: llm-compressor's `oneshot` (GPTQ for W4A16 and W8A8, round-to-nearest for
   FP8_DYNAMIC) on a few random token sequences, saved compressed (compressed-tensors `pack-quantized`,
   `float-quantized`, `int-quantized`); the reference logits are transformers' with compressed-tensors
   decompressing the checkpoint (`run_compressed=False`, activations fake-quantized where the scheme says so).
+  W4A16's GPTQ runs with llm-compressor's default `actorder: static` (columns visited in activation order,
+  groups kept in column order: no `weight_g_idx`).
+- `w4a16-actorder`: the same GPTQ W4A16 with `actorder: "group"` and group size 32 (so that the 128-column
+  projections have 4 groups to reorder): groups follow the activation order and each projection stores
+  `weight_g_idx` int32 [in] (the group of each input column). llm-compressor 0.14 refuses "group" (removed
+  upstream), so this one is written with llmcompressor 0.13.0 (below).
 - `awq-gemm`: AutoAWQ's own GEMM packer (`WQLinear_GEMM.from_linear`) on round-to-nearest scales and zero
   points; the reference logits are transformers' on AutoAWQ's own `dequantize_gemm` of those tensors.
 
@@ -20,9 +26,18 @@ project's (its torch), with AutoAWQ's source unpacked beside it (AutoAWQ needs n
     echo /work/main/.venv/lib/python3.11/site-packages > /tmp/llmc-venv/lib/python3.11/site-packages/main.pth
     echo torch==2.13.0 > /tmp/c.txt && /tmp/llmc-venv/bin/pip install -c /tmp/c.txt llmcompressor
     pip download --no-deps autoawq==0.2.9 -d /tmp/qdl && tar xzf /tmp/qdl/autoawq-0.2.9.tar.gz -C /tmp/qdl
-    /tmp/llmc-venv/bin/python dev/make_quant_fixtures.py --autoawq-src /tmp/qdl/autoawq-0.2.9
+    /tmp/llmc-venv/bin/python dev/make_quant_fixtures.py --autoawq-src /tmp/qdl/autoawq-0.2.9 \
+        --only w4a16 fp8-dynamic w8a8 awq-gemm
 
-Written with llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0, AutoAWQ 0.2.9.
+and the act-order fixture in a second venv, the same way with the last llm-compressor that writes g_idx:
+
+    python -m venv /tmp/llmc13-venv
+    echo /work/main/.venv/lib/python3.11/site-packages > /tmp/llmc13-venv/lib/python3.11/site-packages/main.pth
+    /tmp/llmc13-venv/bin/pip install -c /tmp/c.txt llmcompressor==0.13.0
+    /tmp/llmc13-venv/bin/python dev/make_quant_fixtures.py --only w4a16-actorder
+
+Written with llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0, AutoAWQ 0.2.9;
+`w4a16-actorder` with llmcompressor 0.13.0, compressed-tensors 0.18.0, transformers 5.14.1.
 """
 
 from __future__ import annotations
@@ -46,8 +61,13 @@ TINY = {
     "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.08,
 }
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer"
-SCHEMES = {"w4a16": "W4A16", "fp8-dynamic": "FP8_DYNAMIC", "w8a8": "W8A8"}
 GROUP_SIZE = 128
+ACTORDER_GROUP_SIZE = 32
+ACTORDER_SCHEME = {"group_0": {"targets": ["Linear"], "weights": {
+    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": ACTORDER_GROUP_SIZE,
+    "actorder": "group"}}}
+SCHEMES: dict[str, str | dict] = {"w4a16": "W4A16", "fp8-dynamic": "FP8_DYNAMIC", "w8a8": "W8A8",
+                                  "w4a16-actorder": ACTORDER_SCHEME}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -78,7 +98,7 @@ def write_reference(folder: Path, model) -> None:
               str(folder / "reference.safetensors"))
 
 
-def compressed_tensors_fixture(name: str, scheme: str) -> None:
+def compressed_tensors_fixture(name: str, scheme: str | dict) -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -91,7 +111,10 @@ def compressed_tensors_fixture(name: str, scheme: str) -> None:
     calibration = Dataset.from_dict({"input_ids": torch.randint(3, 512, (16, 32), generator=gen).tolist(),
                                      "attention_mask": [[1] * 32] * 16})
     modifier = QuantizationModifier if scheme == "FP8_DYNAMIC" else GPTQModifier
-    recipe = modifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    if isinstance(scheme, dict):  # a scheme of its own: GPTQ with these config groups
+        recipe = GPTQModifier(config_groups=scheme, ignore=["lm_head"])
+    else:
+        recipe = modifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)  # oneshot wants one; the data is already token ids
     oneshot(model=model, processor=tokenizer, dataset=calibration, recipe=recipe, max_seq_length=32,
             num_calibration_samples=16)
@@ -147,15 +170,21 @@ def awq_fixture(autoawq_src: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--autoawq-src", type=Path, required=True, help="AutoAWQ's unpacked source distribution")
+    parser.add_argument("--autoawq-src", type=Path, help="AutoAWQ's unpacked source distribution (for awq-gemm)")
+    parser.add_argument("--only", nargs="+", choices=[*SCHEMES, "awq-gemm"], default=[*SCHEMES, "awq-gemm"],
+                        help="the fixtures to write (default: all)")
     args = parser.parse_args()
+    if "awq-gemm" in args.only and args.autoawq_src is None:
+        parser.error("awq-gemm needs --autoawq-src")
     with tempfile.TemporaryDirectory() as tmp:  # llm-compressor writes its logs under the working directory
         import os
 
         os.chdir(tmp)
         for name, scheme in SCHEMES.items():
-            compressed_tensors_fixture(name, scheme)
-        awq_fixture(args.autoawq_src)
+            if name in args.only:
+                compressed_tensors_fixture(name, scheme)
+        if "awq-gemm" in args.only:
+            awq_fixture(args.autoawq_src)
     for folder in sorted(OUT.iterdir()):
         print(folder.name, sorted(f.name for f in folder.iterdir()))
 

@@ -25,10 +25,11 @@ pytest.importorskip("compressed_tensors")
 DATA = Path(__file__).parent / "data" / "quant"
 CPU = torch.device("cpu")
 # (fixture, packed module type, max |logit difference| to the tool's reference). W8A8's activations are
-# rounded per token with scale amax / 127 (vLLM's kernels, kernels/quant_reference.py); compressed-tensors'
-# fake quantization uses amax / 127.5, so its reference differs by the rounding of two quantizers.
+# rounded per token as compressed-tensors' fake quantization rounds them (amax / 127.5, -128..127,
+# kernels/quant_reference.py); what is left is the order of the float32 sums (integer products scaled once
+# against a product of dequantized operands), which moves a few values across a rounding boundary.
 FIXTURES = [("awq-gemm", Int4Linear, 5e-3), ("w4a16", Int4Linear, 1e-4), ("fp8-dynamic", PerChannelLinear, 1e-4),
-            ("w8a8", PerChannelLinear, 0.25)]
+            ("w8a8", PerChannelLinear, 1e-2), ("w4a16-actorder", Int4Linear, 1e-4)]
 
 
 def load(path: Path, quantization: str | None = None):
@@ -61,15 +62,99 @@ def test_logits_match_the_tools_own_decompression(name, module_type, atol):
     assert kl(got, ref["logits"]) < 1e-3
 
 
-# W8A8 is left out: its reference rounds activations with another scale (above), which flips a near-tie at the
-# fourth token of this tiny random model; its logits are bounded in the test above.
-@pytest.mark.parametrize("name", ["awq-gemm", "w4a16", "fp8-dynamic"])
+@pytest.mark.parametrize("name", ["awq-gemm", "w4a16", "fp8-dynamic", "w8a8", "w4a16-actorder"])
 def test_engine_greedy_output_equals_the_reference(name):
     ref = load_file(str(DATA / name / "reference.safetensors"))
     llm = LLM(str(DATA / name), device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=16, max_num_seqs=2)
     out = llm.generate([ref["input_ids"][0, :6].tolist()], SamplingParams(temperature=0, max_tokens=8,
                                                                           ignore_eos=True))
     assert out[0].outputs[0].token_ids == ref["greedy_ids"].tolist()
+
+
+def int4_modules(model) -> list[Int4Linear]:
+    return [m for m in model.modules() if isinstance(m, Int4Linear)]
+
+
+def test_act_order_fixture_reads_each_projections_inputs_in_group_order():
+    config = json.loads((DATA / "w4a16-actorder" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    model = load(DATA / "w4a16-actorder")
+    assert model.quant.act_order and "act order" in model.quant.describe()
+    for module in int4_modules(model):  # GPTQ orders q/k/v (and gate/up) alike: one order per fused module
+        assert module.input_perm is not None and module.input_perm.shape == (1, module.in_features)
+        assert not torch.equal(module.input_perm[0], torch.arange(module.in_features))
+        assert torch.equal(module.input_perm[0].sort().values, torch.arange(module.in_features))
+
+
+def test_act_order_ignored_fails_the_bound():
+    ref = load_file(str(DATA / "w4a16-actorder" / "reference.safetensors"))
+    model = load(DATA / "w4a16-actorder")
+    for module in int4_modules(model):
+        module.input_perm = None  # the sorted layout read with x's columns as they come
+    got = logits_of(model, ref["input_ids"])
+    assert (got - ref["logits"]).abs().max().item() > 100 * FIXTURES[-1][2]
+
+
+def test_weight_actorder_checkpoint_needs_no_permutation():
+    config = json.loads((DATA / "w4a16" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "static"  # llm-compressor's default
+    model = load(DATA / "w4a16")
+    assert not model.quant.act_order
+    assert all(module.input_perm is None for module in int4_modules(model))
+
+
+def _relabel_k_proj_groups(tensors: dict[str, torch.Tensor]) -> None:
+    """Layer 0's k_proj with its group ids reversed (g -> G - 1 - g) and its scale columns to match: the same
+    weights, in another column order than q_proj's and v_proj's."""
+    prefix = "model.layers.0.self_attn.k_proj"
+    g_idx = tensors[f"{prefix}.weight_g_idx"]
+    num_groups = int(g_idx.max()) + 1
+    tensors[f"{prefix}.weight_g_idx"] = (num_groups - 1 - g_idx).contiguous()
+    tensors[f"{prefix}.weight_scale"] = tensors[f"{prefix}.weight_scale"].flip(1).contiguous()
+
+
+def test_fused_shards_in_different_orders_run_one_product_each(tmp_path):
+    ref = load_file(str(DATA / "w4a16-actorder" / "reference.safetensors"))
+    model = load(copy_fixture("w4a16-actorder", tmp_path, tensor_edit=_relabel_k_proj_groups))
+    qkv = model.get_submodule("model.layers.0.self_attn.qkv_proj")
+    assert qkv.input_perm.shape == (3, qkv.in_features)
+    assert torch.equal(qkv.input_perm[0], qkv.input_perm[2]) and not torch.equal(qkv.input_perm[0],
+                                                                                  qkv.input_perm[1])
+    got = logits_of(model, ref["input_ids"])
+    assert (got - ref["logits"]).abs().max().item() < FIXTURES[-1][2]
+
+
+def test_dummy_weights_of_an_act_order_config_are_quantized_in_column_order():
+    path = DATA / "w4a16-actorder"
+    config = EngineConfig(model=str(path), device="cpu", load_format="dummy")
+    model = load_model(config, load_model_config(config, path), path, CPU, torch.float32)
+    assert model.quant.group_size == 32 and not model.quant.act_order
+    assert all(module.input_perm is None for module in int4_modules(model))
+
+
+def _unequal_groups(tensors: dict[str, torch.Tensor]) -> None:
+    name = "model.layers.1.mlp.down_proj.weight_g_idx"
+    tensors[name] = tensors[name].clone()
+    tensors[name][tensors[name] == 1] = 0  # group 0 twice its size, group 1 empty
+
+
+def test_g_idx_with_unequal_groups_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"down_proj\.weight_g_idx does not put 32 input columns in each of the 8"):
+        load(copy_fixture("w4a16-actorder", tmp_path, tensor_edit=_unequal_groups))
+
+
+def test_missing_g_idx_is_named(tmp_path):
+    drop = "model.layers.0.self_attn.o_proj.weight_g_idx"
+    folder = copy_fixture("w4a16-actorder", tmp_path, tensor_edit=lambda tensors: tensors.pop(drop))
+    with pytest.raises(ValueError, match=r"missing tensors model\.layers\.0\.self_attn\.o_proj\.weight_g_idx"):
+        load(folder)
+
+
+def test_g_idx_in_a_checkpoint_without_act_order_is_unexpected(tmp_path):
+    folder = copy_fixture("w4a16-actorder", tmp_path, config_edit=lambda q: q["config_groups"]["group_0"][
+        "weights"].update(actorder="weight"))
+    with pytest.raises(ValueError, match=r"unexpected checkpoint tensor model\.layers\.\d\.\w+\.\w+\.weight_g_idx"):
+        load(folder)
 
 
 def copy_fixture(name: str, dst: Path, config_edit=None, tensor_edit=None) -> Path:
@@ -120,6 +205,8 @@ def test_transposed_awq_scales_are_refused_by_shape(tmp_path):
                                                                                    observer="minmax"),
      "only dynamic"),
     ("w8a8", lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4), "int weights of 8 bits"),
+    ("w4a16-actorder", lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="channel", group_size=None),
+     "actorder 'group' needs strategy 'group'"),
 ])
 def test_unsupported_settings_are_named(tmp_path, name, edit, message):
     with pytest.raises(ValueError, match=message):

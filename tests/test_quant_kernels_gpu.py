@@ -214,6 +214,63 @@ def test_quantize_per_token_matches_twin(fmt: str, k: int) -> None:
         assert ((got == want) | (got * 2 == want) | ((got - want).abs() <= 2 ** -9)).all()
 
 
+# ---------------------------------------------------------------- act order (GPTQ actorder "group")
+
+def act_order_linear(shards: tuple[int, ...], k: int, group: int, zeros: bool, same_order: bool, ops,
+                     device: str, dtype: torch.dtype, seed: int = 0):
+    """An act-order `Int4Linear` of random weights whose shards have random group orders (one shared order, or
+    one each), loaded as the checkpoint loader does (`group_order`, sorted columns, `settle_input_order`), and
+    the dense [sum(shards), k] weight in checkpoint column order that it stands for."""
+    from r1serve.model.quant.compressed import group_order
+    from r1serve.model.quant.config import QuantScheme
+    from r1serve.model.quant.layers import Int4Linear
+
+    gen = torch.Generator().manual_seed(seed)
+    scheme = QuantScheme("compressed-tensors", "int4", "pack-quantized", group_size=group, symmetric=not zeros,
+                         act_order=True)
+    with torch.device(device):
+        module = Int4Linear(k, sum(shards), bias=True, scheme=scheme, ops=ops, shards=shards)
+    dense, start = [], 0
+    ranks = torch.randperm(k, generator=gen)
+    for i, rows in enumerate(shards):
+        ranks = ranks if same_order and i else torch.randperm(k, generator=gen)
+        g_idx = (ranks // group).to(torch.int32)  # column c in group rank(c) // G, as GPTQ writes it
+        order = group_order("g_idx", g_idx, group)
+        weight = torch.randn(rows, k, generator=gen) * k ** -0.5
+        qweight, scales, zero_points = qr.quantize_int4(weight[:, order], group, symmetric=not zeros)
+        module.qweight[start:start + rows] = qweight.to(device)
+        module.scales[start:start + rows] = scales.to(device, dtype)
+        if zeros:
+            module.zeros[start:start + rows] = zero_points.to(device)
+        module.input_perm[i] = order.to(device)
+        sorted_dense = qr.dequantize_int4(qweight, scales.to(dtype), zero_points, group).float()
+        dense.append(sorted_dense[:, torch.argsort(order)])  # back to checkpoint order
+        start += rows
+    module.bias.data = torch.randn(sum(shards), generator=gen).to(device, dtype)
+    module.settle_input_order()
+    return module, torch.cat(dense).to(device)
+
+
+@pytest.mark.parametrize("t", [1, 5, 17, 100])
+@pytest.mark.parametrize("same_order", [True, False])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_act_order_int4_linear_matches_twin(t: int, same_order: bool, zeros: bool) -> None:
+    """An act-order fused projection (q/k/v-like shards, K = 1536, group 128) through the Triton ops equals the
+    torch twins' ops and the dense product in checkpoint order; shards in one order share one permutation."""
+    from r1serve.model.layers import REFERENCE_OPS, triton_kernel_ops
+
+    dtype = DTYPES[0]
+    module, dense = act_order_linear((256, 64, 64), 1536, 128, zeros, same_order, triton_kernel_ops(), DEVICE,
+                                     dtype)
+    assert module.input_perm.shape[0] == (1 if same_order else 3)
+    x = activations(t, 1536, dtype)
+    out = module(x)
+    module.ops = REFERENCE_OPS
+    twin = module(x.float())
+    assert rel_err(out, twin) < TOL
+    assert rel_err(out, x.float() @ dense.T + module.bias.float()) < TOL
+
+
 # ---------------------------------------------------------------- model shapes and CUDA graphs
 
 MODEL_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]  # qkv, o_proj, gate_up, down

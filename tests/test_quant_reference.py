@@ -72,3 +72,72 @@ def test_products_keep_the_activation_dtype():
     qweight, scales, zeros = qr.quantize_int4(torch.randn(8, 64, dtype=torch.bfloat16), 64, True)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     assert qr.int4_linear(x, qweight, scales, zeros, 64, None).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("same_order", [True, False])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_act_order_linear_equals_the_dense_product_in_checkpoint_order(same_order, zeros):
+    """The CPU path of GPTQ act order: columns sorted by group, x's columns permuted alike (per shard where the
+    shards' orders differ), the product unchanged (the GPU test runs the same module on the Triton ops)."""
+    from r1serve.model.layers import REFERENCE_OPS
+    from test_quant_kernels_gpu import act_order_linear
+
+    module, dense = act_order_linear((48, 16, 16), 256, 32, zeros, same_order, REFERENCE_OPS, "cpu", torch.float32)
+    assert module.input_perm.shape == ((1 if same_order else 3), 256)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    expected = x @ dense.T + module.bias
+    assert torch.allclose(module(x), expected, atol=1e-4, rtol=1e-4)
+    module.input_perm = None  # the sorted layout read in column order is another product
+    assert not torch.allclose(module(x), expected, atol=1e-2)
+
+
+def test_group_order_refuses_groups_of_unequal_size():
+    from r1serve.model.quant.compressed import group_order
+
+    order = group_order("g", torch.tensor([1, 0, 1, 0], dtype=torch.int32), 2)
+    assert order.tolist() == [1, 3, 0, 2]
+    with pytest.raises(ValueError, match="g does not put 2 input columns in each of the 2 groups"):
+        group_order("g", torch.tensor([1, 1, 1, 0], dtype=torch.int32), 2)
+
+
+def _compressed_tensors_int8(strategy: str):
+    """compressed-tensors' own symmetric int8 args (W8A8's weights per channel, activations per token)."""
+    quantization = pytest.importorskip("compressed_tensors.quantization")
+    return quantization.QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy=strategy,
+                                         dynamic=strategy == "token")
+
+
+def test_int8_activation_quantization_follows_compressed_tensors():
+    """Scales and int8 values equal compressed-tensors' dynamic per-token quantization (amax / 127.5, round
+    half to even, -128..127) on random rows, outliers, ties and a zero row (whose scale is only a floor: the
+    library's is float32's eps, r1serve's the smallest normal float; its values are 0 either way)."""
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    args = _compressed_tensors_int8("token")
+    x = torch.randn(64, 384, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 3, 64)[:, None]
+    x[5, 7] = -x[5].abs().max() * 2  # a negative outlier: the row's -128
+    x[9] = torch.linspace(-127.5, 127.5, 384)  # scale 1: many exact halves
+    x[11] = 0
+    tokens = x[None]  # [batch, tokens, hidden], as the library's per-token strategy reads activations
+    scales, zero_points = compute_dynamic_scales_and_zp(value=tokens, args=args, module=None)
+    expected = quantize(tokens, scales, zero_points, args, dtype=torch.int8)[0]
+    x_q, x_scales = qr.quantize_per_token(x, "int8")
+    nonzero = x.abs().amax(dim=-1) > 0
+    assert torch.equal(x_scales[nonzero], scales[0][nonzero])
+    assert torch.equal(x_q, expected)
+    assert x_q[5, 7] == -128 and x_q.max() == 127
+
+
+def test_int8_weight_quantization_follows_compressed_tensors():
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = _compressed_tensors_int8("channel")
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(5)) * 0.05
+    scales, zero_points = calculate_qparams(weight.amin(dim=-1, keepdim=True), weight.amax(dim=-1, keepdim=True),
+                                            args)
+    expected = quantize(weight, scales, zero_points, args, dtype=torch.int8)
+    qweight, our_scales = qr.quantize_per_channel(weight, "int8")
+    assert torch.equal(our_scales, scales.reshape(-1))
+    assert torch.equal(qweight, expected)

@@ -14,7 +14,11 @@ layout whatever tool wrote the file:
   `scales` float32 [N]. w[n, k] = q[n, k] * s[n].
 
 With `act_quant` the activations are quantized too, per token and dynamically (W8A8 INT8, FP8 dynamic): each
-row of x is scaled to the format's range and rounded, as the checkpoint's quantization scheme says. The
+row of x is scaled to the format's range and rounded, as the checkpoint's quantization scheme says. int8
+follows compressed-tensors (the library llm-compressor writes and calibrates W8A8 with): scale = amax / 127.5
+(half the width of -128..127), x / scale rounded half to even and clamped to -128..127; the weights quantized
+on load the same way, per output channel. vLLM's kernels use amax / 127 instead (`scaled_int8_quant`); the
+two differ by at most one step per value. fp8: scale = amax / 448, clamped to ±448, as both do. The
 functions here are what the CPU runs and what the Triton kernels are tested against, so their signatures are
 a contract. Each returns x's dtype; products accumulate in float32.
 """
@@ -26,6 +30,8 @@ import torch
 INT4_PER_WORD = 8
 INT4_SYMMETRIC_ZERO = 8
 INT8_MAX = 127.0
+INT8_MIN = -128.0
+INT8_SCALE_DIVISOR = (INT8_MAX - INT8_MIN) / 2  # 127.5: compressed-tensors' symmetric int8 scale = amax / 127.5
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # [8]: bit offset of nibble j
 
@@ -63,12 +69,12 @@ def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
     """Dynamic per-token quantization of x [T, K]: (x_q [T, K] int8 or float8_e4m3fn, scales float32 [T, 1])."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)  # [T, 1]
-    limit = torch.full_like(amax, INT8_MAX if fmt == "int8" else FP8_MAX)
+    divisor = torch.full_like(amax, INT8_SCALE_DIVISOR if fmt == "int8" else FP8_MAX)
     # a tensor divisor: CUDA divides by a Python scalar as a multiply by its rounded reciprocal
-    scales = (amax / limit).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = (amax / divisor).clamp(min=torch.finfo(torch.float32).tiny)
     scaled = x32 / scales
     if fmt == "int8":
-        return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
+        return scaled.round().clamp(INT8_MIN, INT8_MAX).to(torch.int8), scales
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
 
 
@@ -123,11 +129,12 @@ def quantize_per_channel(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, 
     """A dense [N, K] weight per output channel, symmetric: (qweight int8 or float8_e4m3fn [N, K],
     scales float32 [N]). What `--quantization int8|fp8` does to a bf16 checkpoint on load."""
     w32 = weight.float()
-    limit = INT8_MAX if fmt == "int8" else FP8_MAX
-    scales = (w32.abs().amax(dim=-1) / limit).clamp(min=torch.finfo(torch.float32).tiny)  # [N]
+    amax = w32.abs().amax(dim=-1)  # [N]
+    divisor = torch.full_like(amax, INT8_SCALE_DIVISOR if fmt == "int8" else FP8_MAX)
+    scales = (amax / divisor).clamp(min=torch.finfo(torch.float32).tiny)  # [N]
     scaled = w32 / scales[:, None]
     if fmt == "int8":
-        return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
+        return scaled.round().clamp(INT8_MIN, INT8_MAX).to(torch.int8), scales
     if fmt != "fp8":
         raise ValueError(f"quantize_per_channel: format {fmt!r} is not int8 or fp8")
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales

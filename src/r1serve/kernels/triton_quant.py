@@ -419,10 +419,11 @@ if triton is not None:
         _store_tile(y_ptr, b_ptr, cs_ptr, xs_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, True, ACT_QUANT)
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, LIMIT: tl.constexpr,
-                              TO_INT8: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        """One row per program: scale = max|x| / LIMIT (at least the smallest normal float), q = x / scale rounded
-        to int8 (half to even, clamped to ±127) or fp8 e4m3 (clamped to ±448); writes q and scale."""
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, DIVISOR: tl.constexpr,
+                              Q_MIN: tl.constexpr, Q_MAX: tl.constexpr, TO_INT8: tl.constexpr, BLOCK: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+        """One row per program: scale = max|x| / DIVISOR (at least the smallest normal float), q = x / scale
+        clamped to Q_MIN..Q_MAX, rounded half to even to int8 or to fp8 e4m3; writes q and scale."""
         row = tl.program_id(0).to(tl.int64)
         pdl_start(USE_PDL)
         amax = tl.zeros([BLOCK], tl.float32)
@@ -430,7 +431,7 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), LIMIT), 1.1754943508222875e-38)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), DIVISOR), 1.1754943508222875e-38)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             ks = k0 + tl.arange(0, BLOCK)
@@ -438,9 +439,9 @@ if triton is not None:
             scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
             if TO_INT8:
                 rounded = (scaled + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds half to even for |x| < 2**22
-                q = tl.minimum(tl.maximum(rounded, -LIMIT), LIMIT).to(tl.int8)
+                q = tl.minimum(tl.maximum(rounded, Q_MIN), Q_MAX).to(tl.int8)
             else:
-                q = tl.minimum(tl.maximum(scaled, -LIMIT), LIMIT).to(q_ptr.dtype.element_ty)
+                q = tl.minimum(tl.maximum(scaled, Q_MIN), Q_MAX).to(q_ptr.dtype.element_ty)
             tl.store(q_ptr + row * stride_qm + ks, q, mask=ks < K)
 
 
@@ -544,9 +545,11 @@ def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
     x_scales = torch.empty((t, 1), dtype=torch.float32, device=x.device)
     if t:
         block = min(4096, triton.next_power_of_2(k))
-        _quantize_rows_kernel[(t,)](x, x_q, x_scales, k, x.stride(0), x_q.stride(0),
-                                    LIMIT=quant_reference.INT8_MAX if to_int8 else quant_reference.FP8_MAX,
-                                    TO_INT8=to_int8, BLOCK=block, USE_PDL=triton_ops.use_pdl(),
+        divisor, q_min, q_max = ((quant_reference.INT8_SCALE_DIVISOR, quant_reference.INT8_MIN,
+                                  quant_reference.INT8_MAX) if to_int8 else
+                                 (quant_reference.FP8_MAX, -quant_reference.FP8_MAX, quant_reference.FP8_MAX))
+        _quantize_rows_kernel[(t,)](x, x_q, x_scales, k, x.stride(0), x_q.stride(0), DIVISOR=divisor, Q_MIN=q_min,
+                                    Q_MAX=q_max, TO_INT8=to_int8, BLOCK=block, USE_PDL=triton_ops.use_pdl(),
                                     num_warps=4 if block <= 2048 else 8, **triton_ops.pdl_launch())
     return x_q, x_scales
 

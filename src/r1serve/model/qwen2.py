@@ -64,7 +64,8 @@ class QuantDecoderLayer(Qwen2DecoderLayer):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: KernelOps, quant: QuantScheme) -> None:
         super().__init__(config, backend, ops)
         self.self_attn = QuantAttention(config, backend, ops, quant)
-        self.mlp.gate_up_proj = quant_linear(config.hidden_size, 2 * config.intermediate_size, False, quant, ops)
+        self.mlp.gate_up_proj = quant_linear(config.hidden_size, 2 * config.intermediate_size, False, quant, ops,
+                                             shards=(config.intermediate_size, config.intermediate_size))
         self.mlp.down_proj = quant_linear(config.intermediate_size, config.hidden_size, False, quant, ops)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,

@@ -33,6 +33,7 @@ class QuantScheme:
     group_size: int | None = None  # int4: input columns per scale; None: one group per row
     symmetric: bool = True  # int4: no zero points (zero point 8)
     act_quant: bool = False  # dynamic per-token activation quantization (W8A8, FP8 dynamic)
+    act_order: bool = False  # int4 groups in activation order (GPTQ actorder "group": a g_idx per projection)
 
     def __post_init__(self) -> None:
         if self.layout == "int4" and self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
@@ -40,10 +41,13 @@ class QuantScheme:
                              f"(int4 group sizes: {', '.join(map(str, INT4_GROUP_SIZES))}, or per channel)")
         if self.layout == "int4" and self.act_quant:
             raise ValueError("quantization_config: int4 weights with quantized activations are not supported")
+        if self.act_order and (self.layout != "int4" or self.group_size is None):
+            raise ValueError("quantization_config: actorder 'group' needs int4 weights quantized per group")
 
     def on_load(self) -> QuantScheme:
-        """The same layout, quantized from dense weights on load (dummy weights of a quantized config)."""
-        return dataclasses.replace(self, checkpoint_format=None)
+        """The same layout, quantized from dense weights on load (dummy weights of a quantized config): groups in
+        column order, since round-to-nearest has no activation order."""
+        return dataclasses.replace(self, checkpoint_format=None, act_order=False)
 
     def describe(self) -> str:
         """e.g. 'awq (int4, group 128, zero points; awq-gemm checkpoint)'."""
@@ -51,6 +55,7 @@ class QuantScheme:
         if self.layout == "int4":
             parts += [f"group {self.group_size}" if self.group_size else "per channel",
                       "symmetric" if self.symmetric else "zero points"]
+            parts += ["act order (inputs permuted per projection)"] if self.act_order else []
         else:
             parts.append("per channel" + (", dynamic per-token activations" if self.act_quant else ", weight-only"))
         source = f"{self.checkpoint_format} checkpoint" if self.checkpoint_format else "quantized on load"

@@ -26,11 +26,14 @@ AWQ_COLUMNS = tuple(AWQ_ORDER.index(j) for j in range(INT4_PER_WORD))
 @dataclass(frozen=True)
 class PackedWeight:
     """One projection [N, K] in a device layout: int4 (qweight int32 [N, K / 8], scales [N, K / G], zeros uint8
-    [N, K / G] or None) or int8 / fp8 (qweight [N, K], scales float32 [N], zeros None)."""
+    [N, K / G] or None) or int8 / fp8 (qweight [N, K], scales float32 [N], zeros None). `input_perm` (int64 [K],
+    act order only): the layout's columns are the checkpoint's columns in this order, so that each group is
+    contiguous; the product reads x's columns in the same order."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+    input_perm: torch.Tensor | None = None
 
 
 Repack = Callable[[str, dict[str, torch.Tensor], tuple[int, int], QuantScheme, torch.dtype], PackedWeight]

@@ -1,7 +1,9 @@
 """Loading a quantized model: the checkpoint's tensors of each decoder projection gathered, repacked by their
 format (`quant.formats`) and copied into the rows of the fused packed module (q/k/v → qkv_proj, gate/up →
 gate_up_proj); every other tensor passes on to the dense loader. Dummy weights of a quantized model are the
-dense model's dummy weights (same seed, same values) quantized on the way in.
+dense model's dummy weights (same seed, same values) quantized on the way in. An act-order projection's column
+order goes into its shard's row of the module's `input_perm`; once every tensor is in, each int4 module settles
+on one order, none, or one per shard (`Int4Linear.settle_input_order`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from torch import nn
 
 from r1serve.model.quant.config import QuantScheme
 from r1serve.model.quant.formats import PackedWeight, checkpoint_format
+from r1serve.model.quant.layers import Int4Linear
 
 _PROJECTION = re.compile(r"^(model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj)\.(\w+)$")
 _FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 _PARTS = ("q", "k", "v", "o", "gate", "up", "down")
 _BLOCKS = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn"}
+_SHARD_INDEX = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}  # row of input_perm in the fused module
 
 
 class QuantizedModel(Protocol):
@@ -32,6 +36,8 @@ class QuantizedModel(Protocol):
     def _shard_range(self, part: str) -> tuple[int, int]: ...
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
 
 
 def route_quantized(model: QuantizedModel, weights: Iterable[tuple[str, torch.Tensor]], num_layers: int
@@ -59,6 +65,9 @@ def route_quantized(model: QuantizedModel, weights: Iterable[tuple[str, torch.Te
             _place(model, prefix, match[4], fmt.repack(prefix, parts, _shape(model, prefix, match[4]), scheme, dtype))
             parts.clear()
     _check_complete(pending, required, num_layers)
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.settle_input_order()
 
 
 def _shape(model: QuantizedModel, prefix: str, part: str) -> tuple[int, int]:
@@ -82,6 +91,11 @@ def _place(model: QuantizedModel, prefix: str, part: str, packed: PackedWeight) 
             raise ValueError(f"{prefix}: the checkpoint's {name} do not fit the scheme (zero points or none)")
         if target is not None:
             target.narrow(0, start, rows).copy_(source)
+    target_perm = getattr(module, "input_perm", None)
+    if (target_perm is None) != (packed.input_perm is None):
+        raise ValueError(f"{prefix}: the checkpoint's column order (weight_g_idx) does not fit the scheme")
+    if target_perm is not None:
+        target_perm[_SHARD_INDEX.get(part, 0)].copy_(packed.input_perm)
 
 
 def _check_complete(pending: dict[str, dict[str, torch.Tensor]], required: tuple[str, ...], num_layers: int) -> None:
