@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from r1serve.config import DEFAULT_MODEL, R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig, ModelConfig
 from r1serve.kernels.attention import AttentionBackend
 from r1serve.model.quant.config import QuantScheme, resolve_quantization
-from r1serve.model.qwen2 import _FUSED_SHARDS, Qwen2ForCausalLM
+from r1serve.model.qwen2 import FUSED_SHARDS, Qwen2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -190,12 +190,12 @@ def dummy_weights(model_config: ModelConfig, seed: int, device: torch.device, dt
             tensor.fill_(1.0)
         else:
             tensor.uniform_(-_DUMMY_BOUND, _DUMMY_BOUND, generator=generator)
-        fused = next((f for f in _FUSED_SHARDS if f".{f}." in name), None)
+        fused = next((f for f in FUSED_SHARDS if f".{f}." in name), None)
         if fused is None:
             yield name, tensor
             continue
-        for part in _FUSED_SHARDS[fused]:
-            start, rows = dense._shard_range(part)
+        for part in FUSED_SHARDS[fused]:
+            start, rows = dense.shard_range(part)
             yield name.replace(f".{fused}.", f".{part}."), tensor.narrow(0, start, rows)
 
 

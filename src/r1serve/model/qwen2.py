@@ -180,23 +180,23 @@ class Qwen2ForCausalLM(nn.Module):
         """The Hugging Face tensor names a checkpoint of this model holds (tied lm_head excluded)."""
         names: list[str] = []
         for name, _ in self.named_parameters():  # deduplicated, so a tied lm_head.weight is not listed
-            fused = next((f for f in _FUSED_SHARDS if f".{f}." in name), None)
+            fused = next((f for f in FUSED_SHARDS if f".{f}." in name), None)
             if fused is None:
                 names.append(name)
             else:
-                names += [name.replace(f".{fused}.", f".{part}.") for part in _FUSED_SHARDS[fused]]
+                names += [name.replace(f".{fused}.", f".{part}.") for part in FUSED_SHARDS[fused]]
         return names
 
     def _target_view(self, hf_name: str, params: dict[str, nn.Parameter]) -> torch.Tensor:
-        for fused, parts in _FUSED_SHARDS.items():
+        for fused, parts in FUSED_SHARDS.items():
             for part in parts:
                 if f".{part}." in hf_name:
                     param = params[hf_name.replace(f".{part}.", f".{fused}.")]
-                    start, size = self._shard_range(part)
+                    start, size = self.shard_range(part)
                     return param.data.narrow(0, start, size)
         return params[hf_name].data
 
-    def _shard_range(self, part: str) -> tuple[int, int]:
+    def shard_range(self, part: str) -> tuple[int, int]:
         """(first row, rows) of one Hugging Face projection inside its fused parameter."""
         q, kv, inter = self.config.q_size, self.config.kv_size, self.config.intermediate_size
         ranges = {"q_proj": (0, q), "k_proj": (q, kv), "v_proj": (q + kv, kv),
@@ -205,7 +205,7 @@ class Qwen2ForCausalLM(nn.Module):
 
 
 # fused parameter → the Hugging Face projections stacked in it, in row order
-_FUSED_SHARDS: dict[str, tuple[str, ...]] = {
+FUSED_SHARDS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }

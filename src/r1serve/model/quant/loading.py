@@ -33,7 +33,7 @@ class QuantizedModel(Protocol):
 
     def get_submodule(self, target: str) -> nn.Module: ...
 
-    def _shard_range(self, part: str) -> tuple[int, int]: ...
+    def shard_range(self, part: str) -> tuple[int, int]: ...
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
@@ -73,7 +73,7 @@ def route_quantized(model: QuantizedModel, weights: Iterable[tuple[str, torch.Te
 def _shape(model: QuantizedModel, prefix: str, part: str) -> tuple[int, int]:
     """(out, in) of one Hugging Face projection."""
     module = model.get_submodule(_fused_name(prefix, part))
-    rows = model._shard_range(f"{part}_proj")[1] if _FUSED[part] != part else module.out_features
+    rows = model.shard_range(f"{part}_proj")[1] if _FUSED[part] != part else module.out_features
     return rows, module.in_features
 
 
@@ -84,7 +84,7 @@ def _fused_name(prefix: str, part: str) -> str:
 def _place(model: QuantizedModel, prefix: str, part: str, packed: PackedWeight) -> None:
     """Copies one projection's layout into its rows of the (fused) packed module."""
     module = model.get_submodule(_fused_name(prefix, part))
-    start, rows = model._shard_range(f"{part}_proj") if _FUSED[part] != part else (0, module.out_features)
+    start, rows = model.shard_range(f"{part}_proj") if _FUSED[part] != part else (0, module.out_features)
     for name in ("qweight", "scales", "zeros"):
         target, source = getattr(module, name, None), getattr(packed, name)
         if (target is None) != (source is None):
