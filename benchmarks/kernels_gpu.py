@@ -163,7 +163,7 @@ def prefill_rows(bw: float, mm: float, cases: dict[str, tuple[list[int], list[in
         t_twin = median_us(partial(twin.attend, *args)) if with_twin else float("nan")
         floor = max(nbytes / bw, flops / mm) * 1e6
         note = f"Triton kernel {flops / t * 1e-6:.0f} TFLOP/s"
-        if with_twin and ta._sdpa_fits(meta):
+        if with_twin and ta.sdpa_fits(meta):
             note += f"; TritonAttention (SDPA path): {median_us(partial(backend.attend, *args)):.1f} us"
         if with_twin and len(query_lens) == 1 and query_lens == seq_lens:
             note += f"; bare SDPA causal, contiguous: {sdpa_us(query_lens[0]):.1f} us"

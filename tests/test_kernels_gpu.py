@@ -289,11 +289,11 @@ def test_backend_sends_few_long_whole_prompts_to_sdpa() -> None:
     ta, _ = _triton_modules()
     lengths = [ta.SDPA_MIN_PROMPT, ta.SDPA_MIN_PROMPT + 333]
     query, _, _, k_cache, v_cache, meta = make_batch(lengths, lengths)
-    assert ta._sdpa_fits(meta)
+    assert ta.sdpa_fits(meta)
     out = ta.TritonAttention().attend(query, k_cache, v_cache, meta, 128 ** -0.5)
     assert rel_err(out, reference_attention(query, k_cache, v_cache, meta)) < BF16_TOL
     _, _, _, _, _, with_prefix = make_batch(lengths, [lengths[0], lengths[1] + 20])
-    assert not ta._sdpa_fits(with_prefix)
+    assert not ta.sdpa_fits(with_prefix)
 
 
 # ---------------------------------------------------------------- element-wise ops

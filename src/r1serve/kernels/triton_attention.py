@@ -44,9 +44,8 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 # Keys per decode iteration (and the smallest share of a split) when a context is split, and when it is not (one
-# program per sequence and KV head: large batches). H200, forward graph µs, 32 vs 64 keys: 600-token contexts
-# 1,128 vs 1,174 at batch 1, 1,591 vs 1,702 at 4; 8,000-token contexts 1,341 vs 1,352 at 1, 3,121 vs 3,738 at 16;
-# but the 1,000 x 512/512 workload (batch ~256, one split) 38.4k vs 41.9k tok/s (a7d8c78, docs/kernels.md).
+# program per sequence and KV head: large batches). Split contexts are faster with 32 keys at every batch and
+# length measured, whole ones with 64 at batch ~256 (docs/kernels.md has the figures).
 DECODE_BLOCK_N = 32
 DECODE_BLOCK_N_WHOLE = 64
 MAX_SPLITS = 64
@@ -54,9 +53,8 @@ DECODE_NUM_WARPS = 4
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
 PREFILL_BLOCK_N = 128  # keys per prefill iteration, and pipeline depth: the H100 sweep's best
 PREFILL_NUM_STAGES = 3
-# A few whole prompts with no cached prefix go to PyTorch's causal SDPA: on the H100 it took 416 us against
-# the paged kernel's 699 us for one 8192-token prompt, but 111 against 91 us at 2048 (gather and per-prompt
-# launches), so only long prompts take it.
+# A few whole prompts with no cached prefix go to PyTorch's causal SDPA, which beats the paged kernel on long
+# prompts but loses on short ones to its gather and per-prompt launches (docs/kernels.md), so only long ones.
 SDPA_MIN_PROMPT = 4096
 SDPA_MAX_SEQS = 4
 
@@ -594,7 +592,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
-def _sdpa_fits(meta: AttentionMetadata) -> bool:
+def sdpa_fits(meta: AttentionMetadata) -> bool:
     """Whether this step is only a few whole prompts with no cached prefix (host lists: no sync)."""
     return (0 < meta.num_seqs <= SDPA_MAX_SEQS and meta.query_lens_cpu == meta.seq_lens_cpu
             and min(meta.query_lens_cpu) >= SDPA_MIN_PROMPT)
@@ -640,7 +638,7 @@ class TritonAttention(AttentionBackend):
         if meta.is_decode_only:
             return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                           meta.max_seq_len, kv_scales=kv_scales)
-        if _sdpa_fits(meta):
+        if sdpa_fits(meta):
             return sdpa_prefill_attention(query, k_cache, v_cache, meta, scale, kv_scales)
         return paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, scale, meta.max_query_len, kv_scales=kv_scales)
