@@ -22,7 +22,7 @@ from r1serve.engine.grammar import (
     tokenizer_info,
 )
 from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
-from r1serve.engine.sequence import Sequence
+from r1serve.engine.scheduler_output import ScheduledSeq
 from r1serve.engine.structured import TokenMasks
 from r1serve.errors import InvalidRequestError
 from r1serve.outputs import RequestOutput
@@ -112,11 +112,10 @@ class ThinkingRunner(FakeRunner):
 
     THINK_TOKENS = 3
 
-    def token_for(self, seq: Sequence) -> int:
-        position = len(seq.token_ids) + seq.num_pending - 1
-        if position - seq.num_prompt_tokens == self.THINK_TOKENS:
+    def token_for(self, item: ScheduledSeq) -> int:
+        if item.end - item.spec.num_prompt_tokens == self.THINK_TOKENS:
             return THINK_END
-        return super().token_for(seq)
+        return super().token_for(item)
 
 
 @pytest.fixture(scope="module")
