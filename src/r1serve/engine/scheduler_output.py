@@ -33,11 +33,8 @@ class SequenceSpec:
     index: int  # sample index within its request (0..n-1)
     params: SamplingParams
     prompt_token_ids: list[int]  # the request's prompt (never changed)
+    num_prompt_tokens: int
     needs_penalties: bool  # its sampling reads its own tokens (`output_token_ids` of its records)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
 
 @dataclass(slots=True)

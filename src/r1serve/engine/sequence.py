@@ -79,7 +79,7 @@ class Sequence:
     def __post_init__(self) -> None:
         params = self.request.params
         self.spec = SequenceSpec(self.seq_id, self.request.request_id, self.index, params,
-                                 self.request.prompt_token_ids, params.needs_penalties)
+                                 self.request.prompt_token_ids, self.num_prompt_tokens, params.needs_penalties)
         if not self.output_ids:
             self.output_ids = self.token_ids[self.num_prompt_tokens:]
         if self.request.params.logprobs is not None:
