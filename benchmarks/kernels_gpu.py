@@ -30,6 +30,7 @@ from gpu_timing import graph_calls_us
 from triton.testing import do_bench
 
 from r1serve.engine.sampler import Sampler, SamplingBatch
+from r1serve.engine.scheduler import sampling_record
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.kernels import reference, triton_ops
 from r1serve.kernels import triton_attention as ta
@@ -241,7 +242,7 @@ def sampling_batch(batch: int, params: SamplingParams) -> SamplingBatch:
         request = Request(f"r{i}", None, [1, 2, 3], params)
         seq = Sequence(request, 0, [1, 2, 3], 3)
         request.seqs.append(seq)
-        seqs.append(seq)
+        seqs.append(sampling_record(seq))
     return SamplingBatch.build(seqs, VOCAB, torch.device(DEVICE))
 
 

@@ -21,6 +21,7 @@ from gpu_timing import copy_bandwidth, graph_us
 
 from r1serve import LLM, SamplingParams
 from r1serve.engine.sampler import Sampler
+from r1serve.engine.scheduler import sampling_record
 
 MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
@@ -127,7 +128,7 @@ def sampler_times(llm: LLM, batches: list[int]) -> list[dict[str, Any]]:
     for batch in batches:
         params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=8)
         request_ids = [engine.add_request([1000 + i, 2000], params) for i in range(batch)]
-        seqs = [engine.requests[r].seqs[0] for r in request_ids]
+        seqs = [sampling_record(engine.requests[r].seqs[0]) for r in request_ids]
         for kind, scale in (("flat", 1.0), ("peaked", 30.0)):
             logits = torch.randn(batch, vocab, device="cuda") * scale
             ms = triton.testing.do_bench(

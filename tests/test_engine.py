@@ -16,7 +16,7 @@ from r1serve.config import EngineConfig
 from r1serve.engine.fake_runner import FakeRunner
 from r1serve.engine.llm_engine import LLMEngine
 from r1serve.engine.model_runner import ModelRunner, SampledTokens
-from r1serve.engine.scheduler import SchedulerOutput
+from r1serve.engine.scheduler_output import SchedulerOutput
 from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import RepetitionGuard
@@ -227,7 +227,7 @@ class FaultyModelRunner(ModelRunner):
     fail_for: str | None = None
 
     def execute(self, sched: SchedulerOutput) -> SampledTokens:
-        if any(item.seq.request.request_id == self.fail_for for item in sched.scheduled):
+        if any(item.request_id == self.fail_for for item in sched.scheduled):
             raise RuntimeError("rows of a bad request")
         return super().execute(sched)
 

@@ -9,7 +9,7 @@ from array import array
 import torch
 
 from r1serve.engine.input_batch import InputPacker
-from r1serve.engine.scheduler import ScheduledSeq, SchedulerOutput
+from r1serve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.kernels.attention import build_metadata
 from r1serve.sampling_params import SamplingParams
@@ -24,13 +24,19 @@ def make_seq(tokens: list[int], blocks: list[int]) -> Sequence:
     return seq
 
 
+def record(seq: Sequence, start: int, num_new: int, pending_row: int = -1) -> ScheduledSeq:
+    """A sampling chunk of `seq` as the scheduler writes it (a pending last token is not on the host)."""
+    end = start + num_new - (pending_row >= 0)
+    return ScheduledSeq(seq.spec, seq.seq_id, start, num_new, seq.token_ids[start:end], pending_row, True, 0,
+                        seq.block_table)
+
+
 def test_pack_matches_the_column_layout() -> None:
     prefill = make_seq(list(range(100, 110)), [7, 3, 9])  # tokens 4..9 this step (a chunk after 4 cached)
     known = make_seq(list(range(200, 217)), [1, 2, 4, 5, 6])  # decode of its last known token (position 16)
     pending = make_seq(list(range(300, 305)), [8, 0])  # decode of a token sampled by the step in flight
-    pending.sample_row = 5
-    sched = SchedulerOutput([ScheduledSeq(prefill, 6, 4, True, 0), ScheduledSeq(known, 1, 16, True, 0),
-                             ScheduledSeq(pending, 1, 5, True, 0)])
+    sched = SchedulerOutput([record(prefill, 4, 6), record(known, 16, 1), record(pending, 5, 1, pending_row=5)],
+                            num_sampling=3)
     inputs = InputPacker(BLOCK, torch.device("cpu")).pack(sched)
 
     tables = [[7, 3, 9], [1, 2, 4, 5, 6], [8, 0]]
@@ -47,7 +53,6 @@ def test_pack_matches_the_column_layout() -> None:
     assert inputs.positions.tolist() == [4, 5, 6, 7, 8, 9, 16, 5]
     assert inputs.logits_indices.tolist() == [5, 6, 7]
     assert (inputs.pending_dst.tolist(), inputs.pending_src.tolist()) == ([7], [5])
-    assert [s.sample_row for s in (prefill, known, pending)] == [0, 1, 2]  # rows of this step's samples
 
 
 def test_list_and_array_tables_give_the_same_metadata() -> None:

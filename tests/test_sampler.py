@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from r1serve.engine.sampler import Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p
+from r1serve.engine.scheduler import sampling_record
+from r1serve.engine.scheduler_output import ScheduledSeq
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import is_repeating
 from r1serve.sampling_params import RepetitionGuard, SamplingParams
@@ -26,8 +28,13 @@ def make_seqs(params: list[SamplingParams], prompt: list[int] | None = None,
     return seqs
 
 
+def records(seqs: list[Sequence]) -> list[ScheduledSeq]:
+    """The step's records that sample each sequence's next token."""
+    return [sampling_record(seq) for seq in seqs]
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], seed: int = 0) -> list[int]:
-    return Sampler(eos_token_id=0, seed=seed)(logits, SamplingBatch.build(seqs, VOCAB, logits.device)).tolist()
+    return Sampler(eos_token_id=0, seed=seed)(logits, SamplingBatch.build(records(seqs), VOCAB, logits.device)).tolist()
 
 
 def test_greedy_is_argmax_whatever_the_seed() -> None:
@@ -98,7 +105,7 @@ def test_penalties() -> None:
     logits[0, 5], logits[0, 6], logits[0, 7] = 2.0, -2.0, 1.0
     seq = make_seqs([SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)],
                     prompt=[6], outputs=[5, 5])[0]
-    out = apply_penalties(logits, [seq])[0]
+    out = apply_penalties(logits, records([seq]))[0]
     assert out[5].item() == pytest.approx(2.0 / 2.0 - 0.5 * 2 - 0.25)  # repetition, frequency x2, presence
     assert out[6].item() == pytest.approx(-4.0)  # prompt token: repetition only (negative logit multiplied)
     assert out[7].item() == pytest.approx(1.0)  # unseen
@@ -125,7 +132,7 @@ def test_parameter_rows_start_16_byte_aligned(rows: int) -> None:
     """Triton compiles a kernel variant per pointer alignment (~20 s for the sampling kernel): every parameter row
     of a batch must start 16-byte aligned whatever the batch size, and hold exactly its rows."""
     params = [SamplingParams(temperature=0.5 + i / 100, top_p=0.9, top_k=5, seed=i) for i in range(rows)]
-    batch = SamplingBatch.build(make_seqs(params), VOCAB, torch.device("cpu"))
+    batch = SamplingBatch.build(records(make_seqs(params)), VOCAB, torch.device("cpu"))
     tensors = [batch.temperature, batch.top_p, batch.min_p, batch.top_k, batch.seeds_tensor]
     assert all(t is not None and t.shape == (rows,) and t.stride(0) == 1 for t in tensors)
     assert all(t.data_ptr() % 16 == 0 for t in tensors)
@@ -137,15 +144,15 @@ def test_row_parameters_are_reused_while_the_rows_stay_and_rebuilt_when_they_cha
     sampler = Sampler(eos_token_id=0)
     seqs = make_seqs([SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.0),
                       SamplingParams(temperature=1.2, min_tokens=3)])
-    first = sampler.batch(seqs, VOCAB, torch.device("cpu"))
-    second = sampler.batch(seqs, VOCAB, torch.device("cpu"))
+    first = sampler.batch(records(seqs), VOCAB, torch.device("cpu"))
+    second = sampler.batch(records(seqs), VOCAB, torch.device("cpu"))
     assert second.temperature is first.temperature and second.top_k is first.top_k  # not rebuilt
     assert second.seeds != first.seeds  # unseeded rows draw fresh seeds every step
     assert first.any_min_tokens and first.any_top_p and not first.all_greedy
     seqs[2].append_tokens([7, 8, 9])  # its min_tokens are now met: checked per step, not cached
-    assert not sampler.batch(seqs, VOCAB, torch.device("cpu")).any_min_tokens
-    changed = sampler.batch([seqs[1], seqs[0]], VOCAB, torch.device("cpu"))  # other rows, other order
+    assert not sampler.batch(records(seqs), VOCAB, torch.device("cpu")).any_min_tokens
+    changed = sampler.batch(records([seqs[1], seqs[0]]), VOCAB, torch.device("cpu"))  # other rows, other order
     assert changed.temperature.tolist() == pytest.approx([0.0, 0.7])
     assert changed.top_p.tolist() == pytest.approx([seqs[1].params.top_p, 0.9])
-    greedy = sampler.batch([seqs[1]], VOCAB, torch.device("cpu"))
+    greedy = sampler.batch(records([seqs[1]]), VOCAB, torch.device("cpu"))
     assert greedy.all_greedy and greedy.temperature is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,7 @@ from r1serve.engine.grammar import (
     tokenizer_info,
 )
 from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
-from r1serve.engine.scheduler import SchedulerOutput
-from r1serve.engine.sequence import Sequence
+from r1serve.engine.scheduler_output import ScheduledSeq
 from r1serve.engine.structured import TokenMasks
 from r1serve.errors import InvalidRequestError
 from r1serve.outputs import RequestOutput
@@ -108,11 +106,6 @@ def test_masks_touch_only_the_constrained_rows() -> None:
 
 
 
-def step_of(seqs: list[Sequence]) -> SchedulerOutput:
-    """A step in which each of `seqs` samples (what `StructuredOutputs.masks` reads of it)."""
-    return types.SimpleNamespace(scheduled=[types.SimpleNamespace(seq=seq, samples=True) for seq in seqs])  # type: ignore[return-value]
-
-
 def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Path) -> None:
     """`StructuredOutputs.masks` fills the rows of several guides at once (xgrammar's batch matcher): each row
     equals its matcher's own mask, free rows get none, and one guide alone gets the same."""
@@ -127,13 +120,13 @@ def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Pa
     guided = [engine.requests[f"g{i}"].seqs[0] for i in range(len(specs))]
     assert all(seq.guide is not None and seq.guide.running for seq in guided)
     seqs = [guided[0], engine.requests["free"].seqs[0], guided[1], guided[2]]
-    masks = engine.structured.masks(step_of(seqs))
+    masks = engine.structured.masks([seq.guide for seq in seqs])
     assert masks is not None and masks.rows == [0, 2, 3]
     for i, seq in zip(masks.rows, [guided[0], guided[1], guided[2]], strict=True):
         own = xgr.allocate_token_bitmask(1, engine.model_config.vocab_size)
         seq.guide.matcher.fill_next_token_bitmask(own, 0)
         assert torch.equal(masks.bitmask[masks.rows.index(i)], own[0])
-    alone = engine.structured.masks(step_of([guided[1]]))
+    alone = engine.structured.masks([guided[1].guide])
     assert alone is not None and torch.equal(alone.bitmask[0], masks.bitmask[1])
 
 # ---- the engine, on the fake runner ------------------------------------------------------------------------
@@ -144,11 +137,10 @@ class ThinkingRunner(FakeRunner):
 
     THINK_TOKENS = 3
 
-    def token_for(self, seq: Sequence) -> int:
-        position = len(seq.token_ids) + seq.num_pending - 1
-        if position - seq.num_prompt_tokens == self.THINK_TOKENS:
+    def token_for(self, item: ScheduledSeq) -> int:
+        if item.end - item.spec.num_prompt_tokens == self.THINK_TOKENS:
             return THINK_END
-        return super().token_for(seq)
+        return super().token_for(item)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,16 @@ tokens before it; a sequence admitted later looks its leading full blocks up by 
 of recomputing them (repeated prompts, the n samples of one prompt, multi-turn chats). A block whose last
 owner finishes keeps its hash and its data and goes to the back of the free queue; it is reused as a cache
 hit until it reaches the front and is handed out to someone else (least recently freed goes first).
-The manager touches no tensors: it only hands out block ids.
+The manager touches no tensors and no sequences: it hands out block ids and returns what it matched
+(`PrefixMatch`); the scheduler writes them into its sequences.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from r1serve.engine.sequence import Sequence
 
 
 @dataclass
@@ -23,6 +23,15 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()  # the tokens the hash names, to rule out hash collisions
+
+
+@dataclass
+class PrefixMatch:
+    """The cached blocks found for a prompt's leading full blocks, now shared with the caller."""
+
+    block_ids: list[int]
+    block_hashes: list[int]  # the hash that names each of them
+    num_tokens: int  # the tokens they hold (len(block_ids) * block_size)
 
 
 class BlockManager:
@@ -46,82 +55,79 @@ class BlockManager:
         """Blocks that can be handed out now (never used, or cached with no owner)."""
         return len(self.free_queue)
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = seq.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(seq.block_table))
+    def blocks_needed(self, num_held_blocks: int, num_tokens: int) -> int:
+        """Blocks to add to `num_held_blocks` so that they hold `num_tokens` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - num_held_blocks)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) + reserve <= self.num_free_blocks
+    def can_allocate(self, num_held_blocks: int, num_tokens: int, reserve: int = 0) -> bool:
+        return self.blocks_needed(num_held_blocks, num_tokens) + reserve <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give `seq` the blocks its next `num_new_tokens` tokens need; False (and no change) if too few are free."""
-        if seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
-            return True  # the common case (a decode inside its last block): nothing to hand out
-        needed = self.blocks_needed(seq, num_new_tokens)
+    def allocate(self, num_held_blocks: int, num_tokens: int) -> list[int] | None:
+        """The new block ids that take a holder of `num_held_blocks` to `num_tokens` tokens ([] if none is
+        needed); None (and no change) if too few are free."""
+        needed = self.blocks_needed(num_held_blocks, num_tokens)
         if needed > len(self.free_queue):
-            return False
-        for _ in range(needed):
-            seq.block_table.append(self._take_free_block())
-        return True
+            return None
+        return [self._take_free_block() for _ in range(needed)]
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Share the cached blocks of `seq`'s leading full blocks; returns the number of tokens matched.
+    def match_prefix(self, token_ids: list[int]) -> PrefixMatch:
+        """Shares the cached blocks of the leading full blocks of `token_ids` (a sequence holding no block yet)
+        and returns them: the caller owns them from now on (`free` gives them back).
 
-        At least one token is always left to compute, so that the step that admits `seq` yields logits.
+        At least one token is always left to compute, so that the step that admits the sequence yields logits.
         """
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        match = PrefixMatch([], [], 0)
         if not self.enable_prefix_caching:
-            return 0
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+            return match
         parent = None
-        for i in range(max_blocks):
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+        for i in range((len(token_ids) - 1) // self.block_size):
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = hash((parent, tokens))
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             self._share(block_id)
-            seq.block_table.append(block_id)
-            seq.block_hashes.append(h)
+            match.block_ids.append(block_id)
+            match.block_hashes.append(h)
             parent = h
-        matched = len(seq.block_table) * self.block_size
-        seq.num_computed_tokens = matched
-        self.num_cache_queries += seq.num_tokens
-        self.num_cache_hits += matched
-        return matched
+        match.num_tokens = len(match.block_ids) * self.block_size
+        self.num_cache_queries += len(token_ids)
+        self.num_cache_hits += match.num_tokens
+        return match
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """Name the full blocks of known, scheduled tokens, so that later sequences can share them (their KV is
-        written by a step launched before any step that reads it)."""
-        if not self.enable_prefix_caching:
-            return
-        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        if num_full <= len(seq.block_hashes):
-            return
-        for i in range(len(seq.block_hashes), num_full):
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+    def register_full_blocks(self, token_ids: list[int], num_tokens: int, block_table: array[int],
+                             block_hashes: list[int]) -> list[int]:
+        """Names the full blocks among the first `num_tokens` of `token_ids` (known and scheduled: their KV is
+        written by a step launched before any step that reads it) that `block_hashes` does not name yet, so that
+        later sequences can share them; returns their hashes, which extend `block_hashes`."""
+        new_hashes: list[int] = []
+        num_full = num_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= len(block_hashes):
+            return new_hashes  # the common case (a decode inside its last block)
+        parent = block_hashes[-1] if block_hashes else None
+        for i in range(len(block_hashes), num_full):
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = hash((parent, tokens))
-            seq.block_hashes.append(h)
-            block = self.blocks[seq.block_table[i]]
+            new_hashes.append(h)
+            block = self.blocks[block_table[i]]
             if h not in self.cached and block.hash is None:
                 block.hash, block.token_ids = h, tokens
                 self.cached[h] = block.block_id
+            parent = h
+        return new_hashes
 
-    def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s hold on its blocks; the tail goes first so that prefixes stay cached longest."""
-        for block_id in reversed(seq.block_table):
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drops one hold on each block; the tail goes first so that prefixes stay cached longest."""
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
-        seq.block_table = array("q")
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
-    def uncache_own_blocks(self, seq: Sequence) -> None:
-        """Take the blocks that `seq` alone holds out of the prefix cache (a failed step may not have written them)."""
-        for block_id in seq.block_table:
+    def uncache_own_blocks(self, block_ids: Sequence[int]) -> None:
+        """Takes the blocks held by this holder alone out of the prefix cache (a failed step may not have
+        written them)."""
+        for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 1 and block.hash is not None:
                 del self.cached[block.hash]

@@ -2,7 +2,8 @@
 
 `LLMEngine(config, runner_factory=FakeRunner)` runs the real scheduler, block manager, token rules,
 detokenizers and outputs, and no forward pass: no weights are loaded. Each sampled token is a pure function of
-the sequence (its prompt's last token, its sample index and the position sampled), so that runs repeat, a
+the sequence (its prompt's last token, its sample index and the position sampled: all read from the step's
+records, as a runner must), so that runs repeat, a
 sequence gets the same tokens in any batch, and no token is a special one (they stay in [1000, vocab - 1000)).
 A row under a structured-output mask takes the first allowed token at or after its computed one (cyclically).
 `host_work=True` also does the host's share of a real step, packing the inputs and the sampling batch as
@@ -20,8 +21,7 @@ from r1serve.engine.device import resolve_dtype
 from r1serve.engine.input_batch import InputPacker
 from r1serve.engine.model_runner import GiB, SampledTokens, check_kv_capacity
 from r1serve.engine.sampler import Sampler
-from r1serve.engine.scheduler import SchedulerOutput
-from r1serve.engine.sequence import Sequence
+from r1serve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from r1serve.engine.structured import LateMasks
 
 CPU = torch.device("cpu")
@@ -47,7 +47,7 @@ class FakeRunner:
         self.sampler = Sampler(eos_token_id, seed=config.seed) if host_work else None
 
     def execute(self, sched: SchedulerOutput, late_masks: LateMasks | None = None) -> SampledTokens:
-        sampling = [item.seq for item in sched.scheduled if item.samples]
+        sampling = sched.sampling
         if self.packer is not None and self.sampler is not None:
             self.packer.pack(sched)
             if sampling:
@@ -62,8 +62,7 @@ class FakeRunner:
             tokens[row] = int(later[0] if len(later) else allowed[0])
         return SampledTokens(torch.tensor(tokens), None)
 
-    def token_for(self, seq: Sequence) -> int:
-        """The token sampled at the sequence's newest pending position (the scheduler counted it already)."""
-        position = len(seq.token_ids) + seq.num_pending - 1
-        key = seq.request.prompt_token_ids[-1] * 7919 + seq.index * 104_729 + position * 31
+    def token_for(self, item: ScheduledSeq) -> int:
+        """The token a record samples, keyed by the position it takes (`item.end`, just after the chunk)."""
+        key = item.spec.prompt_token_ids[-1] * 7919 + item.spec.index * 104_729 + item.end * 31
         return FIRST_TOKEN + key % self.num_token_ids

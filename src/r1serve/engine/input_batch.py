@@ -6,9 +6,9 @@ copies per step, which at batch 1 costs as much as a tenth of the step. Here the
 buffer (pinned on CUDA), copied with one non-blocking transfer, and split into views on the device. A CUDA
 event keeps the next step from overwriting the pinned buffer before its copy has finished.
 
-A decode whose last token was sampled by the step still in flight has no id on the host yet: its slot gets a
-placeholder, and `pending_dst` / `pending_src` say which input rows to fill from which rows of that step's sampled
-tokens, on the device. Packing also records each sampling sequence's row (`Sequence.sample_row`) for the next step.
+A decode whose last token was sampled by the step still in flight has no id on the host yet (its record's
+`pending_row`): its slot gets a placeholder, and `pending_dst` / `pending_src` say which input rows to fill from
+which rows of that step's sampled tokens, on the device. Packing reads the step's records alone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1serve.engine.scheduler import SchedulerOutput
+from r1serve.engine.scheduler_output import SchedulerOutput
 from r1serve.kernels.attention import AttentionMetadata, paged_layout
 
 
@@ -93,26 +93,21 @@ def _columns(sched: SchedulerOutput, block_size: int) -> tuple[list[list[int] | 
     seq_lens: list[int] = []
     block_tables = []
     for s in sched.scheduled:
-        seq, start, num = s.seq, s.start, s.num_new_tokens
+        start, num = s.start, s.num_new_tokens
         end = start + num
-        tokens = seq.token_ids
-        if num == 1 and end <= len(tokens):
-            ids.append(tokens[start])
-        else:
-            ids.extend(tokens[start:end])
-        if end > len(tokens):  # the last token is the in-flight step's sample
+        ids.extend(s.new_token_ids)
+        if s.pending_row >= 0:  # the last token is the in-flight step's sample
             pend_dst.append(len(ids))
-            pend_src.append(seq.sample_row)
+            pend_src.append(s.pending_row)
             ids.append(0)
         if num == 1:
             positions.append(start)
         else:
             positions.extend(range(start, end))
         if s.samples:
-            seq.sample_row = len(logits_idx)
             logits_idx.append(len(ids) - 1)
         query_lens.append(num)
         seq_lens.append(end)
-        block_tables.append(seq.block_table)
+        block_tables.append(s.block_table)
     slots, starts, tables, _ = paged_layout(query_lens, seq_lens, block_tables, block_size)
     return [ids, positions, slots, logits_idx, starts, seq_lens, tables, pend_dst, pend_src], query_lens

@@ -22,7 +22,8 @@ from r1serve.engine.block_manager import BlockManager
 from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.logprobs import StepLogprobs, TokenLogprob, record_prompt, wants_logprobs
 from r1serve.engine.model_runner import ModelRunner, Runner, RunnerFactory, SampledTokens
-from r1serve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from r1serve.engine.scheduler import Scheduler
+from r1serve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
 from r1serve.engine.structured import Guide, StructuredOutputs, TokenMasks
@@ -73,7 +74,7 @@ class ReadThenMask:
 
     def __call__(self) -> TokenMasks | None:
         self._read_previous()
-        return self.engine.structured.masks(self.sched)
+        return self.engine._masks(self.sched)
 
     def _read_previous(self) -> None:
         if self.previous is not None:
@@ -173,7 +174,7 @@ class LLMEngine:
             self._apply_thinking_budget(seq, forced)  # a budget of 0 closes the reasoning at once
             self._emit_text(seq, forced)
             if not seq.reasoning_open:
-                self.structured.start(seq)  # no reasoning to wait for: the answer is constrained at once
+                self._start_answer(seq)  # no reasoning to wait for: the answer is constrained at once
             self.scheduler.add(seq)
 
     def _admit_compiled(self) -> list[RequestOutput]:
@@ -236,7 +237,7 @@ class LLMEngine:
         late = None
         if self.structured.num_running and not sched.is_empty:
             if previous is None:
-                sched.token_masks = self.structured.masks(sched)
+                sched.token_masks = self._masks(sched)
             else:
                 late, previous = ReadThenMask(self, previous, sched), None
         if not sched.is_empty:
@@ -269,16 +270,16 @@ class LLMEngine:
         raise_if_device_failure(error)
         by_request: dict[str, list[ScheduledSeq]] = {}
         for item in sched.scheduled:
-            by_request.setdefault(item.seq.request.request_id, []).append(item)
+            by_request.setdefault(item.request_id, []).append(item)
         logger.warning("a step of %d requests failed (%s: %s); running them one at a time", len(by_request),
                        type(error).__name__, error)
         outputs: list[RequestOutput] = []
         for request_id, items in by_request.items():
-            part = SchedulerOutput([item for item in items if not item.seq.is_finished])
+            part = self.scheduler.refresh(items)  # the step before has been read: its tokens are on the host
             if part.is_empty:
                 continue
             if self.structured.num_running:
-                part.token_masks = self.structured.masks(part)
+                part.token_masks = self._masks(part)
             try:
                 part.logprobs = sched.logprobs
                 sampled = self.runner.execute(part)
@@ -299,7 +300,7 @@ class LLMEngine:
         if request is None:
             return []
         for seq in request.seqs:
-            self.block_manager.uncache_own_blocks(seq)
+            self.block_manager.uncache_own_blocks(seq.block_table)
         out = self.abort_request(request_id)
         return [out] if out is not None else []
 
@@ -312,30 +313,27 @@ class LLMEngine:
 
     def _process(self, sched: SchedulerOutput, sampled: list[int],
                  logprobs: StepLogprobs | None = None) -> list[RequestOutput]:
-        progressed: dict[str, list[Sequence]] = {}
+        """A step's tokens are read: the scheduler retires its samples, the engine appends those still wanted."""
         sample_logprobs, prompt_logprobs = logprobs.unpack() if logprobs is not None else ({}, {})
         for i, item in enumerate(sched.scheduled):
-            seq = item.seq
-            if item.start < seq.num_prompt_tokens:  # a prompt chunk (decodes skip the call)
-                self._count_prompt_tokens(seq, item.start, item.num_new_tokens)
-                if i in prompt_logprobs and seq.request.prompt_logprobs is not None:
-                    record_prompt(seq.request.prompt_logprobs, item.start + 1, prompt_logprobs[i])
-        row = 0
-        for item in sched.scheduled:
-            if not item.samples:
-                continue
-            seq, token, logprob = item.seq, sampled[row], sample_logprobs.get(row)
-            row += 1
-            if seq.is_finished or item.epoch != seq.epoch:  # aborted, or its tokens changed while it ran
-                continue
-            seq.num_pending -= 1
+            if item.start < item.spec.num_prompt_tokens:  # a prompt chunk (decodes skip the call)
+                self._count_prompt_tokens(item)
+                if i in prompt_logprobs:
+                    self._record_prompt_logprobs(item, prompt_logprobs[i])
+        progressed: dict[str, list[Sequence]] = {}
+        for seq, token, row in self.scheduler.update_from_output(sched, sampled):
             try:
-                self._append_token(seq, token, logprob)
+                self._append_token(seq, token, sample_logprobs.get(row))
             except Exception:
                 logger.exception("request %s failed; aborting it", seq.request.request_id)
                 self._finish(seq, "abort")
             progressed.setdefault(seq.request.request_id, []).append(seq)
         return self._collect(progressed)
+
+    def _record_prompt_logprobs(self, item: ScheduledSeq, entries: list[TokenLogprob]) -> None:
+        seq = self.scheduler.seqs.get(item.seq_id)
+        if seq is not None and seq.request.prompt_logprobs is not None:
+            record_prompt(seq.request.prompt_logprobs, item.start + 1, entries)
 
     def _collect(self, progressed: dict[str, list[Sequence]]) -> list[RequestOutput]:
         outputs = []
@@ -358,8 +356,20 @@ class LLMEngine:
                 self.structured.drop(request_id)
         return request
 
-    def _count_prompt_tokens(self, seq: Sequence, start: int, num_new: int) -> None:
-        self.num_prompt_tokens += max(0, min(start + num_new, seq.num_prompt_tokens) - start)
+    def _count_prompt_tokens(self, item: ScheduledSeq) -> None:
+        self.num_prompt_tokens += max(0, min(item.end, item.spec.num_prompt_tokens) - item.start)
+
+    def _masks(self, sched: SchedulerOutput) -> TokenMasks | None:
+        """The structured-output masks of a step's sampling rows, from their sequences' guides now."""
+        seqs = self.scheduler.seqs
+        guides = [getattr(seqs.get(item.seq_id), "guide", None) for item in sched.scheduled if item.samples]
+        return self.structured.masks(guides)
+
+    def _start_answer(self, seq: Sequence) -> None:
+        """The answer of `seq` begins: under its grammar, if it has one; a sample already in flight was drawn
+        without the grammar's mask, so it is dropped and drawn again."""
+        if self.structured.start(seq) and seq.num_pending:
+            self.scheduler.void_pending(seq)
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.append_tokens([token], logprob)
@@ -373,7 +383,7 @@ class LLMEngine:
         elif seq.reasoning_open:
             if token == self.tokenizer.think_end_id:
                 seq.reasoning_open = False
-                self.structured.start(seq)
+                self._start_answer(seq)
             else:
                 seq.num_reasoning_tokens += 1
                 self._apply_thinking_budget(seq, new_ids)
@@ -395,10 +405,10 @@ class LLMEngine:
         room = seq.request.max_tokens - seq.num_output_tokens
         forced = self.think_close_ids[: max(0, min(room, self.max_model_len - seq.num_tokens))]
         seq.append_tokens(forced)
-        seq.void_pending()  # a sample in flight was drawn for the position the forced tokens now hold
+        self.scheduler.void_pending(seq)  # a sample in flight was drawn for the position the forced tokens now hold
         new_ids.extend(forced)
         seq.reasoning_open = False
-        self.structured.start(seq)
+        self._start_answer(seq)
 
     def _emit_text(self, seq: Sequence, new_ids: list[int]) -> None:
         if seq.detokenizer is None or not new_ids or seq.defer_text:
@@ -421,7 +431,7 @@ class LLMEngine:
 
     def _abort_scheduled(self, sched: SchedulerOutput) -> list[RequestOutput]:
         outputs = []
-        for request_id in {s.seq.request.request_id for s in sched.scheduled}:
+        for request_id in {s.request_id for s in sched.scheduled}:
             out = self.abort_request(request_id)
             if out is not None:
                 outputs.append(out)

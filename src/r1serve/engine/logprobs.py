@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from r1serve.engine.scheduler import SchedulerOutput
+    from r1serve.engine.scheduler_output import SchedulerOutput
 
 TokenLogprob = tuple[float | None, tuple[int, ...], tuple[float, ...]]
 """(logprob of the token, top-k token ids, their logprobs, most likely first); logprob None: a token the engine
@@ -69,9 +69,10 @@ def plan_step(sched: SchedulerOutput) -> LogprobPlan | None:
     row = 0
     sample_row = 0
     for i, item in enumerate(sched.scheduled):
-        seq, params = item.seq, item.seq.params
-        if params.prompt_logprobs is not None and seq.index == 0:
-            span = _prompt_span(i, item.start, item.num_new_tokens, row, seq.token_ids, seq.num_prompt_tokens)
+        spec = item.spec
+        params = spec.params
+        if params.prompt_logprobs is not None and spec.index == 0:
+            span = _prompt_span(i, item.start, item.num_new_tokens, row, spec.prompt_token_ids)
             if span is not None:
                 span.k = params.prompt_logprobs
                 plan.prompt.append(span)
@@ -84,14 +85,13 @@ def plan_step(sched: SchedulerOutput) -> LogprobPlan | None:
     return None if plan.is_empty else plan
 
 
-def _prompt_span(item: int, start: int, num_new: int, row: int, token_ids: list[int],
-                 num_prompt: int) -> PromptSpan | None:
+def _prompt_span(item: int, start: int, num_new: int, row: int, prompt_ids: list[int]) -> PromptSpan | None:
     """Position p's logits predict token p + 1: a chunk [start, end) gives the prompt tokens start + 1 .. end
     that are prompt tokens (the last prompt position predicts the sampled token, not a prompt one)."""
-    stop = min(start + num_new, num_prompt - 1)
+    stop = min(start + num_new, len(prompt_ids) - 1)
     if stop <= start:
         return None
-    return PromptSpan(item, row, start + 1, token_ids[start + 1: stop + 1], 0)
+    return PromptSpan(item, row, start + 1, prompt_ids[start + 1: stop + 1], 0)
 
 
 def gather(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:

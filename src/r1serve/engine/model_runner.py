@@ -1,9 +1,10 @@
 """Everything that lives on the device: the weights, the KV-cache tensors, and one step's forward and sampling.
 
-The runner turns a `SchedulerOutput` into flat model inputs (the new tokens of every scheduled sequence, their
-positions, and the paged-attention metadata), runs the model, computes logits only for the sequences that
-sample this step, and samples, all without waiting for the device: the sampled ids come back as `SampledTokens`,
-read once the engine has launched the next step. It sizes the KV cache itself: from `--kv-cache-space` GiB on
+The runner turns a `SchedulerOutput` (plain records, engine/scheduler_output.py: it never sees a `Sequence`) into
+flat model inputs (the new tokens of every scheduled sequence, their positions, and the paged-attention
+metadata), runs the model, computes logits only for the sequences that sample this step, and samples, all
+without waiting for the device: the sampled ids come back as `SampledTokens`, read once the engine has launched
+the next step. It sizes the KV cache itself: from `--kv-cache-space` GiB on
 CPU, and on CUDA from the memory left after the weights and a profiling forward pass, times
 `gpu_memory_utilization`. The cache is in the model's dtype, or float8 e4m3 with `--kv-cache-dtype fp8` (one
 byte per element: twice the blocks in the same memory; every layer's scales are 1.0, docs/quantization.md).
@@ -24,7 +25,7 @@ from r1serve.engine.device import resolve_device, resolve_dtype
 from r1serve.engine.input_batch import InputPacker, StepInputs
 from r1serve.engine.logprobs import StepLogprobs, gather_step, plan_step
 from r1serve.engine.sampler import Sampler
-from r1serve.engine.scheduler import SchedulerOutput
+from r1serve.engine.scheduler_output import SchedulerOutput
 from r1serve.engine.structured import LateMasks
 from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
@@ -222,7 +223,7 @@ class ModelRunner:
         if len(inputs.pending_dst):  # decodes of tokens the previous step sampled: fill them in on the device
             inputs.input_ids.index_copy_(0, inputs.pending_dst, self.last_sampled.index_select(0, inputs.pending_src))
         all_hidden = hidden = self._forward(inputs)
-        sampling = [s.seq for s in sched.scheduled if s.samples]
+        sampling = sched.sampling
         plan = plan_step(sched) if sched.logprobs else None
         if not sampling:
             if plan is None:

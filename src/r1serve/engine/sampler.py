@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from r1serve.engine import cpu_sampling
-from r1serve.engine.sequence import Sequence
+from r1serve.engine.scheduler_output import ScheduledSeq
 
 
 @dataclass
@@ -45,8 +45,8 @@ class RowParams:
     min_p: torch.Tensor | None = None  # [B] float32
 
     @classmethod
-    def of(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> RowParams:
-        params = [s.params for s in seqs]
+    def of(cls, seqs: list[ScheduledSeq], vocab_size: int, device: torch.device) -> RowParams:
+        params = [s.spec.params for s in seqs]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         rows = cls(
             key=row_key(seqs), all_greedy=all(p.greedy for p in params),
@@ -67,7 +67,7 @@ class RowParams:
         return rows
 
 
-def row_key(seqs: list[Sequence]) -> tuple[int, ...]:
+def row_key(seqs: list[ScheduledSeq]) -> tuple[int, ...]:
     return tuple(s.seq_id for s in seqs)
 
 
@@ -75,7 +75,7 @@ def row_key(seqs: list[Sequence]) -> tuple[int, ...]:
 class SamplingBatch:
     """Per-row parameters; the tensors (on the logits' device) exist only when some row samples."""
 
-    seqs: list[Sequence]
+    seqs: list[ScheduledSeq]  # the step's records of the rows, in order
     all_greedy: bool
     any_top_p: bool
     any_top_k: bool
@@ -91,7 +91,7 @@ class SamplingBatch:
     seeds_tensor: torch.Tensor | None = None  # [B] int64: `seeds` on the device
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
+    def build(cls, seqs: list[ScheduledSeq], vocab_size: int, device: torch.device,
               rng: random.Random | None = None, rows: RowParams | None = None) -> SamplingBatch:
         """This step's batch; `rows`, if given, must be `RowParams.of` the same sequences in the same order."""
         rows = rows if rows is not None else RowParams.of(seqs, vocab_size, device)
@@ -99,7 +99,7 @@ class SamplingBatch:
         batch = cls(
             seqs=seqs, all_greedy=rows.all_greedy, any_top_p=rows.any_top_p, any_top_k=rows.any_top_k,
             any_min_p=rows.any_min_p, any_penalty=rows.any_penalty,
-            any_min_tokens=rows.any_min_tokens and any(_outputs_before(s) < s.params.min_tokens for s in seqs),
+            any_min_tokens=rows.any_min_tokens and any(s.num_outputs_before < s.params.min_tokens for s in seqs),
             seeds=[], seeded=rows.seeded, temperature=rows.temperature, top_p=rows.top_p, top_k=rows.top_k,
             min_p=rows.min_p,
         )
@@ -110,9 +110,9 @@ class SamplingBatch:
         return batch
 
 
-def row_seed(seq: Sequence) -> int:
+def row_seed(seq: ScheduledSeq) -> int:
     """The seed of a seeded request's draw at the position being sampled (its computed tokens' end)."""
-    return hash((seq.params.seed, seq.index, seq.num_computed_tokens)) & SEED_MASK
+    return hash((seq.spec.params.seed, seq.spec.index, seq.end)) & SEED_MASK
 
 
 SEED_MASK = (1 << 63) - 1
@@ -126,7 +126,7 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._rows: RowParams | None = None  # the last batch's row parameters, reused while its rows stay
 
-    def batch(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
+    def batch(self, seqs: list[ScheduledSeq], vocab_size: int, device: torch.device) -> SamplingBatch:
         if self._rows is None or self._rows.key != row_key(seqs):
             self._rows = RowParams.of(seqs, vocab_size, device)
         return SamplingBatch.build(seqs, vocab_size, device, self.rng, self._rows)
@@ -190,10 +190,10 @@ class Sampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _mask_end_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _mask_end_tokens(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
         logits = logits.clone()
         for i, seq in enumerate(seqs):
-            if _outputs_before(seq) < seq.params.min_tokens:
+            if seq.num_outputs_before < seq.params.min_tokens:
                 ends = list(seq.params.stop_token_ids)
                 if self.eos_token_id is not None and not seq.params.ignore_eos:
                     ends.append(self.eos_token_id)
@@ -209,11 +209,6 @@ def _triton_sample() -> Callable[..., torch.Tensor] | None:
     from r1serve.kernels import triton_sampling
 
     return triton_sampling.sample if triton_sampling.HAS_TRITON else None
-
-
-def _outputs_before(seq: Sequence) -> int:
-    """Output tokens before the one being sampled (pending samples, this one included, are not appended yet)."""
-    return seq.num_output_tokens + max(seq.num_pending - 1, 0)
 
 
 TOP_P_CANDIDATES = 256  # top-p first looks among this many tokens; a whole-row sort only if they fall short
@@ -245,16 +240,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return out.scatter_(-1, order, values.masked_fill(~keep, -float("inf")))
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition penalty (HF semantics) over prompt and output; presence and frequency (OpenAI) over output."""
+def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """Repetition penalty (HF semantics) over prompt and output; presence and frequency (OpenAI) over output.
+    The rows' records carry their output (`output_token_ids`: a step with penalties is scheduled with every
+    token on the host)."""
     batch, vocab = logits.shape
     device = logits.device
     output_counts = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
     seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
     for i, seq in enumerate(seqs):
-        out_ids = torch.tensor(seq.output_ids, dtype=torch.int64, device=device)
+        output_ids = seq.output_token_ids or []
+        out_ids = torch.tensor(output_ids, dtype=torch.int64, device=device)
         output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
-        seen[i, torch.tensor(seq.token_ids, dtype=torch.int64, device=device)] = True
+        seen[i, torch.tensor(seq.spec.prompt_token_ids + output_ids, dtype=torch.int64, device=device)] = True
     rep = torch.tensor([s.params.repetition_penalty for s in seqs], dtype=torch.float32, device=device)[:, None]
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)

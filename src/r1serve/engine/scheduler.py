@@ -4,54 +4,26 @@ Every step has a token budget (`max_num_batched_tokens`). Running sequences go f
 sequence takes one token, a sequence still prefilling takes the rest of its prompt or whatever budget is left
 (chunked prefill). When the KV cache has no block left for a running sequence, the newest running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of the queue. Waiting sequences are
-admitted while budget, `max_num_seqs` and blocks allow, after a prefix-cache lookup. `SchedulerOutput` is the
-only thing the model runner sees.
+admitted while budget, `max_num_seqs` and blocks allow, after a prefix-cache lookup. `SchedulerOutput`
+(engine/scheduler_output.py), plain records of what to compute, is the only thing the model runner sees.
 
-Scheduling advances `num_computed_tokens` at once and counts a sample as pending, so the next step can be scheduled
-while this one still runs on the device (the engine reads the tokens afterwards). A sequence whose pending sample
-will reach its `max_tokens` is left out: it ends when that sample is read.
+The scheduler is the one writer of a sequence's scheduling state. Scheduling advances `num_computed_tokens` at
+once and counts a sample as pending, so that the next step can be scheduled while this one still runs on the
+device; it writes the blocks the block manager hands out or matched. Once a step's tokens are read,
+`update_from_output` retires its pending samples (dropping those of finished sequences and of older epochs) and
+hands the rest to the engine, which appends them: the engine owns what follows a token (detokenizing, stop
+checks, the R1 token rules), and when it changes a sequence's tokens itself it asks `void_pending`. A sequence
+whose pending sample will reach its `max_tokens` is left out: it ends when that sample is read.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from r1serve.engine.block_manager import BlockManager
+from r1serve.engine.block_manager import BlockManager, PrefixMatch
+from r1serve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from r1serve.engine.sequence import Sequence, SequenceStatus
-
-if TYPE_CHECKING:
-    from r1serve.engine.structured import TokenMasks
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int  # tokens [start, start + num_new_tokens) run this step
-    start: int  # num_computed_tokens before this step
-    samples: bool  # the chunk reaches the end of the sequence, so the step samples its next token
-    epoch: int  # the sequence's epoch when scheduled: a sample of an older epoch is dropped
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_new_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    logprobs: bool = False  # some live request asks for logprobs (set by the engine; engine/logprobs.py)
-    token_masks: TokenMasks | None = None  # structured output: the engine's masks of the constrained rows
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:
@@ -61,6 +33,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}  # every sequence added and not finished, by seq_id
         self.num_preemptions = 0
         # Admission leaves a few blocks free so that running sequences do not preempt at once.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
@@ -71,6 +44,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence) -> None:
@@ -79,14 +53,57 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self._free(seq)
+        self.seqs.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        if not out.preempted:
+        if not out.preempted_seq_ids:
             self._schedule_waiting(out, budget)
+        return out
+
+    def update_from_output(self, sched: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int, int]]:
+        """A step's sampled tokens are read: its pending samples are retired. Returns (sequence, token, row of
+        the step's samples) for each sample still wanted, in order; the engine appends them. A sample of a
+        sequence that finished meanwhile, or of an older epoch (its tokens changed while it ran), is dropped."""
+        accepted = []
+        row = 0
+        for item in sched.scheduled:
+            if not item.samples:
+                continue
+            seq = self.seqs.get(item.seq_id)
+            if seq is not None and item.epoch == seq.epoch:
+                seq.num_pending -= 1
+                accepted.append((seq, sampled[row], row))
+            row += 1
+        return accepted
+
+    def void_pending(self, seq: Sequence) -> None:
+        """The samples in flight for `seq` no longer follow its tokens (the engine appended some itself, or its
+        answer's grammar started after they were drawn): they are dropped. With no token left to compute, the
+        last one is computed again (its KV is there), so that the next step samples."""
+        seq.epoch += 1
+        seq.num_pending = 0
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.num_computed_tokens -= 1
+
+    def refresh(self, items: list[ScheduledSeq]) -> SchedulerOutput:
+        """The same chunks of the sequences still live, with the tokens read since they were scheduled: for a
+        step run again once the step before it has been read (`LLMEngine._isolate`)."""
+        out = SchedulerOutput()
+        for item in items:
+            seq = self.seqs.get(item.seq_id)
+            if seq is None:
+                continue
+            tokens = seq.token_ids
+            known = item.end <= len(tokens)
+            out.scheduled.append(ScheduledSeq(
+                item.spec, item.seq_id, item.start, item.num_new_tokens, tokens[item.start:item.end],
+                -1 if known else item.pending_row, item.samples, item.epoch, item.block_table,
+                item.output_token_ids))
+            out.num_sampling += item.samples
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -97,10 +114,10 @@ class Scheduler:
             if num_new <= 0 or (seq.num_pending and _ends_by_length(seq)):
                 i += 1  # nothing to run before its pending token is read
                 continue
-            while not self.block_manager.allocate(seq, num_new):
+            while not self._allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
-                out.preempted.append(victim)
+                out.preempted_seq_ids.append(victim.seq_id)
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
@@ -125,25 +142,55 @@ class Scheduler:
             budget -= num_new
 
     def _advance(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        """Schedule `num_new` tokens of `seq`: they count as computed, and a sample at the end as pending."""
+        """Schedule `num_new` tokens of `seq`: its record goes to `out`; they count as computed, and a sample at
+        the end as pending."""
         start = seq.num_computed_tokens
-        samples = start + num_new == len(seq.token_ids) + seq.num_pending  # reaches the last token, pending ones too
-        out.scheduled.append(ScheduledSeq(seq, num_new, start, samples, seq.epoch))
-        seq.num_computed_tokens = start + num_new
+        end = start + num_new
+        tokens = seq.token_ids
+        num_known = len(tokens)
+        samples = end == num_known + seq.num_pending  # reaches the last token, pending ones too
+        new_ids = [tokens[start]] if num_new == 1 and end <= num_known else tokens[start:end]
+        spec = seq.spec
+        out.scheduled.append(ScheduledSeq(
+            spec, seq.seq_id, start, num_new, new_ids, -1 if end <= num_known else seq.sample_row, samples,
+            seq.epoch, seq.block_table, seq.output_ids[:] if spec.needs_penalties else None))
+        seq.num_computed_tokens = end
         if samples:
             seq.num_pending += 1
-        self.block_manager.register_full_blocks(seq)
+            seq.sample_row = out.num_sampling
+            out.num_sampling += 1
+        new_hashes = self.block_manager.register_full_blocks(tokens, min(end, num_known), seq.block_table,
+                                                             seq.block_hashes)
+        if new_hashes:
+            seq.block_hashes.extend(new_hashes)
+
+    def _allocate(self, seq: Sequence, num_new: int) -> bool:
+        """Gives `seq` the blocks its next `num_new` tokens need; False (and no change) if too few are free."""
+        num_tokens = seq.num_computed_tokens + num_new
+        if num_tokens <= len(seq.block_table) * self.block_manager.block_size:
+            return True  # the common case (a decode inside its last block): nothing to hand out
+        new_blocks = self.block_manager.allocate(len(seq.block_table), num_tokens)
+        if new_blocks is None:
+            return False
+        seq.block_table = seq.block_table + array("q", new_blocks)  # a new array: launched steps keep theirs
+        return True
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Look the prefix up and allocate the first chunk; None (and no change) if the blocks are not there."""
-        matched = 0 if _needs_prompt_logits(seq) else self.block_manager.match_prefix(seq)
+        bm = self.block_manager
+        match = PrefixMatch([], [], 0) if _needs_prompt_logits(seq) else bm.match_prefix(seq.token_ids)
         if seq.num_output_tokens == 0:
-            seq.num_cached_tokens = matched
-        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-        if not self.block_manager.can_allocate(seq, num_new, reserve=self.watermark_blocks):
-            self.block_manager.free(seq)
+            seq.num_cached_tokens = match.num_tokens
+        num_new = min(seq.num_tokens - match.num_tokens, budget)
+        num_held = len(match.block_ids)
+        if not bm.can_allocate(num_held, match.num_tokens + num_new, reserve=self.watermark_blocks):
+            bm.free(match.block_ids)
             return None
-        self.block_manager.allocate(seq, num_new)
+        new_blocks = bm.allocate(num_held, match.num_tokens + num_new)
+        assert new_blocks is not None  # can_allocate said so
+        seq.block_table = array("q", match.block_ids + new_blocks)
+        seq.block_hashes = match.block_hashes
+        seq.num_computed_tokens = match.num_tokens
         return num_new
 
     def _waits_for_leader(self, seq: Sequence) -> bool:
@@ -158,10 +205,17 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:  # a pending sample stays valid: it is appended when read
         self.running.remove(seq)
-        self.block_manager.free(seq)
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _free(self, seq: Sequence) -> None:
+        """Gives the blocks of `seq` back; it is to be computed again from its first token."""
+        self.block_manager.free(seq.block_table)
+        seq.block_table = array("q")
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
 
 
 def _needs_prompt_logits(seq: Sequence) -> bool:
@@ -174,3 +228,11 @@ def _needs_prompt_logits(seq: Sequence) -> bool:
 def _ends_by_length(seq: Sequence) -> bool:
     """Whether the pending samples bring `seq` to its `max_tokens` (so scheduling more would be wasted)."""
     return seq.num_output_tokens + seq.num_pending >= seq.request.max_tokens > 0
+
+
+def sampling_record(seq: Sequence) -> ScheduledSeq:
+    """The record of a step that computes the last token of `seq` again and samples the one after it, without
+    scheduling anything: for tests and benchmarks that drive the sampler or the runner alone."""
+    start = seq.num_tokens - 1
+    return ScheduledSeq(seq.spec, seq.seq_id, start, 1, seq.token_ids[start:], -1, True, seq.epoch, seq.block_table,
+                        seq.output_ids[:] if seq.spec.needs_penalties else None)

@@ -8,7 +8,14 @@ token. Preemption by recompute simply sets `num_computed_tokens` back to zero.
 Steps are pipelined (the engine schedules step N+1 before it has read step N's tokens), so a sequence can have a
 sampled token that is not yet known on the host: `num_pending` counts those, and the next step reads it on the
 device. When the engine changes a sequence's tokens itself (the thinking budget's forced tokens), the samples in
-flight were drawn for the wrong position: it bumps `epoch`, and samples of an older epoch are dropped.
+flight were drawn for the wrong position: the scheduler bumps `epoch` (`Scheduler.void_pending`), and samples of
+an older epoch are dropped.
+
+Who writes what: the scheduler alone writes the scheduling state (`status`, `num_computed_tokens`, `num_pending`,
+`epoch`, `sample_row`, `block_table`, `block_hashes`, `num_cached_tokens`), from what the block manager returns
+and from each step's result (`Scheduler.update_from_output`); the engine writes the output state (tokens
+appended, text, reasoning, finish reason). The runner never sees a `Sequence`: it reads `spec` and the step's
+records (engine/scheduler_output.py).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from r1serve.engine.logprobs import FORCED, TokenLogprob
+from r1serve.engine.scheduler_output import SequenceSpec
 from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
 from r1serve.sampling_params import SamplingParams
 
@@ -48,8 +56,9 @@ class Sequence:
     num_computed_tokens: int = 0  # advanced when a step is scheduled
     num_pending: int = 0  # tokens sampled by launched steps, not yet appended
     epoch: int = 0  # bumped when the engine appends tokens itself: in-flight samples of older epochs are void
-    sample_row: int = -1  # this sequence's row in the sampled tokens of the last launched step
-    # block ids, a C array: packing a step's block tables is then a copy, not a conversion of every id
+    sample_row: int = -1  # this sequence's row in the sampled tokens of the last scheduled step
+    # block ids, a C array: packing a step's block tables is then a copy, not a conversion of every id; replaced,
+    # never changed in place, when it grows (the records of launched steps hold the old one)
     block_table: array[int] = field(default_factory=lambda: array("q"))
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks, for the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
@@ -65,8 +74,12 @@ class Sequence:
     pending_text: list[str] = field(default_factory=list)  # pieces of text produced since the last RequestOutput
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asks
     guide: Guide | None = None  # the grammar of its answer (structured output), engine/structured.py
+    spec: SequenceSpec = field(init=False)  # what the runner may know of it (the fields that never change)
 
     def __post_init__(self) -> None:
+        params = self.request.params
+        self.spec = SequenceSpec(self.seq_id, self.request.request_id, self.index, params,
+                                 self.request.prompt_token_ids, self.num_prompt_tokens, params.needs_penalties)
         if not self.output_ids:
             self.output_ids = self.token_ids[self.num_prompt_tokens:]
         if self.request.params.logprobs is not None:
@@ -83,11 +96,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
-
-    def void_pending(self) -> None:
-        """The in-flight samples no longer follow the tokens (the engine appended some itself): drop them."""
-        self.epoch += 1
-        self.num_pending = 0
 
     def append_text(self, piece: str) -> None:
         self.text.append(piece)

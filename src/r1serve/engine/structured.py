@@ -13,7 +13,8 @@ engine launches the step's forward pass first, then reads the step before and fi
 device computes (`LateMasks`), and the sampling waits for them; the masks are filled on the host by xgrammar
 (into pinned memory on CUDA) and applied on the logits' device to the constrained rows only, before the sampler
 (penalties, temperature, top-p act on what the mask leaves). A sequence whose reasoning closes while its next
-sample is already in flight has that sample dropped and drawn again under the mask (one more decode row, once).
+sample is already in flight has that sample dropped (`Scheduler.void_pending`) and drawn again under the mask
+(one more decode row, once).
 Grammars compile on `GrammarCompiler`'s threads; a request waits for its grammar before it is scheduled.
 """
 
@@ -31,7 +32,6 @@ from r1serve.outputs import FinishReason
 
 if TYPE_CHECKING:
     from r1serve.engine.grammar import GrammarCompiler
-    from r1serve.engine.scheduler import SchedulerOutput
     from r1serve.engine.sequence import Request, Sequence
     from r1serve.tokenizer import Tokenizer
 
@@ -126,17 +126,15 @@ class StructuredOutputs:
     def drop(self, request_id: str) -> None:
         self.compiling.pop(request_id, None)
 
-    def start(self, seq: Sequence) -> None:
-        """The answer of `seq` begins: its guide runs from the next sample on (a no-op if it has none)."""
+    def start(self, seq: Sequence) -> bool:
+        """The answer of `seq` begins: its guide runs from the next sample on. False (a no-op) if it has none or
+        it has started already; True tells the engine that a sample in flight was drawn without the mask."""
         guide = seq.guide
         if guide is None or guide.matcher is not None or seq.is_finished:
-            return
+            return False
         guide.start()
         self.num_running += 1
-        if seq.num_pending:  # a sample in flight was drawn without the mask: drop it, draw it again
-            seq.void_pending()
-            if seq.num_computed_tokens == seq.num_tokens:
-                seq.num_computed_tokens -= 1  # its KV is there; computing it again samples the next token
+        return True
 
     def accept(self, seq: Sequence, token: int) -> FinishReason | None:
         """Feeds a sampled token to the guide: "stop" once the grammar has terminated, "abort" for a token the
@@ -159,25 +157,25 @@ class StructuredOutputs:
             guide.done = True
             self.num_running -= 1
 
-    def masks(self, sched: SchedulerOutput) -> TokenMasks | None:
-        """The masks of a step's sampling rows whose guide runs; None when none does."""
+    def masks(self, guides: list[Guide | None]) -> TokenMasks | None:
+        """The masks of a step's sampling rows (`guides`: each row's, None for a free row) whose guide runs;
+        None when none does."""
         import xgrammar as xgr
 
-        sampling = [item.seq for item in sched.scheduled if item.samples]
-        rows = [row for row, seq in enumerate(sampling) if seq.guide is not None and seq.guide.running]
+        rows = [row for row, guide in enumerate(guides) if guide is not None and guide.running]
         if not rows:
             return None
         # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done)
         bitmask = torch.full((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), -1, dtype=torch.int32,
                              pin_memory=self.pin_memory)
-        matchers = [sampling[row].guide.matcher for row in rows]
+        matchers = [guides[row].matcher for row in rows]  # type: ignore[union-attr]
         if len(matchers) == 1:
             matchers[0].fill_next_token_bitmask(bitmask, 0)
         else:  # on xgrammar's threads (half the cores): ~0.1 ms a row for a JSON schema on one core
             if self._batch is None:
                 self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
-        return TokenMasks(bitmask, rows, len(sampling), self.pin_memory)
+        return TokenMasks(bitmask, rows, len(guides), self.pin_memory)
 
     def shutdown(self) -> None:
         if self._compiler is not None:
