@@ -5,7 +5,8 @@ skips keys) fails here in seconds instead of in a device call. It checks logic o
 program one after another in numpy, so it finds neither races nor speed, and its bfloat16 is unusable (hence
 float32, where the tests' bounds hold with room to spare). CUDA graph tests are left out.
 
-    pip install triton==3.6.0   # into a separate environment: CI and the CPU suite run without Triton
+    pip install triton==3.6.0   # into a separate environment: the GPU machine's Triton (the project's own
+                                # environment may hold another, which xgrammar pulls in)
     python dev/interpret_kernels.py [NAME_SUBSTRING ...]   # e.g. `quant` or `int4` for the quantized kernels
 """
 from __future__ import annotations
