@@ -105,6 +105,18 @@ def test_seed_reproduces_the_token_whatever_the_batch() -> None:
     assert len(draws) > 10  # a flat row: different seeds, different tokens
 
 
+def test_a_seeded_row_draws_the_torch_paths_token() -> None:
+    """The same kept set and the same race (Exp(1) from the row's seed): the CPU path's token is the torch path's,
+    on flat rows (the bisection) and peaked ones (the candidates)."""
+    for scale in (0.05, 1.0, 8.0):
+        logits = torch.randn(8, VOCAB) * scale
+        top_p, seeds = torch.full((8,), 0.9), [11 * i + 3 for i in range(8)]
+        probs = apply_top_k_top_p(logits, None, top_p).softmax(dim=-1)
+        q = torch.stack([torch.empty(VOCAB).exponential_(generator=torch.Generator().manual_seed(s)) for s in seeds])
+        ours = cpu_sampling.sample(logits, torch.ones(8), None, top_p, None, seeds)
+        assert ours.tolist() == probs.div(q).argmax(dim=-1).tolist(), scale
+
+
 def test_temperature_zero_rows_take_the_argmax() -> None:
     logits = torch.randn(4, VOCAB)
     temperature = torch.tensor([0.0, 0.6, 0.0, 1.0])

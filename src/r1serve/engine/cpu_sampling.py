@@ -2,18 +2,17 @@
 
 The torch path masks top-k / top-p by sorting (a whole 151,936-entry row when its 256 most likely tokens fall
 short of top-p, as random weights and flat distributions do) and races one Exp(1) number per entry. On a 2-core
-CPU that sort costs ~100 ms per row and the Exp(1) draw ~3 ms, more than a decode step of a small model. Here
+CPU that sort costs ~100 ms per row, more than a decode step of a small model (the race ~3 ms). Here
 each row's kept set is `{p >= cut}`, with the cut found by a search instead: among the 256 most likely tokens
 where they reach top-p, else by bisection on the probability until few entries remain between the bounds, which
 are then ordered exactly. The kept set is the same as the torch path's (a token is kept while the mass of the
 tokens more likely than it is below top-p, it is among the top-k, and p >= min_p * max p); tokens tied at the cut
-are all kept. The draw is an inverse-CDF lookup of one uniform number per row, taken from the row's 63-bit seed
-(`SamplingBatch.seeds`), so a seeded request draws the same token whatever else is in the batch.
+are all kept. The draw is the torch path's exponential race, its Exp(1) numbers from the row's 63-bit seed
+(`SamplingBatch.seeds`), so a seeded request draws the same token whatever else is in the batch, and the same
+token as on the torch path.
 """
 
 from __future__ import annotations
-
-import random
 
 import torch
 
@@ -121,11 +120,11 @@ def _band_resolved(band: torch.Tensor) -> bool:
 
 
 def draw(probs: torch.Tensor, cut: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """One token per row from probs [B, V] restricted to p >= cut [B], by the inverse CDF of one uniform number
-    per row drawn from the row's seed."""
-    weights = torch.where(probs >= cut[:, None], probs, 0.0).double()
-    cdf = weights.cumsum(dim=-1)  # [B, V] float64: no drift over 151,936 entries
-    total = cdf[:, -1]
-    uniform = torch.tensor([random.Random(seed).random() for seed in seeds], dtype=torch.float64)
-    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    """One token per row from probs [B, V] restricted to p >= cut [B], by the torch path's exponential race:
+    argmax of p / q, q ~ Exp(1) from a generator seeded with the row's seed. A seeded row thus draws the token the
+    torch path draws, and a tiny change of the logits (another batch's rounding in the matmuls) rarely changes the
+    winner, where an inverse CDF over 151,936 entries would shift with it."""
+    q = torch.empty_like(probs)  # [B, V]
+    for i, seed in enumerate(seeds):
+        q[i].exponential_(generator=torch.Generator().manual_seed(seed))
+    return torch.where(probs >= cut[:, None], probs, 0.0).div_(q).argmax(dim=-1)

@@ -8,7 +8,7 @@ so the same seed gives the same output whatever else is in the batch and however
 the others, a fresh number from the sampler's own random stream. Work that no row needs (sorting for top-p, the
 penalty scatter) is skipped. On CUDA the draw itself is one Triton kernel (`kernels/triton_sampling.py`: the same
 function, exact top-k/top-p/min-p by rejection, no sort and no host synchronisation); on a CPU it is
-`engine/cpu_sampling.py` (the same kept set by a threshold search, one uniform number per row); the torch code
+`engine/cpu_sampling.py` (the same kept set by a threshold search, then the same race); the torch code
 here is their twin.
 """
 
@@ -156,7 +156,7 @@ class Sampler:
         if logits.is_cuda and _triton_sample() is not None:  # one kernel, no host synchronisation
             return _triton_sample()(logits.contiguous(), batch.temperature, batch.top_p, batch.top_k, batch.min_p,
                                     batch.seeds_tensor)
-        if logits.device.type == "cpu":  # no sort of whole rows, one random number per row
+        if logits.device.type == "cpu":  # the same kept set and race, without a sort of whole rows
             return cpu_sampling.sample(logits, batch.temperature, batch.top_k if batch.any_top_k else None,
                                        batch.top_p if batch.any_top_p else None,
                                        batch.min_p if batch.any_min_p else None, batch.seeds)
