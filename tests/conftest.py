@@ -62,6 +62,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random transformers Qwen2 saved as sharded safetensors, with the real tokenizer beside it."""
+    tokenizer_dir = require_tokenizer()
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(**{k: v for k, v in TINY_CONFIG.items() if k != "architectures"})
+    model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    path = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
+    model.save_pretrained(path, max_shard_size="20MB", safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"no shared data at {SHARED_DATA}: set R1SERVE_SHARED_DATA to the folder holding the "

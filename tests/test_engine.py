@@ -4,13 +4,11 @@ preemption, prefix cache, block leaks, seeds, stop strings, the R1 token rules, 
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TOKENIZER_FILES, require_tokenizer
 from r1serve import LLM, SamplingParams
 from r1serve.config import EngineConfig
 from r1serve.engine.fake_runner import FakeRunner
@@ -24,20 +22,6 @@ from r1serve.sampling_params import RepetitionGuard
 transformers = pytest.importorskip("transformers")
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random transformers Qwen2 saved as sharded safetensors, with the real tokenizer beside it."""
-    tokenizer_dir = require_tokenizer()
-    torch.manual_seed(0)
-    hf_config = transformers.Qwen2Config(**{k: v for k, v in TINY_CONFIG.items() if k != "architectures"})
-    model = transformers.Qwen2ForCausalLM(hf_config).eval()
-    path = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
-    model.save_pretrained(path, max_shard_size="20MB", safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")

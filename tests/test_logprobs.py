@@ -5,13 +5,11 @@ records' shapes."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TOKENIZER_FILES, require_tokenizer
 from r1serve import LLM, SamplingParams
 from r1serve.engine.logprobs import FORCED, LogprobPlan, PromptSpan, StepLogprobs, gather, record_prompt
 from r1serve.errors import InvalidRequestError
@@ -64,19 +62,6 @@ def test_sampling_params_refuse_negative_counts() -> None:
         with pytest.raises(InvalidRequestError) as info:
             SamplingParams(**{name: -1})
         assert info.value.param == name
-
-
-@pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tokenizer_dir = require_tokenizer()
-    torch.manual_seed(0)
-    hf_config = transformers.Qwen2Config(**{k: v for k, v in TINY_CONFIG.items() if k != "architectures"})
-    model = transformers.Qwen2ForCausalLM(hf_config).eval()
-    path = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
-    model.save_pretrained(path, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")
