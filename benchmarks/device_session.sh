@@ -12,7 +12,7 @@
 # real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
 # `../shared/tools/device-wheels httpx2 httpcore2 truststore opentelemetry-api` (what this openai and fastapi
 # need beyond its default list) and `mkdir -p .carry && cp -r ../shared/data/tokenizer .carry/`; name .whl and
-# .carry in the call's carry. The tests stage runs only the four GPU test files, so it needs neither.
+# .carry in the call's carry. The tests stage runs only the GPU test files, so it needs neither.
 set -euo pipefail
 stage=$1; out=$2
 mkdir -p "$out"
@@ -25,7 +25,8 @@ if [ -d .whl ]; then  # the server's packages (the tests import them too)
 fi
 case $stage in
   tests)
-    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_sampling_gpu.py tests/test_engine_gpu.py tests/test_compile_ahead.py ;;
+    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_sampling_gpu.py tests/test_engine_gpu.py tests/test_structured_gpu.py \
+      tests/test_compile_ahead.py ;;
   offline)
     timeout 400 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,batch,nano,uniform \
       --decode-tokens 1024 --batch-tokens 256 --hf decode,nano --hf-decode-tokens 64 --max-model-len 4096
