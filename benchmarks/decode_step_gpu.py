@@ -304,72 +304,60 @@ def logits_us(llm: LLM, rep_ms: int) -> dict[str, float]:
             "ops.linear": graph_us(lambda: triton_linear.linear(hidden, model.lm_head.weight).float(), rep_ms)}
 
 
-def _override(**settings: Any) -> Callable[[], Callable[[], None]]:
-    """A variant's setup: sets module globals ("module.NAME"), returns how to restore them."""
-    modules = {"triton_attention": triton_attention}
-
-    def setup() -> Callable[[], None]:
-        old = []
-        for key, value in settings.items():
-            module, name = key.split(".")
-            old.append((modules[module], name, getattr(modules[module], name)))
-            setattr(modules[module], name, value)
-
-        def restore() -> None:
-            for module, name, value in old:
-                setattr(module, name, value)
-        return restore
-    return setup
-
-
 def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> list[dict[str, Any]]:
     """The step's graph for each op table, same inputs; checks every variant's output against the first.
     `only`: comma-separated variant numbers to run (0 is the reference the others are checked against)."""
     model = llm.engine.runner.model
-    after = triton_kernel_ops()
-    same = _override()
-    variants: list[tuple[str, Any, bool, Callable[[], Callable[[], None]]]] = [
-        # label, ops, PDL, setup
-        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, same),
-        ("after (PDL, rotary + store in decode)", after, True, same),
-        ("after without PDL", after, False, same),
-        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, same),
-        ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, same),
-        ("after, decode 8 warps", after, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 8})),
-        ("after, decode 2 warps", after, True, _override(**{"triton_attention.DECODE_NUM_WARPS": 2})),
-        ("after, split decode with 64-key tiles", after, True, _override(**{"triton_attention.DECODE_BLOCK_N": 64})),
+    after, tiles = triton_kernel_ops(), triton_attention.DECODE_TILES
+    variants: list[tuple[str, Any, bool, triton_attention.DecodeTiles]] = [
+        # label, ops, PDL, the decode kernel's tiles
+        ("before: element-wise Triton + cuBLAS", triton_kernel_ops(fused=False), False, tiles),
+        ("after (PDL, rotary + store in decode)", after, True, tiles),
+        ("after without PDL", after, False, tiles),
+        ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, tiles),
+        ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, tiles),
+        ("after, decode 8 warps", after, True, replace(tiles, num_warps=8)),
+        ("after, decode 2 warps", after, True, replace(tiles, num_warps=2)),
+        ("after, split decode with 64-key tiles", after, True, replace(tiles, block_n=64)),
     ]
     wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}
-    for index, (label, ops, pdl, setup) in enumerate(variants):
+    for index, (label, ops, pdl, decode_tiles) in enumerate(variants):
         if index not in wanted:
             continue
-        triton_ops.USE_PDL = pdl
-        restore = setup()
         model.set_ops(ops)
+        model.set_attention_backend(triton_attention.TritonAttention(decode_tiles))
         print(f"--- step: {label}", flush=True)
-        try:
-            graphs = capture(llm, max(batches))
-        except Exception as e:  # e.g. PDL not capturable: reported, not fatal
-            print(f"    capture failed: {type(e).__name__}: {str(e)[:300]}")
-            restore()
-            continue
-        row: dict[str, Any] = {"variant": label, "us": {}}
-        for batch in batches:
-            us, out = time_step(llm, graphs, batch, ctx)
-            row["us"][batch] = us
-            ref = reference_out.setdefault(batch, out)
-            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-            print(f"    batch {batch:>2}: {us:8.1f} µs per step ({1e6 / us:6.0f} steps/s); "
-                  f"rel. diff to the first variant {err:.1e}", flush=True)
-        row["profile_b1"] = profile_step(graphs, 1)
-        results.append(row)
-        del graphs
-        restore()
+        with triton_ops.pdl(pdl):
+            row = step_variant(llm, label, batches, ctx, reference_out)
+        if row is not None:
+            results.append(row)
         torch.cuda.empty_cache()
-    triton_ops.USE_PDL = None
     model.set_ops(triton_kernel_ops())
+    model.set_attention_backend(triton_attention.TritonAttention())
     return results
+
+
+def step_variant(llm: LLM, label: str, batches: list[int], ctx: int,
+                 reference_out: dict[int, torch.Tensor]) -> dict[str, Any] | None:
+    """One variant's step graph, timed at each batch and checked against the first variant's output (kept in
+    `reference_out`); None if it cannot be captured."""
+    try:
+        graphs = capture(llm, max(batches))
+    except Exception as e:  # e.g. PDL not capturable: reported, not fatal
+        print(f"    capture failed: {type(e).__name__}: {str(e)[:300]}")
+        return None
+    row: dict[str, Any] = {"variant": label, "us": {}}
+    for batch in batches:
+        us, out = time_step(llm, graphs, batch, ctx)
+        row["us"][batch] = us
+        ref = reference_out.setdefault(batch, out)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        print(f"    batch {batch:>2}: {us:8.1f} µs per step ({1e6 / us:6.0f} steps/s); "
+              f"rel. diff to the first variant {err:.1e}", flush=True)
+    row["profile_b1"] = profile_step(graphs, 1)
+    del graphs
+    return row
 
 
 # op → (the form its decode-step product takes in the tuning file, N, K): qkv and gate_up run with their norm

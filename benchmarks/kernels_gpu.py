@@ -132,7 +132,7 @@ def split_sweep(bw: float, cases: list[tuple[int, int]], splits: list[int]) -> l
     for batch, length in cases:
         nbytes = kv_bytes([length] * batch)
         for s in splits:
-            if s > -(-length // ta.DECODE_BLOCK_N):
+            if s > -(-length // ta.DECODE_TILES.block_n):
                 continue
             t = decode_graph_us(batch, length, num_splits=s)
             rows.append(Row("decode_split_sweep", f"B={batch} L={length} splits={s}", t, float("nan"), nbytes,

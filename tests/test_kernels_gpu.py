@@ -638,10 +638,8 @@ def _fused_model(layers: int = 2):
 def pdl(request: pytest.FixtureRequest):
     """Programmatic dependent launch on (param True) or off for the test, restored after."""
     _, ops = _triton_modules()
-    before = ops.USE_PDL
-    ops.USE_PDL = request.param
-    yield request.param
-    ops.USE_PDL = before
+    with ops.pdl(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("pdl", [False, True], indirect=True)

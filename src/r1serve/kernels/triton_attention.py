@@ -22,6 +22,7 @@ The module imports without Triton (`kernels/triton_support.py`).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -38,18 +39,28 @@ from r1serve.kernels.attention import (
 from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
 
 __all__ = [
-    "HAS_TRITON", "DecodeRotary", "TritonAttention", "decode_num_splits", "paged_decode_attention",
-    "paged_prefill_attention", "rotary_store_attend", "rotary_store_kv", "sdpa_prefill_attention", "store_kv",
+    "DECODE_TILES", "HAS_TRITON", "DecodeRotary", "DecodeTiles", "TritonAttention", "decode_num_splits",
+    "paged_decode_attention", "paged_prefill_attention", "rotary_store_attend", "rotary_store_kv",
+    "sdpa_prefill_attention", "store_kv",
 ]
 
 LOG2E = 1.4426950408889634
-# Keys per decode iteration (and the smallest share of a split) when a context is split, and when it is not (one
-# program per sequence and KV head: large batches). Split contexts are faster with 32 keys at every batch and
-# length measured, whole ones with 64 at batch ~256 (docs/kernels.md has the figures).
-DECODE_BLOCK_N = 32
-DECODE_BLOCK_N_WHOLE = 64
 MAX_SPLITS = 64
-DECODE_NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The decode kernel's tiles: keys per iteration (and the smallest share of a split) when a context is split
+    (`block_n`) and when it is not (`block_n_whole`: one program per sequence and KV head, large batches), and
+    its warps. Split contexts are faster with 32 keys at every batch and length measured, whole ones with 64 at
+    batch ~256 (docs/kernels.md has the figures); benchmarks try others through `TritonAttention(tiles)`."""
+
+    block_n: int = 32
+    block_n_whole: int = 64
+    num_warps: int = 4
+
+
+DECODE_TILES = DecodeTiles()
 PREFILL_BLOCK_M = 128  # query rows (token, head) per prefill tile
 PREFILL_BLOCK_N = 128  # keys per prefill iteration, and pipeline depth: the H100 sweep's best
 PREFILL_NUM_STAGES = 3
@@ -473,15 +484,17 @@ def rotary_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     if meta.is_decode_only and isinstance(backend, TritonAttention):
         rotary = DecodeRotary(k, v, positions, cos_sin_cache, meta.slot_mapping)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                      meta.max_seq_len, rotary=rotary, kv_scales=kv_scales)
+                                      meta.max_seq_len, rotary=rotary, kv_scales=kv_scales,
+                                      tiles=backend.decode_tiles)
     q = rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping, kv_scales)
     return backend.attend(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      block_n: int = DECODE_TILES.block_n) -> int:
     """How many programs share one sequence's context: enough to give every SM about two programs, never a
-    share under DECODE_BLOCK_N keys of `max_seq_len` (an upper bound, so that graphs may pass their cap)."""
-    useful = triton.cdiv(max(max_seq_len, 1), DECODE_BLOCK_N) if triton else 1
+    share under `block_n` keys of `max_seq_len` (an upper bound, so that graphs may pass their cap)."""
+    useful = triton.cdiv(max(max_seq_len, 1), block_n) if triton else 1
     wanted = -(-2 * num_sms // max(num_seqs * num_kv_heads, 1))
     return max(1, min(wanted, useful, MAX_SPLITS))
 
@@ -500,8 +513,8 @@ class DecodeRotary(NamedTuple):
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           rotary: DecodeRotary | None = None,
-                           kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+                           rotary: DecodeRotary | None = None, kv_scales: KVScales = UNIT_SCALES,
+                           tiles: DecodeTiles = DECODE_TILES) -> torch.Tensor:
     """One new token per sequence: query [num_seqs(+pad), num_heads, head_dim] → output of the same shape.
 
     seq_lens [num_seqs] int32 (device) may hold anything in 0..max_seq_len; a row of length 0 gives zeros.
@@ -519,9 +532,9 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device))
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device), tiles.block_n)
     split = num_splits > 1
-    block_n = DECODE_BLOCK_N if split else DECODE_BLOCK_N_WHOLE
+    block_n = tiles.block_n if split else tiles.block_n_whole
     f32 = {"dtype": torch.float32, "device": query.device}
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,), **f32)  # [B,H,S,D]
     part_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), **f32)  # [B, H, S]
@@ -542,7 +555,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, SPLIT=split, ROTARY=rotary is not None, USE_PDL=triton_ops.use_pdl(), FP8=fp8,
-        num_warps=DECODE_NUM_WARPS, num_stages=2, **triton_ops.pdl_launch())
+        num_warps=tiles.num_warps, num_stages=2, **triton_ops.pdl_launch())
     if split:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, seq_lens, num_splits, out.stride(0), out.stride(1),
@@ -626,8 +639,9 @@ class TritonAttention(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, decode_tiles: DecodeTiles = DECODE_TILES) -> None:
         require_triton("r1serve.kernels.attention.TorchAttention")
+        self.decode_tiles = decode_tiles
 
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, kv_scales: KVScales = UNIT_SCALES) -> None:
@@ -637,7 +651,7 @@ class TritonAttention(AttentionBackend):
                meta: AttentionMetadata, scale: float, kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         if meta.is_decode_only:
             return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                          meta.max_seq_len, kv_scales=kv_scales)
+                                          meta.max_seq_len, kv_scales=kv_scales, tiles=self.decode_tiles)
         if sdpa_fits(meta):
             return sdpa_prefill_attention(query, k_cache, v_cache, meta, scale, kv_scales)
         return paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,

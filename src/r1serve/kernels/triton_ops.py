@@ -17,7 +17,9 @@ launches: each lets the next kernel start early (`griddepcontrol.launch_dependen
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -25,7 +27,7 @@ from r1serve.kernels.reference import rotary_cos_sin_cache
 from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
 
 __all__ = [
-    "HAS_TRITON", "apply_rotary", "as_rows", "fused_add_rms_norm", "kv_quantize", "pdl_launch", "pdl_start",
+    "HAS_TRITON", "apply_rotary", "as_rows", "fused_add_rms_norm", "kv_quantize", "pdl", "pdl_launch", "pdl_start",
     "rms_norm", "rotary_cos_sin_cache", "rotate_heads", "silu_and_mul", "use_pdl",
 ]
 
@@ -40,6 +42,18 @@ def use_pdl() -> bool:
     if USE_PDL is None:
         USE_PDL = bool(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0))
     return USE_PDL
+
+
+@contextlib.contextmanager
+def pdl(enabled: bool | None) -> Iterator[None]:
+    """Kernels launched (and graphs captured) inside the block use PDL or not (None: the device's default);
+    the setting before is restored after. For tests and benchmarks comparing the two."""
+    global USE_PDL
+    before, USE_PDL = USE_PDL, enabled
+    try:
+        yield
+    finally:
+        USE_PDL = before
 
 
 def pdl_launch() -> dict[str, bool]:
