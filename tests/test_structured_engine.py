@@ -108,7 +108,8 @@ def test_masks_touch_only_the_constrained_rows() -> None:
 
 def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Path) -> None:
     """`StructuredOutputs.masks` fills the rows of several guides at once (xgrammar's batch matcher): each row
-    equals its matcher's own mask, free rows get none, and one guide alone gets the same."""
+    equals its matcher's own mask, free rows get none, and one guide alone gets the same. The masks' buffer is
+    not initialised, so a fill must write every word: into zeros and into ones it gives the same row."""
     engine = make_engine(byte_model_dir)
     specs = ["[ab]{30}", "[0-9]{20}x", "(yes|no){10}"]
     for i, spec in enumerate(specs):
@@ -126,6 +127,9 @@ def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Pa
         own = xgr.allocate_token_bitmask(1, engine.model_config.vocab_size)
         seq.guide.matcher.fill_next_token_bitmask(own, 0)
         assert torch.equal(masks.bitmask[masks.rows.index(i)], own[0])
+        zeros = torch.zeros_like(own)
+        seq.guide.matcher.fill_next_token_bitmask(zeros, 0)
+        assert torch.equal(zeros, own)
     alone = engine.structured.masks([guided[1].guide])
     assert alone is not None and torch.equal(alone.bitmask[0], masks.bitmask[1])
 

@@ -233,10 +233,10 @@ class ModelRunner:
         if len(sampling) < hidden.shape[0]:  # else every row samples, in order (decodes): no gather
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
+        batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
         masks = late_masks() if late_masks is not None else sched.token_masks
         if masks is not None:  # structured output: constrained rows keep only allowed tokens
             masks.apply(logits)
-        batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
         self.last_sampled = self.sampler(logits, batch)  # (the sampler leaves `logits` as they are: raw)
         logprobs = None if plan is None else gather_step(plan, logits, self.last_sampled, all_hidden,
                                                           self.model.compute_logits)

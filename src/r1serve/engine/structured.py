@@ -165,9 +165,10 @@ class StructuredOutputs:
         rows = [row for row, guide in enumerate(guides) if guide is not None and guide.running]
         if not rows:
             return None
-        # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done)
-        bitmask = torch.full((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), -1, dtype=torch.int32,
-                             pin_memory=self.pin_memory)
+        # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done);
+        # not initialised: xgrammar writes every word of the rows it fills
+        bitmask = torch.empty((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), dtype=torch.int32,
+                              pin_memory=self.pin_memory)
         matchers = [guides[row].matcher for row in rows]  # type: ignore[union-attr]
         if len(matchers) == 1:
             matchers[0].fill_next_token_bitmask(bitmask, 0)
