@@ -156,7 +156,8 @@ def test_logprobs_on_cuda_match_the_cpu_reference_and_leave_other_rows_alone(mod
         assert ours[0] == pytest.approx(theirs[0], abs=0.05)
     sample = got.outputs[0]
     assert len(sample.logprobs) == len(sample.token_ids) == 8
-    for token, (logprob, top_ids, top_values) in zip(sample.token_ids, sample.logprobs, strict=True):
+    for token, (logprob, top_ids, top_values, rank) in zip(sample.token_ids, sample.logprobs, strict=True):
+        assert rank == 1  # greedy
         assert top_ids[0] == token and top_values[0] == pytest.approx(logprob)  # greedy: the sample is the top
         assert list(top_values) == sorted(top_values, reverse=True) and -30 < logprob <= 0
     first = ref.outputs[0].logprobs[0]  # the first output token comes from the same prompt on both

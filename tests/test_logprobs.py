@@ -23,13 +23,16 @@ def test_gather_equals_log_softmax_and_orders_the_top() -> None:
     targets = torch.tensor([3, 999, 0, 512, 7])
     out = gather(logits, targets, 4)
     reference = torch.log_softmax(logits.double(), dim=-1)
-    assert out.shape == (5, 9)
+    assert out.shape == (5, 10)
     torch.testing.assert_close(out[:, 0].double(), reference[torch.arange(5), targets], atol=1e-5, rtol=0)
-    top_values, top_ids = out[:, 1:5], out[:, 5:9].long()
+    ranks = (reference > reference[torch.arange(5), targets].unsqueeze(-1)).sum(-1) + 1
+    assert out[:, 1].long().tolist() == ranks.tolist() and out[1, 1] > 1  # the rank counts what is likelier
+    top_values, top_ids = out[:, 2:6], out[:, 6:10].long()
     assert bool((top_values[:, :-1] >= top_values[:, 1:]).all())  # most likely first
     torch.testing.assert_close(top_values.double(), reference.gather(-1, top_ids), atol=1e-5, rtol=0)
     assert torch.equal(top_ids[:, 0], reference.argmax(-1))
-    assert gather(logits, targets, 0).shape == (5, 1)
+    assert gather(logits, targets, 0).shape == (5, 2)
+    assert torch.equal(gather(logits, reference.argmax(-1), 0)[:, 1], torch.ones(5))  # the top token: rank 1
 
 
 def test_unpack_keeps_each_rows_own_k() -> None:
@@ -42,6 +45,7 @@ def test_unpack_keeps_each_rows_own_k() -> None:
     assert set(samples) == {0, 2} and prompts == {}
     assert len(samples[0][1]) == 1 and len(samples[2][1]) == 3
     assert samples[2][1][0] == int(sampled[2]) and samples[2][0] == pytest.approx(samples[2][2][0])
+    assert samples[0].rank == samples[2].rank == 1  # the argmax
     span = PromptSpan(item=4, row=0, first_token=1, targets=[5, 6], k=0)
     packed = gather(logits[:2], torch.tensor([5, 6]), 0).flatten()
     _, prompts = StepLogprobs(LogprobPlan(prompt=[span]), packed).unpack()
@@ -95,13 +99,14 @@ def test_logprobs_match_transformers(hf_model_dir: Path, hf_model: torch.nn.Modu
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(PROMPT)
     assert out.prompt_logprobs[0] is None
     for j in range(1, len(PROMPT)):
-        logprob, top_ids, top_values = out.prompt_logprobs[j]
+        logprob, top_ids, top_values, rank = out.prompt_logprobs[j]
         assert logprob == pytest.approx(float(reference[j - 1, PROMPT[j]]), abs=1e-4)
+        assert rank == int((reference[j - 1] > reference[j - 1, PROMPT[j]]).sum()) + 1
         assert list(top_ids) == reference[j - 1].topk(2).indices.tolist()
         assert len(top_values) == 2
     assert sample.logprobs is not None and len(sample.logprobs) == len(sample.token_ids) == 6
-    for i, (token, (logprob, top_ids, top_values)) in enumerate(zip(sample.token_ids, sample.logprobs,
-                                                                    strict=True)):
+    for i, (token, (logprob, top_ids, top_values, _)) in enumerate(zip(sample.token_ids, sample.logprobs,
+                                                                       strict=True)):
         row = reference[len(PROMPT) - 1 + i]
         assert logprob == pytest.approx(float(row[token]), abs=1e-4)
         assert top_ids[0] == token and top_values[0] == pytest.approx(logprob)  # greedy: the sample is the top
@@ -117,8 +122,9 @@ def test_logprobs_are_of_the_raw_distribution_and_skip_the_prefix_cache(llm: LLM
     assert out.num_cached_tokens == 0
     for sample in out.outputs:
         reference = reference_logprobs(hf_model, PROMPT + sample.token_ids)
-        for i, (token, (logprob, top_ids, _)) in enumerate(zip(sample.token_ids, sample.logprobs, strict=True)):
-            assert top_ids == ()
+        for i, (token, (logprob, top_ids, _, rank)) in enumerate(zip(sample.token_ids, sample.logprobs,
+                                                                     strict=True)):
+            assert top_ids == () and 1 <= rank <= 5  # drawn under top_k=5: one of the five likeliest
             assert logprob == pytest.approx(float(reference[len(PROMPT) - 1 + i, token]), abs=1e-4)
 
 

@@ -8,7 +8,7 @@ temperature, top-k/top-p/min-p, as vLLM returns them by default.
 One step's work, only when the engine marked the step (`SchedulerOutput.logprobs`, set while some live request
 asks): `plan_step` picks on the host the sampling rows and the prompt rows that ask; `gather_step` runs
 log_softmax on those rows alone (prompt rows through the lm_head in chunks, since 151,936 floats per position add
-up), gathers the target token's logprob and the top-k, and packs everything in one float32 tensor (token ids
+up), gathers the target token's logprob, its rank and the top-k, and packs everything in one float32 tensor (token ids
 below 2^24 are exact in float32) whose copy to the host starts with the step's sampled ids and is read after the
 same event: no extra synchronisation. `StepLogprobs.unpack` then splits it into per-row `TokenLogprob` records.
 A step nobody asks for costs one attribute test.
@@ -18,18 +18,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
     from r1serve.engine.scheduler_output import SchedulerOutput
 
-TokenLogprob = tuple[float | None, tuple[int, ...], tuple[float, ...]]
-"""(logprob of the token, top-k token ids, their logprobs, most likely first); logprob None: a token the engine
-forced (the thinking budget's closing tokens), which was never sampled."""
 
-FORCED: TokenLogprob = (None, (), ())
+
+class TokenLogprob(NamedTuple):
+    """One token's record: its logprob, the top-k token ids and their logprobs (most likely first), and its rank
+    in the distribution (1: the most likely; ties share the better rank). logprob and rank None: a token the
+    engine forced (the thinking budget's closing tokens), which was never sampled."""
+
+    logprob: float | None
+    top_ids: tuple[int, ...]
+    top_values: tuple[float, ...]
+    rank: int | None = None
+
+
+FORCED = TokenLogprob(None, (), ())
 PROMPT_CHUNK_ROWS = 256  # prompt positions projected to the vocabulary at once (256 x 151,936 floats = 156 MB)
 MAX_EXACT_ID = 1 << 24  # float32 holds every integer below this exactly
 
@@ -95,14 +104,15 @@ def _prompt_span(item: int, start: int, num_new: int, row: int, prompt_ids: list
 
 
 def gather(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-    """logits [N, V], targets [N] → [N, 1 + 2k] float32: the target's logprob, the top-k logprobs (descending),
-    the top-k ids (as floats)."""
+    """logits [N, V], targets [N] → [N, 2 + 2k] float32: the target's logprob, its rank (1 + the entries more
+    likely), the top-k logprobs (descending), the top-k ids (as floats)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(-1, targets.view(-1, 1))
+    rank = (logprobs > chosen).sum(-1, keepdim=True, dtype=torch.float32) + 1
     if k == 0:
-        return chosen
+        return torch.cat([chosen, rank], dim=-1)
     top = torch.topk(logprobs, k, dim=-1)
-    return torch.cat([chosen, top.values, top.indices.float()], dim=-1)
+    return torch.cat([chosen, rank, top.values, top.indices.float()], dim=-1)
 
 
 def gather_step(plan: LogprobPlan, logits: torch.Tensor, sampled: torch.Tensor, hidden: torch.Tensor,
@@ -145,23 +155,24 @@ class StepLogprobs:
         at = 0
         samples: dict[int, TokenLogprob] = {}
         if self.plan.sample_rows:
-            width = 1 + 2 * max(self.plan.sample_ks)
+            width = 2 + 2 * max(self.plan.sample_ks)
             for row, k in zip(self.plan.sample_rows, self.plan.sample_ks, strict=True):
                 samples[row] = _record(values, at, width, k)
                 at += width
         prompts: dict[int, list[TokenLogprob]] = {}
         for span in self.plan.prompt:
-            width = 1 + 2 * span.k
+            width = 2 + 2 * span.k
             prompts[span.item] = [_record(values, at + j * width, width, span.k) for j in range(len(span.targets))]
             at += width * len(span.targets)
         return samples, prompts
 
 
 def _record(values: list[float], at: int, width: int, k: int) -> TokenLogprob:
-    """One row of `gather`'s layout (width 1 + 2K, of which the first k entries of the top are kept)."""
-    top_k = (width - 1) // 2
-    ids = values[at + 1 + top_k: at + 1 + top_k + k]
-    return values[at], tuple(int(i) for i in ids), tuple(values[at + 1: at + 1 + k])
+    """One row of `gather`'s layout (width 2 + 2K, of which the first k entries of the top are kept)."""
+    top_k = (width - 2) // 2
+    ids = values[at + 2 + top_k: at + 2 + top_k + k]
+    return TokenLogprob(values[at], tuple(int(i) for i in ids), tuple(values[at + 2: at + 2 + k]),
+                        int(values[at + 1]))
 
 
 def record_prompt(recorded: list[TokenLogprob | None], first_token: int, entries: list[TokenLogprob]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from r1serve.server.errors import bad_request
 from r1serve.server.protocol import ChatCompletionRequest, CompletionRequest
 
-Entry = Any  # an engine TokenLogprob: (logprob | None, top ids, top logprobs)
+Entry = Any  # an engine TokenLogprob: (logprob | None, top ids, top logprobs, rank | None)
 
 
 def requested_counts(request: ChatCompletionRequest | CompletionRequest,
@@ -62,7 +62,7 @@ def _chat_top(tokenizer: Any, ids: tuple[int, ...], values: tuple[float, ...]) -
 def chat_logprobs(token_ids: list[int], entries: list[Entry], tokenizer: Any) -> dict[str, Any]:
     """A chat choice's `logprobs`: one `content` item per token."""
     content = []
-    for token_id, (logprob, top_ids, top_values) in zip(token_ids, entries, strict=True):
+    for token_id, (logprob, top_ids, top_values, _) in zip(token_ids, entries, strict=True):
         text = token_text(tokenizer, token_id)
         content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
                         "top_logprobs": _chat_top(tokenizer, top_ids, top_values)})
@@ -89,7 +89,7 @@ class CompletionLogprobs:
                 token_logprobs.append(None)
                 tops.append(None)
                 continue
-            logprob, top_ids, top_values = entry
+            logprob, top_ids, top_values, _ = entry
             token_logprobs.append(logprob)
             top = {token_text(self.tokenizer, i): v for i, v in zip(top_ids, top_values, strict=True)}
             if logprob is not None:
