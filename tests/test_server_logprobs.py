@@ -103,14 +103,56 @@ def test_completion_stream_with_echo_matches_the_full_response(client: OpenAI) -
     assert token_logprobs[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
 
 
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(client: OpenAI) -> None:
+    """OpenAI's legacy scoring call: the prompt's text and logprobs, nothing generated, no completion tokens."""
+    kwargs = {"model": MODEL, "prompt": PROMPT, "logprobs": 1, "echo": True, **GREEDY}
+    scored = client.completions.create(max_tokens=0, **kwargs)
+    choice, reference = scored.choices[0], client.completions.create(max_tokens=3, **kwargs).choices[0]
+    num_prompt = scored.usage.prompt_tokens
+    assert choice.text == PROMPT and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == num_prompt and choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs == pytest.approx(reference.logprobs.token_logprobs[:num_prompt], abs=1e-5)
+    text, tokens = "", []
+    for chunk in client.completions.create(max_tokens=0, stream=True, **kwargs):
+        for part in chunk.choices:
+            text += part.text
+            tokens += part.logprobs.tokens if part.logprobs is not None else []
+    assert text == PROMPT and tokens == choice.logprobs.tokens
+
+
+def test_vllm_prompt_logprobs_give_each_prompt_token_with_its_rank(client: OpenAI) -> None:
+    """vLLM's `prompt_logprobs: k`: per prompt token after the first, a dict from token id to logprob, rank and
+    decoded token, holding the prompt token and the k likeliest (rank 1..k); the same figures as echo's."""
+    kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperature": 0.0}
+    response = client.completions.create(**kwargs, extra_body={"prompt_logprobs": 2})
+    entries = response.choices[0].model_extra["prompt_logprobs"]
+    echo = client.completions.create(**kwargs, logprobs=0, echo=True).choices[0].logprobs
+    num_prompt = response.usage.prompt_tokens
+    assert len(entries) == num_prompt and entries[0] is None
+    for j, entry in enumerate(entries[1:], start=1):
+        ranks = sorted(item["rank"] for item in entry.values())
+        assert ranks[:2] == [1, 2] and 2 <= len(entry) <= 3 and all(item["logprob"] <= 0 for item in entry.values())
+        assert any(item["decoded_token"] == echo.tokens[j] and item["logprob"] == pytest.approx(
+            echo.token_logprobs[j], abs=1e-5) for item in entry.values())  # the prompt token itself
+    chat_response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=2, extra_body={"prompt_logprobs": 0})
+    chat_entries = chat_response.model_extra["prompt_logprobs"]
+    assert len(chat_entries) == chat_response.usage.prompt_tokens and chat_entries[0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in chat_entries[1:])
+
+
 def test_counts_over_max_logprobs_are_400s_naming_the_field(server: ServerHandle) -> None:
     cases = [("/v1/completions", {"prompt": PROMPT, "logprobs": 6}, "logprobs"),
              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
-                                       "top_logprobs": 6}, "top_logprobs")]
+                                       "top_logprobs": 6}, "top_logprobs"),
+             ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 6}, "prompt_logprobs"),
+             ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+             ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens")]
     for route, body, param in cases:
         response = httpx.post(f"{server.url}{route}", json={"model": MODEL, **body}, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
-        assert "--max-logprobs" in response.json()["error"]["message"]
+        message = response.json()["error"]["message"]
+        assert "--max-logprobs" in message or "stream" in message or "echo" in message
 
 
 # ---- lm-evaluation-harness ----------------------------------------------------------------------------------

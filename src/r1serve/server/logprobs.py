@@ -5,8 +5,10 @@ Chat: `logprobs: true` with `top_logprobs: 0..--max-logprobs` gives `choices[].l
 gives `{tokens, token_logprobs, top_logprobs, text_offset}`, whose `top_logprobs` dicts hold the top entries and
 the sampled token (so up to logprobs + 1, as OpenAI's legacy API and vLLM have them); `echo` puts the prompt's
 tokens first, the first one with `null`s. Token strings are each token decoded alone (special tokens kept), and
-`bytes` their UTF-8 bytes, as vLLM writes them. A token the engine forced (the thinking budget's `</think>`)
-was never sampled: its `logprob` is `null` and its top list empty. The engine's records are
+`bytes` their UTF-8 bytes, as vLLM writes them. vLLM's `prompt_logprobs: k` (chat and completions, not streamed)
+gives `prompt_logprobs`, per prompt token a dict from token id to `{logprob, rank, decoded_token}` (the choice's
+field in completions, the response's in chat, as vLLM places them). A token the engine forced (the thinking
+budget's `</think>`) was never sampled: its `logprob` is `null` and its top list empty. The engine's records are
 `engine.logprobs.TokenLogprob` tuples; nothing here imports the engine.
 """
 
@@ -24,18 +26,24 @@ Entry = Any  # an engine TokenLogprob: (logprob | None, top ids, top logprobs, r
 def requested_counts(request: ChatCompletionRequest | CompletionRequest,
                      max_logprobs: int) -> tuple[int | None, int | None]:
     """(logprobs, prompt_logprobs) for `SamplingParams`: None where not asked; a 400 naming the field for a
-    count outside 0..max_logprobs (--max-logprobs) or top_logprobs without logprobs."""
+    count outside 0..max_logprobs (--max-logprobs), top_logprobs without logprobs, or prompt_logprobs in a
+    stream (as vLLM refuses it)."""
+    prompt = request.prompt_logprobs
+    if prompt is not None:
+        prompt = _bounded(prompt, "prompt_logprobs", max_logprobs)
+        if request.stream:
+            raise bad_request("prompt_logprobs is not available with stream: true", param="prompt_logprobs")
     if isinstance(request, ChatCompletionRequest):
         top = request.top_logprobs
         if top is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-        if not request.logprobs:
-            return None, None
-        return _bounded(top or 0, "top_logprobs", max_logprobs), None
+        return (_bounded(top or 0, "top_logprobs", max_logprobs) if request.logprobs else None), prompt
     if request.logprobs is None:
-        return None, None
+        return None, prompt
     count = _bounded(request.logprobs, "logprobs", max_logprobs)
-    return count, count if request.echo else None
+    if request.echo:  # the echoed prompt's logprobs come from the same records
+        prompt = count if prompt is None else max(prompt, count)
+    return count, prompt
 
 
 def _bounded(count: int, param: str, max_logprobs: int) -> int:
@@ -96,6 +104,24 @@ class CompletionLogprobs:
                 top.setdefault(text, logprob)  # the sampled token is always there
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(prompt_ids: list[int], entries: list[Entry | None], k: int,
+                         tokenizer: Any) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a dict from token id to
+    `{logprob, rank, decoded_token}` holding the prompt token and the `k` most likely ones."""
+    out: list[dict[str, Any] | None] = []
+    for token_id, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        logprob, top_ids, top_values, rank = entry
+        ranked = {str(i): {"logprob": v, "rank": r, "decoded_token": token_text(tokenizer, i)}
+                  for r, (i, v) in enumerate(zip(top_ids[:k], top_values[:k], strict=True), start=1)}
+        ranked.setdefault(str(token_id), {"logprob": logprob, "rank": rank,
+                                          "decoded_token": token_text(tokenizer, token_id)})
+        out.append(ranked)
+    return out
 
 
 def join_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -138,6 +138,9 @@ class SamplingFields(StructuredFields):
     include_stop_str_in_output: bool = False
     max_thinking_tokens: NonNegativeInt | None = Field(
         None, description="R1 usage rule 7: close the reasoning with </think> after this many tokens")
+    prompt_logprobs: Integer | None = Field(
+        None, description="vLLM's: each prompt token's logprob and rank, with this many most likely tokens, "
+                          "0..--max-logprobs (not with stream)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -236,6 +239,8 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
              ) = Field(description="text, or token ids (a list of one of either is accepted too; batched prompts "
                                    "are not supported yet)")
+    max_tokens: NonNegativeInt | None = Field(None, description="most output tokens (default: what fits); 0 only "
+                                                                "with echo: the prompt alone")
     logprobs: Integer | None = Field(None, description="each output token's logprob and this many most likely "
                                                        "tokens, 0..--max-logprobs")
     echo: bool = Field(False, description="the prompt before the output (with logprobs: the prompt tokens' too)")
@@ -243,8 +248,13 @@ class CompletionRequest(SamplingFields):
     best_of: Integer | None = None
 
     @property
+    def echo_only(self) -> bool:
+        """`max_tokens: 0` with `echo`: the prompt (and its logprobs) alone, as OpenAI's legacy API gives it."""
+        return self.echo and self.max_tokens == 0
+
+    @property
     def output_limit(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens  # the engine samples one token, which is not returned
 
 
 class CompletionTokensDetails(BaseModel):
@@ -286,6 +296,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -294,6 +305,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     logprobs: dict[str, Any] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

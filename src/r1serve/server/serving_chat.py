@@ -28,7 +28,7 @@ from r1serve.outputs import CompletionOutput, TextBuffer
 from r1serve.r1_rules import ReasoningSplitter, split_reasoning
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import APIError, bad_request, error_body
-from r1serve.server.logprobs import chat_logprobs
+from r1serve.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from r1serve.server.policy import PolicyRecord, apply_message_rules
 from r1serve.server.protocol import (
     ChatCompletionChoice,
@@ -138,7 +138,11 @@ def chat_response(job: ChatJob, final: FinalOutputs, tokenizer: Any) -> ChatComp
         choices.append(ChatCompletionChoice(index=sample.index, message=message, finish_reason=sample.finish_reason,
                                             stop_reason=sample.stop_reason, logprobs=logprobs))
     usage = make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, num_reasoning)
-    return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
+    k, prompt_logprobs = job.params.prompt_logprobs, None
+    if k is not None and final.prompt_logprobs is not None:
+        prompt_logprobs = vllm_prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, k, tokenizer)
+    return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage,
+                                  prompt_logprobs=prompt_logprobs)
 
 
 class SampleStream:

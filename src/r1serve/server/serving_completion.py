@@ -5,7 +5,9 @@ prompt, `<think>` included if wanted, and gets the raw text back); the sampling 
 prompt gets the tokenizer's BOS, as Hugging Face and vLLM add it; a token-id prompt is used as given. `echo`
 puts the prompt text (a token-id prompt decoded) before each choice's text, and with `logprobs` the prompt
 tokens' logprobs before the output's (server/logprobs.py), in full responses and in a stream's first chunk of
-each choice.
+each choice. `max_tokens: 0` with `echo` returns the prompt alone (finish_reason "length", no completion
+tokens), as OpenAI's legacy API did for scoring a prompt: the engine samples one token, which is dropped.
+vLLM's `prompt_logprobs` fills each choice's `prompt_logprobs` in full responses.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from fastapi.responses import JSONResponse, Response
 
 from r1serve.engine.validation import check_token_ids
 from r1serve.errors import InvalidRequestError
+from r1serve.outputs import CompletionOutput
 from r1serve.sampling_params import SamplingParams
 from r1serve.server.errors import bad_request
-from r1serve.server.logprobs import CompletionLogprobs, join_completion_logprobs
+from r1serve.server.logprobs import CompletionLogprobs, join_completion_logprobs, vllm_prompt_logprobs
 from r1serve.server.policy import PolicyRecord
 from r1serve.server.protocol import (
     CompletionChoice,
@@ -80,6 +83,9 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
     state.check_model(request.model)
     engine = state.require_engine()
     check_unsupported(request)
+    if request.max_tokens == 0 and not request.echo:
+        raise bad_request("max_tokens must be at least 1 (0 only with echo: true, for the prompt alone)",
+                          param="max_tokens")
     record = PolicyRecord()
     with Admission(state, f"cmpl-{uuid.uuid4().hex}") as admission:
         request_id = admission.request_id
@@ -97,10 +103,15 @@ async def create_completion(request: CompletionRequest, raw_request: Request, st
             return SSEResponse(stream, headers=policy_headers(record), on_close=admission.hand_over())
         final = await run_to_end(engine, ids, params, request_id, state, raw_request)
     echo = Echo(request, ids, engine.tokenizer)
+    samples = [echo.view(s) for s in final.ordered()]
+    prompt_logprobs = None
+    if request.prompt_logprobs is not None and final.prompt_logprobs is not None:
+        prompt_logprobs = vllm_prompt_logprobs(ids, final.prompt_logprobs, request.prompt_logprobs, engine.tokenizer)
     choices = [CompletionChoice(index=s.index, text=echo.text() + s.text, finish_reason=s.finish_reason,
-                                stop_reason=s.stop_reason, logprobs=echo.logprobs(final, s))
-               for s in final.ordered()]
-    usage = make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None)
+                                stop_reason=s.stop_reason, logprobs=echo.logprobs(final, s),
+                                prompt_logprobs=prompt_logprobs)
+               for s in samples]
+    usage = make_usage(final.prompt_token_ids, samples, final.num_cached_tokens, None)
     body = CompletionResponse(id=request_id, model=request.model, choices=choices, usage=usage)
     return JSONResponse(body.model_dump(), headers=policy_headers(record))
 
@@ -109,13 +120,26 @@ class Echo:
     """What `echo` and `logprobs` add to one choice: the prompt's text and logprobs first, then the output's."""
 
     def __init__(self, request: CompletionRequest, prompt_ids: list[int], tokenizer: Any) -> None:
-        self.echo, self.asks = request.echo, request.logprobs is not None
+        self.echo, self.asks, self.only = request.echo, request.logprobs is not None, request.echo_only
+        self.k = request.logprobs or 0  # the prompt's records may hold more (a larger prompt_logprobs)
         self.prompt_ids, self.tokenizer = prompt_ids, tokenizer
         prompt = request.prompt[0] if isinstance(request.prompt, list) else request.prompt
         self.prompt_text = "" if not self.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
 
     def text(self) -> str:
         return self.prompt_text
+
+    def view(self, sample: CompletionOutput) -> CompletionOutput:
+        """The sample as the choice shows it: with `max_tokens: 0`, no output (its one token dropped)."""
+        if not self.only:
+            return sample
+        empty = None if sample.logprobs is None else []
+        return CompletionOutput(sample.index, "", [], "length" if sample.finished else None, None, "", [], empty,
+                                empty)
+
+    def prompt_entries(self, entries: list[Any]) -> list[Any]:
+        """The prompt's records cut to the `logprobs` count asked."""
+        return [e if e is None else (e[0], e[1][:self.k], e[2][:self.k], e[3]) for e in entries]
 
     def logprobs(self, final: FinalOutputs, sample: Any, whole: bool = True,
                  builder: CompletionLogprobs | None = None) -> dict[str, Any] | None:
@@ -126,7 +150,7 @@ class Echo:
         builder = builder or CompletionLogprobs(self.tokenizer)
         parts = []
         if self.echo and builder.offset == 0 and final.prompt_logprobs is not None:
-            parts.append(builder.build(self.prompt_ids, final.prompt_logprobs))
+            parts.append(builder.build(self.prompt_ids, self.prompt_entries(final.prompt_logprobs)))
         ids, entries = (sample.token_ids, sample.logprobs) if whole else (sample.delta_token_ids,
                                                                            sample.delta_logprobs)
         parts.append(builder.build(ids, entries or []))
@@ -156,7 +180,8 @@ async def completion_stream(engine: EngineClient, ids: list[int], params: Sampli
         yield SSE_DONE
         return
     if request.include_usage:
-        yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens, None))
+        samples = [echo.view(s) for s in final.ordered()]
+        yield event([], make_usage(final.prompt_token_ids, samples, final.num_cached_tokens, None))
     yield SSE_DONE
 
 
@@ -179,6 +204,7 @@ class StreamChoice:
         self.pending = _Pending([], [])
 
     def choices(self, final: FinalOutputs, sample: Any) -> list[dict[str, Any]]:
+        sample = self.echo.view(sample)
         text = sample.delta_text
         if not self.started:
             text, self.started = self.echo.text() + text, True
