@@ -7,8 +7,7 @@ float32, where the tests' bounds hold with room to spare). CUDA graph tests are 
 
     pip install triton==3.6.0   # into a separate environment: the GPU machine's Triton (the project's own
                                 # environment may hold another, which xgrammar pulls in)
-    python dev/interpret_kernels.py [NAME_SUBSTRING ...]   # e.g. `quant` or `int4` for the quantized kernels,
-                                                         # `fused_mlp` for the fused MLP
+    python dev/interpret_kernels.py [NAME_SUBSTRING ...]   # e.g. `quant` or `int4` for the quantized kernels
 """
 from __future__ import annotations
 
@@ -36,14 +35,12 @@ def _patch_lang_tensor(tensor, scope) -> None:
 
 interpreter._patch_lang_tensor = _patch_lang_tensor
 
-import tests.test_fused_mlp_gpu as mlp_tests  # noqa: E402
 import tests.test_kernels_gpu as gpu_tests  # noqa: E402
 import tests.test_quant_kernels_gpu as quant_tests  # noqa: E402
 
 gpu_tests.DEVICE, gpu_tests.DTYPE = "cpu", torch.float32
 gpu_tests.EXACT_FP8 = False  # the interpreter's float-to-fp8 conversion is not the GPU's
 quant_tests.DEVICE, quant_tests.DTYPES = "cpu", (torch.float32,)
-mlp_tests.DEVICE, mlp_tests.DTYPE = "cpu", torch.float32
 quant_tests.EXACT_FP8 = False  # the interpreter's float-to-fp8 conversion is not torch's
 
 
@@ -103,17 +100,6 @@ QUANT_CASES: list[tuple[str, dict]] = [
 ]
 
 
-# tests/test_fused_mlp_gpu.py (kernels/triton_fused_mlp.py): the two-launch mode (the interpreter's only one), every
-# config form, odd sizes, grids of 3 and 8 programs and the default.
-FUSED_MLP_CASES: list[tuple[str, dict]] = [
-    *[("check_fused_mlp", {"m": m, "shape": mlp_tests.ODD_SHAPE, "with_residual": r, "name": n, "num_programs": p})
-      for m, r, p in ((1, True, None), (3, False, 3), (8, True, 8))
-      for n in ("default", "fma-small", "fma-wide", "dot2", "dot-both")],
-    ("check_fused_mlp", {"m": 2, "shape": (64, 4096), "with_residual": True, "name": "default", "num_programs": 5}),
-    ("test_fused_mlp_rejects_what_it_cannot_run", {}),
-]
-
-
 def _run(module: object, name: str, kwargs: dict, note: str, wanted: list[str]) -> int:
     """Runs one case if its name matches (or nothing was asked for): the number of failures (0 or 1)."""
     if wanted and not any(w in name for w in wanted):
@@ -134,7 +120,6 @@ def main() -> int:
     failed = 0
     failed += sum(_run(gpu_tests, name, kwargs, "", wanted) for name, kwargs in CASES)
     failed += sum(_run(quant_tests, name, kwargs, "", wanted) for name, kwargs in QUANT_CASES)
-    failed += sum(_run(mlp_tests, name, kwargs, "", wanted) for name, kwargs in FUSED_MLP_CASES)
     print(f"{failed} failed")
     return 1 if failed else 0
 

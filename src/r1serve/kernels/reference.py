@@ -1,7 +1,6 @@
 """Plain-PyTorch reference of the model's element-wise kernels: RMSNorm, fused residual add + RMSNorm,
 SiLU-and-mul and rotary embedding; and of the fused ops built from them (norm then projection, norm then
-gate/up projection then SiLU-and-mul, that then down_proj, rotary then KV-cache store), written as the
-composition they fuse.
+gate/up projection then SiLU-and-mul, rotary then KV-cache store), written as the composition they fuse.
 
 These are what the CPU runs and what the Triton kernels of `kernels/` are tested against, so their signatures
 are a contract: each is a pure function (the store writes only the cache slots it is given), returns the dtype
@@ -90,14 +89,6 @@ def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
     `silu_and_mul`. Returns (silu(gate) * up [T, I], the residual stream [T, hidden])."""
     gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
     return silu_and_mul(gate_up), residual
-
-
-def rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MLP half of a decoder layer: `rms_norm_gate_up`, then down_proj ([hidden, I] weight). Returns
-    (the MLP's output [T, hidden], the residual stream [T, hidden])."""
-    act, residual = rms_norm_gate_up(x, residual, norm_weight, eps, gate_up_weight)
-    return linear(act, down_weight), residual
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
