@@ -175,21 +175,27 @@ class TorchAttention(AttentionBackend):
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, kv_scales: KVScales) -> torch.Tensor:
-        """All sequences have one new token: one batched gather and one SDPA call with a length mask."""
-        num_seqs, max_len = meta.num_seqs, meta.max_seq_len
+        """All sequences have one new token: one batched gather, then the attention as two float32 products.
+        Each kv head's query heads are one [group, dim] matrix (no copy of K/V per query head), and the float32
+        scores and softmax round only the output to the query's dtype; on a CPU this is 2-5x faster than SDPA
+        at decode shapes (docs/performance.md)."""
+        num_seqs, max_len, dim = meta.num_seqs, meta.max_seq_len, query.shape[-1]
         block_size = k_cache.shape[1]
         num_blocks = (max_len + block_size - 1) // block_size
         tables = meta.block_tables[:num_seqs, :num_blocks].long()
         k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, kv_heads, dim]
         v = v_cache[tables].flatten(1, 2)[:, :max_len]
-        positions = torch.arange(max_len, device=query.device)
-        mask = positions[None, :] < meta.seq_lens[:num_seqs, None]  # [num_seqs, max_len]
-        q = query[:num_seqs].unsqueeze(2)  # [num_seqs, heads, 1, dim]
-        k, v = dequantize_kv(k, q.dtype, kv_scales.k), dequantize_kv(v, q.dtype, kv_scales.v)
-        k, v = _expand_kv(k.transpose(1, 2), q.shape[1]), _expand_kv(v.transpose(1, 2), q.shape[1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        k = dequantize_kv(k, torch.float32, kv_scales.k).permute(0, 2, 3, 1)  # [num_seqs, kv_heads, dim, max_len]
+        v = dequantize_kv(v, torch.float32, kv_scales.v).transpose(1, 2)  # [num_seqs, kv_heads, max_len, dim]
+        q = query[:num_seqs].float().view(num_seqs, k.shape[1], -1, dim)  # [num_seqs, kv_heads, group, dim]
+        scores = torch.matmul(q, k).mul_(scale)  # [num_seqs, kv_heads, group, max_len]
+        padding = torch.arange(max_len, device=query.device)[None, :] >= meta.seq_lens[:num_seqs, None]
+        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1), v).view(num_seqs, -1, dim).to(query.dtype)  # [num_seqs, heads, dim]
+        if query.shape[0] == num_seqs:
+            return out
         result = query.clone()
-        result[:num_seqs] = out.squeeze(2)
+        result[:num_seqs] = out
         return result
 
 
@@ -202,16 +208,11 @@ def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
     return k, v
 
 
-def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[batch, kv_heads, len, dim] → [batch, num_heads, len, dim] for grouped-query attention."""
-    group = num_heads // x.shape[1]
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [q_len, heads, dim], k/v [s_len, kv_heads, dim], mask [q_len, s_len] → [q_len, heads, dim]."""
+    """q [q_len, heads, dim], k/v [s_len, kv_heads, dim], mask [q_len, s_len] → [q_len, heads, dim]; grouped-query
+    heads share their kv head inside SDPA (`enable_gqa`), without a copy of K/V per query head."""
     qh = q.transpose(0, 1).unsqueeze(0)
-    kh = _expand_kv(k.transpose(0, 1).unsqueeze(0), q.shape[1]).to(q.dtype)
-    vh = _expand_kv(v.transpose(0, 1).unsqueeze(0), q.shape[1]).to(q.dtype)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    kh = k.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    vh = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
