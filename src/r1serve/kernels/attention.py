@@ -183,12 +183,10 @@ class TorchAttention(AttentionBackend):
         block_size = k_cache.shape[1]
         num_blocks = (max_len + block_size - 1) // block_size
         tables = meta.block_tables[:num_seqs, :num_blocks].long()
-        k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, kv_heads, dim]
-        v = v_cache[tables].flatten(1, 2)[:, :max_len]
-        k = dequantize_kv(k, torch.float32, kv_scales.k).permute(0, 2, 3, 1)  # [num_seqs, kv_heads, dim, max_len]
-        v = dequantize_kv(v, torch.float32, kv_scales.v).transpose(1, 2)  # [num_seqs, kv_heads, max_len, dim]
+        k = _float32_heads(k_cache[tables].flatten(1, 2)[:, :max_len], kv_scales.k)  # [seqs, kv_heads, len, dim]
+        v = _float32_heads(v_cache[tables].flatten(1, 2)[:, :max_len], kv_scales.v)
         q = query[:num_seqs].float().view(num_seqs, k.shape[1], -1, dim)  # [num_seqs, kv_heads, group, dim]
-        scores = torch.matmul(q, k).mul_(scale)  # [num_seqs, kv_heads, group, max_len]
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [num_seqs, kv_heads, group, max_len]
         padding = torch.arange(max_len, device=query.device)[None, :] >= meta.seq_lens[:num_seqs, None]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
         out = torch.matmul(scores.softmax(dim=-1), v).view(num_seqs, -1, dim).to(query.dtype)  # [num_seqs, heads, dim]
@@ -197,6 +195,14 @@ class TorchAttention(AttentionBackend):
         result = query.clone()
         result[:num_seqs] = out
         return result
+
+
+def _float32_heads(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gathered cache rows x [seqs, len, kv_heads, dim] → [seqs, kv_heads, len, dim] float32, contiguous (the
+    products then read them without another copy), times `scale` for an fp8 cache (`dequantize_kv`'s values)."""
+    out = torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=torch.float32, device=x.device)
+    out.copy_(x.transpose(1, 2))
+    return out.mul_(scale) if x.dtype == FP8_KV_DTYPE else out
 
 
 def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
