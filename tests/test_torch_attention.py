@@ -1,5 +1,6 @@
-"""The torch attention backend's decode path (float32 products, query heads grouped per kv head) and its prefill
-path (SDPA with grouped-query heads) against a float64 attention written out head by head."""
+"""The torch attention backend's decode paths (for bf16, float32 products with the query heads grouped per kv head;
+for float32, SDPA) and its prefill path (SDPA, grouped-query heads) against a float64 attention written out head
+by head."""
 
 from __future__ import annotations
 

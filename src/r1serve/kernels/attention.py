@@ -175,26 +175,45 @@ class TorchAttention(AttentionBackend):
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, kv_scales: KVScales) -> torch.Tensor:
-        """All sequences have one new token: one batched gather, then the attention as two float32 products.
-        Each kv head's query heads are one [group, dim] matrix (no copy of K/V per query head), and the float32
-        scores and softmax round only the output to the query's dtype; on a CPU this is 2-5x faster than SDPA
-        at decode shapes (docs/performance.md)."""
-        num_seqs, max_len, dim = meta.num_seqs, meta.max_seq_len, query.shape[-1]
+        """All sequences have one new token: one batched gather of their contexts, then `_decode_products` for a
+        16-bit query (on a CPU 2-5x faster than SDPA at decode shapes, docs/performance.md) or SDPA for a float32
+        one (transformers' rounding, which the float32 parity tests compare tokens with)."""
+        num_seqs, max_len = meta.num_seqs, meta.max_seq_len
         block_size = k_cache.shape[1]
         num_blocks = (max_len + block_size - 1) // block_size
         tables = meta.block_tables[:num_seqs, :num_blocks].long()
-        k = _float32_heads(k_cache[tables].flatten(1, 2)[:, :max_len], kv_scales.k)  # [seqs, kv_heads, len, dim]
-        v = _float32_heads(v_cache[tables].flatten(1, 2)[:, :max_len], kv_scales.v)
-        q = query[:num_seqs].float().view(num_seqs, k.shape[1], -1, dim)  # [num_seqs, kv_heads, group, dim]
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [num_seqs, kv_heads, group, max_len]
-        padding = torch.arange(max_len, device=query.device)[None, :] >= meta.seq_lens[:num_seqs, None]
-        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1), v).view(num_seqs, -1, dim).to(query.dtype)  # [num_seqs, heads, dim]
+        k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, kv_heads, dim]
+        v = v_cache[tables].flatten(1, 2)[:, :max_len]
+        valid = torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:num_seqs, None]
+        attend = _decode_sdpa if query.dtype == torch.float32 else _decode_products
+        out = attend(query[:num_seqs], k, v, valid, scale, kv_scales)  # [num_seqs, heads, dim]
         if query.shape[0] == num_seqs:
             return out
         result = query.clone()
         result[:num_seqs] = out
         return result
+
+
+def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float,
+                 kv_scales: KVScales) -> torch.Tensor:
+    """q [seqs, heads, dim], gathered k/v [seqs, len, kv_heads, dim], valid [seqs, len] → [seqs, heads, dim]."""
+    k = dequantize_kv(k, q.dtype, kv_scales.k).transpose(1, 2)  # [seqs, kv_heads, len, dim]
+    v = dequantize_kv(v, q.dtype, kv_scales.v).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]),
+                                         attn_mask=valid[:, None, None, :], scale=scale)
+    return out.squeeze(2)
+
+
+def _decode_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float,
+                     kv_scales: KVScales) -> torch.Tensor:
+    """As `_decode_sdpa`, as two float32 products: each kv head's query heads are one [group, dim] matrix (no
+    copy of K/V per query head), and the float32 scores and softmax round only the output to q's dtype."""
+    num_seqs, dim, dtype = q.shape[0], q.shape[-1], q.dtype
+    k, v = _float32_heads(k, kv_scales.k), _float32_heads(v, kv_scales.v)  # [seqs, kv_heads, len, dim]
+    q = q.float().view(num_seqs, k.shape[1], -1, dim)  # [seqs, kv_heads, group, dim]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [seqs, kv_heads, group, len]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v).view(num_seqs, -1, dim).to(dtype)
 
 
 def _float32_heads(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -212,6 +231,12 @@ def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
     k = k_cache[blocks].flatten(0, 1)[:seq_len]
     v = v_cache[blocks].flatten(0, 1)[:seq_len]
     return k, v
+
+
+def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[batch, kv_heads, len, dim] → [batch, num_heads, len, dim] for grouped-query attention."""
+    group = num_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
