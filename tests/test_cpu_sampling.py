@@ -140,3 +140,15 @@ def test_narrowing_keeps_the_band_in_order_and_counts_the_mass_above() -> None:
     unchanged, same_mass = cpu_sampling._narrow(band, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]),
                                                 torch.tensor([0.0, 0.5]))  # most entries remain: no packing
     assert unchanged is band and same_mass.tolist() == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("vocab", [151936, 1000, 256])
+def test_greedy_ids_equal_argmax_with_ties_and_nan(vocab: int) -> None:
+    logits = torch.randn(6, vocab).bfloat16().float()  # bf16 values: many ties
+    logits[1] = 0.0  # one value everywhere: the first index
+    logits[2, [5, vocab - 1]] = 100.0  # tied maxima in different blocks: the first
+    logits[3, [vocab - 2, vocab - 1]] = 100.0  # tied maxima at the end of the last block
+    logits[4, 7] = float("nan")  # NaN counts as the maximum, as in argmax
+    assert torch.equal(cpu_sampling.greedy_ids(logits), logits.argmax(dim=-1))
+    assert cpu_sampling.greedy_ids(logits)[1] == 0 and cpu_sampling.greedy_ids(logits)[2] == 5
+    assert torch.equal(cpu_sampling.greedy_ids(logits[:, :-1]), logits[:, :-1].argmax(dim=-1))  # not contiguous

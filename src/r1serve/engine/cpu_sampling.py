@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+ARGMAX_BLOCK = 128  # `greedy_ids` finds each row's best block of this many entries first
 TOP_P_CANDIDATES = 256  # top-p first looks among this many tokens (as the torch path does)
 BAND = 64  # the bisection stops once at most this many entries lie between its bounds
 MAX_BISECTIONS = 60  # float32 halvings: past these only tied values remain between the bounds
@@ -25,10 +26,24 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor 
            min_p: torch.Tensor | None, seeds: list[int]) -> torch.Tensor:
     """logits [B, V] float32 (penalties applied), the rows' parameters [B] (None: no row uses it) and seeds →
     next token ids [B] int64; rows of temperature 0 take the argmax."""
-    greedy_ids = logits.argmax(dim=-1)
+    greedy = greedy_ids(logits)
     probs = (logits / torch.where(temperature == 0.0, 1.0, temperature)[:, None]).softmax(dim=-1)  # [B, V]
     sampled = draw(probs, kept_cut(probs, top_k, top_p, min_p), seeds)
-    return torch.where(temperature == 0.0, greedy_ids, sampled)
+    return torch.where(temperature == 0.0, greedy, sampled)
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] → `logits.argmax(dim=-1)` [B] int64, the same index (the first of tied maxima; NaN counts as
+    the maximum). torch's CPU argmax reads a [8, 151,936] float32 batch at ~5 GB/s (1 ms on 2 threads) where
+    `amax` is ten times faster, so each row's first block holding its maximum is found by `amax` over blocks of
+    `ARGMAX_BLOCK` entries, then the argmax within that block alone."""
+    batch, vocab = logits.shape
+    if vocab % ARGMAX_BLOCK or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    blocks = logits.view(batch, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # [B] the first block holding the row's maximum
+    within = blocks[torch.arange(batch, device=logits.device), best].argmax(dim=-1)  # [B]
+    return best * ARGMAX_BLOCK + within
 
 
 def kept_cut(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,

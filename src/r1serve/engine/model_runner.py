@@ -29,6 +29,7 @@ from r1serve.engine.scheduler_output import SchedulerOutput
 from r1serve.engine.structured import LateMasks
 from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
+from r1serve.kernels.onednn import prepack_linears
 from r1serve.model.layers import REFERENCE_OPS, KernelOps, triton_kernel_ops
 from r1serve.model.loader import load_model, weight_bytes
 
@@ -118,6 +119,8 @@ class ModelRunner:
         self.model = load_model(config, model_config, model_path, self.device, self.dtype, self.backend)
         self.kernel_ops = select_kernel_ops(self.device)
         self.model.set_ops(self.kernel_ops)
+        if self.device.type == "cpu":  # bf16 projections on weights in oneDNN's layout: read faster, same results
+            logger.info("CPU engine: %d projections reordered for oneDNN", prepack_linears(self.model))
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model_config.num_hidden_layers)]

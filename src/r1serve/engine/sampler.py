@@ -152,7 +152,7 @@ class Sampler:
         if batch.any_min_tokens:
             logits = self._mask_end_tokens(logits, batch.seqs)
         if batch.all_greedy:
-            return logits.argmax(dim=-1)
+            return cpu_sampling.greedy_ids(logits) if logits.device.type == "cpu" else logits.argmax(dim=-1)
         if logits.is_cuda and _triton_sample() is not None:  # one kernel, no host synchronisation
             return _triton_sample()(logits.contiguous(), batch.temperature, batch.top_p, batch.top_k, batch.min_p,
                                     batch.seeds_tensor)

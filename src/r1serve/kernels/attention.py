@@ -175,22 +175,53 @@ class TorchAttention(AttentionBackend):
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, kv_scales: KVScales) -> torch.Tensor:
-        """All sequences have one new token: one batched gather and one SDPA call with a length mask."""
+        """All sequences have one new token: one batched gather of their contexts, then `_decode_products` for a
+        16-bit query (on a CPU 2-5x faster than SDPA at decode shapes, docs/performance.md) or SDPA for a float32
+        one (transformers' rounding, which the float32 parity tests compare tokens with)."""
         num_seqs, max_len = meta.num_seqs, meta.max_seq_len
         block_size = k_cache.shape[1]
         num_blocks = (max_len + block_size - 1) // block_size
         tables = meta.block_tables[:num_seqs, :num_blocks].long()
         k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, kv_heads, dim]
         v = v_cache[tables].flatten(1, 2)[:, :max_len]
-        positions = torch.arange(max_len, device=query.device)
-        mask = positions[None, :] < meta.seq_lens[:num_seqs, None]  # [num_seqs, max_len]
-        q = query[:num_seqs].unsqueeze(2)  # [num_seqs, heads, 1, dim]
-        k, v = dequantize_kv(k, q.dtype, kv_scales.k), dequantize_kv(v, q.dtype, kv_scales.v)
-        k, v = _expand_kv(k.transpose(1, 2), q.shape[1]), _expand_kv(v.transpose(1, 2), q.shape[1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        valid = torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:num_seqs, None]
+        attend = _decode_sdpa if query.dtype == torch.float32 else _decode_products
+        out = attend(query[:num_seqs], k, v, valid, scale, kv_scales)  # [num_seqs, heads, dim]
+        if query.shape[0] == num_seqs:
+            return out
         result = query.clone()
-        result[:num_seqs] = out.squeeze(2)
+        result[:num_seqs] = out
         return result
+
+
+def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float,
+                 kv_scales: KVScales) -> torch.Tensor:
+    """q [seqs, heads, dim], gathered k/v [seqs, len, kv_heads, dim], valid [seqs, len] → [seqs, heads, dim]."""
+    k = dequantize_kv(k, q.dtype, kv_scales.k).transpose(1, 2)  # [seqs, kv_heads, len, dim]
+    v = dequantize_kv(v, q.dtype, kv_scales.v).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]),
+                                         attn_mask=valid[:, None, None, :], scale=scale)
+    return out.squeeze(2)
+
+
+def _decode_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float,
+                     kv_scales: KVScales) -> torch.Tensor:
+    """As `_decode_sdpa`, as two float32 products: each kv head's query heads are one [group, dim] matrix (no
+    copy of K/V per query head), and the float32 scores and softmax round only the output to q's dtype."""
+    num_seqs, dim, dtype = q.shape[0], q.shape[-1], q.dtype
+    k, v = _float32_heads(k, kv_scales.k), _float32_heads(v, kv_scales.v)  # [seqs, kv_heads, len, dim]
+    q = q.float().view(num_seqs, k.shape[1], -1, dim)  # [seqs, kv_heads, group, dim]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [seqs, kv_heads, group, len]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v).view(num_seqs, -1, dim).to(dtype)
+
+
+def _float32_heads(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gathered cache rows x [seqs, len, kv_heads, dim] → [seqs, kv_heads, len, dim] float32, contiguous (the
+    products then read them without another copy), times `scale` for an fp8 cache (`dequantize_kv`'s values)."""
+    out = torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=torch.float32, device=x.device)
+    out.copy_(x.transpose(1, 2))
+    return out.mul_(scale) if x.dtype == FP8_KV_DTYPE else out
 
 
 def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -209,9 +240,10 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [q_len, heads, dim], k/v [s_len, kv_heads, dim], mask [q_len, s_len] → [q_len, heads, dim]."""
+    """q [q_len, heads, dim], k/v [s_len, kv_heads, dim], mask [q_len, s_len] → [q_len, heads, dim]; grouped-query
+    heads share their kv head inside SDPA (`enable_gqa`), without a copy of K/V per query head."""
     qh = q.transpose(0, 1).unsqueeze(0)
-    kh = _expand_kv(k.transpose(0, 1).unsqueeze(0), q.shape[1]).to(q.dtype)
-    vh = _expand_kv(v.transpose(0, 1).unsqueeze(0), q.shape[1]).to(q.dtype)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    kh = k.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    vh = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from r1serve.kernels import onednn
 from r1serve.kernels.attention import UNIT_SCALES, KVScales, quantize_kv, write_kv_slots
 
 
@@ -69,7 +70,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in], weight [out, in], bias [out] or None → x @ weight.T + bias [T, out] (`nn.Linear`'s product)."""
+    """x [T, in], weight [out, in], bias [out] or None → x @ weight.T + bias [T, out] (`nn.Linear`'s product). A
+    weight that `onednn.prepack_linears` reordered (the CPU's bf16 projections) runs oneDNN's product on it."""
+    if weight.is_mkldnn:
+        return onednn.packed_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

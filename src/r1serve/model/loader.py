@@ -200,8 +200,9 @@ def dummy_weights(model_config: ModelConfig, seed: int, device: torch.device, dt
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's weights as stored (packed layouts as packed; a tied lm_head counted once)."""
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    """Bytes of the model's weights as stored (packed layouts as packed; a tied lm_head counted once; a weight
+    reordered for oneDNN, which has no storage to point at and is never shared, by its identity)."""
+    tensors = {id(t) if t.is_mkldnn else t.data_ptr(): t for t in model.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
