@@ -122,6 +122,7 @@ def _unfuse(ours: Any, llm: LLM) -> dict[str, torch.Tensor]:
     mc = llm.engine.model_config
     state: dict[str, torch.Tensor] = {}
     for name, tensor in ours.state_dict().items():
+        tensor = tensor.to_dense() if tensor.is_mkldnn else tensor  # a CPU weight reordered for oneDNN
         if ".qkv_proj." in name:
             q, k, v = tensor.split([mc.q_size, mc.kv_size, mc.kv_size], dim=0)
             for part, t in zip("qkv", (q, k, v), strict=True):

@@ -18,7 +18,8 @@ from r1serve.kernels.attention import build_metadata
 from r1serve.model.loader import weight_bytes
 from r1serve.model.qwen2 import Qwen2ForCausalLM
 
-pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN (mkldnn) ops")
+pytestmark = pytest.mark.skipif(not onednn.available(),
+                                reason="no oneDNN bf16 products here (no mkldnn in torch, or no AVX-512)")
 
 CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

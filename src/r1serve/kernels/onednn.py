@@ -20,8 +20,11 @@ PACKED_DTYPES = (torch.bfloat16,)
 
 
 def available() -> bool:
-    """Whether this torch build has oneDNN's reorder and linear ops (a CPU build with mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch build has oneDNN's reorder and linear ops (a CPU build with mkldnn) and this CPU runs
+    oneDNN's bf16 products (AVX-512 or later; elsewhere oneDNN refuses them and `F.linear` stays)."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+            and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
