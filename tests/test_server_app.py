@@ -209,3 +209,54 @@ def test_sse_framing_round_trip() -> None:
     event = sse_event({"a": "中文", "b": [1, 2]})
     assert event == 'data: {"a":"中文","b":[1,2]}\n\n'
     assert parse_sse_data((event + SSE_DONE).splitlines()) == [{"a": "中文", "b": [1, 2]}, "[DONE]"]
+
+
+TRICKY_TEXTS = ["", " tok", 'a "quoted" \\ back\\slash', "line\nbreak\ttab\r", "\x00\x01\x1f\x7f", "中文 ünï", "🙂",
+                "\u2028\u2029", "</think>", "data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_event_template_fills_the_bytes_sse_event_writes(text: str) -> None:
+    from r1serve.server.sse import TEXT_SLOT, EventTemplate
+
+    def data(value: str) -> dict[str, Any]:
+        return {"id": "x", "choices": [{"index": 0, "delta": {"reasoning_content": value, "reasoning": value}}]}
+
+    assert EventTemplate(data(TEXT_SLOT)).fill(text) == sse_event(data(text))
+
+
+def test_event_template_needs_a_slot() -> None:
+    from r1serve.server.sse import EventTemplate
+
+    with pytest.raises(ValueError, match="TEXT_SLOT"):
+        EventTemplate({"id": "x"})
+
+
+def _sample(index: int, text: str, finish: str | None = None) -> CompletionOutput:
+    return CompletionOutput(index, text, [1], finish, None, text, [1])
+
+
+@pytest.mark.parametrize("split,alias", [(True, True), (True, False), (False, False)])
+def test_chat_events_are_the_bytes_of_one_chunk_per_choice(split: bool, alias: bool) -> None:
+    """`SampleStream.events` (templates, one string per output) writes what serialising each choice of
+    `SampleStream.choices` as its own chunk writes, for reasoning, a tag cut across outputs, the answer and the
+    finish chunk of two interleaved samples."""
+    from r1serve.server.protocol import chat_chunk
+    from r1serve.server.serving_chat import ChatChunks, ChatJob, SampleStream
+
+    job = ChatJob("chatcmpl-1", MODEL, [1], SamplingParams(n=2), split, alias, True, False)
+    chunks = ChatChunks(job, 1700000000)
+    fast = {i: SampleStream(True) for i in (0, 1)}
+    plain = {i: SampleStream(True) for i in (0, 1)}
+    script = [(0, "Let ", None), (1, 'me "think"\n', None), (0, "us</th", None), (1, "中文</think>", None),
+              (0, "ink>\n\nThe", None), (1, "\n\n42", None), (0, " answer", None), (0, "", "stop"),
+              (1, " done", "length")]
+    fast_events, plain_events = [], []
+    for index, text, finish in script:
+        fast_events.append(fast[index].events(_sample(index, text, finish), job, chunks, None))
+        plain_events.append("".join(sse_event(chat_chunk(job.request_id, 1700000000, MODEL, [choice]))
+                                    for choice in plain[index].choices(_sample(index, text, finish), split, alias)))
+    assert fast_events == plain_events
+    payloads = parse_sse_data("".join(fast_events).splitlines())
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sum("reasoning" in p["choices"][0]["delta"] for p in payloads) == (4 if alias else 0)

@@ -36,6 +36,8 @@ Message = dict[str, Any]
 
 def _partial_tag_length(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag` (0 if none)."""
+    if tag[0] not in text[1 - len(tag):]:  # every such suffix starts with the tag's first character
+        return 0
     for length in range(min(len(text), len(tag) - 1), 0, -1):
         if text.endswith(tag[:length]):
             return length

@@ -289,5 +289,9 @@ class StreamingEngine(ABC):
 
 
 def _put_all(items: list[tuple[Stream, Any]]) -> None:
+    """`Stream.put` of each item, written out: it runs once per token per stream."""
     for stream, out in items:
-        stream.put(out)
+        stream.pending.append(out)
+        waiter = stream.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

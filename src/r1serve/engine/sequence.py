@@ -121,11 +121,10 @@ class Sequence:
         self.num_emitted_tokens += len(delta_ids)
         delta_text = "".join(self.pending_text)
         self.pending_text.clear()
-        return CompletionOutput(
-            index=self.index, text=self.text, token_ids=self.output_ids, finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids,
-            logprobs=self.logprobs, delta_logprobs=None if self.logprobs is None else self.logprobs[start:],
-        )
+        logprobs = self.logprobs
+        # positional: this runs once per sample per streamed step
+        return CompletionOutput(self.index, self.text, self.output_ids, self.finish_reason, self.stop_reason,
+                                delta_text, delta_ids, logprobs, None if logprobs is None else logprobs[start:])
 
 
 @dataclass(eq=False)
@@ -156,11 +155,8 @@ class Request:
         return self.seqs[0]
 
     def to_output(self, seqs: list[Sequence]) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.to_output() for s in seqs], finished=self.finished,
-            num_cached_tokens=self.seqs[0].num_cached_tokens, prompt_logprobs=self._new_prompt_logprobs(),
-        )
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [s.to_output() for s in seqs],
+                             self.finished, self.seqs[0].num_cached_tokens, self._new_prompt_logprobs())
 
     def _new_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
         """The prompt logprobs once complete, in the first output after that only."""

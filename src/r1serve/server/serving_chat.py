@@ -54,7 +54,7 @@ from r1serve.server.serving_common import (
     policy_headers,
     run_to_end,
 )
-from r1serve.server.sse import SSE_DONE, SSEResponse, sse_event
+from r1serve.server.sse import SSE_DONE, TEXT_SLOT, EventTemplate, SSEResponse, sse_event
 from r1serve.server.state import EngineClient, ServerState
 from r1serve.server.structured import structured_output_of
 
@@ -165,20 +165,26 @@ class SampleStream:
             out[0]["logprobs"] = chat_logprobs(self.pending_ids, self.pending_logprobs, tokenizer)
             self.pending_ids, self.pending_logprobs = [], []
 
-    def choices(self, sample: CompletionOutput, split: bool, alias: bool) -> list[dict[str, Any]]:
-        """The stream choices one output of this sample produces, each a chunk of its own."""
+    def pieces(self, sample: CompletionOutput, split: bool) -> list[tuple[str, str]]:
+        """The texts one output of this sample adds, each a chunk of its own: ("reasoning" or "content", text)."""
         parts = [self.splitter.feed(sample.delta_text)]
         if sample.finished:
             parts.append(self.splitter.flush())
-        out: list[dict[str, Any]] = []
+        out: list[tuple[str, str]] = []
         for part in parts:
             self.reasoning.append(part.reasoning)
             if split and part.reasoning:
-                out.append(chat_choice(sample.index, reasoning_fields(part.reasoning, alias)))
+                out.append(("reasoning", part.reasoning))
             if split and part.content:
-                out.append(chat_choice(sample.index, {"content": part.content}))
+                out.append(("content", part.content))
         if not split and sample.delta_text:
-            out.append(chat_choice(sample.index, {"content": sample.delta_text}))
+            out.append(("content", sample.delta_text))
+        return out
+
+    def choices(self, sample: CompletionOutput, split: bool, alias: bool) -> list[dict[str, Any]]:
+        """The stream choices one output of this sample produces, each a chunk of its own."""
+        out = [chat_choice(sample.index, reasoning_fields(text, alias) if kind == "reasoning" else {"content": text})
+               for kind, text in self.pieces(sample, split)]
         if sample.finished:
             out.append(chat_choice(sample.index, {}, sample.finish_reason, sample.stop_reason))
         if out and not self.role_sent:
@@ -186,38 +192,67 @@ class SampleStream:
             self.role_sent = True
         return out
 
+    def events(self, sample: CompletionOutput, job: ChatJob, chunks: ChatChunks, tokenizer: Any) -> str:
+        """The SSE events of one output of this sample, as one string (one socket write). A text-only chunk
+        after the first (nearly every chunk) is filled into its template; the others are serialised whole."""
+        if self.role_sent and not sample.finished and sample.delta_logprobs is None:
+            return "".join([chunks.text(sample.index, kind, text) for kind, text in self.pieces(sample, job.split)])
+        out = self.choices(sample, job.split, job.alias)
+        self.with_logprobs(out, sample, tokenizer)
+        return "".join([chunks.event([choice]) for choice in out])
+
     def reasoning_tokens(self, sample: CompletionOutput, tokenizer: Any) -> int:
         return count_reasoning_tokens(sample.token_ids, self.splitter.has_reasoning, self.splitter.closed,
                                       str(self.reasoning), tokenizer.think_end_id, tokenizer.encode)
 
 
+class ChatChunks:
+    """The SSE events of one chat stream: any chunk serialised whole (`event`), or a text chunk filled into the
+    template of its sample and field (`text`), made on first use; the bytes are the same either way."""
+
+    def __init__(self, job: ChatJob, created: int) -> None:
+        self.request_id, self.created, self.model, self.alias = job.request_id, created, job.model, job.alias
+        self._templates: dict[tuple[int, str], EventTemplate] = {}
+
+    def event(self, choices: list[dict[str, Any]], usage: Any = None) -> str:
+        return sse_event(chat_chunk(self.request_id, self.created, self.model, choices, usage))
+
+    def text(self, index: int, kind: str, text: str) -> str:
+        """The chunk of one text of sample `index`: its reasoning (`kind` "reasoning") or its answer."""
+        template = self._templates.get((index, kind))
+        if template is None:
+            delta = reasoning_fields(TEXT_SLOT, self.alias) if kind == "reasoning" else {"content": TEXT_SLOT}
+            template = EventTemplate(chat_chunk(self.request_id, self.created, self.model,
+                                                [chat_choice(index, delta)]))
+            self._templates[(index, kind)] = template
+        return template.fill(text)
+
+
 async def chat_stream(engine: EngineClient, job: ChatJob, state: ServerState) -> AsyncIterator[str]:
-    """The SSE events of a streamed chat completion."""
-    created = int(time.time())
+    """The SSE events of a streamed chat completion: one string per engine output (its events together), the
+    last output's with the usage and `[DONE]`."""
     samples = {i: SampleStream(job.in_reasoning) for i in range(job.params.n)}
+    chunks = ChatChunks(job, int(time.time()))
     final = FinalOutputs()
-
-    def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
-        return sse_event(chat_chunk(job.request_id, created, job.model, choices, usage))
-
+    tail = ""  # the finished output's events, sent with what ends the stream
     outputs = metered_outputs(engine, job.prompt_token_ids, job.params, job.request_id, state, final)
     try:
         async with contextlib.aclosing(outputs):
             async for output in outputs:
-                for sample in output.outputs:
-                    out = samples[sample.index].choices(sample, job.split, job.alias)
-                    samples[sample.index].with_logprobs(out, sample, engine.tokenizer)
-                    for choice in out:
-                        yield event([choice])
+                text = "".join([samples[sample.index].events(sample, job, chunks, engine.tokenizer)
+                                for sample in output.outputs])
+                if output.finished:
+                    tail = text
+                elif text:
+                    yield text
     except Exception as exc:  # the status line is sent already: report in-band, keep the server up
-        yield stream_error_event(job.request_id, exc)
-        yield SSE_DONE
+        yield tail + stream_error_event(job.request_id, exc) + SSE_DONE
         return
     if job.include_usage:
         num_reasoning = sum(samples[s.index].reasoning_tokens(s, engine.tokenizer) for s in final.ordered())
-        yield event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens,
-                                   num_reasoning))
-    yield SSE_DONE
+        tail += chunks.event([], make_usage(final.prompt_token_ids, final.ordered(), final.num_cached_tokens,
+                                            num_reasoning))
+    yield tail + SSE_DONE
 
 
 def stream_error_event(request_id: str, exc: Exception) -> str:
