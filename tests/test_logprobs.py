@@ -45,7 +45,7 @@ def test_unpack_keeps_each_rows_own_k() -> None:
     assert set(samples) == {0, 2} and prompts == {}
     assert len(samples[0][1]) == 1 and len(samples[2][1]) == 3
     assert samples[2][1][0] == int(sampled[2]) and samples[2][0] == pytest.approx(samples[2][2][0])
-    assert samples[0].rank == samples[2].rank == 1  # the argmax
+    assert samples[0][3] == samples[2][3] == 1  # the rank of the argmax
     span = PromptSpan(item=4, row=0, first_token=1, targets=[5, 6], k=0)
     packed = gather(logits[:2], torch.tensor([5, 6]), 0).flatten()
     _, prompts = StepLogprobs(LogprobPlan(prompt=[span]), packed).unpack()
@@ -54,11 +54,11 @@ def test_unpack_keeps_each_rows_own_k() -> None:
 
 def test_record_prompt_drops_the_repeats_of_a_recomputed_prompt() -> None:
     recorded: list = [None]
-    record_prompt(recorded, 1, [(-1.0, (), ()), (-2.0, (), ())])
-    record_prompt(recorded, 1, [(-9.0, (), ()), (-9.0, (), ()), (-3.0, (), ())])  # recomputed from the start
+    record_prompt(recorded, 1, [(-1.0, (), (), 1), (-2.0, (), (), 1)])
+    record_prompt(recorded, 1, [(-9.0, (), (), 1), (-9.0, (), (), 1), (-3.0, (), (), 1)])  # recomputed
     assert [e[0] for e in recorded[1:]] == [-1.0, -2.0, -3.0]
     with pytest.raises(AssertionError):
-        record_prompt(recorded, 7, [(-1.0, (), ())])
+        record_prompt(recorded, 7, [(-1.0, (), (), 1)])
 
 
 def test_sampling_params_refuse_negative_counts() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,18 +27,13 @@ if TYPE_CHECKING:
 
 
 
-class TokenLogprob(NamedTuple):
-    """One token's record: its logprob, the top-k token ids and their logprobs (most likely first), and its rank
-    in the distribution (1: the most likely; ties share the better rank). logprob and rank None: a token the
-    engine forced (the thinking budget's closing tokens), which was never sampled."""
+TokenLogprob = tuple[float | None, tuple[int, ...], tuple[float, ...], int | None]
+"""(logprob of the token, top-k token ids, their logprobs (most likely first), its rank in the distribution (1:
+the most likely; ties share the better rank)). Logprob and rank None: a token the engine forced (the thinking
+budget's closing tokens), which was never sampled. A plain tuple: these cross the engine's pipe per token
+(engine/frontend.py says why not NamedTuples)."""
 
-    logprob: float | None
-    top_ids: tuple[int, ...]
-    top_values: tuple[float, ...]
-    rank: int | None = None
-
-
-FORCED = TokenLogprob(None, (), ())
+FORCED: TokenLogprob = (None, (), (), None)
 PROMPT_CHUNK_ROWS = 256  # prompt positions projected to the vocabulary at once (256 x 151,936 floats = 156 MB)
 MAX_EXACT_ID = 1 << 24  # float32 holds every integer below this exactly
 
@@ -171,8 +166,7 @@ def _record(values: list[float], at: int, width: int, k: int) -> TokenLogprob:
     """One row of `gather`'s layout (width 2 + 2K, of which the first k entries of the top are kept)."""
     top_k = (width - 2) // 2
     ids = values[at + 2 + top_k: at + 2 + top_k + k]
-    return TokenLogprob(values[at], tuple(int(i) for i in ids), tuple(values[at + 2: at + 2 + k]),
-                        int(values[at + 1]))
+    return values[at], tuple(int(i) for i in ids), tuple(values[at + 2: at + 2 + k]), int(values[at + 1])
 
 
 def record_prompt(recorded: list[TokenLogprob | None], first_token: int, entries: list[TokenLogprob]) -> None:
