@@ -3,9 +3,9 @@
 Streams carry both the cumulative text and the delta since the last output, so the server can send deltas
 and the offline API can keep the final text without either recomputing the other. The cumulative text lives in
 a `TextBuffer` that grows by appended pieces and is joined only when someone reads it: `text += delta` on an
-attribute copies the whole text at every token, which deep into a 32k-token reasoning trace costs ~12 us per
-sequence per step (3 ms a step at batch 256, in the engine and again in the server), and the server's streams
-never read it.
+attribute copies the whole text at every token, which deep into a long reasoning trace costs milliseconds a step
+at large batches (in the engine and again in the server; docs/performance.md, "Design choices"), and the
+server's streams never read it.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ Command = Add | Abort | Shutdown
 
 
 # What is new for one sample, and for one request, since the last step. Plain tuples rather than NamedTuples: they
-# cross the pipe once per request per step, and a step's list of NamedTuples took 4.4x the time of tuples to
-# build, pickle and unpickle (932 vs 208 us at 256 requests): each one pays Python's reduce and `__new__`. Their
+# cross the pipe once per request per step, and a step's list of NamedTuples took several times as long as tuples
+# to build, pickle and unpickle: each one pays Python's reduce and `__new__`. Their
 # shapes are declared here once; code reads them by unpacking into named variables or through the accessors below.
 SampleDelta = tuple[int, str, list[int], FinishReason | None, str | int | None, Logprobs | None]
 """(index, delta_text, delta_token_ids, finish_reason, stop_reason, delta_logprobs: None unless asked)"""
