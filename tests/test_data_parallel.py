@@ -161,7 +161,9 @@ def completions_served(url: str) -> float:
 
 
 async def _shared_prefix_waves(url: str, seed: int, num_prefixes: int = 3, num_waves: int = 4) -> None:
-    """`num_waves` waves, each one request per prefix at once; every prompt is a long prefix plus a question."""
+    """`num_waves` waves, each one request per prefix; every prompt is a long prefix plus a question. The requests
+    go one after another, so that round robin's choice of replica does not hang on their order of arrival: with
+    an odd number of prefixes each prefix alternates between the two replicas, whatever the router's start."""
     prefixes = [" ".join(f"w{seed}x{k}y{j}" for j in range(150)) for k in range(num_prefixes)]
     async with httpx.AsyncClient(timeout=120) as client:
         async def one(wave: int, k: int) -> None:
@@ -169,7 +171,8 @@ async def _shared_prefix_waves(url: str, seed: int, num_prefixes: int = 3, num_w
             response = await client.post(f"{url}/v1/completions", json=body)
             assert response.status_code == 200, response.text
         for wave in range(num_waves):
-            await asyncio.gather(*(one(wave, k) for k in range(num_prefixes)))
+            for k in range(num_prefixes):
+                await one(wave, k)
 
 
 def hit_rate_of(front: ServerHandle, router_url: str, seed: int) -> float:
