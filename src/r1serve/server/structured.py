@@ -50,15 +50,7 @@ def _from_structured_outputs(spec: StructuredOutputsField | None) -> list[Constr
         if bad:
             raise bad_request(f"structured_outputs.{name} is not supported", param=f"structured_outputs.{name}",
                               code="unsupported")
-    found: list[Constraint] = []
-    if spec.json_ is not None:
-        found.append(("structured_outputs.json", StructuredOutput("json", _json_spec(spec.json_))))
-    if spec.regex is not None:
-        found.append(("structured_outputs.regex", StructuredOutput("regex", spec.regex)))
-    if spec.choice is not None:
-        found.append(("structured_outputs.choice", StructuredOutput("choice", json.dumps(spec.choice))))
-    if spec.grammar is not None:
-        found.append(("structured_outputs.grammar", StructuredOutput("grammar", spec.grammar)))
+    found = _constraints("structured_outputs.{}", spec.json_, spec.regex, spec.choice, spec.grammar)
     if spec.json_object:
         found.append(("structured_outputs.json_object", StructuredOutput("json_object")))
     if not found:
@@ -74,16 +66,17 @@ def _from_guided(fields: StructuredFields) -> list[Constraint]:
     if fields.guided_whitespace_pattern is not None:
         raise bad_request("guided_whitespace_pattern is not supported", param="guided_whitespace_pattern",
                           code="unsupported")
-    found: list[Constraint] = []
-    if fields.guided_json is not None:
-        found.append(("guided_json", StructuredOutput("json", _json_spec(fields.guided_json))))
-    if fields.guided_regex is not None:
-        found.append(("guided_regex", StructuredOutput("regex", fields.guided_regex)))
-    if fields.guided_choice is not None:
-        found.append(("guided_choice", StructuredOutput("choice", json.dumps(fields.guided_choice))))
-    if fields.guided_grammar is not None:
-        found.append(("guided_grammar", StructuredOutput("grammar", fields.guided_grammar)))
-    return found
+    return _constraints("guided_{}", fields.guided_json, fields.guided_regex, fields.guided_choice,
+                        fields.guided_grammar)
+
+
+def _constraints(field: str, json_spec: Any, regex: str | None, choice: list[str] | None,
+                 grammar: str | None) -> list[Constraint]:
+    """The json, regex, choice and grammar constraints set (in that order), each named by `field` with its kind
+    filled in ("guided_{}" gives guided_json, ...)."""
+    specs = {"json": None if json_spec is None else _json_spec(json_spec), "regex": regex,
+             "choice": None if choice is None else json.dumps(choice), "grammar": grammar}
+    return [(field.format(kind), StructuredOutput(kind, spec)) for kind, spec in specs.items() if spec is not None]
 
 
 def requested_constraint(fields: StructuredFields) -> Constraint | None:
