@@ -176,7 +176,7 @@ class TorchAttention(AttentionBackend):
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, kv_scales: KVScales) -> torch.Tensor:
         """All sequences have one new token: one batched gather of their contexts, then `_decode_products` for a
-        16-bit query (on a CPU 2-5x faster than SDPA at decode shapes, docs/performance.md) or SDPA for a float32
+        16-bit query (on a CPU faster than SDPA at decode shapes: docs/performance.md) or SDPA for a float32
         one (transformers' rounding, which the float32 parity tests compare tokens with)."""
         num_seqs, max_len = meta.num_seqs, meta.max_seq_len
         block_size = k_cache.shape[1]
