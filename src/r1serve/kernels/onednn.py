@@ -1,13 +1,13 @@
 """The CPU's bf16 projections on weights reordered once, at load, into oneDNN's blocked layout.
 
 A CPU decode step of the 1.5B model is the read of its bf16 weights. `F.linear` hands oneDNN the weight in
-its `[out, in]` layout, and oneDNN reads it that way at 14-23 GB/s on this project's 2-core development machine;
-the same product on a weight that oneDNN reordered ahead (`torch.ops.mkldnn._reorder_linear_weight`, what
-inductor's freezing does) runs 1.0-1.9x faster at 1-8 rows (20-32 GB/s), gives bitwise the same result and is no
-slower for a prefill's hundreds of rows (`benchmarks/cpu_linear.py`; figures in docs/performance.md). `prepack_linears`
-swaps each eligible `nn.Linear` weight for its reordered form (an opaque tensor: `is_mkldnn`, no storage of its
-own), and `reference.linear` runs `packed_linear` when it meets one. Only bf16 weights are reordered (fp32 products run
-on MKL, whose rounding oneDNN's would not match), and a weight shared with another module (a tied `lm_head`) is
+its `[out, in]` layout; the same product on a weight that oneDNN reordered ahead
+(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does) reads it faster at decode sizes, gives
+bitwise the same result and is no slower for a prefill's hundreds of rows (`benchmarks/cpu_linear.py`; the
+figures in docs/performance.md). `prepack_linears` swaps each eligible `nn.Linear` weight for its reordered
+form (an opaque tensor: `is_mkldnn`, no storage of its own), and `reference.linear` runs `packed_linear` when it
+meets one. Only bf16 weights are reordered (fp32 products run on MKL, whose rounding oneDNN's would not match),
+and a weight shared with another module (a tied `lm_head`) is
 left as it is, since its other user reads the plain layout.
 """
 
