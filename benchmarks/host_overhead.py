@@ -1,6 +1,11 @@
 """Host time per engine step with the model stubbed out: what the Python around the GPU costs per step.
 
     python benchmarks/host_overhead.py --batch 256 --steps 200 [--stream] [--output-len 8000] [--profile]
+    python benchmarks/host_overhead.py --structured json --tokenizer ../shared/data/tokenizer
+
+`--structured json` puts offline.py's JSON schema on every request (the prompts open no reasoning, so the
+grammar runs from the first token): what accepting the tokens and filling the masks add to a step. It wants the
+real tokenizer, whose 151,936 tokens are what xgrammar's masks are computed over.
 
 Runs the real scheduler, input packing, sampling-parameter batching, token bookkeeping, detokenizer and outputs on
 CPU; the forward pass and the sampler are replaced by `FakeRunner`, which returns computed tokens at once. On a GPU
@@ -21,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from offline import STRUCTURED
 
 from r1serve import SamplingParams
 from r1serve.config import R1_DISTILL_QWEN_1_5B_CONFIG, EngineConfig
@@ -51,9 +57,9 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
     kv_gib = 2.0 * args.batch * max_model_len * 256 / 2**30 + 0.25  # TINY: 256 bytes of K/V per token
     engine = stubbed_engine(EngineConfig(model=str(tiny_model_folder()), load_format="dummy", device="cpu",
                                          dtype="float32", max_num_seqs=args.batch, kv_cache_space=kv_gib,
-                                         max_model_len=max_model_len))
+                                         max_model_len=max_model_len, tokenizer=args.tokenizer))
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.output_len + args.steps + 50,
-                            ignore_eos=True)
+                            ignore_eos=True, structured_output=STRUCTURED.get(args.structured))
     for i in range(args.batch):
         engine.add_request([1000 + (i * 31 + j) % 90000 for j in range(args.prompt_len)], params, stream=args.stream)
     return engine
@@ -69,10 +75,15 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--stream", action="store_true", help="report every step (as the server does), not only "
                         "the final outputs (as LLM.generate does)")
+    parser.add_argument("--structured", choices=sorted(STRUCTURED), help="this constraint on every request")
+    parser.add_argument("--tokenizer", help="a tokenizer folder (default: the byte-level fallback)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="profile order (tottime, cumulative)")
     args = parser.parse_args()
     engine = build_engine(args)
+    while engine.structured.compiling:
+        engine.structured.wait(1.0)
+        engine.step()
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                           for s in engine.scheduler.running):
         engine.step()
@@ -82,14 +93,17 @@ def main() -> None:
     if profiler:
         profiler.enable()
     times = []
+    runner = engine.runner
     for _ in range(args.steps):
+        picked = runner.mask_pick_s
         start = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start - (runner.mask_pick_s - picked))  # masked sampling: the device's
     if profiler:
         profiler.disable()
     median = statistics.median(times)
-    print(f"host time per decode step at batch {args.batch}{' (streamed)' if args.stream else ''}, "
+    constraint = f", {args.structured} constraint" if args.structured else ""
+    print(f"host time per decode step at batch {args.batch}{' (streamed)' if args.stream else ''}{constraint}, "
           f"{args.prompt_len}-token prompts, {args.output_len}+ tokens out: median {median * 1e3:.2f} ms "
           f"({median / args.batch * 1e6:.1f} us per sequence), mean {statistics.fmean(times) * 1e3:.2f} ms")
     if profiler:

@@ -105,6 +105,28 @@ def test_masks_touch_only_the_constrained_rows() -> None:
     assert masks.allowed(1, VOCAB).tolist() == allowed and len(masks.allowed(0, VOCAB)) == VOCAB
 
 
+def test_first_allowed_is_the_next_allowed_id_cyclically() -> None:
+    vocab = 1000  # not a multiple of 32: the last word's high bits lie past the vocabulary
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for density in (0.5, 0.01, 0.002):
+        rows.append(torch.rand(vocab, generator=generator) < density)
+    rows.append(torch.zeros(vocab, dtype=torch.bool))
+    rows[-1][[3, 997]] = True  # wraps around past the end
+    packed = torch.zeros(len(rows), -(-vocab // 32), dtype=torch.int64)
+    for r, row in enumerate(rows):
+        for token in row.nonzero().flatten().tolist():
+            packed[r, token // 32] |= 1 << (token % 32)
+    bitmask = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    masks = TokenMasks(bitmask, rows=[0, 1, 2, 4], num_rows=5)
+    for r, row_of_logits in enumerate([0, 1, 2, 4]):
+        allowed = rows[r].nonzero().flatten().tolist()
+        for token in torch.randint(0, vocab, (50,), generator=generator).tolist() + [0, vocab - 1, 997, 998]:
+            later = [t for t in allowed if t >= token]
+            assert masks.first_allowed(row_of_logits, token, vocab) == (later or allowed)[0]
+    assert masks.first_allowed(3, 123, vocab) == 123  # a free row keeps its token
+
+
 
 def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Path) -> None:
     """`StructuredOutputs.masks` fills the rows of several guides at once (xgrammar's batch matcher): each row
@@ -114,9 +136,11 @@ def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Pa
     specs = ["[ab]{30}", "[0-9]{20}x", "(yes|no){10}"]
     for i, spec in enumerate(specs):
         engine.add_request("plain prompt", constrained("regex", spec), f"g{i}")
-    deadline = time.monotonic() + 30
-    while engine.structured.compiling and time.monotonic() < deadline:
-        engine.step()
+    deadline = time.monotonic() + 30  # all compiles done before any step: no request may finish first
+    while not all(future.done() for _, future in engine.structured.compiling.values()):
+        assert time.monotonic() < deadline, "grammars still compiling after 30 s"
+        engine.structured.wait(0.1)
+    engine.step()
     engine.add_request("plain prompt", SamplingParams(max_tokens=4), "free")
     guided = [engine.requests[f"g{i}"].seqs[0] for i in range(len(specs))]
     assert all(seq.guide is not None and seq.guide.running for seq in guided)

@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from r1serve.outputs import FinishReason
@@ -79,6 +80,23 @@ class TokenMasks:
         xgr.apply_token_bitmask_inplace(constrained, bitmask)
         logits.index_copy_(0, index, constrained)
 
+    def first_allowed(self, row: int, token: int, vocab_size: int) -> int:
+        """The first token id at or after `token` (cyclically) that logits row `row` may take: `token` itself when
+        the row is free. Reads the row's packed words, not every id."""
+        if row not in self.rows:
+            return token
+        words = self.bitmask[self.rows.index(row)].numpy().view(np.uint32)[: -(-vocab_size // 32)]
+        start = token // 32
+        first = words[start] & (np.uint32(0xFFFFFFFF) << np.uint32(token % 32))
+        if first:
+            return start * 32 + _lowest_bit(int(first))
+        for part, offset in ((words[start + 1:], start + 1), (words[: start + 1], 0)):
+            nonzero = np.flatnonzero(part)
+            if len(nonzero):
+                index = int(nonzero[0]) + offset
+                return index * 32 + _lowest_bit(int(words[index]))
+        raise ValueError(f"row {row}: its mask allows no token")
+
     def allowed(self, row: int, vocab_size: int) -> torch.Tensor:
         """The token ids logits row `row` may take (all of them when the row is free), ascending."""
         if row not in self.rows:
@@ -86,6 +104,10 @@ class TokenMasks:
         words = self.bitmask[self.rows.index(row)].to(torch.int64) & 0xFFFFFFFF  # [ceil(vocab / 32)]
         bits = (words[:, None] >> torch.arange(32)) & 1  # [ceil(vocab / 32), 32]
         return bits.flatten()[:vocab_size].nonzero().flatten()
+
+
+def _lowest_bit(word: int) -> int:
+    return (word & -word).bit_length() - 1
 
 
 LateMasks = Callable[[], "TokenMasks | None"]  # a step's masks, asked for once its forward pass is launched
