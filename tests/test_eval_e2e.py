@@ -74,5 +74,6 @@ def test_eval_end_to_end_and_resume(server: ServerHandle, shared_data: Path, tmp
     # Same seeds, same engine: the same texts, except where the rerun's other batches round the (bf16) logits
     # differently and tip a near-tied draw (one of this data's draws is tied within 0.1%); unseeded draws
     # would match none.
-    same = sum((s["reasoning"], s["content"]) == (b["reasoning"], b["content"]) for s, b in zip(redone, befores))
+    pairs = zip(redone, befores, strict=True)
+    same = sum((s["reasoning"], s["content"]) == (b["reasoning"], b["content"]) for s, b in pairs)
     assert same >= len(redone) // 2, f"only {same} of {len(redone)} redone samples reproduced their texts"
