@@ -324,3 +324,25 @@ def test_the_fake_runner_gives_a_sequence_the_same_tokens_alone_and_in_a_batch(t
     alone = run_to_end(engine)["alone"].outputs[0].token_ids
     assert alone == batch["batch-2"].outputs[0].token_ids and len(alone) == 8
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_deferred_sampled_tokens_sample_once_and_keep_a_failure() -> None:
+    calls: list[int] = []
+
+    def later() -> SampledTokens:
+        calls.append(1)
+        return SampledTokens(torch.tensor([5, 7]), None)
+
+    tokens = SampledTokens.deferred(later)
+    assert calls == []  # nothing runs until the runner's next launch or the read
+    tokens.resolve()
+    assert tokens.tolist() == [5, 7] and calls == [1]
+
+    def failing() -> SampledTokens:
+        raise RuntimeError("sampler failed")
+
+    broken = SampledTokens.deferred(failing)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        broken.resolve()
+    with pytest.raises(RuntimeError, match="sampler failed"):  # the step's read fails too, never reads []
+        broken.tolist()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from r1serve.engine.grammar import (
 )
 from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
 from r1serve.engine.scheduler_output import ScheduledSeq
-from r1serve.engine.structured import TokenMasks
+from r1serve.engine.structured import GIL_SWITCH_INTERVAL_S, TokenMasks
 from r1serve.errors import InvalidRequestError
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams, StructuredOutput
@@ -259,16 +261,18 @@ def test_a_constraint_that_fails_to_compile_aborts_its_request_alone(byte_model_
 
 
 class OrderRecordingRunner(FakeRunner):
-    """The fake runner, recording for each step whether its masks came late, and whether the step before had
-    been read when they were asked for."""
+    """The fake runner, recording for each step whether its masks came late, whether the step before had been
+    read when they were asked for, and whether the step before's sampling was still waiting at this launch."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.steps: list[tuple[bool, bool]] = []  # (late masks, the step before was still unread at launch)
+        self.deferred_at_launch: list[bool] = []
 
     def execute(self, sched, late_masks=None):  # type: ignore[no-untyped-def]
         unread = isinstance(late_masks, ReadThenMask) and late_masks.previous is not None
         self.steps.append((late_masks is not None, unread))
+        self.deferred_at_launch.append(self._deferred is not None)
         return super().execute(sched, late_masks)
 
 
@@ -284,3 +288,42 @@ def test_a_constrained_step_launches_before_the_step_before_is_read(byte_model_d
     late = [step for step in runner.steps if step[0]]
     assert len(late) >= 10 and all(unread for _, unread in late)
     assert runner.steps[0] == (False, False)  # the first step has no step before: masks up front
+    # each late step's sampling waited for its masks until the next launch: the fill overlapped that host work
+    assert sum(runner.deferred_at_launch) >= len(late) - 1
+
+
+def test_the_masks_are_filled_on_the_grammar_thread(byte_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(byte_model_dir)
+    threads: list[str] = []
+    fill = engine.structured._fill
+
+    def recording_fill(matchers, bitmask):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        fill(matchers, bitmask)
+
+    monkeypatch.setattr(engine.structured, "_fill", recording_fill)
+    engine.add_request("plain prompt", constrained("regex", "[a-c]{12}x", ignore_eos=True), "r")
+    out = run_to_end(engine)["r"].outputs[0]
+    assert re.fullmatch("[a-c]{12}x", out.text) and out.finish_reason == "stop"
+    assert threads[0] == "MainThread"  # the first step's masks, up front
+    assert len(threads) >= 10 and all(name.startswith("r1serve-grammar") for name in threads[1:])
+    assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S
+
+
+def test_a_fill_that_fails_aborts_the_constrained_requests_alone(byte_model_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(byte_model_dir)
+    fill = engine.structured._fill
+
+    def failing_late_fill(matchers, bitmask):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name.startswith("r1serve-grammar"):
+            raise RuntimeError("no masks today")
+        fill(matchers, bitmask)
+
+    monkeypatch.setattr(engine.structured, "_fill", failing_late_fill)
+    engine.add_request("plain prompt", constrained("regex", "[a-c]{12}x", ignore_eos=True), "guided")
+    engine.add_request("plain prompt", SamplingParams(max_tokens=20, ignore_eos=True), "free")
+    outs = run_to_end(engine)
+    assert outs["guided"].outputs[0].finish_reason == "abort"  # its unmasked token was outside the grammar
+    assert outs["free"].outputs[0].finish_reason == "length" and len(outs["free"].outputs[0].token_ids) == 20
+    assert engine.structured.num_running == 0 and not engine.has_unfinished()

@@ -23,7 +23,7 @@ from r1serve.engine.input_batch import InputPacker
 from r1serve.engine.model_runner import GiB, SampledTokens, check_kv_capacity
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
-from r1serve.engine.structured import LateMasks
+from r1serve.engine.structured import LateMasks, TokenMasks
 
 CPU = torch.device("cpu")
 FIRST_TOKEN = 1000  # below: the byte-level and other low ids; the special tokens sit at the top of the vocabulary
@@ -44,6 +44,7 @@ class FakeRunner:
         self.num_token_ids = model_config.vocab_size - 2 * FIRST_TOKEN
         self.host_work = host_work
         self.mask_pick_s = 0.0  # time spent choosing tokens under masks (the device's work on a real runner)
+        self._deferred: SampledTokens | None = None
         self.device = CPU
         self.packer = InputPacker(config.block_size, CPU) if host_work else None
         self.sampler = Sampler(eos_token_id, seed=config.seed) if host_work else None
@@ -52,12 +53,23 @@ class FakeRunner:
         sampling = sched.sampling
         if self.packer is not None and self.sampler is not None:
             self.packer.pack(sched)
-            if sampling:
-                self.sampler.batch(sampling, self.model_config.vocab_size, CPU)
+        if self._deferred is not None:  # as `ModelRunner`: the step before samples first
+            deferred, self._deferred = self._deferred, None
+            deferred.resolve()
+        if self.sampler is not None and sampling:
+            self.sampler.batch(sampling, self.model_config.vocab_size, CPU)
         if not sampling:
             return SampledTokens(None, None)
         tokens = [self.token_for(seq) for seq in sampling]  # (the forward pass: before the late masks)
-        masks = late_masks() if late_masks is not None else sched.token_masks
+        if late_masks is None:
+            return self._sample(tokens, sched.token_masks)
+        wait_masks = late_masks()
+        self._deferred = SampledTokens.deferred(lambda: self._sample(tokens, wait_masks()))
+        return self._deferred
+
+    def _sample(self, tokens: list[int], masks: TokenMasks | None) -> SampledTokens:
+        """A row under a mask takes the first allowed id at or after its own (a real runner's device work: the
+        time is counted apart, in `mask_pick_s`)."""
         start = time.perf_counter()
         for row in masks.rows if masks is not None else ():
             tokens[row] = masks.first_allowed(row, tokens[row], self.model_config.vocab_size)

@@ -26,7 +26,7 @@ from r1serve.engine.scheduler import Scheduler
 from r1serve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from r1serve.engine.sequence import Request, Sequence
 from r1serve.engine.stopping import finish_reason
-from r1serve.engine.structured import Guide, StructuredOutputs, TokenMasks
+from r1serve.engine.structured import Guide, MasksWaiter, StructuredOutputs, TokenMasks
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
@@ -64,17 +64,18 @@ class InFlight:
 
 class ReadThenMask:
     """A step's late masks (`Runner.execute`'s `late_masks`): called once the step's forward pass is launched,
-    it reads the step before (whose tokens the guides accept) and returns this step's masks, so that the host's
-    reading and mask filling overlap the device's forward pass. `finish` reads the step before if the runner
-    never called it (a step with no sampling row) and hands over the outputs of that read."""
+    it reads the step before (whose tokens the guides accept) and starts the fill of this step's masks on the
+    grammar thread, returning its waiter; the host's reading overlaps the device's forward pass, and the fill
+    the engine's work until the sampling launches. `finish` reads the step before if the runner never called it
+    (a step with no sampling row) and hands over the outputs of that read."""
 
     def __init__(self, engine: LLMEngine, previous: InFlight, sched: SchedulerOutput) -> None:
         self.engine, self.previous, self.sched = engine, previous, sched
         self.outputs: list[RequestOutput] = []
 
-    def __call__(self) -> TokenMasks | None:
+    def __call__(self) -> MasksWaiter:
         self._read_previous()
-        return self.engine._masks(self.sched)
+        return self.engine.structured.fill_later(self.engine._guides(self.sched))
 
     def _read_previous(self) -> None:
         if self.previous is not None:
@@ -361,9 +362,12 @@ class LLMEngine:
 
     def _masks(self, sched: SchedulerOutput) -> TokenMasks | None:
         """The structured-output masks of a step's sampling rows, from their sequences' guides now."""
+        return self.structured.masks(self._guides(sched))
+
+    def _guides(self, sched: SchedulerOutput) -> list[Guide | None]:
+        """The guide of each sampling row of a step (None for a free row)."""
         seqs = self.scheduler.seqs
-        guides = [getattr(seqs.get(item.seq_id), "guide", None) for item in sched.scheduled if item.samples]
-        return self.structured.masks(guides)
+        return [getattr(seqs.get(item.seq_id), "guide", None) for item in sched.scheduled if item.samples]
 
     def _start_answer(self, seq: Sequence) -> None:
         """The answer of `seq` begins: under its grammar, if it has one; a sample already in flight was drawn

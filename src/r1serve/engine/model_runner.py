@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,10 +24,10 @@ from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.cuda_graphs import DecodeGraphs
 from r1serve.engine.device import resolve_device, resolve_dtype
 from r1serve.engine.input_batch import InputPacker, StepInputs
-from r1serve.engine.logprobs import StepLogprobs, gather_step, plan_step
-from r1serve.engine.sampler import Sampler
+from r1serve.engine.logprobs import LogprobPlan, StepLogprobs, gather_step, plan_step
+from r1serve.engine.sampler import Sampler, SamplingBatch
 from r1serve.engine.scheduler_output import SchedulerOutput
-from r1serve.engine.structured import LateMasks
+from r1serve.engine.structured import LateMasks, TokenMasks
 from r1serve.kernels.attention import FP8_KV_DTYPE, AttentionBackend, TorchAttention, build_metadata
 from r1serve.kernels.compile_ahead import compile_ahead
 from r1serve.kernels.onednn import prepack_linears
@@ -80,7 +81,9 @@ class Runner(Protocol):
     def execute(self, sched: SchedulerOutput, late_masks: LateMasks | None = None) -> SampledTokens:
         """Launches one step; its sampled tokens are one per scheduled sequence that samples, in order. With
         `late_masks`, the step's token masks come from calling it once the forward pass is launched (instead
-        of `sched.token_masks`), so that the host's work for them overlaps the device's."""
+        of `sched.token_masks`), so that the host's work for them overlaps the device's; the waiter it returns
+        is called when the sampling launches, which may be deferred to the next `execute` or to the tokens'
+        read (`SampledTokens.deferred`), so that the masks' fill overlaps the next step's host work too."""
         ...
 
 
@@ -135,6 +138,7 @@ class ModelRunner:
         self.last_sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
         self._host_ids = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         self._turn = 0
+        self._deferred: SampledTokens | None = None  # a structured step's sampling, waiting for its masks
         logger.info("model on %s (%s, attention: %s); quantization: %s; weights: %.2f GiB; "
                     "KV cache: %s, %d blocks of %d tokens (%.2f GiB)",
                     self.device, str(self.dtype).removeprefix("torch."), self.backend.name, self.quantization,
@@ -221,8 +225,12 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput, late_masks: LateMasks | None = None) -> SampledTokens:
         """Launches one step; returns its sampled tokens (one per scheduled sequence that samples, in order),
         which reach the host when the device is done: the caller reads them after launching the next step.
-        `late_masks` (structured output) is called once the logits are launched, for the step's masks."""
+        `late_masks` (structured output) is called once the logits are launched; the sampling then waits for
+        its masks until the next launch or the tokens' read (`SampledTokens.deferred`)."""
         inputs = self.packer.pack(sched)
+        if self._deferred is not None:  # the step before samples first: this one reads its tokens
+            deferred, self._deferred = self._deferred, None
+            deferred.resolve()
         if len(inputs.pending_dst):  # decodes of tokens the previous step sampled: fill them in on the device
             inputs.input_ids.index_copy_(0, inputs.pending_dst, self.last_sampled.index_select(0, inputs.pending_src))
         all_hidden = hidden = self._forward(inputs)
@@ -237,7 +245,14 @@ class ModelRunner:
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
         batch = self.sampler.batch(sampling, logits.shape[-1], self.device)
-        masks = late_masks() if late_masks is not None else sched.token_masks
+        if late_masks is None:
+            return self._sample(logits, batch, sched.token_masks, plan, all_hidden)
+        wait_masks = late_masks()
+        self._deferred = SampledTokens.deferred(lambda: self._sample(logits, batch, wait_masks(), plan, all_hidden))
+        return self._deferred
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch, masks: TokenMasks | None,
+                plan: LogprobPlan | None, all_hidden: torch.Tensor) -> SampledTokens:
         if masks is not None:  # structured output: constrained rows keep only allowed tokens
             masks.apply(logits)
         self.last_sampled = self.sampler(logits, batch)  # (the sampler leaves `logits` as they are: raw)
@@ -277,15 +292,39 @@ class ModelRunner:
 
 class SampledTokens:
     """One step's sampled token ids, on their way to the host; `tolist()` waits for them. `logprobs`, when some
-    row asked, come with them (read after `tolist()`, same event)."""
+    row asked, come with them (read after `tolist()`, same event). A step whose sampling waits for its masks
+    holds it as `later` (`deferred`): it runs at the runner's next launch, or here when the tokens are read."""
 
     def __init__(self, ids: torch.Tensor | None, ready: torch.cuda.Event | None,
                  logprobs: StepLogprobs | None = None) -> None:
         self._ids = ids
         self._ready = ready
         self.logprobs = logprobs
+        self._later: Callable[[], SampledTokens] | None = None
+        self._error: Exception | None = None
+
+    @classmethod
+    def deferred(cls, later: Callable[[], SampledTokens]) -> SampledTokens:
+        tokens = cls(None, None)
+        tokens._later = later
+        return tokens
+
+    def resolve(self) -> None:
+        """Launches a deferred sampling (once; nothing for a step already sampled). If it fails, the error is
+        raised here and again by `tolist`, so that the step's read fails as a failed step does."""
+        if self._error is not None:
+            raise self._error
+        if self._later is not None:
+            later, self._later = self._later, None
+            try:
+                done = later()
+            except Exception as error:
+                self._error = error
+                raise
+            self._ids, self._ready, self.logprobs = done._ids, done._ready, done.logprobs
 
     def tolist(self) -> list[int]:
+        self.resolve()
         if self._ready is not None:
             self._ready.synchronize()
         if self._ids is None:

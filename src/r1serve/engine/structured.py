@@ -9,20 +9,24 @@ sequence ends with finish_reason "stop".
 
 Costs. A batch in which no guide has started pays nothing: no mask, no per-row work, the usual pipelined steps
 (the engine checks one counter per step). While some guide runs, a step's mask needs the token before it: the
-engine launches the step's forward pass first, then reads the step before and fills the masks from it while the
-device computes (`LateMasks`), and the sampling waits for them; the masks are filled on the host by xgrammar
-(into pinned memory on CUDA) and applied on the logits' device to the constrained rows only, before the sampler
-(penalties, temperature, top-p act on what the mask leaves). A sequence whose reasoning closes while its next
-sample is already in flight has that sample dropped (`Scheduler.void_pending`) and drawn again under the mask
-(one more decode row, once).
+engine launches the step's forward pass first, then reads the step before (its guided tokens accepted) while the
+device computes (`LateMasks`), and hands the fill of this step's masks to the grammar thread. The runner defers
+the step's sampling until its next launch (or the step's read), so that the fill runs while the engine returns
+the outputs, schedules and packs the next step; xgrammar releases the GIL while it fills, and the engine's
+switch interval is shortened while guides run, so that the grammar thread gets the GIL back at once between
+its calls. The masks are filled into pinned memory on CUDA and applied on the logits' device to the
+constrained rows only, before the sampler (penalties, temperature, top-p act on what the mask leaves). A
+sequence whose reasoning closes while its next sample is already in flight has that sample dropped
+(`Scheduler.void_pending`) and drawn again under the mask (one more decode row, once).
 Grammars compile on `GrammarCompiler`'s threads; a request waits for its grammar before it is scheduled.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
     from r1serve.tokenizer import Tokenizer
 
 logger = logging.getLogger("r1serve")
+
+GIL_SWITCH_INTERVAL_S = 0.0002  # once guides run: Python's 5 ms would hold the grammar thread up at each return
 
 
 class Guide:
@@ -110,7 +116,8 @@ def _lowest_bit(word: int) -> int:
     return (word & -word).bit_length() - 1
 
 
-LateMasks = Callable[[], "TokenMasks | None"]  # a step's masks, asked for once its forward pass is launched
+MasksWaiter = Callable[[], "TokenMasks | None"]  # blocks until a step's masks are filled, and returns them
+LateMasks = Callable[[], MasksWaiter]  # asked for once a step's forward pass is launched
 
 
 class StructuredOutputs:
@@ -124,6 +131,7 @@ class StructuredOutputs:
         self.num_running = 0  # guides started and not done: while > 0, steps synchronise and carry masks
         self._compiler: GrammarCompiler | None = None
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher, filling a step's masks on several threads
+        self._thread: ThreadPoolExecutor | None = None  # the grammar thread (`fill_later`)
 
     def submit(self, request: Request) -> None:
         """Starts compiling the request's grammar; `take_ready` hands the request back once it is done."""
@@ -182,24 +190,61 @@ class StructuredOutputs:
     def masks(self, guides: list[Guide | None]) -> TokenMasks | None:
         """The masks of a step's sampling rows (`guides`: each row's, None for a free row) whose guide runs;
         None when none does."""
+        rows, matchers, bitmask = self._mask_plan(guides)
+        if not rows:
+            return None
+        self._fill(matchers, bitmask)
+        return TokenMasks(bitmask, rows, len(guides), self.pin_memory)
+
+    def fill_later(self, guides: list[Guide | None]) -> MasksWaiter:
+        """`masks(guides)`, filled on the grammar thread from the matchers' states now; the waiter returned
+        blocks until they are. A fill that fails is logged and gives no masks: the constrained rows then sample
+        freely, their tokens are refused by their grammars, and only those requests are aborted."""
+        rows, matchers, bitmask = self._mask_plan(guides)
+        if not rows:
+            return _no_masks
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1serve-grammar")
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+        filled = self._thread.submit(self._fill, matchers, bitmask)
+        masks = TokenMasks(bitmask, rows, len(guides), self.pin_memory)
+
+        def wait_masks() -> TokenMasks | None:
+            try:
+                filled.result()
+            except Exception:
+                logger.exception("filling the token masks of %d rows failed", len(rows))
+                return None
+            return masks
+
+        return wait_masks
+
+    def _mask_plan(self, guides: list[Guide | None]) -> tuple[list[int], list[Any], torch.Tensor]:
+        """The rows whose guide runs, their matchers and a bitmask buffer for them."""
         import xgrammar as xgr
 
         rows = [row for row, guide in enumerate(guides) if guide is not None and guide.running]
-        if not rows:
-            return None
+        matchers = [guides[row].matcher for row in rows]  # type: ignore[union-attr]
         # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done);
         # not initialised: xgrammar writes every word of the rows it fills
         bitmask = torch.empty((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), dtype=torch.int32,
-                              pin_memory=self.pin_memory)
-        matchers = [guides[row].matcher for row in rows]  # type: ignore[union-attr]
-        if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(bitmask, 0)
-        else:  # on xgrammar's threads (half the cores): ~0.1 ms a row for a JSON schema on one core
-            if self._batch is None:
-                self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
-        return TokenMasks(bitmask, rows, len(guides), self.pin_memory)
+                              pin_memory=self.pin_memory and bool(rows))
+        return rows, matchers, bitmask
+
+    def _fill(self, matchers: list[Any], bitmask: torch.Tensor) -> None:
+        """On xgrammar's threads (half the cores), the GIL released."""
+        import xgrammar as xgr
+
+        if self._batch is None:
+            self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
 
     def shutdown(self) -> None:
         if self._compiler is not None:
             self._compiler.shutdown()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+
+
+def _no_masks() -> None:
+    return None
