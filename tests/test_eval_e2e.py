@@ -4,8 +4,8 @@
 engine closes the reasoning itself and every output has an answer part. The weights are random, so the
 accuracy is not the point; the pipeline is: samples.jsonl, summary.json, report.md and the three PNGs are
 written, the settings are recorded, and a rerun after losing some samples runs exactly the missing ones
-and, thanks to the per-sample seeds, reproduces
-them (bar a rare draw tipped by the batch's rounding).
+and, thanks to the per-sample seeds, reproduces them (in float32: bf16's batch-dependent rounding can
+tip a near-tied draw).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[ServerHandle]:
-    with running_server(tiny_model_dir, "--max-model-len", "1024", "--max-num-seqs", "40") as handle:
+    # float32: a rerun's other batches then round the logits apart by float32 ulps only, which tips no draw of
+    # this data (in bf16, where the CPU has it, one of its draws is tied within 0.1% and flips)
+    with running_server(tiny_model_dir, "--max-model-len", "1024", "--max-num-seqs", "40",
+                        "--dtype", "float32") as handle:
         yield handle
 
 
@@ -69,11 +72,6 @@ def test_eval_end_to_end_and_resume(server: ServerHandle, shared_data: Path, tmp
     assert "40 samples, 30 already done, 10 to run" in capsys.readouterr().err
     redone = _lines(tmp_path / "samples.jsonl")[30:]
     assert len(redone) == 10
-    befores = [lost[(s["policy"], s["problem_id"], s["sample_index"])] for s in redone]
-    assert [s["seed"] for s in redone] == [b["seed"] for b in befores]
-    # Same seeds, same engine: the same texts, except where the rerun's other batches round the (bf16) logits
-    # differently and tip a near-tied draw (one of this data's draws is tied within 0.1%); unseeded draws
-    # would match none.
-    pairs = zip(redone, befores, strict=True)
-    same = sum((s["reasoning"], s["content"]) == (b["reasoning"], b["content"]) for s, b in pairs)
-    assert same >= len(redone) // 2, f"only {same} of {len(redone)} redone samples reproduced their texts"
+    for s in redone:  # same seeds, same engine: the same texts again
+        before = lost[(s["policy"], s["problem_id"], s["sample_index"])]
+        assert (s["seed"], s["reasoning"], s["content"]) == (before["seed"], before["reasoning"], before["content"])
