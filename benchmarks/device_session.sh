@@ -7,6 +7,8 @@
 #   bash benchmarks/device_session.sh dp OUT_DIR       # DP_SIZE replicas behind vllm-router (needs the wheels and
 #                                                       # vllm-router's: see dp_sweep.sh), through the front
 #   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
+#   bash benchmarks/device_session.sh structured OUT_DIR     # structured-output GPU tests, then decode and nano with
+#                                                            # a JSON schema on every request against none
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
 # real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
@@ -56,6 +58,10 @@ case $stage in
       tail -1 "$out/run.txt" | python3 benchmarks/offline_summary.py "$quantization" "$kv" >> "$summary" || true
     done
     cat "$summary" ;;
+  structured)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_structured_gpu.py tests/test_engine_gpu.py || true
+    timeout 380 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano --decode-tokens 1024 \
+      --hf "" --max-model-len 4096 --structured json ;;
   *)
-    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline)" >&2; exit 2 ;;
+    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, structured)" >&2; exit 2 ;;
 esac
