@@ -13,7 +13,7 @@ engine launches the step's forward pass first, then reads the step before (its g
 device computes (`LateMasks`), and hands the fill of this step's masks to the grammar thread. The runner defers
 the step's sampling until its next launch (or the step's read), so that the fill runs while the engine returns
 the outputs, schedules and packs the next step; xgrammar releases the GIL while it fills, and the engine's
-switch interval is shortened while guides run, so that the grammar thread gets the GIL back at once between
+switch interval is shortened from the first fill on, so that the grammar thread gets the GIL back at once between
 its calls. The masks are filled into pinned memory on CUDA and applied on the logits' device to the
 constrained rows only, before the sampler (penalties, temperature, top-p act on what the mask leaves). A
 sequence whose reasoning closes while its next sample is already in flight has that sample dropped
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("r1serve")
 
-GIL_SWITCH_INTERVAL_S = 0.0002  # once guides run: Python's 5 ms would hold the grammar thread up at each return
+GIL_SWITCH_INTERVAL_S = 0.0002  # from the first fill on: Python's 5 ms would hold the grammar thread up at each return
 
 
 class Guide:
