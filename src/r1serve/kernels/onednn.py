@@ -3,7 +3,8 @@
 A CPU decode step of the 1.5B model is the read of its bf16 weights. `F.linear` hands oneDNN the weight in
 its `[out, in]` layout; the same product on a weight that oneDNN reordered ahead
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does) reads it faster at decode sizes, gives
-bitwise the same result and is no slower for a prefill's hundreds of rows (`benchmarks/cpu_linear.py`; the
+the same result (bitwise on the AVX-512 CPU measured; another CPU's oneDNN kernels may sum in another order)
+and is no slower for a prefill's hundreds of rows (`benchmarks/cpu_linear.py`; the
 figures in docs/performance.md). `prepack_linears` swaps each eligible `nn.Linear` weight for its reordered
 form (an opaque tensor: `is_mkldnn`, no storage of its own), and `reference.linear` runs `packed_linear` when it
 meets one. Only bf16 weights are reordered (fp32 products run on MKL, whose rounding oneDNN's would not match),
