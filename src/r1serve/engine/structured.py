@@ -190,9 +190,10 @@ class StructuredOutputs:
     def masks(self, guides: list[Guide | None]) -> TokenMasks | None:
         """The masks of a step's sampling rows (`guides`: each row's, None for a free row) whose guide runs;
         None when none does."""
-        rows, matchers, bitmask = self._mask_plan(guides)
-        if not rows:
+        plan = self._mask_plan(guides)
+        if plan is None:
             return None
+        rows, matchers, bitmask = plan
         self._fill(matchers, bitmask)
         return TokenMasks(bitmask, rows, len(guides), self.pin_memory)
 
@@ -200,9 +201,10 @@ class StructuredOutputs:
         """`masks(guides)`, filled on the grammar thread from the matchers' states now; the waiter returned
         blocks until they are. A fill that fails is logged and gives no masks: the constrained rows then sample
         freely, their tokens are refused by their grammars, and only those requests are aborted."""
-        rows, matchers, bitmask = self._mask_plan(guides)
-        if not rows:
+        plan = self._mask_plan(guides)
+        if plan is None:
             return _no_masks
+        rows, matchers, bitmask = plan
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1serve-grammar")
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
@@ -219,16 +221,18 @@ class StructuredOutputs:
 
         return wait_masks
 
-    def _mask_plan(self, guides: list[Guide | None]) -> tuple[list[int], list[Any], torch.Tensor]:
-        """The rows whose guide runs, their matchers and a bitmask buffer for them."""
+    def _mask_plan(self, guides: list[Guide | None]) -> tuple[list[int], list[Any], torch.Tensor] | None:
+        """The rows whose guide runs, their matchers and a bitmask buffer for them; None when no guide runs."""
         import xgrammar as xgr
 
         rows = [row for row, guide in enumerate(guides) if guide is not None and guide.running]
+        if not rows:
+            return None
         matchers = [guides[row].matcher for row in rows]  # type: ignore[union-attr]
         # fresh each step (a copy may still read the last; pinned blocks are reused only once their copy is done);
         # not initialised: xgrammar writes every word of the rows it fills
         bitmask = torch.empty((len(rows), xgr.get_bitmask_shape(1, self.vocab_size)[1]), dtype=torch.int32,
-                              pin_memory=self.pin_memory and bool(rows))
+                              pin_memory=self.pin_memory)
         return rows, matchers, bitmask
 
     def _fill(self, matchers: list[Any], bitmask: torch.Tensor) -> None:
