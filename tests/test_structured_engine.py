@@ -327,3 +327,32 @@ def test_a_fill_that_fails_aborts_the_constrained_requests_alone(byte_model_dir:
     assert outs["guided"].outputs[0].finish_reason == "abort"  # its unmasked token was outside the grammar
     assert outs["free"].outputs[0].finish_reason == "length" and len(outs["free"].outputs[0].token_ids) == 20
     assert engine.structured.num_running == 0 and not engine.has_unfinished()
+
+
+def test_a_deferred_sampling_read_outside_a_launch_runs_in_inference_mode(byte_model_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's deferred sampling may run when its tokens are read (the last step launched), outside `execute`; on
+    CUDA it copies into a pinned buffer made in inference mode, which only inference mode may write."""
+    engine = LLMEngine(EngineConfig(model=str(byte_model_dir), load_format="dummy", kv_cache_space=0.05))
+    modes: list[bool] = []
+    sampler = engine.runner.sampler
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(sampler, name)
+
+        def __call__(self, logits: torch.Tensor, batch: object) -> torch.Tensor:
+            modes.append(torch.is_inference_mode_enabled())
+            return sampler(logits, batch)
+
+    monkeypatch.setattr(engine.runner, "sampler", Recording())
+    engine.add_request("plain prompt", constrained("regex", "[a-c]{6}x", ignore_eos=True), "r")
+    for _ in range(1000):  # the grammar compiles; the prefill samples at once; the first decode's sampling waits
+        engine.step()
+        if engine.runner._deferred is not None:
+            break
+        time.sleep(0.005)
+    assert engine.in_flight is not None and len(modes) == 1
+    assert not torch.is_inference_mode_enabled()
+    assert len(engine.in_flight.sampled.tolist()) == 1  # read as the engine reads the last step launched
+    assert modes == [True, True]

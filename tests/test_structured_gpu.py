@@ -40,3 +40,14 @@ def test_constrained_and_free_rows_share_cuda_steps(llm: LLM) -> None:
     for out, pattern in zip(outs[3:], patterns, strict=True):
         assert re.fullmatch(pattern, out.outputs[0].text), out.outputs[0].text
         assert out.outputs[0].finish_reason == "stop"
+
+
+def test_a_constrained_request_alone_ends_by_its_grammar_and_by_length(llm: LLM) -> None:
+    """Its last step's sampling is deferred and runs when the engine reads the tokens, outside `execute`: it
+    must sample (and copy to the pinned host buffer) there too, not fail the request."""
+    prompt = list(range(1000, 1040))
+    params = [SamplingParams(max_tokens=40, seed=3, structured_output=StructuredOutput("regex", "[a-f]{12}")),
+              SamplingParams(max_tokens=8, seed=4, structured_output=StructuredOutput("regex", "[a-f]{30}"))]
+    for param, reason, length in zip(params, ("stop", "length"), (12, 8), strict=True):
+        out = llm.generate([prompt], [param])[0].outputs[0]
+        assert (out.finish_reason, len(out.text)) == (reason, length), (out.finish_reason, out.text)

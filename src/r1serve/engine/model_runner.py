@@ -251,6 +251,7 @@ class ModelRunner:
         self._deferred = SampledTokens.deferred(lambda: self._sample(logits, batch, wait_masks(), plan, all_hidden))
         return self._deferred
 
+    @torch.inference_mode()  # a deferred sampling may run from `SampledTokens.tolist`, outside `execute`
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch, masks: TokenMasks | None,
                 plan: LogprobPlan | None, all_hidden: torch.Tensor) -> SampledTokens:
         if masks is not None:  # structured output: constrained rows keep only allowed tokens
