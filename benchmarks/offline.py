@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     engine_args: dict[str, Any] = dict(load_format="dummy", device=args.device, dtype=args.dtype,
                                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                        enforce_eager=args.enforce_eager, quantization=args.quantization,
-                                       kv_cache_dtype=args.kv_cache_dtype)
+                                       kv_cache_dtype=args.kv_cache_dtype, tokenizer=args.tokenizer)
     if args.device == "cpu":
         engine_args["kv_cache_space"] = args.kv_cache_space
     model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -343,6 +343,8 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="as `r1serve serve --quantization` (dummy weights)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="as `r1serve serve --kv-cache-dtype`")
     parser.add_argument("--profile", default="", help="decode batch sizes to profile, e.g. 1,64 (CUDA)")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the byte-level fallback; "
+                        "--structured wants the real one, whose vocabulary xgrammar's masks are computed over)")
     parser.add_argument("--structured", default="", choices=["", *STRUCTURED],
                         help="run the workloads again with this constraint on every request (json: a schema)")
     args = parser.parse_args()

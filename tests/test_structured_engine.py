@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,12 @@ from r1serve.engine.grammar import (
 )
 from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
 from r1serve.engine.scheduler_output import ScheduledSeq
-from r1serve.engine.structured import GIL_SWITCH_INTERVAL_S, TokenMasks
+from r1serve.engine.structured import (
+    GIL_SWITCH_INTERVAL_S,
+    Guide,
+    StructuredOutputs,
+    TokenMasks,
+)
 from r1serve.errors import InvalidRequestError
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams, StructuredOutput
@@ -158,6 +164,40 @@ def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Pa
         assert torch.equal(zeros, own)
     alone = engine.structured.masks([guided[1].guide])
     assert alone is not None and torch.equal(alone.bitmask[0], masks.bitmask[1])
+
+def test_a_step_s_accepts_run_on_the_grammar_thread_ahead_of_the_next_fill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`accept_later` queues a step's tokens on the grammar thread in one batch; each row's verdict (go on,
+    "stop", "abort") is its own matcher's. A fill queued behind them sees the accepted states, and a row whose
+    grammar they terminated (its sequence is done) allows every token instead of failing the fill."""
+    compiled = GrammarCompiler(ByteTokenizer(), VOCAB).compile(StructuredOutput("regex", "[ab]{2}"))
+    batch_accept = xgr.BatchGrammarMatcher.batch_accept_token
+    threads: list[str] = []
+
+    def recording(matchers, tokens):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return batch_accept(matchers, tokens)
+
+    monkeypatch.setattr(xgr.BatchGrammarMatcher, "batch_accept_token", staticmethod(recording))
+    structured = StructuredOutputs(ByteTokenizer(), VOCAB)
+    rows = 20
+    seqs = [SimpleNamespace(guide=Guide(compiled), request=SimpleNamespace(request_id=f"r{i}"), is_finished=False)
+            for i in range(rows)]
+    for seq in seqs:
+        structured.start(seq)  # type: ignore[arg-type]
+    firsts = [ord("a") if i % 7 else ord("z") for i in range(rows)]  # every seventh is refused
+    assert structured.accept_later(seqs, firsts)() == [None if i % 7 else "abort" for i in range(rows)]  # type: ignore
+    assert threads[0].startswith("r1serve-grammar") and structured.num_running == rows - 3
+    going = [seq for i, seq in enumerate(seqs) if i % 7]
+    assert structured.accept_later(going, [ord("b")] * len(going))() == [None] * len(going)  # type: ignore[arg-type]
+    eos = 151643  # a complete answer ends with the EOS, which its mask alone then allows
+    ends = structured.accept_later(going[:5], [eos] * 5)  # type: ignore[arg-type]
+    masks = structured.fill_later([seq.guide for seq in going])()  # planned while those five still run
+    assert ends() == ["stop"] * 5 and structured.num_running == len(going) - 5
+    assert masks is not None and masks.rows == list(range(len(going)))
+    assert masks.allowed(0, VOCAB).numel() == VOCAB  # terminated: every token (its sample is dropped)
+    assert masks.allowed(len(going) - 1, VOCAB).tolist() == [eos]  # "ab" accepted: only the EOS is left
+    structured.shutdown()
+
 
 # ---- the engine, on the fake runner ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,15 +73,24 @@ class ReadThenMask:
     def __init__(self, engine: LLMEngine, previous: InFlight, sched: SchedulerOutput) -> None:
         self.engine, self.previous, self.sched = engine, previous, sched
         self.outputs: list[RequestOutput] = []
+        self.waiter: MasksWaiter | None = None
 
     def __call__(self) -> MasksWaiter:
-        self._read_previous()
-        return self.engine.structured.fill_later(self.engine._guides(self.sched))
+        self._read_previous(self._queue_fill)
+        if self.waiter is None:  # no step before, or its read failed before its accepts
+            self._queue_fill()
+        assert self.waiter is not None
+        return self.waiter
 
-    def _read_previous(self) -> None:
+    def _queue_fill(self) -> None:
+        """Queues this step's fill on the grammar thread, behind the step before's accepts; planned before the
+        engine has appended those tokens, it may cover rows whose sequence they end (their samples are dropped)."""
+        self.waiter = self.engine.structured.fill_later(self.engine._guides(self.sched))
+
+    def _read_previous(self, after_accepts: Callable[[], None] | None = None) -> None:
         if self.previous is not None:
             done, self.previous = self.previous, None
-            self.outputs += self.engine._read(done)
+            self.outputs += self.engine._read(done, after_accepts)
 
     def finish(self) -> list[RequestOutput]:
         self._read_previous()
@@ -256,13 +266,13 @@ class LLMEngine:
             outputs += self._read(previous)
         return outputs
 
-    def _read(self, done: InFlight) -> list[RequestOutput]:
+    def _read(self, done: InFlight, after_accepts: Callable[[], None] | None = None) -> list[RequestOutput]:
         try:
             tokens = done.sampled.tolist()  # waits for the device
         except Exception as error:
             raise_if_device_failure(error)
             return self._fail(done.sched)
-        return self._process(done.sched, tokens, done.sampled.logprobs)
+        return self._process(done.sched, tokens, done.sampled.logprobs, after_accepts)
 
     def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """A step failed to launch: each of its requests runs again in a step of its own (recomputing the same
@@ -312,9 +322,11 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         return self._abort_scheduled(sched)
 
-    def _process(self, sched: SchedulerOutput, sampled: list[int],
-                 logprobs: StepLogprobs | None = None) -> list[RequestOutput]:
-        """A step's tokens are read: the scheduler retires its samples, the engine appends those still wanted."""
+    def _process(self, sched: SchedulerOutput, sampled: list[int], logprobs: StepLogprobs | None = None,
+                 after_accepts: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """A step's tokens are read: the scheduler retires its samples, the engine appends those still wanted.
+        The guided ones are accepted by their grammars on the grammar thread meanwhile (`after_accepts` then
+        queues what must follow them there), and the sequences they end are finished after."""
         sample_logprobs, prompt_logprobs = logprobs.unpack() if logprobs is not None else ({}, {})
         for i, item in enumerate(sched.scheduled):
             if item.start < item.spec.num_prompt_tokens:  # a prompt chunk (decodes skip the call)
@@ -322,14 +334,28 @@ class LLMEngine:
                 if i in prompt_logprobs:
                     self._record_prompt_logprobs(item, prompt_logprobs[i])
         progressed: dict[str, list[Sequence]] = {}
-        for seq, token, row in self.scheduler.update_from_output(sched, sampled):
+        appended = self.scheduler.update_from_output(sched, sampled)
+        guided = [(seq, token) for seq, token, _ in appended if seq.guide is not None and seq.guide.running]
+        verdicts = self.structured.accept_later(*map(list, zip(*guided, strict=True))) if guided else None
+        if after_accepts is not None:
+            after_accepts()
+        for seq, token, row in appended:
             try:
                 self._append_token(seq, token, sample_logprobs.get(row))
             except Exception:
                 logger.exception("request %s failed; aborting it", seq.request.request_id)
                 self._finish(seq, "abort")
             progressed.setdefault(seq.request.request_id, []).append(seq)
+        if verdicts is not None:
+            self._end_guided([seq for seq, _ in guided], verdicts())
         return self._collect(progressed)
+
+    def _end_guided(self, seqs: list[Sequence], ends: list[FinishReason | None]) -> None:
+        """Finishes the sequences whose grammar ended them ("stop": terminated, even with ignore_eos; "abort": a
+        token refused), unless a stop string, the EOS or a length limit ended them first."""
+        for seq, end in zip(seqs, ends, strict=True):
+            if end is not None and not seq.is_finished:
+                self._finish(seq, end)
 
     def _record_prompt_logprobs(self, item: ScheduledSeq, entries: list[TokenLogprob]) -> None:
         seq = self.scheduler.seqs.get(item.seq_id)
@@ -376,13 +402,23 @@ class LLMEngine:
             self.scheduler.void_pending(seq)
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Appends a sampled token; outside a running guide's answer, it may open or close the reasoning."""
         seq.append_tokens([token], logprob)
         self.num_generation_tokens += 1
         new_ids = [token]
-        guided_end = None
-        if seq.guide is not None and seq.guide.running:
-            guided_end = self.structured.accept(seq, token)  # the answer, under its grammar
-        elif token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
+        if seq.guide is None or not seq.guide.running:  # (an answer under its grammar: accepted in `_process`)
+            self._follow_reasoning(seq, token, new_ids)
+        self._emit_text(seq, new_ids)
+        if seq.detokenizer is not None and seq.detokenizer.stop_reason is not None:
+            self._finish(seq, "stop", seq.detokenizer.stop_reason)
+            return
+        reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len)
+        if reason is not None:
+            self._finish(seq, reason, stop_token)
+
+    def _follow_reasoning(self, seq: Sequence, token: int, new_ids: list[int]) -> None:
+        """The reasoning opens with `<think>` sampled first, and closes with `</think>` or at its budget."""
+        if token == self.tokenizer.think_start_id and seq.num_reasoning_tokens == 0:
             seq.reasoning_open = True  # the model opened its reasoning itself
         elif seq.reasoning_open:
             if token == self.tokenizer.think_end_id:
@@ -391,15 +427,6 @@ class LLMEngine:
             else:
                 seq.num_reasoning_tokens += 1
                 self._apply_thinking_budget(seq, new_ids)
-        self._emit_text(seq, new_ids)
-        if seq.detokenizer is not None and seq.detokenizer.stop_reason is not None:
-            self._finish(seq, "stop", seq.detokenizer.stop_reason)
-            return
-        reason, stop_token = finish_reason(seq, token, self.eos_token_id, self.max_model_len)
-        if reason is None and guided_end is not None:  # the grammar terminated (even with ignore_eos)
-            reason, stop_token = guided_end, None
-        if reason is not None:
-            self._finish(seq, reason, stop_token)
 
     def _apply_thinking_budget(self, seq: Sequence, new_ids: list[int]) -> None:
         """Usage rule 7: once the reasoning has used its budget, close it with `\\n</think>\\n\\n` ourselves."""

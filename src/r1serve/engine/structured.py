@@ -131,7 +131,7 @@ class StructuredOutputs:
         self.num_running = 0  # guides started and not done: while > 0, steps synchronise and carry masks
         self._compiler: GrammarCompiler | None = None
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher, filling a step's masks on several threads
-        self._thread: ThreadPoolExecutor | None = None  # the grammar thread (`fill_later`)
+        self._thread: ThreadPoolExecutor | None = None  # the grammar thread (`accept_later`, `fill_later`)
 
     def submit(self, request: Request) -> None:
         """Starts compiling the request's grammar; `take_ready` hands the request back once it is done."""
@@ -166,16 +166,32 @@ class StructuredOutputs:
         self.num_running += 1
         return True
 
-    def accept(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Feeds a sampled token to the guide: "stop" once the grammar has terminated, "abort" for a token the
-        grammar refuses (a mask not applied), else None."""
-        guide = seq.guide
-        assert guide is not None and guide.running
-        if not guide.matcher.accept_token(token):
+    def accept_later(self, seqs: list[Sequence], tokens: list[int]) -> Callable[[], list[FinishReason | None]]:
+        """Queues a step's sampled tokens for their sequences' running guides on the grammar thread (one batch,
+        the GIL released), ahead of any fill queued after; the call returned waits for them and gives each
+        sequence its verdict: "stop" once its grammar has terminated, "abort" for a token the grammar refuses (a
+        mask not applied), else None. The engine appends the tokens meanwhile."""
+        import xgrammar as xgr
+
+        matchers = [seq.guide.matcher for seq in seqs]  # type: ignore[union-attr]
+        accepted = self._grammar_thread().submit(xgr.BatchGrammarMatcher.batch_accept_token, matchers, tokens)
+
+        def verdicts() -> list[FinishReason | None]:
+            try:
+                oks = accepted.result()
+            except Exception:
+                logger.exception("accepting the tokens of %d guided rows failed", len(seqs))
+                oks = [False] * len(seqs)
+            return [self._verdict(seq, token, ok) for seq, token, ok in zip(seqs, tokens, oks, strict=True)]
+
+        return verdicts
+
+    def _verdict(self, seq: Sequence, token: int, accepted: bool) -> FinishReason | None:
+        if not accepted:
             logger.error("request %s: token %d is outside its grammar; aborting it", seq.request.request_id, token)
             self.release(seq)
             return "abort"
-        if guide.matcher.is_terminated():
+        if seq.guide.matcher.is_terminated():  # type: ignore[union-attr]
             self.release(seq)
             return "stop"
         return None
@@ -205,10 +221,7 @@ class StructuredOutputs:
         if plan is None:
             return _no_masks
         rows, matchers, bitmask = plan
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1serve-grammar")
-            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-        filled = self._thread.submit(self._fill, matchers, bitmask)
+        filled = self._grammar_thread().submit(self._fill, matchers, bitmask)
         masks = TokenMasks(bitmask, rows, len(guides), self.pin_memory)
 
         def wait_masks() -> TokenMasks | None:
@@ -220,6 +233,13 @@ class StructuredOutputs:
             return masks
 
         return wait_masks
+
+    def _grammar_thread(self) -> ThreadPoolExecutor:
+        """The one thread that accepts and fills while the engine goes on (in the order asked)."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1serve-grammar")
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+        return self._thread
 
     def _mask_plan(self, guides: list[Guide | None]) -> tuple[list[int], list[Any], torch.Tensor] | None:
         """The rows whose guide runs, their matchers and a bitmask buffer for them; None when no guide runs."""
@@ -236,12 +256,19 @@ class StructuredOutputs:
         return rows, matchers, bitmask
 
     def _fill(self, matchers: list[Any], bitmask: torch.Tensor) -> None:
-        """On xgrammar's threads (half the cores), the GIL released."""
+        """On xgrammar's threads (half the cores), the GIL released. A matcher that has terminated since the fill
+        was planned (its sequence is done: the sample is dropped) has no next mask; its row allows every token."""
         import xgrammar as xgr
 
         if self._batch is None:
             self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        live = [row for row, matcher in enumerate(matchers) if not matcher.is_terminated()]
+        if len(live) == len(matchers):
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+            return
+        bitmask.fill_(-1)
+        if live:
+            self._batch.batch_fill_next_token_bitmask([matchers[row] for row in live], bitmask, live)
 
     def shutdown(self) -> None:
         if self._compiler is not None:
