@@ -78,7 +78,12 @@ QUANT_CASES: list[tuple[str, dict]] = [
     *[("test_int4_linear_matches_twin", {"t": t, "shape": s, "zeros": z, "bias": b, "dtype": F32})
       for t, s, z, b in ((1, (37, 384, 32), True, True), (17, (37, 384, 32), False, True),
                          (3, (70, 8960, 128), True, False), (16, (53, 8960, 8960), False, True),
-                         (1, (129, 384, 128), False, False), (100, (100, 1536, 64), True, False))],
+                         (1, (129, 384, 128), False, False), (100, (100, 1536, 64), True, False),
+                         (130, (37, 384, 32), True, True))],
+    *[("test_int4_to_dense_equals_the_twin_bit_for_bit", {"shape": (129, 1000, 40), "zeros": z}) for z in (0, 1)],
+    *[("test_per_channel_to_dense_equals_the_twin_bit_for_bit", {"fmt": f}) for f in ("int8", "fp8")],
+    ("test_per_channel_linear_matches_twin", {"fmt": "int8", "act_quant": False, "t": 130, "shape": (37, 384),
+                                              "bias": True, "dtype": F32}),
     ("test_int4_skinny_any_config", {"t": 1, "shape": (37, 384, 32), "zeros": True}),
     ("test_int4_skinny_any_config", {"t": 2, "shape": (129, 1000, 40), "zeros": True}),
     ("test_int4_skinny_any_config", {"t": 5, "shape": (129, 1000, 40), "zeros": False}),

@@ -74,7 +74,7 @@ def per_channel_ref(x, qweight, scales, bias, act_quant) -> torch.Tensor:
 INT4_SHAPES = [(37, 384, 32), (129, 384, 128), (70, 8960, 128), (100, 1536, 64), (53, 8960, 8960)]  # G = K
 
 
-@pytest.mark.parametrize("t", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("t", [1, 3, 16, 17, 100, 130])  # 130: dequantized, then cuBLAS (DENSE_MIN_M)
 @pytest.mark.parametrize("shape", INT4_SHAPES)
 @pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -126,6 +126,24 @@ def test_int4_gemm_any_tiles(t: int) -> None:
         assert rel_err(out, ref) < TOL, str(config)
 
 
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("shape", [(37, 384, 32), (129, 1000, 40), (70, 8960, 128)])
+def test_int4_to_dense_equals_the_twin_bit_for_bit(shape: tuple[int, int, int], zeros: bool) -> None:
+    n, k, group = shape
+    qweight, scales, zero_points, _ = int4_case(n, k, group, zeros, False, DTYPES[0])
+    out = torch.full((n, k), float("nan"), dtype=scales.dtype, device=DEVICE)
+    _tq().int4_to_dense(qweight, scales, zero_points, group, out)
+    assert torch.equal(out, qr.dequantize_int4(qweight, scales, zero_points, group))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_per_channel_to_dense_equals_the_twin_bit_for_bit(fmt: str) -> None:
+    qweight, scales, _ = per_channel_case(fmt, 129, 1000, False, DTYPES[0])
+    out = torch.full((129, 1000), float("nan"), dtype=DTYPES[0], device=DEVICE)
+    _tq().per_channel_to_dense(qweight, scales, out)
+    assert torch.equal(out, qr.dequantize_per_channel(qweight, scales, DTYPES[0]))
+
+
 def test_int4_rejects_layouts_it_cannot_read() -> None:
     tq = _tq()
     qweight, scales, _, _ = int4_case(16, 256, 64, False, False, DTYPES[0])
@@ -145,13 +163,14 @@ PER_CHANNEL_SHAPES = [(37, 384), (129, 1000), (70, 8960)]
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("act_quant", [False, True])
-@pytest.mark.parametrize("t", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("t", [1, 3, 16, 17, 100, 130])
 @pytest.mark.parametrize("shape", PER_CHANNEL_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_per_channel_linear_matches_twin(fmt: str, act_quant: bool, t: int, shape: tuple[int, int], bias: bool,
                                          dtype: torch.dtype) -> None:
-    """The dispatching op (skinny up to 16 rows; above, the tiled kernel or, for FP8 W8A8, torch._scaled_mm)."""
+    """The dispatching op (skinny up to 16 rows; above, the tiled kernel or, for FP8 W8A8, torch._scaled_mm; from
+    DENSE_MIN_M rows on, weight-only: the weight dequantized, then cuBLAS)."""
     n, k = shape
     qweight, scales, b = per_channel_case(fmt, n, k, bias, dtype)
     x = activations(t, k, dtype)

@@ -49,14 +49,17 @@ from r1serve.kernels.triton_support import HAS_TRITON, INTERPRET, require_triton
 from r1serve.kernels.tuning import TuningTable
 
 __all__ = [
-    "HAS_TRITON", "QUANT_TABLE", "GemmConfig", "int4_gemm", "int4_linear", "int4_skinny", "per_channel_gemm",
-    "per_channel_linear", "per_channel_skinny", "quantize_per_token", "skinny_config", "gemm_config",
+    "HAS_TRITON", "QUANT_TABLE", "GemmConfig", "int4_gemm", "int4_linear", "int4_skinny", "int4_to_dense",
+    "per_channel_gemm", "per_channel_linear", "per_channel_skinny", "per_channel_to_dense", "quantize_per_token",
+    "skinny_config", "gemm_config",
 ]
 
 INT4, INT8, FP8 = "int4", "int8", "fp8"  # the three layouts, as the tables key them
 FMA_MAX_M = 2  # the FMA product form up to this many rows (bucket), tensor cores above
 _NUM_SMS = 132  # H100 / H200 SXM; the rules scale split-K to this
 _MAGIC = 0x4B000000  # the bits of 2**23, an int4 kernel argument (see `_plane`)
+DENSE_MIN_M = 128  # weight-only products of this many rows or more: dequantize into a scratch, then cuBLAS
+DENSE_BLOCK_N, DENSE_BLOCK_K = 32, 256  # the dequantizing kernels' tiles
 
 
 @dataclass(frozen=True)
@@ -444,6 +447,31 @@ if triton is not None:
                 q = tl.minimum(tl.maximum(scaled, Q_MIN), Q_MAX).to(q_ptr.dtype.element_ty)
             tl.store(q_ptr + row * stride_qm + ks, q, mask=ks < K)
 
+    @triton.jit
+    def _int4_to_dense_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, KW, stride_qn, stride_sn, stride_zn, stride_wn,
+                              HAS_ZEROS: tl.constexpr, GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        """The int4 layout's tile [BLOCK_N, BLOCK_K] as dense values (q - z) * s in w's dtype."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kw = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+        words, scale, zero_magic = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, offs_n < N, kw, kw < KW, stride_qn,
+                                               stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
+        values = _int4_dequantize(words, scale, zero_magic, BLOCK_K)
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + ks[None, :], values.to(w_ptr.dtype.element_ty),
+                 mask=(offs_n < N)[:, None] & (ks < KW * 8)[None, :])
+
+    @triton.jit
+    def _per_channel_to_dense_kernel(q_ptr, cs_ptr, w_ptr, N, K, stride_qn, stride_wn, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr):
+        """The int8 / fp8 layout's tile [BLOCK_N, BLOCK_K] as dense values q * s in w's dtype."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        q = _load_rows(q_ptr, offs_n, offs_n < N, ks, ks < K, stride_qn).to(tl.float32)
+        scale = tl.load(cs_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + ks[None, :],
+                 (q * scale[:, None]).to(w_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (ks < K)[None, :])
+
 
 # ---------------------------------------------------------------- host side: checks, launches, dispatch
 
@@ -626,14 +654,59 @@ def _scaled_mm_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.to(x.dtype)
 
 
+def int4_to_dense(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                  out: torch.Tensor) -> torch.Tensor:
+    """`quant_reference.dequantize_int4` into `out` [N, K] (scales' dtype) in one launch; returns `out`."""
+    require_triton("r1serve.kernels.quant_reference")
+    n, kw = qweight.shape
+    grid = (triton.cdiv(n, DENSE_BLOCK_N), triton.cdiv(kw * 8, DENSE_BLOCK_K))
+    _int4_to_dense_kernel[grid](qweight, scales, scales if zeros is None else zeros, out, n, kw, qweight.stride(0),
+                                scales.stride(0), 0 if zeros is None else zeros.stride(0), out.stride(0),
+                                HAS_ZEROS=zeros is not None, GROUP_WORDS=group_size // 8, BLOCK_N=DENSE_BLOCK_N,
+                                BLOCK_K=DENSE_BLOCK_K)
+    return out
+
+
+def per_channel_to_dense(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`quant_reference.dequantize_per_channel` into `out` [N, K] in one launch; returns `out`."""
+    require_triton("r1serve.kernels.quant_reference")
+    n, k = qweight.shape
+    grid = (triton.cdiv(n, DENSE_BLOCK_N), triton.cdiv(k, DENSE_BLOCK_K))
+    _per_channel_to_dense_kernel[grid](qweight, scales, out, n, k, qweight.stride(0), out.stride(0),
+                                       BLOCK_N=DENSE_BLOCK_N, BLOCK_K=DENSE_BLOCK_K)
+    return out
+
+
+_DENSE_BUFFERS: list[torch.Tensor] = []  # never freed: a captured decode graph keeps the address it wrote to
+
+
+def _dense_buffer(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch [N, K] for a dequantized weight, shared by every projection (they run one after another on
+    the stream); it grows to the largest, the smaller ones kept."""
+    for buffer in reversed(_DENSE_BUFFERS):
+        if buffer.dtype == dtype and buffer.device == device and buffer.numel() >= n * k:
+            return buffer[: n * k].view(n, k)
+    _DENSE_BUFFERS.append(torch.empty(n * k, dtype=dtype, device=device))
+    return _DENSE_BUFFERS[-1].view(n, k)
+
+
+def _dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """`quant_reference.int4_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows, the tiled one above."""
+    """`quant_reference.int4_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows, the tiled one up to
+    DENSE_MIN_M, and from there the weight dequantized into a scratch and cuBLAS."""
     if not _runs_kernels(x):
         return quant_reference.int4_linear(x, qweight, scales, zeros, group_size, bias)
     x2 = triton_ops.as_rows(x)  # [T, K]
-    product = int4_skinny if 1 <= x2.shape[0] <= SKINNY_MAX_M else int4_gemm
-    y = product(x2, qweight, scales, zeros, group_size, bias)
+    if x2.shape[0] >= DENSE_MIN_M and x2.dtype == scales.dtype:
+        weight = _dense_buffer(qweight.shape[0], x2.shape[1], x2.dtype, x2.device)
+        y = _dense_product(x2, int4_to_dense(qweight, scales, zeros, group_size, weight), bias)
+    else:
+        product = int4_skinny if 1 <= x2.shape[0] <= SKINNY_MAX_M else int4_gemm
+        y = product(x2, qweight, scales, zeros, group_size, bias)
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
@@ -648,6 +721,9 @@ def per_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         y = per_channel_skinny(x2, qweight, scales, bias, act_quant)
     elif act_quant and _scaled_mm_ok(x2, qweight):
         y = _scaled_mm_fp8(x2, qweight, scales, bias)
+    elif not act_quant and x2.shape[0] >= DENSE_MIN_M:
+        weight = _dense_buffer(*qweight.shape, x2.dtype, x2.device)
+        y = _dense_product(x2, per_channel_to_dense(qweight, scales, weight), bias)
     else:
         y = per_channel_gemm(x2, qweight, scales, bias, act_quant)
     return y.view(*x.shape[:-1], qweight.shape[0])
