@@ -335,7 +335,8 @@ class LLMEngine:
                     self._record_prompt_logprobs(item, prompt_logprobs[i])
         progressed: dict[str, list[Sequence]] = {}
         appended = self.scheduler.update_from_output(sched, sampled)
-        guided = [(seq, token) for seq, token, _ in appended if seq.guide is not None and seq.guide.running]
+        guided = [(seq, token) for seq, token, _ in appended
+                  if seq.guide is not None and seq.guide.running] if self.structured.num_running else []
         verdicts = self.structured.accept_later(*map(list, zip(*guided, strict=True))) if guided else None
         if after_accepts is not None:
             after_accepts()
