@@ -4,16 +4,18 @@ lie in device memory and dequantize them in registers. The layouts, and the twin
 
 Why: a decode step at batch 1 is a stream of weight reads, so its time is the weight bytes over the memory
 bandwidth. 4-bit weights (with bf16 group scales) carry about a quarter of bf16's bytes and 8-bit ones half, but
-only if no kernel writes or rereads a dequantized copy: every packed byte must be read once per step and turned
-into products in registers. Each public function dispatches on the number of rows T of x:
+only if no decode kernel writes or rereads a dequantized copy: every packed byte must be read once per step and
+turned into products in registers. Each public function dispatches on the number of rows T of x:
 
 - **skinny** (T ≤ 16, decode): one program owns `block_n` weight rows and, with `split_k`, a share of the
   reduction; it streams `block_k`-column chunks of packed weights with the next chunk's loads in flight while it
   multiplies the current one, for all T rows at once, so each weight byte is read once. Products by FMA (up to
   2 rows: broadcast multiply and row sums) or by `tl.dot` (x padded to 16 rows). Split-K partials are summed by
   the column's last program to arrive (the self-resetting ticket of `triton_linear`): deterministic, one launch.
-- **tiled** (prefill): a `tl.dot` GEMM over [block_m tokens, block_n weight rows] tiles, the weight tile
-  dequantized in registers as the dot's first operand.
+- **tiled** (17 to DENSE_MIN_M - 1 rows): a `tl.dot` GEMM over [block_m tokens, block_n weight rows] tiles, the
+  weight tile dequantized in registers as the dot's first operand.
+- **dense** (DENSE_MIN_M rows or more, weight-only: prefill chunks, large decode batches): the weight dequantized
+  into a scratch by one kernel, then cuBLAS; at that many rows the product's arithmetic hides the extra pass.
 
 int4 words are loaded whole (8 columns in 32 bits); nibble j is shifted out and OR'd into the mantissa of
 2**23, which makes the float 2**23 + q exactly, so one subtraction of 2**23 + z gives q - z without an
