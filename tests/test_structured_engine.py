@@ -191,7 +191,9 @@ def test_a_step_s_accepts_run_on_the_grammar_thread_ahead_of_the_next_fill(monke
     assert structured.accept_later(going, [ord("b")] * len(going))() == [None] * len(going)  # type: ignore[arg-type]
     eos = 151643  # a complete answer ends with the EOS, which its mask alone then allows
     ends = structured.accept_later(going[:5], [eos] * 5)  # type: ignore[arg-type]
-    masks = structured.fill_later([seq.guide for seq in going])()  # planned while those five still run
+    with torch.inference_mode():  # as the runner asks: the buffer is an inference tensor
+        waiter = structured.fill_later([seq.guide for seq in going])  # planned while those five still run
+    masks = waiter()
     assert ends() == ["stop"] * 5 and structured.num_running == len(going) - 5
     assert masks is not None and masks.rows == list(range(len(going)))
     assert masks.allowed(0, VOCAB).numel() == VOCAB  # terminated: every token (its sample is dropped)

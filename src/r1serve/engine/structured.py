@@ -266,7 +266,8 @@ class StructuredOutputs:
         if len(live) == len(matchers):
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
             return
-        bitmask.fill_(-1)
+        with torch.inference_mode():  # the buffer may be an inference tensor (made in the runner's step)
+            bitmask.fill_(-1)
         if live:
             self._batch.batch_fill_next_token_bitmask([matchers[row] for row in live], bitmask, live)
 
