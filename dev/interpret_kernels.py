@@ -87,7 +87,6 @@ QUANT_CASES: list[tuple[str, dict]] = [
     ("test_int4_skinny_any_config", {"t": 1, "shape": (37, 384, 32), "zeros": True}),
     ("test_int4_skinny_any_config", {"t": 2, "shape": (129, 1000, 40), "zeros": True}),
     ("test_int4_skinny_any_config", {"t": 5, "shape": (129, 1000, 40), "zeros": False}),
-    ("test_int4_gemm_any_tiles", {"t": 17}),
     ("test_int4_rejects_layouts_it_cannot_read", {}),
     *[("test_per_channel_linear_matches_twin", {"fmt": f, "act_quant": a, "t": t, "shape": (37, 384),
                                                 "bias": True, "dtype": F32})

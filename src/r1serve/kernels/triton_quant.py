@@ -12,10 +12,10 @@ turned into products in registers. Each public function dispatches on the number
   multiplies the current one, for all T rows at once, so each weight byte is read once. Products by FMA (up to
   2 rows: broadcast multiply and row sums) or by `tl.dot` (x padded to 16 rows). Split-K partials are summed by
   the column's last program to arrive (the self-resetting ticket of `triton_linear`): deterministic, one launch.
-- **tiled** (17 to DENSE_MIN_M - 1 rows): a `tl.dot` GEMM over [block_m tokens, block_n weight rows] tiles, the
-  weight tile dequantized in registers as the dot's first operand.
-- **dense** (DENSE_MIN_M rows or more, weight-only: prefill chunks, large decode batches): the weight dequantized
-  into a scratch by one kernel, then cuBLAS; at that many rows the product's arithmetic hides the extra pass.
+- **dense** (T > 16, weight-only: prefill chunks, larger decode batches): the weight dequantized into a scratch
+  by one kernel, then cuBLAS; at that many rows the product's arithmetic hides the extra pass over the weight.
+- **tiled** (T > 16, W8A8): a `tl.dot` GEMM over [block_m tokens, block_n weight rows] tiles on the quantized
+  activations (int8 tensor cores), the weight tile converted in registers as the dot's first operand.
 
 int4 words are loaded whole (8 columns in 32 bits); nibble j is shifted out and OR'd into the mantissa of
 2**23, which makes the float 2**23 + q exactly, so one subtraction of 2**23 + z gives q - z without an
@@ -51,7 +51,7 @@ from r1serve.kernels.triton_support import HAS_TRITON, INTERPRET, require_triton
 from r1serve.kernels.tuning import TuningTable
 
 __all__ = [
-    "HAS_TRITON", "QUANT_TABLE", "GemmConfig", "int4_gemm", "int4_linear", "int4_skinny", "int4_to_dense",
+    "HAS_TRITON", "QUANT_TABLE", "GemmConfig", "int4_linear", "int4_skinny", "int4_to_dense",
     "per_channel_gemm", "per_channel_linear", "per_channel_skinny", "per_channel_to_dense", "quantize_per_token",
     "skinny_config", "gemm_config",
 ]
@@ -60,7 +60,6 @@ INT4, INT8, FP8 = "int4", "int8", "fp8"  # the three layouts, as the tables key 
 FMA_MAX_M = 2  # the FMA product form up to this many rows (bucket), tensor cores above
 _NUM_SMS = 132  # H100 / H200 SXM; the rules scale split-K to this
 _MAGIC = 0x4B000000  # the bits of 2**23, an int4 kernel argument (see `_plane`)
-DENSE_MIN_M = 128  # weight-only products of this many rows or more: dequantize into a scratch, then cuBLAS
 DENSE_BLOCK_N, DENSE_BLOCK_K = 32, 256  # the dequantizing kernels' tiles
 
 
@@ -129,14 +128,14 @@ def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> Skin
 
 
 def gemm_config(layout: str, m: int, n: int, k: int, device: str = "") -> GemmConfig:
-    """The tiled product's tiles for T = m > 16 rows: measured (`QUANT_TABLE`, key M bucket 0), else 64- or 128-token
-    tiles of 128 weight rows and 128 columns, 3 stages."""
+    """The tiled product's tiles for T = m > 16 rows: measured (`QUANT_TABLE`, key M bucket 0), else up to 64 tokens
+    by 128 weight rows by 128 columns, above 128 by 128 by 64, 3 stages."""
     tuned = _lookup((layout, n, k, 0), device)
     if isinstance(tuned, GemmConfig):
         return tuned
     if m <= 64:
         return GemmConfig(block_m=max(16, triton.next_power_of_2(m)), block_n=128, block_k=128, warps=4)
-    return GemmConfig(block_m=128, block_n=128, block_k=128 if layout == INT4 else 64, warps=8)
+    return GemmConfig(block_m=128, block_n=128, block_k=64, warps=8)
 
 
 if triton is not None:
@@ -385,25 +384,6 @@ if triton is not None:
         store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit
-    def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, stride_xm, stride_qn, stride_sn,
-                          stride_zn, stride_ym, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          GROUP_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
-        """Tile [BLOCK_M tokens, BLOCK_N weight rows] of x @ W.T with W int4, dequantized per chunk in registers."""
-        offs_m, offs_n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        m_mask, n_mask = offs_m < M, offs_n < N
-        pdl_start(USE_PDL)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words, scale, zero = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw < KW, stride_qn,
-                                             stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = _load_x(x_ptr, offs_m, m_mask, ks, ks < K, stride_xm)
-            acc = _multiply_add(acc, _int4_dequantize(words, scale, zero, BLOCK_K), a, True, False)
-        _store_tile(y_ptr, b_ptr, y_ptr, y_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, False, False)
-
-    @triton.jit
     def _per_channel_gemm_kernel(x_ptr, xs_ptr, q_ptr, cs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn,
                                  stride_ym, ACT_QUANT: tl.constexpr, INT_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -544,27 +524,6 @@ def int4_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return y
 
 
-def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              group_size: int, bias: torch.Tensor | None = None, *, config: GemmConfig | None = None
-              ) -> torch.Tensor:
-    """x [M, K] @ int4 weight.T (+ bias) → [M, N], the tiled form (any M; meant for M > 16)."""
-    require_triton("r1serve.kernels.quant_reference")
-    _check_int4(x, qweight, scales, zeros, group_size)
-    n, (m, k) = qweight.shape[0], x.shape
-    config = config or gemm_config(INT4, m, n, k, device_name(x.device))
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-    if m:
-        _int4_gemm_kernel[grid](
-            x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, m, n, k, k // 8,
-            x.stride(0), qweight.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0), y.stride(0),
-            HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP_WORDS=group_size // 8,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            USE_PDL=triton_ops.use_pdl(), num_warps=config.warps, num_stages=config.stages,
-            **triton_ops.pdl_launch())
-    return y
-
-
 def quantize_per_token(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`quant_reference.quantize_per_token` in one launch: x [T, K] → (x_q [T, K] int8 or float8_e4m3fn,
     scales float32 [T, 1])."""
@@ -658,7 +617,7 @@ def _scaled_mm_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def int4_to_dense(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
                   out: torch.Tensor) -> torch.Tensor:
-    """`quant_reference.dequantize_int4` into `out` [N, K] (scales' dtype) in one launch; returns `out`."""
+    """`quant_reference.dequantize_int4` into `out` [N, K] in one launch (rounded to out's dtype); returns `out`."""
     require_triton("r1serve.kernels.quant_reference")
     n, kw = qweight.shape
     grid = (triton.cdiv(n, DENSE_BLOCK_N), triton.cdiv(kw * 8, DENSE_BLOCK_K))
@@ -698,24 +657,24 @@ def _dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """`quant_reference.int4_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows, the tiled one up to
-    DENSE_MIN_M, and from there the weight dequantized into a scratch and cuBLAS."""
+    """`quant_reference.int4_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows, and above by the weight
+    dequantized into a scratch, then cuBLAS."""
     if not _runs_kernels(x):
         return quant_reference.int4_linear(x, qweight, scales, zeros, group_size, bias)
     x2 = triton_ops.as_rows(x)  # [T, K]
-    if x2.shape[0] >= DENSE_MIN_M and x2.dtype == scales.dtype:
+    if 1 <= x2.shape[0] <= SKINNY_MAX_M:
+        y = int4_skinny(x2, qweight, scales, zeros, group_size, bias)
+    else:
         weight = _dense_buffer(qweight.shape[0], x2.shape[1], x2.dtype, x2.device)
         y = _dense_product(x2, int4_to_dense(qweight, scales, zeros, group_size, weight), bias)
-    else:
-        product = int4_skinny if 1 <= x2.shape[0] <= SKINNY_MAX_M else int4_gemm
-        y = product(x2, qweight, scales, zeros, group_size, bias)
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
 def per_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                        act_quant: bool) -> torch.Tensor:
-    """`quant_reference.per_channel_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows; above, the
-    tiled kernel (FP8 act_quant: torch._scaled_mm where it runs)."""
+    """`quant_reference.per_channel_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows; above, weight-only
+    by the weight dequantized into a scratch, then cuBLAS, and W8A8 by the tiled kernel (FP8: torch._scaled_mm
+    where it runs)."""
     if not _runs_kernels(x):
         return quant_reference.per_channel_linear(x, qweight, scales, bias, act_quant)
     x2 = triton_ops.as_rows(x)  # [T, K]
@@ -723,7 +682,7 @@ def per_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         y = per_channel_skinny(x2, qweight, scales, bias, act_quant)
     elif act_quant and _scaled_mm_ok(x2, qweight):
         y = _scaled_mm_fp8(x2, qweight, scales, bias)
-    elif not act_quant and x2.shape[0] >= DENSE_MIN_M:
+    elif not act_quant:
         weight = _dense_buffer(*qweight.shape, x2.dtype, x2.device)
         y = _dense_product(x2, per_channel_to_dense(qweight, scales, weight), bias)
     else:
