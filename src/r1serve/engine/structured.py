@@ -9,12 +9,13 @@ sequence ends with finish_reason "stop".
 
 Costs. A batch in which no guide has started pays nothing: no mask, no per-row work, the usual pipelined steps
 (the engine checks one counter per step). While some guide runs, a step's mask needs the token before it: the
-engine launches the step's forward pass first, then reads the step before (its guided tokens accepted) while the
-device computes (`LateMasks`), and hands the fill of this step's masks to the grammar thread. The runner defers
-the step's sampling until its next launch (or the step's read), so that the fill runs while the engine returns
-the outputs, schedules and packs the next step; xgrammar releases the GIL while it fills, and the engine's
-switch interval is shortened from the first fill on, so that the grammar thread gets the GIL back at once between
-its calls. The masks are filled into pinned memory on CUDA and applied on the logits' device to the
+engine launches the step's forward pass first, then reads the step before while the device computes
+(`LateMasks`). The grammar thread accepts that step's guided tokens (one batch) while the engine appends them,
+then fills this step's masks, queued right behind; the verdicts (terminated, refused) are applied after the
+appends. The runner defers the step's sampling until its next launch (or the step's read), so that the fill
+runs while the engine returns the outputs, schedules and packs the next step. xgrammar releases the GIL while it
+accepts and fills, and the engine's switch interval is shortened from the first fill on, so that the grammar
+thread gets the GIL back at once between its calls. The masks are filled into pinned memory on CUDA and applied on the logits' device to the
 constrained rows only, before the sampler (penalties, temperature, top-p act on what the mask leaves). A
 sequence whose reasoning closes while its next sample is already in flight has that sample dropped
 (`Scheduler.void_pending`) and drawn again under the mask (one more decode row, once).
