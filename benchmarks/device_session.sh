@@ -8,7 +8,8 @@
 #                                                       # vllm-router's: see dp_sweep.sh), through the front
 #   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
 #   bash benchmarks/device_session.sh structured OUT_DIR     # structured-output GPU tests, then decode and nano with
-#                                                            # a JSON schema on every request against none
+#                                                            # a JSON schema on every request against none (wants
+#                                                            # .carry/tokenizer, as the serving stage does)
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
 # real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
@@ -58,10 +59,11 @@ case $stage in
       tail -1 "$out/run.txt" | python3 benchmarks/offline_summary.py "$quantization" "$kv" >> "$summary" || true
     done
     cat "$summary" ;;
-  structured)
+  structured)  # the masks over the real vocabulary when .carry/tokenizer is there (see the serving stage)
+    tokenizer=(); [ -d "${TOKENIZER:-.carry/tokenizer}" ] && tokenizer=(--tokenizer "${TOKENIZER:-.carry/tokenizer}")
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_structured_gpu.py tests/test_engine_gpu.py || true
     timeout 380 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano --decode-tokens 1024 \
-      --hf "" --max-model-len 4096 --structured json ;;
+      --hf "" --max-model-len 4096 --structured json "${tokenizer[@]}" ;;
   *)
     echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, structured)" >&2; exit 2 ;;
 esac
