@@ -63,7 +63,7 @@ case $stage in
     tokenizer=(); [ -d "${TOKENIZER:-.carry/tokenizer}" ] && tokenizer=(--tokenizer "${TOKENIZER:-.carry/tokenizer}")
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_structured_gpu.py tests/test_engine_gpu.py || true
     timeout 380 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano --decode-tokens 1024 \
-      --hf "" --max-model-len 4096 --structured json "${tokenizer[@]}" ;;
+      --hf "" --max-model-len 4096 --structured json --repeats 3 "${tokenizer[@]}" ;;
   *)
     echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, structured)" >&2; exit 2 ;;
 esac
