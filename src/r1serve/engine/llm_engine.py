@@ -337,7 +337,8 @@ class LLMEngine:
         appended = self.scheduler.update_from_output(sched, sampled)
         guided = [(seq, token) for seq, token, _ in appended
                   if seq.guide is not None and seq.guide.running] if self.structured.num_running else []
-        verdicts = self.structured.accept_later(*map(list, zip(*guided, strict=True))) if guided else None
+        guided_seqs = [seq for seq, _ in guided]
+        verdicts = self.structured.accept_later(guided_seqs, [token for _, token in guided]) if guided else None
         if after_accepts is not None:
             after_accepts()
         for seq, token, row in appended:
@@ -348,7 +349,7 @@ class LLMEngine:
                 self._finish(seq, "abort")
             progressed.setdefault(seq.request.request_id, []).append(seq)
         if verdicts is not None:
-            self._end_guided([seq for seq, _ in guided], verdicts())
+            self._end_guided(guided_seqs, verdicts())
         return self._collect(progressed)
 
     def _end_guided(self, seqs: list[Sequence], ends: list[FinishReason | None]) -> None:

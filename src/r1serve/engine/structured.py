@@ -15,10 +15,10 @@ then fills this step's masks, queued right behind; the verdicts (terminated, ref
 appends. The runner defers the step's sampling until its next launch (or the step's read), so that the fill
 runs while the engine returns the outputs, schedules and packs the next step. xgrammar releases the GIL while it
 accepts and fills, and the engine's switch interval is shortened from the first fill on, so that the grammar
-thread gets the GIL back at once between its calls. The masks are filled into pinned memory on CUDA and applied on the logits' device to the
-constrained rows only, before the sampler (penalties, temperature, top-p act on what the mask leaves). A
-sequence whose reasoning closes while its next sample is already in flight has that sample dropped
-(`Scheduler.void_pending`) and drawn again under the mask (one more decode row, once).
+thread gets the GIL back at once between its calls. The masks are filled into pinned memory on CUDA and applied
+on the logits' device to the constrained rows only, before the sampler (penalties, temperature, top-p act on
+what the mask leaves). A sequence whose reasoning closes while its next sample is already in flight has that
+sample dropped (`Scheduler.void_pending`) and drawn again under the mask (one more decode row, once).
 Grammars compile on `GrammarCompiler`'s threads; a request waits for its grammar before it is scheduled.
 """
 
