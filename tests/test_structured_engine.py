@@ -135,7 +135,6 @@ def test_first_allowed_is_the_next_allowed_id_cyclically() -> None:
     assert masks.first_allowed(3, 123, vocab) == 123  # a free row keeps its token
 
 
-
 def test_a_step_s_masks_are_each_guide_s_own_whatever_its_row(byte_model_dir: Path) -> None:
     """`StructuredOutputs.masks` fills the rows of several guides at once (xgrammar's batch matcher): each row
     equals its matcher's own mask, free rows get none, and one guide alone gets the same. The masks' buffer is
