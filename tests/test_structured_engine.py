@@ -397,3 +397,17 @@ def test_a_deferred_sampling_read_outside_a_launch_runs_in_inference_mode(byte_m
     assert not torch.is_inference_mode_enabled()
     assert len(engine.in_flight.sampled.tolist()) == 1  # read as the engine reads the last step launched
     assert modes == [True, True]
+
+
+def test_a_grammar_that_ends_beside_others_leaves_them_constrained(byte_model_dir: Path) -> None:
+    """The real runner (CPU): a short grammar terminates while the next step's fill, planned before its last
+    token was read, still covers its row; the fill allows every token there, and the other rows keep their
+    masks (a failed fill would leave them free, and their grammars would abort them)."""
+    engine = LLMEngine(EngineConfig(model=str(byte_model_dir), load_format="dummy", kv_cache_space=0.05))
+    specs = {"short": "[ab]{3}", "long": "[c-f]{24}", "longer": "[0-9]{30}"}
+    for name, spec in specs.items():
+        engine.add_request("plain prompt", constrained("regex", spec, ignore_eos=True), name)
+    outs = run_to_end(engine)
+    for name, spec in specs.items():
+        out = outs[name].outputs[0]
+        assert out.finish_reason == "stop" and re.fullmatch(spec, out.text), (name, out.finish_reason, out.text)
