@@ -26,6 +26,7 @@ from r1serve.engine.grammar import (
     tokenizer_info,
 )
 from r1serve.engine.llm_engine import LLMEngine, ReadThenMask
+from r1serve.engine.model_runner import ModelRunner, RunnerFactory
 from r1serve.engine.scheduler_output import ScheduledSeq
 from r1serve.engine.structured import (
     GIL_SWITCH_INTERVAL_S,
@@ -222,7 +223,7 @@ def byte_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model_dir(tmp_path_factory.mktemp("so") / "tiny", TINY_CONFIG, with_tokenizer=False)
 
 
-def make_engine(model_dir: Path, runner: type[FakeRunner] = FakeRunner) -> LLMEngine:
+def make_engine(model_dir: Path, runner: RunnerFactory = FakeRunner) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", kv_cache_space=0.05),
                      runner_factory=runner)
 
@@ -374,7 +375,7 @@ def test_a_deferred_sampling_read_outside_a_launch_runs_in_inference_mode(byte_m
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A step's deferred sampling may run when its tokens are read (the last step launched), outside `execute`; on
     CUDA it copies into a pinned buffer made in inference mode, which only inference mode may write."""
-    engine = LLMEngine(EngineConfig(model=str(byte_model_dir), load_format="dummy", kv_cache_space=0.05))
+    engine = make_engine(byte_model_dir, ModelRunner)
     modes: list[bool] = []
     sampler = engine.runner.sampler
 
@@ -403,7 +404,7 @@ def test_a_grammar_that_ends_beside_others_leaves_them_constrained(byte_model_di
     """The real runner (CPU): a short grammar terminates while the next step's fill, planned before its last
     token was read, still covers its row; the fill allows every token there, and the other rows keep their
     masks (a failed fill would leave them free, and their grammars would abort them)."""
-    engine = LLMEngine(EngineConfig(model=str(byte_model_dir), load_format="dummy", kv_cache_space=0.05))
+    engine = make_engine(byte_model_dir, ModelRunner)
     specs = {"short": "[ab]{3}", "long": "[c-f]{24}", "longer": "[0-9]{30}"}
     for name, spec in specs.items():
         engine.add_request("plain prompt", constrained("regex", spec, ignore_eos=True), name)
