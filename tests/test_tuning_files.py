@@ -32,6 +32,11 @@ def test_a_written_file_is_read_back_with_its_provenance(tmp_path: Path) -> None
     assert table.lookup("NVIDIA X2", ("plain", 64, 128, 1)) == (False, None)  # another device, no fallback
 
 
+def test_a_sweep_writes_into_a_directory_it_makes(tmp_path: Path) -> None:
+    path = write_tuning_file("quant", "NVIDIA X1", "sweep", [_entry(1, None)], tmp_path / "new" / "tuning")
+    assert path.parent == tmp_path / "new" / "tuning" and json.loads(path.read_text())["entries"]
+
+
 def test_the_fallback_file_serves_devices_without_their_own_entry(tmp_path: Path) -> None:
     write_tuning_file("skinny", "NVIDIA A", "a", [_entry(1, {"block_n": 4, "block_k": 512})], tmp_path,
                       fallback=True)

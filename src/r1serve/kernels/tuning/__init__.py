@@ -97,7 +97,9 @@ def _head_commit(cwd: Path) -> str | None:
 
 def write_tuning_file(kernel: str, device: str, command: str, entries: Iterable[dict[str, Any]],
                       directory: Path = TUNING_DIR, fallback: bool = False) -> Path:
-    """Writes `<kernel>-<device slug>.json` with today's date and the checkout's commit; returns its path."""
+    """Writes `<kernel>-<device slug>.json` with today's date and the checkout's commit, making the directory if it
+    is missing; returns its path."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     data = {"kernel": kernel, "device": device, "date": datetime.date.today().isoformat(),
             "commit": _head_commit(directory), "command": command, "fallback": fallback, "entries": list(entries)}
     path = Path(directory) / f"{kernel}-{device_slug(device)}.json"
