@@ -11,6 +11,7 @@ GB/s counts the weight bytes alone (packed weights, scales, zeros). Ends with on
 
     PYTHONPATH=src python3 benchmarks/quant_gpu.py            # the table (about 2 minutes on an H100)
     PYTHONPATH=src python3 benchmarks/quant_gpu.py --sweep --sweep-rows 1,2,16   # also: skinny configs (~10 min)
+    PYTHONPATH=src python3 benchmarks/quant_gpu.py --no-table --sweep --sweep-rows 1 --sweep-layouts int4
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ def sweep_candidates(m: int) -> list[SkinnyConfig]:
     return [SkinnyConfig(bn, bk, split_k=s, dot=True) for bn in (16, 32) for bk in (256, 512) for s in (1, 2, 4)]
 
 
-def sweep(rows_to_sweep: list[int]) -> list[dict]:
+def sweep(rows_to_sweep: list[int], layouts: list[str], shapes: list[str]) -> list[dict]:
     """Each layout's skinny candidates per shape and T bucket over the same weight copies: the fastest against
     the rule's choice."""
     results = []
-    for layout, variant in ((tq.INT4, "int4 g128"), (tq.INT8, "int8"), (tq.FP8, "fp8")):
-        for name, (n, k) in SHAPES.items():
+    variants = {tq.INT4: "int4 g128", tq.INT8: "int8", tq.FP8: "fp8"}
+    for layout in layouts:
+        variant = variants[layout]
+        for name in shapes:
+            n, k = SHAPES[name]
             calls, nbytes = weight_copies(variant, n, k)
             for m in rows_to_sweep:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -161,15 +165,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep the skinny configs (several minutes)")
     parser.add_argument("--sweep-rows", default="1,2,16", help="comma-separated T buckets the sweep covers")
+    parser.add_argument("--sweep-layouts", default="int4,int8,fp8", help="comma-separated layouts the sweep covers")
+    parser.add_argument("--sweep-shapes", default=",".join(SHAPES), help="comma-separated shapes the sweep covers")
+    parser.add_argument("--no-table", action="store_true", help="skip the table of variants (sweep only)")
     parser.add_argument("--tuning-dir", default=str(TUNING_DIR), help="where the sweep writes its tuning file")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth() * 1e9  # bytes read + written per second
     device = torch.cuda.get_device_name()
     print(f"{device}: copy bandwidth {bw * 1e-9:.0f} GB/s (read + write, 1 GiB device-to-device)")
-    rows = time_variants(bw)
-    step = print_tables(rows, bw)
-    swept = sweep([int(m) for m in args.sweep_rows.split(",")]) if args.sweep else []
+    rows = [] if args.no_table else time_variants(bw)
+    step = {} if args.no_table else print_tables(rows, bw)
+    swept = sweep([int(m) for m in args.sweep_rows.split(",")], args.sweep_layouts.split(","),
+                  args.sweep_shapes.split(",")) if args.sweep else []
     if swept:
         write_sweep(swept, device, Path(args.tuning_dir))
     print(json.dumps({"benchmark": "quant_gpu", "device": device, "torch": torch.__version__,
