@@ -191,22 +191,25 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--nano", action="store_true", help="also time the nano-vllm workload, steps split by kind")
+    parser.add_argument("--quantization", default=None, help="a weight format, as `r1serve serve --quantization`")
+    parser.add_argument("--steps-only", action="store_true", help="only the decode steps' kernels")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
     llm = LLM(MODEL, load_format="dummy", device="cuda", max_model_len=args.max_model_len,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, quantization=args.quantization)
     result: dict[str, Any] = {"copy_GBps": copy_gbps, "steps": []}
     batches = [int(b) for b in args.batches.split(",")]
     for batch in batches:
         for params in (SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
                        SamplingParams(temperature=0.6, top_p=0.95, max_tokens=200, ignore_eos=True)):
             result["steps"].append(step_profile(llm, batch, params))
-    result["prefill"] = prefill_profile(llm)
-    result["linear_b1"] = linear_rates(llm, copy_gbps, 1)
-    result["linear_b256"] = linear_rates(llm, copy_gbps, 256)
-    result["sampler"] = sampler_times(llm, batches)
+    if not args.steps_only:
+        result["prefill"] = prefill_profile(llm)
+        result["linear_b1"] = linear_rates(llm, copy_gbps, 1)
+        result["linear_b256"] = linear_rates(llm, copy_gbps, 256)
+        result["sampler"] = sampler_times(llm, batches)
     if args.nano:
         result["nano"] = [nano_split(llm, seeded=False), nano_split(llm, seeded=True)]
     if args.out:
