@@ -151,12 +151,16 @@ def sweep(rows_to_sweep: list[int], layouts: list[str], shapes: list[str]) -> li
 
 
 def write_sweep(results: list[dict], device: str, directory: Path) -> Path:
-    """This device's tuning file: the best config of each swept key where it beat the rule by more than 3%."""
+    """This device's tuning file: the best config of each swept key where it beat the rule by more than 3%,
+    merged into the entries the file already had for keys this sweep did not cover (a key swept again loses
+    its old entry, even where the rule now wins)."""
     entries = [{"layout": r["layout"], "n": r["n"], "k": r["k"], "m": r["m"], "config": r["best"],
                 "us": r["best_us"], "baseline_us": r["default_us"]}
                for r in results if r["best_us"] < 0.97 * r["default_us"]]
     command = "python benchmarks/quant_gpu.py " + " ".join(sys.argv[1:])
-    path = write_tuning_file("quant", device, command.strip(), entries, directory)
+    swept = {(r["layout"], r["n"], r["k"], r["m"]) for r in results}
+    path = write_tuning_file("quant", device, command.strip(), entries, directory,
+                             keep=lambda e: (e["layout"], e["n"], e["k"], e["m"]) not in swept)
     print(f"\nwrote {path}: {len(entries)} entries where the best beat the rule by more than 3%")
     return path
 

@@ -37,6 +37,19 @@ def test_a_sweep_writes_into_a_directory_it_makes(tmp_path: Path) -> None:
     assert path.parent == tmp_path / "new" / "tuning" and json.loads(path.read_text())["entries"]
 
 
+def test_a_partial_sweep_merges_into_the_device_file(tmp_path: Path) -> None:
+    write_tuning_file("skinny", "NVIDIA X1", "first", [_entry(1, {"block_n": 2, "block_k": 256}),
+                                                       _entry(2, {"block_n": 4, "block_k": 256})], tmp_path)
+    path = write_tuning_file("skinny", "NVIDIA X1", "second", [_entry(2, None), _entry(4, None)], tmp_path,
+                             keep=lambda e: e["m"] not in (2, 4))
+    data = json.loads(path.read_text())
+    assert data["command"] == "first ; then second"
+    assert sorted((e["m"], e["config"]) for e in data["entries"]) == [
+        (1, {"block_n": 2, "block_k": 256}), (2, None), (4, None)]
+    replaced = write_tuning_file("skinny", "NVIDIA X1", "third", [_entry(8, None)], tmp_path)
+    assert [e["m"] for e in json.loads(replaced.read_text())["entries"]] == [8]  # without merge_keys: replaced
+
+
 def test_the_fallback_file_serves_devices_without_their_own_entry(tmp_path: Path) -> None:
     write_tuning_file("skinny", "NVIDIA A", "a", [_entry(1, {"block_n": 4, "block_k": 512})], tmp_path,
                       fallback=True)
