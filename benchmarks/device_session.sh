@@ -7,6 +7,9 @@
 #   bash benchmarks/device_session.sh dp OUT_DIR       # DP_SIZE replicas behind vllm-router (needs the wheels and
 #                                                       # vllm-router's: see dp_sweep.sh), through the front
 #   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
+#   bash benchmarks/device_session.sh quant-sweep OUT_DIR    # quantized skinny tiles not swept yet (QUANT_SWEEP):
+#                                                            # batch-1 decode per format with the committed file, the
+#                                                            # sweep into it (OUT_DIR/quant-*.json), decode again
 #   bash benchmarks/device_session.sh structured OUT_DIR     # structured-output GPU tests, then decode and nano with
 #                                                            # a JSON schema on every request against none (wants
 #                                                            # .carry/tokenizer, as the serving stage does)
@@ -59,11 +62,24 @@ case $stage in
       tail -1 "$out/run.txt" | python3 benchmarks/offline_summary.py "$quantization" "$kv" >> "$summary" || true
     done
     cat "$summary" ;;
+  quant-sweep)  # each "layouts rows" pair of QUANT_SWEEP merges into this device's file in the checkout
+    decode() { for q in w4a16 int8 fp8 w8a8; do echo "== $1, $q"; timeout 50 python3 benchmarks/offline.py --model 1.5b \
+      --device cuda --workloads decode --decode-tokens 512 --hf "" --max-model-len 4096 --quantization "$q" | grep 'tok/s'
+      done; }
+    decode "committed tables"
+    while read -r layouts rows; do
+      (cd benchmarks && timeout 200 python3 quant_gpu.py --no-table --sweep --sweep-layouts "$layouts" \
+        --sweep-rows "$rows" | grep -v '^{')
+    done <<< "${QUANT_SWEEP:-int4 2
+int8,fp8 1
+int8,fp8 2}"
+    cp src/r1serve/kernels/tuning/quant-*.json "$out/"
+    decode "after the sweep" ;;
   structured)  # the masks over the real vocabulary when .carry/tokenizer is there (see the serving stage)
     tokenizer=(); [ -d "${TOKENIZER:-.carry/tokenizer}" ] && tokenizer=(--tokenizer "${TOKENIZER:-.carry/tokenizer}")
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_structured_gpu.py tests/test_engine_gpu.py || true
     timeout 380 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano --decode-tokens 1024 \
       --hf "" --max-model-len 4096 --structured json --repeats 3 "${tokenizer[@]}" ;;
   *)
-    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, structured)" >&2; exit 2 ;;
+    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, quant-sweep, structured)" >&2; exit 2 ;;
 esac
