@@ -143,20 +143,22 @@ if triton is not None:
     from r1serve.kernels.triton_ops import pdl_start
 
     @triton.jit
-    def _int4_words(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
-                    GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    def _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
+                     GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr):
         """The packed words of rows offs_n [BLOCK_N] at word columns kw [BLOCK_KW], loaded whole, and each word's
-        group: (words int32, scale float32, 2**23 + zero point float32), each [BLOCK_N, BLOCK_KW]."""
+        group: (words int32, scale float32, zero point float32), each [BLOCK_N, BLOCK_KW]; a uint8 zero becomes a
+        float through the mantissa of 2**23 (no conversion)."""
         rows = offs_n.to(tl.int64)[:, None]
         mask = n_mask[:, None] & kw_mask[None, :]
         words = tl.load(q_ptr + rows * stride_qn + kw[None, :], mask=mask, other=0)
         group = (kw // GROUP_WORDS)[None, :]
         scale = tl.load(s_ptr + rows * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + rows * stride_zn + group, mask=mask, other=0).to(tl.float32)
+            zero = tl.load(z_ptr + rows * stride_zn + group, mask=mask, other=0).to(tl.int32)
+            zero = (zero | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         else:
             zero = tl.zeros_like(scale) + 8.0  # symmetric: the zero point is 8
-        return words, scale, zero + 8388608.0
+        return words, scale, zero
 
     @triton.jit
     def _nibble(words, j: tl.constexpr, zero_magic):
@@ -212,23 +214,6 @@ if triton is not None:
             if ACT_QUANT:
                 acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
             store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
-
-    @triton.jit
-    def _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
-                     GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr):
-        """`_int4_words` for the skinny form: (words int32, scale float32, zero point float32), each
-        [BLOCK_N, BLOCK_KW]; a uint8 zero becomes a float through the mantissa of 2**23 (no conversion)."""
-        rows = offs_n.to(tl.int64)[:, None]
-        mask = n_mask[:, None] & kw_mask[None, :]
-        words = tl.load(q_ptr + rows * stride_qn + kw[None, :], mask=mask, other=0)
-        group = (kw // GROUP_WORDS)[None, :]
-        scale = tl.load(s_ptr + rows * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + rows * stride_zn + group, mask=mask, other=0).to(tl.int32)
-            zero = (zero | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        else:
-            zero = tl.zeros_like(scale) + 8.0  # symmetric: the zero point is 8
-        return words, scale, zero
 
     @triton.jit
     def _plane(words, words_hi, magic, j: tl.constexpr):
@@ -436,9 +421,9 @@ if triton is not None:
         """The int4 layout's tile [BLOCK_N, BLOCK_K] as dense values (q - z) * s in w's dtype."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         kw = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-        words, scale, zero_magic = _int4_words(q_ptr, s_ptr, z_ptr, offs_n, offs_n < N, kw, kw < KW, stride_qn,
-                                               stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
-        values = _int4_dequantize(words, scale, zero_magic, BLOCK_K)
+        words, scale, zero = _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, offs_n < N, kw, kw < KW, stride_qn,
+                                          stride_sn, stride_zn, GROUP_WORDS, HAS_ZEROS)
+        values = _int4_dequantize(words, scale, zero + 8388608.0, BLOCK_K)
         ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + ks[None, :], values.to(w_ptr.dtype.element_ty),
                  mask=(offs_n < N)[:, None] & (ks < KW * 8)[None, :])
