@@ -36,7 +36,7 @@ case $stage in
   offline)
     timeout 400 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,batch,nano,uniform \
       --decode-tokens 1024 --batch-tokens 256 --hf decode,nano --hf-decode-tokens 64 --max-model-len 4096
-    timeout 150 python3 benchmarks/step_profile.py --batches 1,256 --out "$out/step_profile.json" ;;
+    timeout 170 python3 benchmarks/step_profile.py --batches 1,256 --nano --out "$out/step_profile.json" ;;
   serving)  # then the offline twin of its 256-stream point, for the server's cost as a ratio from one call
     R1SERVE="python3 -m r1serve.cli" RATES=inf CONCURRENCY=1,64,256 SWEEP_PROMPTS=8,256,512 \
       timeout 460 bash benchmarks/serving_sweep.sh "${TOKENIZER:-.carry/tokenizer}" "$out"

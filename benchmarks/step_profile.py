@@ -2,6 +2,7 @@
 sampler, for the 1.5B model with dummy weights.
 
     python benchmarks/step_profile.py --batches 1,256 --out profile.json
+    python benchmarks/step_profile.py --steps-only --batches 1 --nano   # the nano workload by step kind and batch
 
 Prints, per batch size: wall and GPU-busy time per engine step and the top kernels by GPU time per step; then every
 linear layer of the model timed alone at batch 1 (28 weight copies in a CUDA graph, so each read comes from HBM, as in
@@ -141,48 +142,82 @@ def sampler_times(llm: LLM, batches: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def nano_split(llm: LLM, seeded: bool) -> dict[str, Any]:
-    """The nano-vllm workload, with the time of engine steps that launch prefill apart from decode-only ones (a step
-    also reads the step launched before it, so its time is the pipeline's time per step)."""
+BATCH_BUCKETS = (16, 64, 128, 192, 255, 256)  # decode steps grouped by batch size: up to each bound
+
+
+def nano_split(llm: LLM, seeded: bool, num_requests: int = 256, max_len: int = 1024) -> dict[str, Any]:
+    """The nano-vllm workload (num_requests, prompt and output lengths U(100, max_len)), with the time of engine
+    steps that launch prefill apart from decode-only ones, and the decode-only steps grouped by batch size and
+    split into the draining tail (those after the last prefill) and the rest. A step also reads the step
+    launched before it, so its time is the pipeline's time per step (a step that launches nothing only reads)."""
     import random
 
     engine = llm.engine
-    timings: dict[str, list[float]] = {"prefill": [], "decode": []}
     schedule, step = engine.scheduler.schedule, engine.step
-    kinds: list[str] = []
+    kinds: list[tuple[str, int]] = []  # per step: kind and rows
+    seconds: list[float] = []
 
     def schedule_and_note() -> Any:
         out = schedule()
-        kinds.append("decode" if all(s.num_new_tokens == 1 for s in out.scheduled) else "prefill")
+        decode = all(s.num_new_tokens == 1 for s in out.scheduled)
+        kind = "read" if not out.scheduled else "decode" if decode else "prefill"  # read: the last launch only
+        kinds.append((kind, len(out.scheduled)))
         return out
 
     def timed_step() -> Any:
         start = time.perf_counter()
         out = step()
-        timings[kinds[-1]].append(time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
         return out
 
     rng = random.Random(0)
-    ins = [rng.randint(100, 1024) for _ in range(256)]
-    outs = [rng.randint(100, 1024) for _ in range(256)]
-    prompts = [[rng.randrange(1000, 150000) for _ in range(n)] for n in ins]
+    ins = [rng.randint(100, max_len) for _ in range(num_requests)]
+    outs = [rng.randint(100, max_len) for _ in range(num_requests)]
+    prompts = [[rng.randrange(1000, 150000) % engine.model_config.vocab_size for _ in range(n)] for n in ins]
     params = [SamplingParams(temperature=0.6, top_p=0.95, max_tokens=o, ignore_eos=True,
                              seed=i if seeded else None) for i, o in enumerate(outs)]
     engine.block_manager.reset_prefix_cache()  # every run prefills its prompts
     engine.scheduler.schedule, engine.step = schedule_and_note, timed_step  # type: ignore[method-assign]
     try:
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         llm.generate(prompts, params)
         total = time.perf_counter() - start
     finally:
         engine.scheduler.schedule, engine.step = schedule, step  # type: ignore[method-assign]
-    row = {"seeded": seeded, "seconds": total, "tok_per_s": sum(outs) / total,
-           **{f"{k}_steps": len(v) for k, v in timings.items()}, **{f"{k}_s": sum(v) for k, v in timings.items()}}
+    steps = list(zip(kinds, seconds, strict=False))  # a step that scheduled nothing has no kind
+    row = {"seeded": seeded, "seconds": total, "tok_per_s": sum(outs) / total, **step_split(steps)}
     print(f"--- nano workload{' (seed per request)' if seeded else ''}: {total:.2f} s, {row['tok_per_s']:.0f} tok/s; "
           f"steps launching prefill: {row['prefill_steps']} / {row['prefill_s']:.2f} s, decode-only steps "
-          f"{row['decode_steps']} / {row['decode_s']:.2f} s")
+          f"{row['decode_steps']} / {row['decode_s']:.2f} s, of which the draining tail {row['tail_steps']} / "
+          f"{row['tail_s']:.2f} s")
+    for bucket in row["decode_by_batch"]:
+        print(f"  decode, batch {bucket['batch']:>9}: {bucket['steps']:5d} steps, {bucket['seconds']:6.2f} s, "
+              f"{bucket['ms_per_step']:6.2f} ms/step, {bucket['tok_per_s']:8.0f} tok/s")
     return row
+
+
+def step_split(steps: list[tuple[tuple[str, int], float]]) -> dict[str, Any]:
+    """Prefill-launching and decode-only steps' counts and seconds, the decode-only ones after the last prefill
+    (the draining tail), and the decode-only ones by batch size (BATCH_BUCKETS)."""
+    last_prefill = max((i for i, ((kind, _), _) in enumerate(steps) if kind == "prefill"), default=-1)
+    decode = [(i, rows, s) for i, ((kind, rows), s) in enumerate(steps) if kind == "decode"]
+    prefill = [s for (kind, _), s in steps if kind == "prefill"]
+    tail = [s for i, _, s in decode if i > last_prefill]
+    buckets = []
+    low = 1
+    for high in BATCH_BUCKETS:
+        chosen = [(rows, s) for _, rows, s in decode if low <= rows <= high]
+        if chosen:
+            secs = sum(s for _, s in chosen)
+            buckets.append({"batch": f"{low}-{high}" if low < high else str(high), "steps": len(chosen),
+                            "seconds": secs, "ms_per_step": 1e3 * secs / len(chosen),
+                            "tok_per_s": sum(rows for rows, _ in chosen) / secs if secs else 0.0})
+        low = high + 1
+    return {"prefill_steps": len(prefill), "prefill_s": sum(prefill), "decode_steps": len(decode),
+            "decode_s": sum(s for _, _, s in decode), "tail_steps": len(tail), "tail_s": sum(tail),
+            "decode_by_batch": buckets}
 
 
 def main() -> None:
