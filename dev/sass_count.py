@@ -1,5 +1,5 @@
 """Compiles the quantized skinny kernels for sm_90 on this machine (no GPU needed) and counts the SASS
-instructions of their main loop per 64 weight elements per thread.
+instructions of their main loop per 64 weight elements per thread, with ptxas's register and spill counts.
 
 Why: the skinny products at T ≤ 16 should be bound by weight bytes, which holds only while a weight byte costs
 a few instructions; the count shows it before device time is spent. The count is static: the instructions of
@@ -118,7 +118,20 @@ def main() -> int:
     print(f"{args.form} T={args.m} {config or ''}: {total} instructions, loop body {len(body)} for {per_thread} "
           f"weights per thread = {64 * len(body) / per_thread:.0f} per 64 weights; shared {kernel.metadata.shared} B")
     print("  " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
+    print("  " + registers(kernel))
     return 0
+
+
+def registers(kernel: object) -> str:
+    """ptxas's lines on the kernel's registers and spills (ptxas -v on its PTX, for sm_90a)."""
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        text = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(Path(folder) / "k.o")],
+                              capture_output=True, text=True).stderr
+    lines = [line for line in text.splitlines() if "registers" in line or "spill" in line]
+    return " ".join(line.split("info    : ")[-1] for line in lines)
 
 
 if __name__ == "__main__":
