@@ -154,8 +154,8 @@ def nano_split(llm: LLM, seeded: bool, num_requests: int = 256, max_len: int = 1
 
     engine = llm.engine
     schedule, step = engine.scheduler.schedule, engine.step
-    kinds: list[tuple[str, int]] = []  # per step: kind and rows
-    seconds: list[float] = []
+    kinds: list[tuple[str, int]] = []  # per schedule: kind and rows
+    steps: list[tuple[tuple[str, int], float]] = []  # per step: what it scheduled, seconds
 
     def schedule_and_note() -> Any:
         out = schedule()
@@ -167,7 +167,7 @@ def nano_split(llm: LLM, seeded: bool, num_requests: int = 256, max_len: int = 1
     def timed_step() -> Any:
         start = time.perf_counter()
         out = step()
-        seconds.append(time.perf_counter() - start)
+        steps.append((kinds[-1], time.perf_counter() - start))
         return out
 
     rng = random.Random(0)
@@ -186,7 +186,6 @@ def nano_split(llm: LLM, seeded: bool, num_requests: int = 256, max_len: int = 1
         total = time.perf_counter() - start
     finally:
         engine.scheduler.schedule, engine.step = schedule, step  # type: ignore[method-assign]
-    steps = list(zip(kinds, seconds, strict=False))  # a step that scheduled nothing has no kind
     row = {"seeded": seeded, "seconds": total, "tok_per_s": sum(outs) / total, **step_split(steps)}
     print(f"--- nano workload{' (seed per request)' if seeded else ''}: {total:.2f} s, {row['tok_per_s']:.0f} tok/s; "
           f"steps launching prefill: {row['prefill_steps']} / {row['prefill_s']:.2f} s, decode-only steps "
