@@ -103,16 +103,16 @@ def _lookup(key: tuple[str, int, int, int], device: str) -> SkinnyConfig | GemmC
 
 def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> SkinnyConfig:
     """The skinny product's tiles for T = m ≤ 16 rows: measured (`QUANT_TABLE`), else the rule. The rule: FMA up to
-    FMA_MAX_M rows (int4: 512-column chunks of 32 weight rows for wide products, 16 rows on 2 warps otherwise,
-    so that each thread holds several rows of the same words; int8 / fp8: the whole 1536-wide reduction in one
-    chunk, 1024-column chunks for longer ones); 16-row tensor-core tiles above; split-K until about 8 programs
-    per SM."""
+    FMA_MAX_M rows (int4 and int8, both read as words: 512-column chunks of 32 weight rows for wide products, 16
+    rows on 2 warps otherwise, so that each thread holds several rows of the same words; fp8: the whole
+    1536-wide reduction in one chunk, 1024-column chunks for longer ones); 16-row tensor-core tiles above;
+    split-K until about 8 programs per SM."""
     bucket = m_bucket(m)
     tuned = _lookup((layout, n, k, bucket), device)
     if isinstance(tuned, SkinnyConfig):
         return tuned
     warps = 4
-    if bucket <= FMA_MAX_M and layout == INT4:  # several weight rows per thread share each x plane
+    if bucket <= FMA_MAX_M and layout in (INT4, INT8):  # several weight rows per thread share each x plane
         block_n, block_k, dot = (32, 512, False) if n >= 8192 else (16, 512, False)
         warps = 4 if n >= 8192 else 2
     elif bucket <= FMA_MAX_M:
@@ -311,14 +311,85 @@ if triton is not None:
         return tl.load(q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + ks[None, :],
                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
 
+    @triton.jit
+    def _byte_plane(words, words_hi, magic, j: tl.constexpr):
+        """Byte j of every word [BLOCK_N, BLOCK_KW] (sign bits flipped: u = b + 128) as the float u · 2**shift(j),
+        exactly, as `_plane` does for nibbles: masked where it lies (bytes 2 and 3 from words >> 16; shift(j) =
+        0 or 8, so that the byte stays inside the 23-bit mantissa), OR'd into the mantissa of magic = 2**23,
+        minus 2**23. No integer-to-float conversion."""
+        source = words if j < 2 else words_hi
+        bits = (source & (255 << (8 * (j % 2)))) | magic
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _x_quarter(x_ptr, row, kw, kw_mask, j: tl.constexpr):
+        """Column plane j of x's row (x[row, 4 kw + j], the same times 2**-shift(j)), float32 [BLOCK_KW]."""
+        SHIFT: tl.constexpr = 8 * (j % 2)
+        x = tl.load(x_ptr + row + kw * 4 + j, mask=kw_mask, other=0.0).to(tl.float32)
+        return x, x * (1.0 / (1 << SHIFT))
+
+    @triton.jit
+    def _int8_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr):
+        """acc_m [BLOCK_N, BLOCK_KW] += Σ_j b_j x_j over the four int8 weights b_j of each word, for x's rows
+        m < BLOCK_M ≤ 2: Σ_j u_j x_j − 128 · Σ_j x_j with u = b + 128 (the sign bits flipped), the byte planes
+        multiplying x's four column planes in the words' own layout, as `_int4_fma` does with nibbles."""
+        words = words ^ -2139062144  # 0x80808080: each byte's sign bit
+        words_hi = words >> 16
+        partial0 = tl.zeros_like(acc0)
+        partial1 = tl.zeros_like(acc1)
+        xsum0 = tl.zeros_like(kw).to(tl.float32)
+        xsum1 = tl.zeros_like(xsum0)
+        for j in tl.static_range(4):
+            plane = _byte_plane(words, words_hi, magic, j)
+            x, x_scaled = _x_quarter(x_ptr, 0, kw, kw_mask, j)
+            xsum0 += x
+            partial0 += plane * x_scaled[None, :]
+            if BLOCK_M > 1:
+                x, x_scaled = _x_quarter(x_ptr, stride_xm, kw, kw_mask & (M > 1), j)
+                xsum1 += x
+                partial1 += plane * x_scaled[None, :]
+        acc0 += partial0 - 128.0 * xsum0[None, :]
+        if BLOCK_M > 1:
+            acc1 += partial1 - 128.0 * xsum1[None, :]
+        return acc0, acc1
+
+    @triton.jit
+    def _int8_words_product(x_ptr, q_ptr, offs_n, n_mask, M, K, k_lo, k_end, stride_xm, stride_qn, magic,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            USE_PDL: tl.constexpr):
+        """The FMA product of the int8 layout read as int32 words (q_ptr, stride_qn in words): [BLOCK_N, BLOCK_M]
+        float32 sums over columns [k_lo, k_end) of K, before any scale."""
+        BLOCK_KW: tl.constexpr = BLOCK_K // 4
+        KW = K // 4
+        kw_end = k_end // 4
+        kw = k_lo // 4 + tl.arange(0, BLOCK_KW)
+        nxt = _load_rows(q_ptr, offs_n, n_mask, kw, (kw < KW) & (kw < kw_end), stride_qn)  # needs no earlier kernel
+        pdl_start(USE_PDL)
+        acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        for w0 in range(k_lo // 4, tl.minimum(kw_end, KW), BLOCK_KW):
+            words = nxt
+            kw = w0 + tl.arange(0, BLOCK_KW)
+            kw_mask = (kw < KW) & (kw < kw_end)
+            kw_next = kw + BLOCK_KW  # the next chunk's loads fly meanwhile
+            nxt = _load_rows(q_ptr, offs_n, n_mask, kw_next, (kw_next < KW) & (kw_next < kw_end), stride_qn)
+            acc0, acc1 = _int8_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M)
+        if BLOCK_M > 1:  # one return: Triton wants every return of a function to give one type
+            acc = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))  # [BLOCK_N, 2]
+        else:
+            acc = tl.sum(acc0, axis=1)[:, None]
+        return acc
+
     @triton.jit(do_not_specialize=["M"])
     def _per_channel_skinny_kernel(x_ptr, xs_ptr, q_ptr, cs_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K,
                                    split_span, stride_xm, stride_qn, stride_ym,
                                    ACT_QUANT: tl.constexpr, INT_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr):
+                                   SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr,
+                                   WORDS: tl.constexpr = False, magic=0):
         """Program (n block, k split): int8 / fp8 rows [BLOCK_N] over a share of K for all M rows of x (ACT_QUANT:
-        x is already quantized per token, xs its scales)."""
+        x is already quantized per token, xs its scales). WORDS (int8, FMA): q_ptr is the layout read as int32
+        words, stride_qn in words, and the products run on byte planes (`_int8_fma`)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -326,20 +397,24 @@ if triton is not None:
         m_mask = offs_m < M
         k_lo = pid_k * split_span
         k_end = k_lo + split_span  # masks compare against K and k_end apart (see _int4_skinny_kernel)
-        ks = k_lo + tl.arange(0, BLOCK_K)
-        w_next = _load_rows(q_ptr, offs_n, n_mask, ks, (ks < K) & (ks < k_end), stride_qn)  # needs no earlier kernel
-        pdl_start(USE_PDL)
-        if INT_DOT:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        if WORDS:
+            acc = _int8_words_product(x_ptr, q_ptr, offs_n, n_mask, M, K, k_lo, k_end, stride_xm, stride_qn, magic,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL)
         else:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
-            w = w_next
-            ks = k0 + tl.arange(0, BLOCK_K)
-            ks_next = ks + BLOCK_K  # the next chunk's loads fly meanwhile
-            w_next = _load_rows(q_ptr, offs_n, n_mask, ks_next, (ks_next < K) & (ks_next < k_end), stride_qn)
-            a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < k_end), stride_xm)
-            acc = _multiply_add(acc, w, a, DOT, INT_DOT)
+            ks = k_lo + tl.arange(0, BLOCK_K)
+            w_next = _load_rows(q_ptr, offs_n, n_mask, ks, (ks < K) & (ks < k_end), stride_qn)  # no earlier kernel
+            pdl_start(USE_PDL)
+            if INT_DOT:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+            else:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
+                w = w_next
+                ks = k0 + tl.arange(0, BLOCK_K)
+                ks_next = ks + BLOCK_K  # the next chunk's loads fly meanwhile
+                w_next = _load_rows(q_ptr, offs_n, n_mask, ks_next, (ks_next < K) & (ks_next < k_end), stride_qn)
+                a = _load_x(x_ptr, offs_m, m_mask, ks, (ks < K) & (ks < k_end), stride_xm)
+                acc = _multiply_add(acc, w, a, DOT, INT_DOT)
         _finish(acc, y_ptr, b_ptr, ws_ptr, tickets_ptr, cs_ptr, xs_ptr, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                 m_mask, stride_ym, HAS_BIAS, True, ACT_QUANT, BLOCK_M, BLOCK_N, SPLIT_K)
 
@@ -547,13 +622,16 @@ def per_channel_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     config = config or skinny_config(_layout(qweight), m, n, k, device_name(x.device))
     y, block_m, split, span, (ws, tickets) = _skinny_setup(x, n, config)
     a, a_scales = _activation(x, qweight, act_quant)
+    words = (qweight.dtype == torch.int8 and not config.dot and k % 4 == 0 and qweight.stride(0) % 4 == 0
+             and config.block_k % 4 == 0)
+    q = qweight.view(torch.int32) if words else qweight
     grid = (triton.cdiv(n, config.block_n), split)
     _per_channel_skinny_kernel[grid](
-        a, a_scales, qweight, scales, y if bias is None else bias, y, ws, tickets, m, n, k, span, a.stride(0),
-        qweight.stride(0), y.stride(0), ACT_QUANT=act_quant, INT_DOT=act_quant and config.dot and a.dtype ==
+        a, a_scales, q, scales, y if bias is None else bias, y, ws, tickets, m, n, k, span, a.stride(0),
+        q.stride(0), y.stride(0), ACT_QUANT=act_quant, INT_DOT=act_quant and config.dot and a.dtype ==
         torch.int8, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, DOT=config.dot, USE_PDL=triton_ops.use_pdl(), num_warps=config.warps,
-        num_stages=config.stages, **triton_ops.pdl_launch())
+        SPLIT_K=split, DOT=config.dot, USE_PDL=triton_ops.use_pdl(), WORDS=words, magic=_MAGIC,
+        num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y
 
 
