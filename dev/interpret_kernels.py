@@ -93,6 +93,7 @@ QUANT_CASES: list[tuple[str, dict]] = [
       for f in ("int8", "fp8") for a in (False, True) for t in (1, 17)],
     ("test_per_channel_linear_matches_twin", {"fmt": "int8", "act_quant": True, "t": 16, "shape": (70, 8960),
                                               "bias": False, "dtype": F32}),
+    *[("test_fma_products_read_x_unquantized", {"fmt": f, "t": t}) for f, t in (("int8", 1), ("fp8", 2))],
     *[("test_per_channel_skinny_any_config", {"fmt": f, "act_quant": a, "t": t})
       for f, a, t in (("int8", True, 1), ("fp8", False, 2), ("int8", False, 5), ("fp8", True, 16))],
     *[("test_per_channel_gemm_any_tiles", {"fmt": f, "act_quant": a})

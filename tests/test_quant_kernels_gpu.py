@@ -163,12 +163,41 @@ def test_per_channel_linear_matches_twin(fmt: str, act_quant: bool, t: int, shap
     x = activations(t, k, dtype)
     out = _tq().per_channel_linear(x, qweight, scales, b, act_quant)
     assert out.shape == (t, n) and out.dtype == dtype
+    act_quant = act_quant and _quantizes_x(qweight, t, n, k)
     if act_quant and fmt == "fp8" and not EXACT_FP8:  # compare on the kernel's own quantized x
         x_q, x_scales = _tq().quantize_per_token(x, "fp8")
         ref = (x_q.float() @ qweight.float().T) * x_scales * scales + (0 if b is None else b.float())
     else:
         ref = per_channel_ref(x, qweight, scales, b, act_quant)
     assert rel_err(out, ref) < TOL
+
+
+def _quantizes_x(qweight: torch.Tensor, t: int, n: int, k: int) -> bool:
+    """Whether `per_channel_linear` with act_quant quantizes x at t rows: above 16 rows, and where the skinny
+    product's config runs on tensor cores (an FMA product reads x unquantized)."""
+    tq = _tq()
+    return t > tq.SKINNY_MAX_M or tq.skinny_config(tq._layout(qweight), t, n, k, tq.device_name(qweight.device)).dot
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("t", [1, 2])
+def test_fma_products_read_x_unquantized(fmt: str, t: int) -> None:
+    """At one and two rows an FMA config's W8A8 / FP8-dynamic product equals its weight-only product bit for bit
+    (no quantization launch), and a tensor-core config's equals the product of the quantized x."""
+    tq = _tq()
+    n, k = 129, 1000
+    qweight, scales, b = per_channel_case(fmt, n, k, True, DTYPES[0])
+    x = activations(t, k, DTYPES[0])
+    fma, dot = _config(8, 256, split_k=2), _config(16, 64, dot=True)
+    key, device = (tq._layout(qweight), n, k, tq.m_bucket(t)), tq.device_name(x.device)
+    for config, quantized in ((fma, False), (dot, True)):
+        want = tq.per_channel_skinny(x, qweight, scales, b, quantized, config=config)
+        restore = tq.QUANT_TABLE.override(device, {key: config})
+        try:
+            got = tq.per_channel_linear(x, qweight, scales, b, True)
+        finally:
+            restore()
+        assert torch.equal(got, want), str(config)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -297,7 +326,8 @@ def test_quantized_ops_at_model_shapes(t: int) -> None:
             qweight, scales, _ = per_channel_case(fmt, n, k, False, dtype)
             for act_quant in (False, True):
                 out = tq.per_channel_linear(x, qweight, scales, None, act_quant)
-                assert rel_err(out, per_channel_ref(x, qweight, scales, None, act_quant)) < TOL
+                quantized = act_quant and _quantizes_x(qweight, t, n, k)
+                assert rel_err(out, per_channel_ref(x, qweight, scales, None, quantized)) < TOL
 
 
 def test_skinny_cuda_graph_replay_at_one_row() -> None:

@@ -20,8 +20,11 @@ turned into products in registers. Each public function dispatches on the number
 int4 words are loaded whole (8 columns in 32 bits); nibble j is shifted out and OR'd into the mantissa of
 2**23, which makes the float 2**23 + q exactly, so one subtraction of 2**23 + z gives q - z without an
 integer-to-float conversion; a word lies in one group (groups are multiples of 8 columns), so its scale and
-zero are loaded once per word. With `act_quant` (W8A8 INT8, FP8 dynamic) x is first quantized per token by a
-one-pass kernel; INT8 products run on int8 tensor cores (or FMA) with int32 sums; FP8 prefill on Hopper goes to
+zero are loaded once per word. int8 words are read the same way, four bytes per word, each byte's sign bit
+flipped so that it lies in the mantissa as 2**23 + b + 128. With `act_quant` (W8A8 INT8, FP8 dynamic) x is
+first quantized per token by a one-pass kernel wherever the product runs on tensor cores: INT8 products on
+int8 tensor cores with int32 sums; the FMA products of one or two rows (batch-1 and batch-2 decode) read x
+unquantized, as their float32 sums gain nothing from a rounded x; FP8 prefill on Hopper goes to
 `torch._scaled_mm` with per-token × per-channel scales, elsewhere to the Triton GEMM. On Hopper every kernel
 is a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight loads, then waits for the
 kernel that wrote x. Configs are chosen per (layout, N, K, T bucket) from `QUANT_TABLE` (measured; per device)
@@ -737,12 +740,14 @@ def per_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        act_quant: bool) -> torch.Tensor:
     """`quant_reference.per_channel_linear`: x [T, K] → [T, N] by the skinny kernel up to 16 rows; above, weight-only
     by the weight dequantized into a scratch, then cuBLAS, and W8A8 by the tiled kernel (FP8: torch._scaled_mm
-    where it runs)."""
+    where it runs). With act_quant, a skinny product quantizes x only where it runs on tensor cores: an FMA one
+    sums in float32 either way, so it reads x as it is (one launch fewer, no rounding of x)."""
     if not _runs_kernels(x):
         return quant_reference.per_channel_linear(x, qweight, scales, bias, act_quant)
     x2 = triton_ops.as_rows(x)  # [T, K]
     if 1 <= x2.shape[0] <= SKINNY_MAX_M:
-        y = per_channel_skinny(x2, qweight, scales, bias, act_quant)
+        config = skinny_config(_layout(qweight), x2.shape[0], qweight.shape[0], x2.shape[1], device_name(x.device))
+        y = per_channel_skinny(x2, qweight, scales, bias, act_quant and config.dot, config=config)
     elif act_quant and _scaled_mm_ok(x2, qweight):
         y = _scaled_mm_fp8(x2, qweight, scales, bias)
     elif not act_quant:
