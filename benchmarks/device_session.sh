@@ -7,7 +7,7 @@
 #   bash benchmarks/device_session.sh dp OUT_DIR       # DP_SIZE replicas behind vllm-router (needs the wheels and
 #                                                       # vllm-router's: see dp_sweep.sh), through the front
 #   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
-#   bash benchmarks/device_session.sh quant-sweep OUT_DIR    # quantized skinny tiles not swept yet (QUANT_SWEEP):
+#   bash benchmarks/device_session.sh quant-sweep OUT_DIR    # quantized skinny tiles (QUANT_SWEEP; all at 1, 2 rows):
 #                                                            # batch-1 decode per format with the committed file, the
 #                                                            # sweep into it (OUT_DIR/quant-*.json), decode again
 #   bash benchmarks/device_session.sh structured OUT_DIR     # structured-output GPU tests, then decode and nano with
@@ -70,9 +70,8 @@ case $stage in
     while read -r layouts rows; do
       (cd benchmarks && timeout 200 python3 quant_gpu.py --no-table --sweep --sweep-layouts "$layouts" \
         --sweep-rows "$rows" | grep -v '^{')
-    done <<< "${QUANT_SWEEP:-int4 2
-int8,fp8 1
-int8,fp8 2}"
+    done <<< "${QUANT_SWEEP:-int4,int8,fp8 1
+int4,int8,fp8 2}"
     cp src/r1serve/kernels/tuning/quant-*.json "$out/"
     decode "after the sweep" ;;
   structured)  # the masks over the real vocabulary when .carry/tokenizer is there (see the serving stage)
