@@ -94,6 +94,7 @@ QUANT_CASES: list[tuple[str, dict]] = [
     ("test_per_channel_linear_matches_twin", {"fmt": "int8", "act_quant": True, "t": 16, "shape": (70, 8960),
                                               "bias": False, "dtype": F32}),
     *[("test_fma_products_read_x_unquantized", {"fmt": f, "t": t}) for f, t in (("int8", 1), ("fp8", 2))],
+    *[("test_fma_words_read_every_byte_value_exactly", {"fmt": f}) for f in ("int8", "fp8")],
     *[("test_per_channel_skinny_any_config", {"fmt": f, "act_quant": a, "t": t})
       for f, a, t in (("int8", True, 1), ("fp8", False, 2), ("int8", False, 5), ("fp8", True, 16))],
     *[("test_per_channel_gemm_any_tiles", {"fmt": f, "act_quant": a})

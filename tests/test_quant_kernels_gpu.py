@@ -172,6 +172,24 @@ def test_per_channel_linear_matches_twin(fmt: str, act_quant: bool, t: int, shap
     assert rel_err(out, ref) < TOL
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fma_words_read_every_byte_value_exactly(fmt: str) -> None:
+    """Every byte value (fp8: but the two NaN codes) at each of a word's four places, times a one-hot x, comes out
+    of the FMA form as itself (the int8 form reads the layout as words, four bytes each)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if fmt == "fp8":
+        codes = codes[(codes & 0x7F) != 0x7F]
+    values = codes.view(torch.int8 if fmt == "int8" else torch.float8_e4m3fn).to(DEVICE)
+    scales = torch.ones(values.numel(), device=DEVICE)
+    for j in range(4):
+        qweight = torch.zeros(values.numel(), 8, dtype=values.dtype, device=DEVICE)
+        qweight[:, 4 + j] = values
+        x = torch.zeros(1, 8, device=DEVICE, dtype=DTYPES[0])
+        x[0, 4 + j] = 1
+        out = _tq().per_channel_skinny(x, qweight, scales, None, False, config=_config(32, 512))
+        assert torch.equal(out[0].float(), values.float()), f"byte {j}"
+
+
 def _quantizes_x(qweight: torch.Tensor, t: int, n: int, k: int) -> bool:
     """Whether `per_channel_linear` with act_quant quantizes x at t rows: above 16 rows, and where the skinny
     product's config runs on tensor cores (an FMA product reads x unquantized)."""
