@@ -231,32 +231,56 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _x_plane(x_ptr, row, kw, kw_mask, j: tl.constexpr):
-        """Column plane j of x's row: (x[row, 8 kw + j], the same times 2**-shift(j)), float32 [BLOCK_KW], by
-        stride-8 loads (x is a few KiB and stays cached)."""
-        SHIFT: tl.constexpr = 4 * j - 12 * (j // 5)
-        x = tl.load(x_ptr + row + kw * 8 + j, mask=kw_mask, other=0.0).to(tl.float32)
+    def _byte_plane(words, words_hi, magic, j: tl.constexpr):
+        """Byte j of every word [BLOCK_N, BLOCK_KW] (sign bits flipped: u = b + 128) as the float u · 2**shift(j),
+        exactly, as `_plane` does for nibbles: masked where it lies (bytes 2 and 3 from words >> 16; shift(j) =
+        0 or 8, so that the byte stays inside the 23-bit mantissa), OR'd into the mantissa of magic = 2**23,
+        minus 2**23. No integer-to-float conversion."""
+        source = words if j < 2 else words_hi
+        bits = (source & (255 << (8 * (j % 2)))) | magic
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _x_plane(x_ptr, row, kw, kw_mask, j: tl.constexpr, BITS: tl.constexpr):
+        """Column plane j of x's row for words of BITS-bit weights: (x[row, (32 / BITS) kw + j], the same times
+        2**-shift(j)), float32 [BLOCK_KW], by strided loads (x is a few KiB and stays cached). shift(j) is where
+        the weight plane leaves weight j: 4j or 4j - 12 for nibbles (`_plane`), 0 or 8 for bytes
+        (`_byte_plane`)."""
+        SHIFT: tl.constexpr = (4 * j - 12 * (j // 5)) if BITS == 4 else 8 * (j % 2)
+        x = tl.load(x_ptr + row + kw * (32 // BITS) + j, mask=kw_mask, other=0.0).to(tl.float32)
         return x, x * (1.0 / (1 << SHIFT))
+
+    @triton.jit
+    def _plane_sums(acc0, acc1, words, words_hi, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr,
+                    BITS: tl.constexpr):
+        """Per word, for x's rows m < BLOCK_M ≤ 2: (Σ_j p_j x_j [BLOCK_N, BLOCK_KW] for row 0 and row 1, Σ_j x_j
+        [BLOCK_KW] for row 0 and row 1), the words' weight planes p_j (nibbles or bytes, as BITS says)
+        multiplying x's column planes in the words' own layout; acc0 / acc1 give the shapes."""
+        partial0 = tl.zeros_like(acc0)
+        partial1 = tl.zeros_like(acc1)
+        xsum0 = tl.zeros_like(kw).to(tl.float32)
+        xsum1 = tl.zeros_like(xsum0)
+        for j in tl.static_range(32 // BITS):
+            if BITS == 4:
+                plane = _plane(words, words_hi, magic, j)
+            else:
+                plane = _byte_plane(words, words_hi, magic, j)
+            x, x_scaled = _x_plane(x_ptr, 0, kw, kw_mask, j, BITS)
+            xsum0 += x
+            partial0 += plane * x_scaled[None, :]
+            if BLOCK_M > 1:
+                x, x_scaled = _x_plane(x_ptr, stride_xm, kw, kw_mask & (M > 1), j, BITS)
+                xsum1 += x
+                partial1 += plane * x_scaled[None, :]
+        return partial0, partial1, xsum0, xsum1
 
     @triton.jit
     def _int4_fma(acc0, acc1, words, scale, zero, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr):
         """acc_m [BLOCK_N, BLOCK_KW] += s · (Σ_j q_j x_j − z · Σ_j x_j) for every word and x's rows m < BLOCK_M ≤ 2:
         the eight nibble planes multiply x's eight column planes in the words' own layout, and a word's group
         scale and zero are folded once, after its eight products. Words are summed across after the last chunk."""
-        words_hi = words >> 12
-        partial0 = tl.zeros_like(acc0)
-        partial1 = tl.zeros_like(acc1)
-        xsum0 = tl.zeros_like(kw).to(tl.float32)
-        xsum1 = tl.zeros_like(xsum0)
-        for j in tl.static_range(8):
-            plane = _plane(words, words_hi, magic, j)
-            x, x_scaled = _x_plane(x_ptr, 0, kw, kw_mask, j)
-            xsum0 += x
-            partial0 += plane * x_scaled[None, :]
-            if BLOCK_M > 1:
-                x, x_scaled = _x_plane(x_ptr, stride_xm, kw, kw_mask & (M > 1), j)
-                xsum1 += x
-                partial1 += plane * x_scaled[None, :]
+        partial0, partial1, xsum0, xsum1 = _plane_sums(acc0, acc1, words, words >> 12, magic, x_ptr, M, kw, kw_mask,
+                                                       stride_xm, BLOCK_M, 4)
         acc0 += scale * (partial0 - zero * xsum0[None, :])
         if BLOCK_M > 1:
             acc1 += scale * (partial1 - zero * xsum1[None, :])
@@ -315,42 +339,13 @@ if triton is not None:
                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
 
     @triton.jit
-    def _byte_plane(words, words_hi, magic, j: tl.constexpr):
-        """Byte j of every word [BLOCK_N, BLOCK_KW] (sign bits flipped: u = b + 128) as the float u · 2**shift(j),
-        exactly, as `_plane` does for nibbles: masked where it lies (bytes 2 and 3 from words >> 16; shift(j) =
-        0 or 8, so that the byte stays inside the 23-bit mantissa), OR'd into the mantissa of magic = 2**23,
-        minus 2**23. No integer-to-float conversion."""
-        source = words if j < 2 else words_hi
-        bits = (source & (255 << (8 * (j % 2)))) | magic
-        return bits.to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _x_quarter(x_ptr, row, kw, kw_mask, j: tl.constexpr):
-        """Column plane j of x's row (x[row, 4 kw + j], the same times 2**-shift(j)), float32 [BLOCK_KW]."""
-        SHIFT: tl.constexpr = 8 * (j % 2)
-        x = tl.load(x_ptr + row + kw * 4 + j, mask=kw_mask, other=0.0).to(tl.float32)
-        return x, x * (1.0 / (1 << SHIFT))
-
-    @triton.jit
     def _int8_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr):
         """acc_m [BLOCK_N, BLOCK_KW] += Σ_j b_j x_j over the four int8 weights b_j of each word, for x's rows
         m < BLOCK_M ≤ 2: Σ_j u_j x_j − 128 · Σ_j x_j with u = b + 128 (the sign bits flipped), the byte planes
         multiplying x's four column planes in the words' own layout, as `_int4_fma` does with nibbles."""
         words = words ^ -2139062144  # 0x80808080: each byte's sign bit
-        words_hi = words >> 16
-        partial0 = tl.zeros_like(acc0)
-        partial1 = tl.zeros_like(acc1)
-        xsum0 = tl.zeros_like(kw).to(tl.float32)
-        xsum1 = tl.zeros_like(xsum0)
-        for j in tl.static_range(4):
-            plane = _byte_plane(words, words_hi, magic, j)
-            x, x_scaled = _x_quarter(x_ptr, 0, kw, kw_mask, j)
-            xsum0 += x
-            partial0 += plane * x_scaled[None, :]
-            if BLOCK_M > 1:
-                x, x_scaled = _x_quarter(x_ptr, stride_xm, kw, kw_mask & (M > 1), j)
-                xsum1 += x
-                partial1 += plane * x_scaled[None, :]
+        partial0, partial1, xsum0, xsum1 = _plane_sums(acc0, acc1, words, words >> 16, magic, x_ptr, M, kw, kw_mask,
+                                                       stride_xm, BLOCK_M, 8)
         acc0 += partial0 - 128.0 * xsum0[None, :]
         if BLOCK_M > 1:
             acc1 += partial1 - 128.0 * xsum1[None, :]
