@@ -212,11 +212,19 @@ if triton is not None:
             last, acc = split_k_sum(ws_ptr, tickets_ptr, acc, pid_n, pid_k, N, offs_n, offs_m, n_mask,
                                      BLOCK_M, BLOCK_N, SPLIT_K)
         if last:
-            if SCALED:
-                acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
-            if ACT_QUANT:
-                acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-            store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+            _scale_store(y_ptr, b_ptr, cs_ptr, xs_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS,
+                         SCALED, ACT_QUANT)
+
+    @triton.jit
+    def _scale_store(y_ptr, b_ptr, cs_ptr, xs_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym,
+                     HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, ACT_QUANT: tl.constexpr):
+        """y[m, n] = acc[n, m] (float32) × the per-channel (SCALED) and per-token (ACT_QUANT) scales (+ bias),
+        rounded once: both epilogues' last step."""
+        if SCALED:
+            acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+        if ACT_QUANT:
+            acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+        store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
 
     @triton.jit
     def _plane(words, words_hi, magic, j: tl.constexpr):
@@ -433,13 +441,8 @@ if triton is not None:
     def _store_tile(y_ptr, b_ptr, cs_ptr, xs_ptr, acc, offs_m, offs_n, M, N, stride_ym,
                     HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, ACT_QUANT: tl.constexpr):
         """y[m, n] = acc[n, m] × scales (+ bias), rounded once (the tiled epilogue)."""
-        n_mask, m_mask = offs_n < N, offs_m < M
-        acc = acc.to(tl.float32)
-        if SCALED:
-            acc *= tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
-        if ACT_QUANT:
-            acc *= tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-        store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
+        _scale_store(y_ptr, b_ptr, cs_ptr, xs_ptr, acc.to(tl.float32), offs_n, offs_m, offs_n < N, offs_m < M,
+                     stride_ym, HAS_BIAS, SCALED, ACT_QUANT)
 
     @triton.jit
     def _per_channel_gemm_kernel(x_ptr, xs_ptr, q_ptr, cs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn,
