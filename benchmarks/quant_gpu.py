@@ -158,9 +158,11 @@ def write_sweep(results: list[dict], device: str, directory: Path) -> Path:
                 "us": r["best_us"], "baseline_us": r["default_us"]}
                for r in results if r["best_us"] < 0.97 * r["default_us"]]
     command = "python benchmarks/quant_gpu.py " + " ".join(sys.argv[1:])
-    swept = {(r["layout"], r["n"], r["k"], r["m"]) for r in results}
-    path = write_tuning_file("quant", device, command.strip(), entries, directory,
-                             keep=lambda e: (e["layout"], e["n"], e["k"], e["m"]) not in swept)
+    def key(row: dict) -> tuple:  # results and entries carry the table's key fields under the same names
+        return tuple(row[field] for field in tq.QUANT_TABLE.key_fields)
+
+    swept = {key(r) for r in results}
+    path = write_tuning_file("quant", device, command.strip(), entries, directory, keep=lambda e: key(e) not in swept)
     print(f"\nwrote {path}: {len(entries)} entries where the best beat the rule by more than 3%")
     return path
 
