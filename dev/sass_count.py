@@ -52,10 +52,10 @@ def compile_form(form: str, m: int, config: SkinnyConfig | None = None) -> tuple
         fn = tq._per_channel_skinny_kernel
         types = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "q_ptr": "*i8" if form == "int8" else "*fp8e4nv",
                  "cs_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "tickets_ptr": "*i32"}
-        words = form == "int8" and not config.dot  # the byte-plane form, as per_channel_skinny picks it
+        words = not config.dot  # the byte-plane form, as per_channel_skinny picks it
         if words:
             types["q_ptr"] = "*i32"
-        consts = {**common, "ACT_QUANT": False, "INT_DOT": False, "WORDS": words}
+        consts = {**common, "ACT_QUANT": False, "INT_DOT": False, "WORDS": words, "FP8": form == "fp8"}
     names = list(fn.arg_names)
     signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in names}
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()},

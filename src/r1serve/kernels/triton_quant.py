@@ -21,7 +21,8 @@ int4 words are loaded whole (8 columns in 32 bits); nibble j is shifted out and 
 2**23, which makes the float 2**23 + q exactly, so one subtraction of 2**23 + z gives q - z without an
 integer-to-float conversion; a word lies in one group (groups are multiples of 8 columns), so its scale and
 zero are loaded once per word. int8 words are read the same way, four bytes per word, each byte's sign bit
-flipped so that it lies in the mantissa as 2**23 + b + 128. With `act_quant` (W8A8 INT8, FP8 dynamic) x is
+flipped so that it lies in the mantissa as 2**23 + b + 128; fp8 words too, each e4m3 byte's bits placed where
+an f16 keeps them (the float w · 2**-8, exactly). With `act_quant` (W8A8 INT8, FP8 dynamic) x is
 first quantized per token by a one-pass kernel wherever the product runs on tensor cores: INT8 products on
 int8 tensor cores with int32 sums; the FMA products of one or two rows (batch-1 and batch-2 decode) read x
 unquantized, as their float32 sums gain nothing from a rounded x; FP8 prefill on Hopper goes to
@@ -106,20 +107,17 @@ def _lookup(key: tuple[str, int, int, int], device: str) -> SkinnyConfig | GemmC
 
 def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> SkinnyConfig:
     """The skinny product's tiles for T = m ≤ 16 rows: measured (`QUANT_TABLE`), else the rule. The rule: FMA up to
-    FMA_MAX_M rows (int4 and int8, both read as words: 512-column chunks of 32 weight rows for wide products, 16
-    rows on 2 warps otherwise, so that each thread holds several rows of the same words; fp8: the whole
-    1536-wide reduction in one chunk, 1024-column chunks for longer ones); 16-row tensor-core tiles above;
-    split-K until about 8 programs per SM."""
+    FMA_MAX_M rows (every layout is read as words there: 512-column chunks of 32 weight rows for wide products,
+    16 rows on 2 warps otherwise, so that each thread holds several rows of the same words); 16-row tensor-core
+    tiles above; split-K until about 8 programs per SM."""
     bucket = m_bucket(m)
     tuned = _lookup((layout, n, k, bucket), device)
     if isinstance(tuned, SkinnyConfig):
         return tuned
     warps = 4
-    if bucket <= FMA_MAX_M and layout in (INT4, INT8):  # several weight rows per thread share each x plane
+    if bucket <= FMA_MAX_M:  # several weight rows per thread share each x plane
         block_n, block_k, dot = (32, 512, False) if n >= 8192 else (16, 512, False)
         warps = 4 if n >= 8192 else 2
-    elif bucket <= FMA_MAX_M:
-        block_n, block_k, dot = 4, (2048 if k <= 2048 else 1024), False
     else:
         block_n, block_k, dot = 16, 512, True
     block_k = min(block_k, max(64, triton.next_power_of_2(k)) if triton is not None else block_k)
@@ -144,6 +142,8 @@ def gemm_config(layout: str, m: int, n: int, k: int, device: str = "") -> GemmCo
 if triton is not None:
     from r1serve.kernels.triton_linear import split_k_sum, store_out
     from r1serve.kernels.triton_ops import pdl_start
+
+    NIBBLES, INT8_BYTES, FP8_BYTES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # a word's weights
 
     @triton.jit
     def _int4_groups(q_ptr, s_ptr, z_ptr, offs_n, n_mask, kw, kw_mask, stride_qn, stride_sn, stride_zn,
@@ -249,35 +249,50 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _x_plane(x_ptr, row, kw, kw_mask, j: tl.constexpr, BITS: tl.constexpr):
-        """Column plane j of x's row for words of BITS-bit weights: (x[row, (32 / BITS) kw + j], the same times
-        2**-shift(j)), float32 [BLOCK_KW], by strided loads (x is a few KiB and stays cached). shift(j) is where
-        the weight plane leaves weight j: 4j or 4j - 12 for nibbles (`_plane`), 0 or 8 for bytes
-        (`_byte_plane`)."""
-        SHIFT: tl.constexpr = (4 * j - 12 * (j // 5)) if BITS == 4 else 8 * (j % 2)
-        x = tl.load(x_ptr + row + kw * (32 // BITS) + j, mask=kw_mask, other=0.0).to(tl.float32)
+    def _fp8_plane(words, j: tl.constexpr):
+        """e4m3 byte j of every word [BLOCK_N, BLOCK_KW] as the float w · 2**-8, exactly, with no conversion
+        instruction: the byte's sign and its seven exponent and mantissa bits placed where an f16 keeps them (one
+        int32 holds the f16 pair of bytes 0 and 2, another of bytes 1 and 3), then widened to float32. An f16's
+        exponent bias (15 against e4m3's 7) makes the 2**-8; e4m3's subnormals land on f16 subnormals."""
+        if j % 2 == 0:  # -2147450880 = 0x80008000, the two halves' sign bits
+            pairs = ((words & 0x007F007F) << 7) | ((words << 8) & -2147450880)
+        else:
+            pairs = ((words >> 1) & 0x3F803F80) | (words & -2147450880)
+        half = (pairs >> 16) if j >= 2 else pairs
+        return half.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _x_plane(x_ptr, row, kw, kw_mask, j: tl.constexpr, KIND: tl.constexpr):
+        """Column plane j of x's row for words of KIND's weights: (x[row, w kw + j], the same times 2**-shift(j)),
+        float32 [BLOCK_KW], by strided loads (x is a few KiB and stays cached; w = 8 nibbles or 4 bytes a word).
+        shift(j) is where the weight plane leaves weight j: 4j or 4j - 12 for nibbles (`_plane`), 0 or 8 for int8
+        bytes (`_byte_plane`), 0 for fp8 (`_fp8_plane`)."""
+        SHIFT: tl.constexpr = (4 * j - 12 * (j // 5)) if KIND == NIBBLES else 8 * (j % 2) if KIND == INT8_BYTES else 0
+        x = tl.load(x_ptr + row + kw * (8 if KIND == NIBBLES else 4) + j, mask=kw_mask, other=0.0).to(tl.float32)
         return x, x * (1.0 / (1 << SHIFT))
 
     @triton.jit
     def _plane_sums(acc0, acc1, words, words_hi, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr,
-                    BITS: tl.constexpr):
+                    KIND: tl.constexpr):
         """Per word, for x's rows m < BLOCK_M ≤ 2: (Σ_j p_j x_j [BLOCK_N, BLOCK_KW] for row 0 and row 1, Σ_j x_j
-        [BLOCK_KW] for row 0 and row 1), the words' weight planes p_j (nibbles or bytes, as BITS says)
+        [BLOCK_KW] for row 0 and row 1), the words' weight planes p_j (nibbles, int8 or fp8 bytes: KIND)
         multiplying x's column planes in the words' own layout; acc0 / acc1 give the shapes."""
         partial0 = tl.zeros_like(acc0)
         partial1 = tl.zeros_like(acc1)
         xsum0 = tl.zeros_like(kw).to(tl.float32)
         xsum1 = tl.zeros_like(xsum0)
-        for j in tl.static_range(32 // BITS):
-            if BITS == 4:
+        for j in tl.static_range(8 if KIND == NIBBLES else 4):
+            if KIND == NIBBLES:
                 plane = _plane(words, words_hi, magic, j)
-            else:
+            elif KIND == INT8_BYTES:
                 plane = _byte_plane(words, words_hi, magic, j)
-            x, x_scaled = _x_plane(x_ptr, 0, kw, kw_mask, j, BITS)
+            else:
+                plane = _fp8_plane(words, j)
+            x, x_scaled = _x_plane(x_ptr, 0, kw, kw_mask, j, KIND)
             xsum0 += x
             partial0 += plane * x_scaled[None, :]
             if BLOCK_M > 1:
-                x, x_scaled = _x_plane(x_ptr, stride_xm, kw, kw_mask & (M > 1), j, BITS)
+                x, x_scaled = _x_plane(x_ptr, stride_xm, kw, kw_mask & (M > 1), j, KIND)
                 xsum1 += x
                 partial1 += plane * x_scaled[None, :]
         return partial0, partial1, xsum0, xsum1
@@ -288,7 +303,7 @@ if triton is not None:
         the eight nibble planes multiply x's eight column planes in the words' own layout, and a word's group
         scale and zero are folded once, after its eight products. Words are summed across after the last chunk."""
         partial0, partial1, xsum0, xsum1 = _plane_sums(acc0, acc1, words, words >> 12, magic, x_ptr, M, kw, kw_mask,
-                                                       stride_xm, BLOCK_M, 4)
+                                                       stride_xm, BLOCK_M, NIBBLES)
         acc0 += scale * (partial0 - zero * xsum0[None, :])
         if BLOCK_M > 1:
             acc1 += scale * (partial1 - zero * xsum1[None, :])
@@ -347,24 +362,30 @@ if triton is not None:
                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
 
     @triton.jit
-    def _int8_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr):
-        """acc_m [BLOCK_N, BLOCK_KW] += Σ_j b_j x_j over the four int8 weights b_j of each word, for x's rows
-        m < BLOCK_M ≤ 2: Σ_j u_j x_j − 128 · Σ_j x_j with u = b + 128 (the sign bits flipped), the byte planes
-        multiplying x's four column planes in the words' own layout, as `_int4_fma` does with nibbles."""
+    def _bytes_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M: tl.constexpr,
+                   FP8: tl.constexpr):
+        """acc_m [BLOCK_N, BLOCK_KW] += Σ_j b_j x_j over the four weights b_j of each word, for x's rows
+        m < BLOCK_M ≤ 2, the byte planes multiplying x's four column planes in the words' own layout, as
+        `_int4_fma` does with nibbles. int8: Σ_j u_j x_j − 128 · Σ_j x_j with u = b + 128 (the sign bits
+        flipped); fp8: Σ_j (b_j · 2**-8) x_j (`_fp8_plane`; the caller scales by 2**8)."""
+        if FP8:
+            partial0, partial1, _, _ = _plane_sums(acc0, acc1, words, words, magic, x_ptr, M, kw, kw_mask, stride_xm,
+                                                   BLOCK_M, FP8_BYTES)
+            return acc0 + partial0, acc1 + partial1
         words = words ^ -2139062144  # 0x80808080: each byte's sign bit
         partial0, partial1, xsum0, xsum1 = _plane_sums(acc0, acc1, words, words >> 16, magic, x_ptr, M, kw, kw_mask,
-                                                       stride_xm, BLOCK_M, 8)
+                                                       stride_xm, BLOCK_M, INT8_BYTES)
         acc0 += partial0 - 128.0 * xsum0[None, :]
         if BLOCK_M > 1:
             acc1 += partial1 - 128.0 * xsum1[None, :]
         return acc0, acc1
 
     @triton.jit
-    def _int8_words_product(x_ptr, q_ptr, offs_n, n_mask, M, K, k_lo, k_end, stride_xm, stride_qn, magic,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            USE_PDL: tl.constexpr):
-        """The FMA product of the int8 layout read as int32 words (q_ptr, stride_qn in words): [BLOCK_N, BLOCK_M]
-        float32 sums over columns [k_lo, k_end) of K, before any scale."""
+    def _words_product(x_ptr, q_ptr, offs_n, n_mask, M, K, k_lo, k_end, stride_xm, stride_qn, magic,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+                       FP8: tl.constexpr):
+        """The FMA product of the int8 or fp8 layout read as int32 words (q_ptr, stride_qn in words):
+        [BLOCK_N, BLOCK_M] float32 sums over columns [k_lo, k_end) of K, before any scale."""
         BLOCK_KW: tl.constexpr = BLOCK_K // 4
         KW = K // 4
         kw_end = k_end // 4
@@ -379,11 +400,13 @@ if triton is not None:
             kw_mask = (kw < KW) & (kw < kw_end)
             kw_next = kw + BLOCK_KW  # the next chunk's loads fly meanwhile
             nxt = _load_rows(q_ptr, offs_n, n_mask, kw_next, (kw_next < KW) & (kw_next < kw_end), stride_qn)
-            acc0, acc1 = _int8_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M)
+            acc0, acc1 = _bytes_fma(acc0, acc1, words, magic, x_ptr, M, kw, kw_mask, stride_xm, BLOCK_M, FP8)
         if BLOCK_M > 1:  # one return: Triton wants every return of a function to give one type
             acc = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))  # [BLOCK_N, 2]
         else:
             acc = tl.sum(acc0, axis=1)[:, None]
+        if FP8:
+            acc = acc * 256.0  # the planes' 2**-8
         return acc
 
     @triton.jit(do_not_specialize=["M"])
@@ -392,10 +415,10 @@ if triton is not None:
                                    ACT_QUANT: tl.constexpr, INT_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                    SPLIT_K: tl.constexpr, DOT: tl.constexpr, USE_PDL: tl.constexpr,
-                                   WORDS: tl.constexpr = False, magic=0):
+                                   WORDS: tl.constexpr = False, FP8: tl.constexpr = False, magic=0):
         """Program (n block, k split): int8 / fp8 rows [BLOCK_N] over a share of K for all M rows of x (ACT_QUANT:
-        x is already quantized per token, xs its scales). WORDS (int8, FMA): q_ptr is the layout read as int32
-        words, stride_qn in words, and the products run on byte planes (`_int8_fma`)."""
+        x is already quantized per token, xs its scales). WORDS (FMA): q_ptr is the layout read as int32 words
+        (FP8: of e4m3 bytes), stride_qn in words, and the products run on byte planes (`_bytes_fma`)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -404,8 +427,8 @@ if triton is not None:
         k_lo = pid_k * split_span
         k_end = k_lo + split_span  # masks compare against K and k_end apart (see _int4_skinny_kernel)
         if WORDS:
-            acc = _int8_words_product(x_ptr, q_ptr, offs_n, n_mask, M, K, k_lo, k_end, stride_xm, stride_qn, magic,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL)
+            acc = _words_product(x_ptr, q_ptr, offs_n, n_mask, M, K, k_lo, k_end, stride_xm, stride_qn, magic,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL, FP8)
         else:
             ks = k_lo + tl.arange(0, BLOCK_K)
             w_next = _load_rows(q_ptr, offs_n, n_mask, ks, (ks < K) & (ks < k_end), stride_qn)  # no earlier kernel
@@ -623,15 +646,15 @@ def per_channel_skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     config = config or skinny_config(_layout(qweight), m, n, k, device_name(x.device))
     y, block_m, split, span, (ws, tickets) = _skinny_setup(x, n, config)
     a, a_scales = _activation(x, qweight, act_quant)
-    words = (qweight.dtype == torch.int8 and not config.dot and k % 4 == 0 and qweight.stride(0) % 4 == 0
-             and config.block_k % 4 == 0)
+    words = not config.dot and k % 4 == 0 and qweight.stride(0) % 4 == 0 and config.block_k % 4 == 0
     q = qweight.view(torch.int32) if words else qweight
     grid = (triton.cdiv(n, config.block_n), split)
     _per_channel_skinny_kernel[grid](
         a, a_scales, q, scales, y if bias is None else bias, y, ws, tickets, m, n, k, span, a.stride(0),
         q.stride(0), y.stride(0), ACT_QUANT=act_quant, INT_DOT=act_quant and config.dot and a.dtype ==
         torch.int8, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, DOT=config.dot, USE_PDL=triton_ops.use_pdl(), WORDS=words, magic=_MAGIC,
+        SPLIT_K=split, DOT=config.dot, USE_PDL=triton_ops.use_pdl(), WORDS=words,
+        FP8=qweight.dtype != torch.int8, magic=_MAGIC,
         num_warps=config.warps, num_stages=config.stages, **triton_ops.pdl_launch())
     return y
 
