@@ -101,8 +101,8 @@ def test_cpu_tensors_have_no_device_name() -> None:
 
 
 def test_the_h200_quant_table_replaces_the_rule_where_it_won() -> None:
-    """The H200's swept entries replace the rule there; the keys where the rule won (int4 down_proj at one row,
-    fp8 qkv_proj), the row buckets not swept and other devices keep the rule."""
+    """The H200's swept entries replace the rule there; the keys where the rule won (int4 down_proj at one row),
+    the row buckets not swept and other devices keep the rule."""
     from r1serve.kernels import triton_quant as tq
 
     h200, other = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
@@ -110,8 +110,9 @@ def test_the_h200_quant_table_replaces_the_rule_where_it_won() -> None:
     assert tq.skinny_config(tq.INT4, 1, 17920, 1536, h200) == SkinnyConfig(64, 256, split_k=2)
     assert tq.skinny_config(tq.INT4, 2, 17920, 1536, h200) == SkinnyConfig(64, 256, split_k=4, warps=2)
     assert tq.skinny_config(tq.INT8, 1, 1536, 8960, h200) == SkinnyConfig(8, 2048, warps=8)
-    assert tq.skinny_config(tq.FP8, 2, 17920, 1536, h200) == SkinnyConfig(16, 512, warps=2)
-    for layout, device, m, n, k in ((tq.INT4, h200, 1, 1536, 8960), (tq.FP8, h200, 1, 2048, 1536),
+    assert tq.skinny_config(tq.FP8, 1, 2048, 1536, h200) == SkinnyConfig(8, 2048)
+    assert tq.skinny_config(tq.FP8, 2, 17920, 1536, h200) == SkinnyConfig(16, 512)
+    for layout, device, m, n, k in ((tq.INT4, h200, 1, 1536, 8960),
                                     (tq.INT8, h200, 4, 2048, 1536), (tq.INT4, other, 1, 2048, 1536)):
         assert tq.skinny_config(layout, m, n, k, device) == tq.skinny_config(layout, m, n, k, "")
     assert tq.skinny_config(tq.INT4, 1, 2048, 1536, "") == SkinnyConfig(16, 512, split_k=2, warps=2)
