@@ -1,7 +1,7 @@
 """What serving costs the host per streamed token, with the model stubbed out: the ceiling the Python sets.
 
     python benchmarks/serving_overhead.py --concurrency 256 --num-prompts 512 --output-len 256 \
-        [--tokenizer ../shared/data/tokenizer] [--no-engine-process] [--profile]
+        [--tokenizer ../shared/data/tokenizer] [--no-engine-process] [--stream-interval N] [--profile]
 
 The server is the real one (FastAPI app, usage rules, reasoning split, SSE, uvicorn) over the real `ProcessEngine`,
 whose child steps the real scheduler, detokenizer and outputs around a stubbed forward pass and sampler
@@ -81,7 +81,8 @@ def build_app(args: argparse.Namespace) -> tuple[object, object, int]:
     settings = ServerSettings(
         model=str(tiny_model_folder()), served_model_name=[MODEL], tokenizer=args.tokenizer, load_format="dummy",
         device="cpu", dtype="float32", max_num_seqs=args.concurrency, max_model_len=args.output_len + 512,
-        kv_cache_space=1.0, access_log=False, log_level="warning", repetition_guard=False)
+        kv_cache_space=1.0, access_log=False, log_level="warning", repetition_guard=False,
+        stream_interval=args.stream_interval)
     config = settings.engine_config()
     if args.engine_process:
         engine = ProcessEngine(config, stubbed_engine)
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the byte-level fallback)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--stream-interval", type=int, default=1, help="as `r1serve serve --stream-interval`")
     parser.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, asyncio, uvloop")
     parser.add_argument("--http", default="auto", help="uvicorn's HTTP protocol: auto, h11, httptools")
     parser.add_argument("--profile", action="store_true", help="profile the event loop's thread (its CPU time)")
@@ -148,11 +150,13 @@ def print_report(args: argparse.Namespace, config: uvicorn.Config, report: dict)
     per_token = {k: report[k] / tokens * 1e6 for k in ("server_cpu_s", "child_cpu_s")}
     mode = "engine process" if args.engine_process else "engine thread"
     print(f"{args.num_prompts} streams x {args.output_len} tokens, concurrency {args.concurrency}, {mode}, "
+          f"stream interval {args.stream_interval}, "
           f"loop {config.loop}, http {config.http}: {tokens / report['seconds']:,.0f} output tokens/s "
           f"({report['events']:,} events in {report['seconds']:.2f} s); CPU per token: server "
           f"{per_token['server_cpu_s']:.1f} us, engine child {per_token['child_cpu_s']:.1f} us")
     print(json.dumps({"concurrency": args.concurrency, "num_prompts": args.num_prompts,
-                      "output_len": args.output_len, "engine_process": args.engine_process, "loop": config.loop,
+                      "output_len": args.output_len, "engine_process": args.engine_process,
+                      "stream_interval": args.stream_interval, "loop": config.loop,
                       "http": config.http, "tokenizer": args.tokenizer,
                       "output_tokens_per_s": tokens / report["seconds"],
                       "server_cpu_us_per_token": per_token["server_cpu_s"],

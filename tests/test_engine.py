@@ -144,6 +144,26 @@ def test_streaming_deltas_add_up_to_the_text(llm: LLM) -> None:
     assert "".join(deltas) == last.outputs[0].text
 
 
+def test_a_stream_interval_gathers_tokens_and_changes_nothing_else(tiny_model_dir: Path, llm: LLM) -> None:
+    """With `stream_interval` 4 a sample's first token goes out alone, then four at a time, the rest at its end;
+    the samples are the same as streamed token by token."""
+    gathered = LLM(str(tiny_model_dir), load_format="dummy", dtype="float32", kv_cache_space=0.05, stream_interval=4)
+    params = SamplingParams(n=2, max_tokens=14, seed=5, top_p=1.0, ignore_eos=True)
+    sizes: dict[int, list[int]] = {0: [], 1: []}
+    texts: dict[int, str] = {0: "", 1: ""}
+    last = None
+    for out in gathered.stream([5, 6, 7], params):
+        for c in out.outputs:
+            sizes[c.index].append(len(c.delta_token_ids))
+            texts[c.index] += c.delta_text
+        last = out
+    assert last is not None and last.finished
+    assert sizes == {0: [1, 4, 4, 4, 1], 1: [1, 4, 4, 4, 1]}
+    assert [texts[c.index] for c in last.outputs] == [c.text for c in last.outputs]
+    one_by_one = llm.generate([[5, 6, 7]], params)[0]
+    assert [c.token_ids for c in last.outputs] == [c.token_ids for c in one_by_one.outputs]
+
+
 def test_thinking_budget_closes_reasoning(llm: LLM) -> None:
     out = llm.chat([{"role": "user", "content": "hi"}],
                    SamplingParams(max_tokens=10, max_thinking_tokens=4, seed=1, ignore_eos=True))[0].outputs[0]

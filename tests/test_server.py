@@ -151,6 +151,22 @@ def test_chat_reasoning_split_full_and_streamed_agree(server: ServerHandle, clie
     assert streamed_usage["completion_tokens_details"] == {"reasoning_tokens": BUDGET + 1}
 
 
+def test_a_stream_interval_sends_fewer_chunks_of_the_same_text(tiny_model_dir: Path, client: OpenAI) -> None:
+    """`--stream-interval 4` (vLLM's flag): the role still comes with the first text, the chunks carry about four
+    tokens each, and the reasoning and answer are those of the full response."""
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0,
+               "max_tokens": 16}
+    message = client.chat.completions.create(**request, extra_body={"ignore_eos": True}).choices[0].message
+    with running_server(tiny_model_dir, *SERVER_ARGS, "--stream-interval", "4") as gathered:
+        payloads = stream_payloads(gathered, "/v1/chat/completions", {**request, "ignore_eos": True})
+    deltas = [c["choices"][0]["delta"] for c in payloads[:-1] if c["choices"]]
+    assert deltas[0]["role"] == "assistant" and deltas[0]["reasoning_content"]
+    texts = [d for d in deltas if d.get("content") or d.get("reasoning_content")]
+    assert 3 <= len(texts) <= 6  # 1 + 4 + 4 + 4 + 3 tokens, the answer's start splitting one output in two
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == message.reasoning_content
+    assert "".join(d.get("content") or "" for d in deltas) == message.content
+
+
 def test_chat_prompt_is_the_r1_template_with_forced_thinking(server: ServerHandle, client: OpenAI,
                                                               tokenizer: Any) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

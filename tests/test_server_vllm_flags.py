@@ -19,7 +19,8 @@ from test_server_app import CHAT, MODEL, ScriptedEngine
 RECIPE = ["--model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "--trust-remote-code", "--reasoning-parser",
           "deepseek_r1", "--enable-reasoning", "--enable-chunked-prefill", "--disable-log-requests",
           "--uvicorn-log-level", "warning", "--max-logprobs", "5", "--download-dir", "/tmp/hf",
-          "--served-model-name", "r1", "r1-distill", "--max-model-len", "4096", "--port", "8000"]
+          "--served-model-name", "r1", "r1-distill", "--max-model-len", "4096", "--stream-interval", "20",
+          "--port", "8000"]
 
 
 def test_a_vllm_recipe_parses_with_several_served_names() -> None:
@@ -27,6 +28,7 @@ def test_a_vllm_recipe_parses_with_several_served_names() -> None:
     assert settings.served_model_name == ["r1", "r1-distill"]
     assert settings.model_names()[:2] == ["r1", "r1-distill"]
     assert settings.engine_config().download_dir == "/tmp/hf"
+    assert settings.engine_config().stream_interval == 20
     assert settings.disable_log_requests and settings.uvicorn_log_level == "warning"
     assert settings.max_logprobs == 5  # a real limit now (server/logprobs.py), not a flag merely accepted
 

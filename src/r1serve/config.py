@@ -217,6 +217,8 @@ class EngineConfig:
         "auto", "KV-cache dtype: auto = the model's; fp8 (= fp8_e4m3) holds twice the tokens")
     num_cpu_threads: int | None = option(
         None, "threads of a CPU engine (default: every core; the HTTP process keeps one)", gt=0)
+    stream_interval: int = option(
+        1, "output tokens a stream gathers before they are sent (the first and the last go at once)", gt=0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

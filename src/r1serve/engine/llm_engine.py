@@ -368,13 +368,19 @@ class LLMEngine:
         outputs = []
         for request_id, seqs in progressed.items():
             request = seqs[0].request
-            if request.stream:
-                outputs.append(request.to_output(seqs))
-            elif request.finished:
-                outputs.append(request.to_output(request.seqs))
             if request.finished:
+                outputs.append(request.to_output(request.seqs if not request.stream else
+                                                 [s for s in request.seqs if s in seqs or s.has_unsent]))
                 self._forget(request_id)
+            elif request.stream and (due := [s for s in seqs if self._stream_due(s)]):
+                outputs.append(request.to_output(due))
         return outputs
+
+    def _stream_due(self, seq: Sequence) -> bool:
+        """Whether a streamed sample's progress goes out this step: its first tokens, its end, or once it has
+        gathered `stream_interval` tokens."""
+        return (seq.is_finished or seq.num_emitted_tokens == 0
+                or seq.num_output_tokens - seq.num_emitted_tokens >= self.config.stream_interval)
 
     def _forget(self, request_id: str) -> Request | None:
         request = self.requests.pop(request_id, None)

@@ -114,6 +114,11 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def has_unsent(self) -> bool:
+        """Whether it holds tokens or text no RequestOutput has carried yet (a stream gathering them)."""
+        return self.num_emitted_tokens < len(self.output_ids) or bool(self.pending_text)
+
     def to_output(self) -> CompletionOutput:
         """The cumulative output so far plus the delta since the previous call."""
         start = self.num_emitted_tokens
