@@ -16,9 +16,9 @@
 # Run from the repository root (the device tool's working directory), e.g. with OUT_DIR=$OUT. Each stage writes
 # its log to OUT_DIR/<stage>.log and prints its table last. The serving stage needs the server's packages and the
 # real tokenizer, neither of which is on that machine: here, run ../shared/tools/device-wheels, then
-# `../shared/tools/device-wheels httpx2 httpcore2 truststore opentelemetry-api` (what this openai and fastapi
-# need beyond its default list) and `mkdir -p .carry && cp -r ../shared/data/tokenizer .carry/`; name .whl and
-# .carry in the call's carry. The tests stage runs only the GPU test files, so it needs neither.
+# `../shared/tools/device-wheels httpx2 httpcore2 truststore opentelemetry-api fastapi-offline` (what this openai,
+# this fastapi and r1serve's /docs need beyond its default list) and
+# `mkdir -p .carry && cp -r ../shared/data/tokenizer .carry/`; name .whl and .carry in the call's carry. The tests stage runs only the GPU test files, so it needs neither.
 set -euo pipefail
 stage=$1; out=$2
 mkdir -p "$out"
