@@ -115,4 +115,5 @@ def test_the_h200_quant_table_replaces_the_rule_where_it_won() -> None:
     for layout, device, m, n, k in ((tq.INT4, h200, 1, 1536, 8960),
                                     (tq.INT8, h200, 4, 2048, 1536), (tq.INT4, other, 1, 2048, 1536)):
         assert tq.skinny_config(layout, m, n, k, device) == tq.skinny_config(layout, m, n, k, "")
-    assert tq.skinny_config(tq.INT4, 1, 2048, 1536, "") == SkinnyConfig(16, 512, split_k=2, warps=2)
+    assert tq.skinny_config(tq.INT4, 1, 2048, 1536, "") == SkinnyConfig(8, 2048)  # the rule: K in one chunk
+    assert tq.skinny_config(tq.FP8, 2, 1536, 8960, "") == SkinnyConfig(16, 512, split_k=16, warps=2)

@@ -107,15 +107,18 @@ def _lookup(key: tuple[str, int, int, int], device: str) -> SkinnyConfig | GemmC
 
 def skinny_config(layout: str, m: int, n: int, k: int, device: str = "") -> SkinnyConfig:
     """The skinny product's tiles for T = m ≤ 16 rows: measured (`QUANT_TABLE`), else the rule. The rule: FMA up to
-    FMA_MAX_M rows (every layout is read as words there: 512-column chunks of 32 weight rows for wide products,
-    16 rows on 2 warps otherwise, so that each thread holds several rows of the same words); 16-row tensor-core
-    tiles above; split-K until about 8 programs per SM."""
+    FMA_MAX_M rows (every layout is read as words there): a short product whose K fits 2048 columns (qkv, o_proj)
+    in 8 weight rows by all of K, one program per block and no split, as the H200's sweep chose for every layout;
+    otherwise 512-column chunks of 32 weight rows for wide products, 16 rows on 2 warps else, so that each thread
+    holds several rows of the same words; 16-row tensor-core tiles above; split-K until about 8 programs per SM."""
     bucket = m_bucket(m)
     tuned = _lookup((layout, n, k, bucket), device)
     if isinstance(tuned, SkinnyConfig):
         return tuned
     warps = 4
-    if bucket <= FMA_MAX_M:  # several weight rows per thread share each x plane
+    if bucket <= FMA_MAX_M and n < 8192 and k <= 2048:  # one chunk of K: no split, no partial sums
+        block_n, block_k, dot = 8, 2048, False
+    elif bucket <= FMA_MAX_M:  # several weight rows per thread share each x plane
         block_n, block_k, dot = (32, 512, False) if n >= 8192 else (16, 512, False)
         warps = 4 if n >= 8192 else 2
     else:
