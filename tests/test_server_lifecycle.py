@@ -119,3 +119,24 @@ def test_bind_socket_names_the_fix() -> None:
         bind_socket("no-such-host.invalid", 8000)
     sock = bind_socket("127.0.0.1", 0)
     sock.close()
+
+
+def test_the_loader_prepares_the_text_length_check_off_the_event_loop(tiny_model_dir: Path) -> None:
+    """The longest token's length (a scan of the whole vocabulary) is known before the first request, which
+    would otherwise compute it on the event loop while every stream waits."""
+    from types import SimpleNamespace
+
+    from r1serve.server.launcher import load_engine
+    from r1serve.server.settings import ServerSettings
+    from r1serve.server.state import ServerState
+
+    settings = ServerSettings(model=str(tiny_model_dir), load_format="dummy", device="cpu", dtype="float32",
+                              kv_cache_space=0.05, engine_process=False)
+    state = ServerState(settings)
+    load_engine(settings, state, SimpleNamespace(should_exit=False, engine_died=lambda: None))  # type: ignore[arg-type]
+    assert state.load_error is None and state.engine is not None
+    try:
+        assert state.engine.tokenizer._max_chars_per_token == max(
+            len(s) for s in state.engine.tokenizer._token_strings())
+    finally:
+        state.engine.shutdown()

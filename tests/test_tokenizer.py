@@ -89,6 +89,33 @@ def test_reference_encodings(real: Tokenizer, special_tokens: dict) -> None:
     assert real.encode("Hello", add_special_tokens=True)[0] == 151646
 
 
+def test_encoding_lets_other_threads_run(real: Tokenizer) -> None:
+    """A server tokenizes prompts on worker threads: while one encodes, the event loop's thread must keep
+    running. With the GIL held for the whole encode, this thread would stall for an encode's length."""
+    import threading
+    import time
+
+    text = "The quick brown fox jumps over the lazy dog, 12345 times. " * 3000  # ~40k tokens
+    start = time.perf_counter()
+    real.encode(text)
+    one_encode = time.perf_counter() - start
+    stop = threading.Event()
+
+    def encode_until_stopped() -> None:
+        while not stop.is_set():
+            real.encode(text)
+
+    worker = threading.Thread(target=encode_until_stopped, daemon=True)
+    worker.start()
+    longest, last, end = 0.0, time.perf_counter(), time.perf_counter() + 6 * one_encode
+    while (now := time.perf_counter()) < end:
+        longest, last = max(longest, now - last), now
+        sum(range(100))
+    stop.set()
+    worker.join()
+    assert longest < one_encode / 2, f"this thread stalled {longest * 1e3:.1f} ms; one encode takes {one_encode * 1e3:.1f}"
+
+
 def test_chat_template_gives_reference_ids(real: Tokenizer) -> None:
     messages = [{"role": "user", "content": "What is 1+1?"}]
     assert real.apply_chat_template(messages) == BOS + USER + "What is 1+1?" + ASSISTANT + "<think>\n"

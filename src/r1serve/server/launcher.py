@@ -146,6 +146,7 @@ def load_engine(settings: ServerSettings, state: ServerState, server: R1Server) 
         return
     if settings.chat_template is not None:
         engine.tokenizer.set_chat_template(read_chat_template(settings.chat_template))
+    engine.tokenizer.max_chars_per_token()  # a scan of the vocabulary: here, not on the event loop at a first request
     state.engine = engine
     engine.on_death(lambda reason: server.engine_died())
     logger.info("model %s ready: answers to %s; max_model_len %d; policy %s", settings.model,
