@@ -18,7 +18,8 @@ skinny kernels, and each projection alone: cuBLAS against `kernels/triton_linear
    piece changed each; µs per replay (median) and the torch.profiler kernel table per step.
 4. Or (--step-sweep) every candidate config of one projection timed inside that whole step graph instead of in a
    graph of its own copies: at one row a product's cost is mostly how its launch overlaps its neighbours' (PDL),
-   which the op alone does not show. Prints the fastest, then times the leaders and the committed config again.
+   which the op alone does not show. Prints the fastest, then times the leaders and the committed config again;
+   --write-step-sweep adds the winners that beat the committed table to this device's tuning file.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ PROJECTIONS: dict[str, tuple[int, int, int, bool]] = {
     "qkv_proj": (2048, 1536, triton_linear.ACT_ADD_RMS_NORM, True),
     "o_proj": (1536, 1536, triton_linear.ACT_PLAIN, False),
     "gate_up_proj": (17920, 1536, triton_linear.ACT_ADD_RMS_NORM, False),
-    "down_proj": (1536, 8960, triton_linear.ACT_PLAIN, False),
+    "down_proj": (1536, 8960, triton_linear.ACT_SILU_MUL, False),
     "lm_head": (151936, 1536, triton_linear.ACT_PLAIN, False),
 }
 Inputs = dict[str, Any]
@@ -68,7 +69,7 @@ def make_inputs(name: str, m: int) -> Inputs:
     return {
         "weights": [torch.randn(n, k, **bf) * k ** -0.5 for _ in range(copies)],
         "bias": torch.randn(n, **bf) if bias else None,
-        "x": torch.randn(m, k, **bf),
+        "x": torch.randn(m, 2 * k if act == triton_linear.ACT_SILU_MUL else k, **bf),  # the fused op's input
         "plain_x": torch.randn(m, k, **bf),
         "residual": torch.randn(m, k, **bf),
         "norm_weight": torch.rand(k, **bf) + 0.5,
@@ -87,13 +88,15 @@ def skinny_alone(inp: Inputs, config: SkinnyConfig, compile_only: bool = False) 
 
 
 def before_op(inp: Inputs, plain: SkinnyConfig | None = None) -> Callable[[], object]:
-    """The op unfused, as the model ran it before: the Triton (add +) RMSNorm kernel, then cuBLAS (or the skinny
-    product with `plain`)."""
+    """The op unfused, as the model ran it before: the Triton (add +) RMSNorm or SiLU-and-mul kernel, then cuBLAS
+    (or the skinny product with `plain`)."""
     def run() -> None:
         for w in inp["weights"]:
             a = inp["x"]
             if inp["act"] == triton_linear.ACT_ADD_RMS_NORM:
                 a, _ = triton_ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["norm_weight"], 1e-6)
+            elif inp["act"] == triton_linear.ACT_SILU_MUL:
+                a = triton_ops.silu_and_mul(inp["x"])
             if plain is None:
                 F.linear(a, w, inp["bias"])
             else:
@@ -315,7 +318,7 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
         ("after (PDL, rotary + store in decode)", after, True, tiles),
         ("after without PDL", after, False, tiles),
         ("after, separate rotary + store kernel", replace(after, fused_rotary_store_attend=None), True, tiles),
-        ("after, MLP unfused (norm, product, SiLU kernel)", replace(after, fused_norm_gate_up=None), True, tiles),
+        ("after, SiLU-and-mul kernel before down_proj", replace(after, fused_silu_linear=None), True, tiles),
         ("after, decode 8 warps", after, True, replace(tiles, num_warps=8)),
         ("after, decode 2 warps", after, True, replace(tiles, num_warps=2)),
         ("after, split decode with 64-key tiles", after, True, replace(tiles, block_n=64)),
@@ -360,10 +363,11 @@ def step_variant(llm: LLM, label: str, batches: list[int], ctx: int,
     return row
 
 
-# op → (the form its decode-step product takes in the tuning file, N, K): qkv and gate_up run with their norm
+# op → (the form its decode-step product takes in the tuning file, N, K): qkv and gate_up run with their norm,
+# down_proj with the SiLU-and-mul
 STEP_OPS: dict[str, tuple[str, int, int]] = {
     "qkv_proj": ("fused", 2048, 1536), "o_proj": ("plain", 1536, 1536),
-    "gate_up_proj": ("fused", 17920, 1536), "down_proj": ("plain", 1536, 8960),
+    "gate_up_proj": ("fused", 17920, 1536), "down_proj": ("fused", 1536, 8960),
 }
 
 
@@ -416,10 +420,34 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
         print(f"    {us:8.1f} µs  {labels[i]}", flush=True)
     leaders = [i for _, i in results[:3]]
     again = leaders + ([] if 0 in leaders else [0])
+    again_us: dict[int, list[float]] = {i: [] for i in again}
     for round_ in range(2):  # the leaders and the committed config once more, alternating
-        print(f"    again ({round_ + 1}): " + ", ".join(f"{labels[i]} {timed(options[i]):.1f}" for i in again),
+        for i in again:
+            again_us[i].append(timed(options[i]))
+        print(f"    again ({round_ + 1}): " + ", ".join(f"{labels[i]} {again_us[i][-1]:.1f}" for i in again),
               flush=True)
-    return [(us, labels[i]) for us, i in results]
+    best = min(again, key=lambda i: sum(again_us[i]))
+    mean = {i: sum(us) / len(us) for i, us in again_us.items()}
+    winner = {"form": form, "n": n, "k": k, "m": m_bucket(m), "step_us": round(mean[best], 1),
+              "committed_step_us": round(mean[0], 1)}
+    winner["config"] = _fields(options[best]) if best != 0 else "committed"
+    return {"ranking": [(us, labels[i]) for us, i in results], "winner": winner}
+
+
+def step_sweep_entries(sweeps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tuning entries the step sweeps decided: each winner that beat the committed table (its µs are per step
+    graph, not per call). A committed choice that won keeps its entry; where there was none, a "fused" form that
+    lost to the unfused path gets null (the op's own kernel first)."""
+    entries = []
+    for sweep_ in sweeps.values():
+        w = dict(sweep_["winner"])
+        if w["config"] == "committed":
+            measured, _ = SKINNY_TABLE.lookup(torch.cuda.get_device_name(), _key(w))
+            if measured or w["form"] != "fused":
+                continue
+            w["config"] = None
+        entries.append(w)
+    return entries
 
 
 def main() -> None:
@@ -436,6 +464,8 @@ def main() -> None:
     parser.add_argument("--step-sweep", default="", help="ops to sweep inside the step's graph (e.g. "
                         "gate_up_proj,down_proj), at the rows of --step-sweep-m, instead of the step variants")
     parser.add_argument("--step-sweep-m", type=int, default=1)
+    parser.add_argument("--write-step-sweep", action="store_true", help="add the step sweep's winners to this "
+                        "device's tuning file in --tuning-dir")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -464,6 +494,13 @@ def main() -> None:
     if args.step_sweep:
         result["step_sweep"] = {op: step_sweep(llm, op, args.step_sweep_m, args.ctx)
                                 for op in args.step_sweep.split(",")}
+        entries = step_sweep_entries(result["step_sweep"])
+        if args.write_step_sweep and entries:
+            command = "python benchmarks/decode_step_gpu.py " + " ".join(sys.argv[1:])
+            keys = {_key(e) for e in entries}
+            path = write_tuning_file("skinny", torch.cuda.get_device_name(), command.strip(), entries,
+                                     Path(args.tuning_dir), keep=lambda e: _key(e) not in keys)
+            print(f"--- wrote {path}: {entries}")
     else:
         result["steps"] = step_variants(llm, [int(b) for b in args.batches.split(",")], args.ctx, args.variants)
         print("--- summary: µs per decode-step forward graph (median replay), same run")

@@ -67,7 +67,8 @@ CASES: list[tuple[str, dict]] = [
     *[("test_fp8_decode_with_rotary_equals_rotary_store_then_decode", {"num_splits": n}) for n in (1, 5)],
     ("test_fp8_prefill_matches_twin", {"case": "block_boundaries"}),
     *[("test_skinny_any_config_odd_sizes", {"act": a, "m": m, "shape": (37, 200, True)})
-      for a in ("rms_norm", "add_rms_norm", "plain") for m in (1, 7)],
+      for a in ("rms_norm", "add_rms_norm", "plain", "silu") for m in (1, 7)],
+    *[("test_skinny_any_config_odd_sizes", {"act": "silu", "m": m, "shape": (129, 1000, False)}) for m in (1, 3)],
     ("test_skinny_rejects_configs_it_cannot_run", {}),
     ("test_skinny_row_tiles_need_one_whole_k_chunk", {}),
 ]

@@ -358,8 +358,8 @@ def test_apply_rotary_on_qkv_views(tokens: int, inplace: bool) -> None:
 
 # ---------------------------------------------------------------- skinny products (kernels/triton_linear.py)
 
-ACTS = ("plain", "rms_norm", "add_rms_norm")  # the skinny kernel's activations
-OPS = (*ACTS, "gated")  # gated: the MLP's first half, add + RMSNorm in, silu(gate) * up out
+ACTS = ("plain", "rms_norm", "add_rms_norm", "silu")  # the skinny kernel's activations (silu: x = [gate, up])
+OPS = ACTS
 
 
 def _linear_module():
@@ -369,14 +369,13 @@ def _linear_module():
 
 
 def skinny_case(act: str, m: int, n: int, k: int, bias: bool) -> dict[str, torch.Tensor | None]:
-    """Fresh random inputs of one fused product: x, weight, bias, residual, norm weight. n: output columns (for
-    gated, the [gate; up] weight has 2n rows and no bias)."""
-    gated = act == "gated"
-    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE) * 2
+    """Fresh random inputs of one fused product: x, weight [n, k], bias, residual, norm weight (for silu, x is
+    [gate, up], [m, 2k])."""
+    x = torch.randn(m, 2 * k if act == "silu" else k, device=DEVICE, dtype=DTYPE) * 2
     return {
-        "x": x, "weight": torch.randn(2 * n if gated else n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5,
-        "bias": torch.randn(n, device=DEVICE, dtype=DTYPE) if bias and not gated else None,
-        "residual": torch.randn(m, k, device=DEVICE, dtype=DTYPE) if act in ("add_rms_norm", "gated") else None,
+        "x": x, "weight": torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5,
+        "bias": torch.randn(n, device=DEVICE, dtype=DTYPE) if bias else None,
+        "residual": torch.randn(m, k, device=DEVICE, dtype=DTYPE) if act == "add_rms_norm" else None,
         "norm_weight": torch.rand(k, device=DEVICE, dtype=DTYPE) + 0.5,
     }
 
@@ -386,21 +385,23 @@ def skinny_activation(act: str, case: dict[str, torch.Tensor | None]) -> torch.T
     x, residual, norm_weight = case["x"], case["residual"], case["norm_weight"]
     if act == "rms_norm":
         return reference.rms_norm(x, norm_weight, 1e-6)
-    if act in ("add_rms_norm", "gated"):
+    if act == "add_rms_norm":
         return reference.fused_add_rms_norm(x, residual, norm_weight, 1e-6)[0]
+    if act == "silu":
+        return reference.silu_and_mul(x)
     return x
 
 
 def skinny_reference(act: str, case: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """The fused op's twin in float32 on upcast inputs."""
     up = {key: None if t is None else t.float() for key, t in case.items()}
-    y = reference.linear(skinny_activation(act, up), up["weight"], up["bias"])
-    return reference.silu_and_mul(y) if act == "gated" else y
+    return reference.linear(skinny_activation(act, up), up["weight"], up["bias"])
 
 
 def run_skinny(act: str, case: dict[str, torch.Tensor | None], config=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     tl_ = _linear_module()
-    code = {"plain": tl_.ACT_PLAIN, "rms_norm": tl_.ACT_RMS_NORM, "add_rms_norm": tl_.ACT_ADD_RMS_NORM}[act]
+    code = {"plain": tl_.ACT_PLAIN, "rms_norm": tl_.ACT_RMS_NORM, "add_rms_norm": tl_.ACT_ADD_RMS_NORM,
+            "silu": tl_.ACT_SILU_MUL}[act]
     return tl_.skinny_linear(case["x"], case["weight"], case["bias"], act=code, residual=case["residual"],
                              norm_weight=case["norm_weight"], eps=1e-6, config=config)
 
@@ -424,15 +425,15 @@ def run_op(act: str, case: dict[str, torch.Tensor | None]) -> torch.Tensor:
     tl_ = _linear_module()
     if act == "plain":
         return tl_.linear(case["x"], case["weight"], case["bias"])
-    residual = case["residual"] if act in ("add_rms_norm", "gated") else None
-    if act == "gated":
-        return tl_.rms_norm_gate_up(case["x"], residual, case["norm_weight"], 1e-6, case["weight"])[0]
+    if act == "silu":
+        return tl_.silu_linear(case["x"], case["weight"])
+    residual = case["residual"] if act == "add_rms_norm" else None
     out, _ = tl_.rms_norm_linear(case["x"], residual, case["norm_weight"], 1e-6, case["weight"], case["bias"])
     return out
 
 
 MODEL_SHAPES = {"plain": [(1536, 1536, False), (1536, 8960, False)], "rms_norm": [(2048, 1536, True)],
-                "add_rms_norm": [(17920, 1536, False), (2048, 1536, True)], "gated": [(8960, 1536, False)]}
+                "add_rms_norm": [(17920, 1536, False), (2048, 1536, True)], "silu": [(1536, 8960, False)]}
 
 
 @pytest.mark.parametrize("act", OPS)
@@ -446,7 +447,7 @@ def test_fused_ops_match_twin_at_model_shapes(act: str, m: int) -> None:
         assert rel_err(run_op(act, case), skinny_reference(act, case)) < BF16_TOL
         for device in ("", tl_.device_name(case["weight"].device)):  # the H100's table, and this device's
             config = tl_.skinny_config(m, case["weight"].shape[0], k, fused=act != "plain", device=device)
-            if config is not None and act != "gated":  # gated: the norm-fused product, then the SiLU kernel
+            if config is not None:
                 check_skinny(act, case, config)
 
 
@@ -507,9 +508,9 @@ def test_fused_ops_fall_back_past_the_skinny_range() -> None:
         out, new_res = tl_.rms_norm_linear(x, residual, nw, 1e-6, w, None)
         normed, expected_res = ops.fused_add_rms_norm(x, residual, nw, 1e-6)
         assert torch.equal(new_res, expected_res) and torch.equal(out, torch.nn.functional.linear(normed, w))
-        act, gated_res = tl_.rms_norm_gate_up(x, residual, nw, 1e-6, w)
-        gate_up = torch.nn.functional.linear(normed, w)
-        assert torch.equal(gated_res, expected_res) and torch.equal(act, ops.silu_and_mul(gate_up))
+        down_w = w[:, :128].contiguous()  # x as [gate, up] halves of 128
+        expected = torch.nn.functional.linear(ops.silu_and_mul(x), down_w)
+        assert torch.equal(tl_.silu_linear(x, down_w), expected)
         assert torch.equal(tl_.linear(x, w), torch.nn.functional.linear(x, w))
 
 

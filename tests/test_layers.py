@@ -123,7 +123,7 @@ def test_rotary_cache_stays_float32_and_valid_after_cast_and_meta():
 
 
 BASIC_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "apply_rotary", "linear")
-FUSED_OPS = {"fused_norm_linear": reference.rms_norm_linear, "fused_norm_gate_up": reference.rms_norm_gate_up,
+FUSED_OPS = {"fused_norm_linear": reference.rms_norm_linear, "fused_silu_linear": reference.silu_linear,
              "fused_rotary_store_kv": reference.rotary_store_kv,
              "fused_rotary_store_attend": REFERENCE_OPS.rotary_store_attend}
 
@@ -190,7 +190,7 @@ def test_decoder_layer_runs_the_fused_entries_and_they_equal_the_composition():
     fused = run_decode_step(model)
     torch.testing.assert_close(fused, unfused, atol=0, rtol=0)
     assert set(unfused_calls) == set(BASIC_OPS)
-    per_layer = ["fused_norm_linear", "fused_rotary_store_attend", "linear", "fused_norm_gate_up", "linear"]
+    per_layer = ["fused_norm_linear", "fused_rotary_store_attend", "linear", "fused_norm_linear", "fused_silu_linear"]
     assert fused_calls == 2 * (per_layer * 2 + ["fused_add_rms_norm"])  # 2 steps of 2 layers and the final norm
 
 
@@ -204,11 +204,9 @@ def test_fused_references_equal_their_compositions():
     out, same = reference.rms_norm_linear(x, None, norm_w, 1e-6, weight, None)
     assert same is x
     torch.testing.assert_close(out, reference.rms_norm(x, norm_w, 1e-6) @ weight.T)
-    gate_up_w = torch.randn(20, 16, generator=g)
-    act, new_residual = reference.rms_norm_gate_up(x, residual, norm_w, 1e-6, gate_up_w)
-    torch.testing.assert_close(new_residual, x + residual)
-    gate_up = reference.rms_norm(x + residual, norm_w, 1e-6) @ gate_up_w.T
-    torch.testing.assert_close(act, torch.nn.functional.silu(gate_up[:, :10]) * gate_up[:, 10:])
+    gate_up, down_w = torch.randn(3, 20, generator=g), torch.randn(16, 10, generator=g)
+    expected = (torch.nn.functional.silu(gate_up[:, :10]) * gate_up[:, 10:]) @ down_w.T
+    torch.testing.assert_close(reference.silu_linear(gate_up, down_w), expected)
 
 
 def test_rotary_store_reference_rotates_stores_and_skips_padding():

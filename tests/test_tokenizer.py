@@ -113,7 +113,8 @@ def test_encoding_lets_other_threads_run(real: Tokenizer) -> None:
         sum(range(100))
     stop.set()
     worker.join()
-    assert longest < one_encode / 2, f"this thread stalled {longest * 1e3:.1f} ms; one encode takes {one_encode * 1e3:.1f}"
+    assert longest < one_encode / 2, (f"this thread stalled {longest * 1e3:.1f} ms; "
+                                      f"one encode takes {one_encode * 1e3:.1f}")
 
 
 def test_chat_template_gives_reference_ids(real: Tokenizer) -> None:

@@ -87,12 +87,10 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     return linear(normed, weight, bias), residual
 
 
-def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MLP's first half: `rms_norm_linear` with the fused [gate; up] weight [2*I, hidden], then
-    `silu_and_mul`. Returns (silu(gate) * up [T, I], the residual stream [T, hidden])."""
-    gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
-    return silu_and_mul(gate_up), residual
+def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The MLP's second half: `silu_and_mul` of the [gate, up] projection [T, 2*I], then the down projection
+    weight [hidden, I] (no bias). Returns [T, hidden]."""
+    return linear(silu_and_mul(gate_up), weight)
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

@@ -37,13 +37,13 @@ from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, trito
 from r1serve.kernels.tuning import TuningTable
 
 __all__ = [
-    "HAS_TRITON", "SKINNY_MAX_M", "SKINNY_TABLE", "SkinnyConfig", "linear", "rms_norm_gate_up",
-    "rms_norm_linear", "skinny_config", "skinny_linear", "split_k_shares", "split_k_workspace",
+    "HAS_TRITON", "SKINNY_MAX_M", "SKINNY_TABLE", "SkinnyConfig", "linear", "rms_norm_linear", "silu_linear",
+    "skinny_config", "skinny_linear", "split_k_shares", "split_k_workspace",
 ]
 
 SKINNY_MAX_M = 16
 # The activation each kernel computes from its input (the op fused in front of the product).
-ACT_PLAIN, ACT_RMS_NORM, ACT_ADD_RMS_NORM = 0, 1, 2
+ACT_PLAIN, ACT_RMS_NORM, ACT_ADD_RMS_NORM, ACT_SILU_MUL = 0, 1, 2, 3
 WORKSPACE_FLOATS = 1 << 21  # split-K partials: 8 MiB per device
 NUM_TICKETS = 1 << 14
 
@@ -67,7 +67,8 @@ class SkinnyConfig:
 
 
 # The measured configs, keyed (form, N, K, M bucket) with form "plain" (the product alone; null: cuBLAS was faster)
-# or "fused" (with its activation; null: the activation's own kernel, then the plain product, was faster).
+# or "fused" (with the op in front of it: the RMSNorm of qkv and gate_up, the SiLU-and-mul of down_proj; null: that
+# op's own kernel, then the plain product, was faster).
 SKINNY_TABLE: TuningTable[SkinnyConfig] = TuningTable("skinny", ("form", "n", "k", "m"),
                                                       lambda fields: SkinnyConfig(**fields))
 
@@ -82,23 +83,30 @@ if triton is not None:
 
     @triton.jit
     def _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, mask, K, stride_xm, stride_rm, ACT: tl.constexpr):
-        """What the activation of columns `cols` is computed from, loaded together: (h, norm weight).
-        h: x, or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM)."""
+        """What the activation of columns `cols` is computed from, loaded together: (h, its partner).
+        h: x, or x + residual rounded to x's dtype (ACT_ADD_RMS_NORM), and the norm weight; or, for ACT_SILU_MUL,
+        the gate half of x and its up half (x is [M, 2K])."""
         h = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
-        nw = h
+        partner = h
         if ACT == 2:
             r = tl.load(res_ptr + rows * stride_rm + cols, mask=mask, other=0.0)
             h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # rounded like torch's bf16 add
-        if ACT >= 1:
-            nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
-        return h, nw
+        if ACT == 1 or ACT == 2:
+            partner = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
+        if ACT == 3:
+            partner = tl.load(x_ptr + rows * stride_xm + K + cols, mask=mask, other=0.0)
+        return h, partner
 
     @triton.jit
-    def _activation(h, nw, inv_rms, ACT: tl.constexpr):
+    def _activation(h, partner, inv_rms, ACT: tl.constexpr):
         """The [BLOCK_M, BLOCK_K] activation chunk the product consumes, rounded where the twin rounds."""
-        if ACT >= 1:  # weight * rmsnorm(h)
+        if ACT == 1 or ACT == 2:  # weight * rmsnorm(h)
             normed = (h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32)
-            a = (nw.to(h.dtype).to(tl.float32) * normed).to(h.dtype)
+            a = (partner.to(h.dtype).to(tl.float32) * normed).to(h.dtype)
+        elif ACT == 3:  # silu(gate) * up, as triton_ops.silu_and_mul rounds it
+            g32 = h.to(tl.float32)
+            silu = (g32 / (1.0 + tl.exp(-g32))).to(h.dtype).to(tl.float32)
+            a = (silu * partner.to(tl.float32)).to(h.dtype)
         else:
             a = h
         return a
@@ -199,13 +207,13 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()  # the activations do: wait for the kernel that wrote them
         rows = offs_m[:, None]
         if SINGLE:
-            h, nw = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
+            h, partner = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
                               stride_xm, stride_rm, ACT)
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
-            if ACT >= 1:  # the norm's statistics from the same registers (masked columns are 0)
+            if ACT == 1 or ACT == 2:  # the norm's statistics from the same registers (masked columns are 0)
                 h32 = h.to(tl.float32)
                 inv_rms = tl.rsqrt(tl.sum(h32 * h32, axis=1) / K + eps)
-            a = _activation(h, nw, inv_rms, ACT)
+            a = _activation(h, partner, inv_rms, ACT)
             for t in range(TILES):  # TILES row blocks, the next one's weights in flight during each product
                 tile = pid_n * TILES + t
                 w = w_next
@@ -218,20 +226,20 @@ if triton is not None:
                 store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
         else:
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
-            if ACT >= 1:
+            if ACT == 1 or ACT == 2:
                 inv_rms = _inv_rms(x_ptr, res_ptr, nw_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT,
                                    BLOCK_K)
-            h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
+            h_next, partner_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
                                         stride_xm, stride_rm, ACT)
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
-                w, h, nw = w_next, h_next, nw_next
+                w, h, partner = w_next, h_next, partner_next
                 ks_next = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next chunk's loads are in flight meanwhile
                 in_split = ((ks_next < K) & (ks_next < k_end))[None, :]
                 w_next = _load_rows(w_ptr, offs_n, n_mask, ks_next[None, :], in_split, stride_wn)
-                h_next, nw_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
+                h_next, partner_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
                                             m_mask[:, None] & in_split, K, stride_xm, stride_rm, ACT)
-                acc = _multiply_add(acc, w, _activation(h, nw, inv_rms, ACT), DOT)
+                acc = _multiply_add(acc, w, _activation(h, partner, inv_rms, ACT), DOT)
             if SPLIT_K == 1:
                 store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
             else:
@@ -301,13 +309,14 @@ def split_k_shares(config: SkinnyConfig, n: int, k: int, block_m: int) -> tuple[
     return split, per_split * config.block_k
 
 
-def _check_skinny(x2: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig | None) -> SkinnyConfig:
+def _check_skinny(x2: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig | None, act: int) -> SkinnyConfig:
     """The config a skinny call runs, after the checks of its operands and tiles."""
     m, (n, k) = x2.shape[0], weight.shape
     if weight.stride(-1) != 1:
         raise ValueError("skinny_linear: the weight's rows must be contiguous")
-    if x2.shape[1] != k:
-        raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns for a weight of {k}")
+    in_cols = 2 * k if act == ACT_SILU_MUL else k  # [gate, up] halves for the SiLU
+    if x2.shape[1] != in_cols:
+        raise ValueError(f"skinny_linear: x has {x2.shape[1]} columns where a weight of {k} needs {in_cols}")
     config = config or skinny_config(m, n, k, device=device_name(weight.device))
     if config is None or m > SKINNY_MAX_M:
         raise ValueError(f"skinny_linear: no config for M={m}, N={n}, K={k}")
@@ -323,16 +332,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """act(x) @ weight.T (+ bias) for x [M ≤ 16, K_in] in one launch; returns (y [M, N], new residual or None).
 
     act: ACT_PLAIN (x), ACT_RMS_NORM (norm_weight * rmsnorm(x)),
-    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual). `config` overrides the
+    ACT_ADD_RMS_NORM (the same of x + residual, also returned as the new residual), ACT_SILU_MUL (silu(gate) *
+    up of x = [gate, up], [M, 2 K_in]: the MLP's SiLU-and-mul in front of down_proj). `config` overrides the
     measured choice (the benchmark's sweep); `compile_only` compiles the kernel without running it (so a sweep
     can compile its candidates in parallel first)."""
     require_triton("r1serve.kernels.reference")
     x2 = triton_ops.as_rows(x)
-    config = _check_skinny(x2, weight, config)
+    config = _check_skinny(x2, weight, config, act)
     m, n, k = x2.shape[0], weight.shape[0], weight.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res2 = triton_ops.as_rows(residual) if residual is not None else x2
     new_res = torch.empty_like(x2) if act == ACT_ADD_RMS_NORM else None
+    if act == ACT_SILU_MUL and x2.stride(1) != 1:
+        raise ValueError("skinny_linear: the SiLU's [gate, up] rows must be contiguous")
     if m == 0:
         return y, new_res
     block_m = 16 if config.dot else m_bucket(m)
@@ -353,12 +365,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y, new_res
 
 
-def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> SkinnyConfig | None:
-    """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes)."""
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool, in_cols: int | None = None
+               ) -> SkinnyConfig | None:
+    """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes).
+    `in_cols`: x's columns when they are not the weight's (the SiLU's [gate, up] halves)."""
     if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     k = weight.shape[1]
-    if x.dtype != weight.dtype or k % 8 or weight.stride(-1) != 1 or not x.shape[-1]:
+    if x.dtype != weight.dtype or not k or k % 8 or weight.stride(-1) != 1 or x.shape[-1] != (in_cols or k):
         return None
     return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device))
 
@@ -372,14 +386,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def rms_norm_gate_up(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.rms_norm_gate_up`: `rms_norm_linear` over the fused [gate; up] weight, then the Triton
-    SiLU-and-mul kernel."""
-    gate_up, residual = rms_norm_linear(x, residual, norm_weight, eps, weight)
-    if not (x.is_cuda and HAS_TRITON):
-        return reference.silu_and_mul(gate_up), residual
-    return triton_ops.silu_and_mul(gate_up), residual
+def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`reference.silu_linear`: one launch that computes silu(gate) * up in the product's prologue where the
+    tuning file has a measured "fused" config for the down projection's shape (the rule does not guess one: the
+    prologue's exponentials cost in proportion to the programs that share a column chunk); else the Triton
+    SiLU-and-mul kernel, then `linear`."""
+    config = _silu_config(gate_up, weight)
+    if config is None:
+        act = triton_ops.silu_and_mul(gate_up) if gate_up.is_cuda and HAS_TRITON else reference.silu_and_mul(gate_up)
+        return linear(act, weight)
+    y, _ = skinny_linear(gate_up, weight, act=ACT_SILU_MUL, config=config)
+    return y.view(*gate_up.shape[:-1], weight.shape[0])
+
+
+def _silu_config(gate_up: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The measured SiLU-fused config of this down projection, or None (unfused)."""
+    if _skinny_ok(gate_up, weight, fused=True, in_cols=2 * weight.shape[1]) is None or gate_up.stride(-1) != 1:
+        return None
+    rows, (n, k) = gate_up.numel() // gate_up.shape[-1], weight.shape
+    measured, config = SKINNY_TABLE.lookup(device_name(weight.device), ("fused", n, k, m_bucket(rows)))
+    return config if measured else None
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,

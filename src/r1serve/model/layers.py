@@ -3,8 +3,8 @@ and the SwiGLU MLP, as small `nn.Module`s over the ops of `kernels.reference`.
 
 Every layer calls its ops through a `KernelOps` table held in `self.ops`, not through direct imports, so
 the model runner can point a whole model at Triton kernels on CUDA (`set_ops`) without touching any
-layer. The table also names the fused ops a decoder layer is built from (norm then projection, norm then the
-gate/up projection then SiLU-and-mul, rotary then KV store); an entry left empty runs as the composition of the
+layer. The table also names the fused ops a decoder layer is built from (norm then projection, SiLU-and-mul
+then the down projection, rotary then KV store); an entry left empty runs as the composition of the
 table's own element-wise ops, so a table of element-wise kernels alone still runs the whole model. Attention
 goes through an `AttentionBackend` (`kernels.attention`) that owns the paged KV cache layout. Parameter names
 (`qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`) are vLLM's fused forms of Hugging Face's; the `nn.Linear`
@@ -26,8 +26,7 @@ from r1serve.kernels.attention import UNIT_SCALES, AttentionBackend, AttentionMe
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 NormLinear = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor, torch.Tensor | None],
                       tuple[torch.Tensor, torch.Tensor]]
-NormGateUp = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, torch.Tensor],
-                     tuple[torch.Tensor, torch.Tensor]]
+SiluLinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RotaryStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                         torch.Tensor, torch.Tensor, KVScales], torch.Tensor]
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, KVScales], None]
@@ -46,7 +45,7 @@ class KernelOps:
 
     The four element-wise ops, `linear` and the quantized products (`int4_linear`, `per_channel_linear`, with
     `kernels.quant_reference`'s signatures) are always set. The fused entries may be None: then the methods
-    `norm_linear`, `norm_gate_up`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
+    `norm_linear`, `silu_linear`, `rotary_store_kv` and `rotary_store_attend` run the composition of this
     table's own ops (and the attention backend's). The fused norm + projection entries read a dense weight: a
     quantized layer runs the norm, then its quantized product."""
 
@@ -60,7 +59,7 @@ class KernelOps:
     int4_linear: Int4Linear = quant_reference.int4_linear
     per_channel_linear: PerChannelLinear = quant_reference.per_channel_linear
     fused_norm_linear: NormLinear | None = None
-    fused_norm_gate_up: NormGateUp | None = None
+    fused_silu_linear: SiluLinear | None = None
     fused_rotary_store_kv: RotaryStore | None = None
     fused_rotary_store_attend: RotaryStoreAttend | None = None
 
@@ -74,13 +73,11 @@ class KernelOps:
         normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(normed, weight, bias), residual
 
-    def norm_gate_up(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`reference.rms_norm_gate_up`: (silu_and_mul(linear(norm(x [+ residual]))), the residual stream)."""
-        if self.fused_norm_gate_up is not None:
-            return self.fused_norm_gate_up(x, residual, norm_weight, eps, weight)
-        gate_up, residual = self.norm_linear(x, residual, norm_weight, eps, weight, None)
-        return self.silu_and_mul(gate_up), residual
+    def silu_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`reference.silu_linear`: linear(silu_and_mul(gate_up)), the MLP's down projection of [gate, up]."""
+        if self.fused_silu_linear is not None:
+            return self.fused_silu_linear(gate_up, weight)
+        return self.linear(self.silu_and_mul(gate_up), weight, None)
 
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -129,7 +126,7 @@ def triton_kernel_ops(fused: bool = True) -> KernelOps:
     if not fused:
         return elementwise
     return replace(elementwise, linear=triton_linear.linear, fused_norm_linear=triton_linear.rms_norm_linear,
-                   fused_norm_gate_up=triton_linear.rms_norm_gate_up,
+                   fused_silu_linear=triton_linear.silu_linear,
                    fused_rotary_store_kv=triton_attention.rotary_store_kv,
                    fused_rotary_store_attend=triton_attention.rotary_store_attend)
 
@@ -154,12 +151,6 @@ class RMSNorm(nn.Module):
         """proj(norm(x [+ residual])) and the residual stream (x itself when there is no residual yet): the
         norm and the projection as one op where the ops table fuses them."""
         return self.ops.norm_linear(x, residual, self.weight, self.eps, proj.weight, proj.bias)
-
-    def project_gated(self, x: torch.Tensor, residual: torch.Tensor | None, gate_up: nn.Linear
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """silu(gate) * up of gate_up(norm(x [+ residual])) and the residual stream: the MLP's first half, one
-        op where the ops table fuses it."""
-        return self.ops.norm_gate_up(x, residual, self.weight, self.eps, gate_up.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -255,12 +246,12 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (normed) → [T, hidden]."""
-        gate_up = self.ops.linear(x, self.gate_up_proj.weight, None)  # [T, 2 * intermediate]
-        return self.down(self.ops.silu_and_mul(gate_up))
+        return self.down(self.ops.linear(x, self.gate_up_proj.weight, None))
 
-    def down(self, act: torch.Tensor) -> torch.Tensor:
-        """The down projection of silu(gate) * up [T, intermediate] → [T, hidden]."""
-        return self.ops.linear(act, self.down_proj.weight, None)
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The down projection of silu(gate) * up, from the [gate, up] projection [T, 2 * intermediate] →
+        [T, hidden]: one op where the ops table fuses the SiLU into the product."""
+        return self.ops.silu_linear(gate_up, self.down_proj.weight)
 
 
 def set_ops(module: nn.Module, ops: KernelOps) -> None:

@@ -49,12 +49,12 @@ class Qwen2DecoderLayer(nn.Module):
                 rotary_emb: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual [T, hidden_size] → (this layer's output, the residual before it), [T, hidden].
 
-        Each norm runs with the projection after it (`RMSNorm.project`, `project_gated`: one kernel where the ops
-        fuse them)."""
+        Each norm runs with the projection after it (`RMSNorm.project`), and the SiLU-and-mul with the down
+        projection (`Qwen2MLP.down`): one kernel each where the ops fuse them."""
         qkv, residual = self.input_layernorm.project(hidden, residual, self.self_attn.qkv_proj)
         hidden = self.self_attn.attend(positions, qkv, meta, kv_cache, rotary_emb)
-        act, residual = self.post_attention_layernorm.project_gated(hidden, residual, self.mlp.gate_up_proj)
-        return self.mlp.down(act), residual
+        gate_up, residual = self.post_attention_layernorm.project(hidden, residual, self.mlp.gate_up_proj)
+        return self.mlp.down(gate_up), residual
 
 
 class QuantDecoderLayer(Qwen2DecoderLayer):
