@@ -1,27 +1,26 @@
 """Skinny matrix products for decode steps: y = act(x) @ W.T (+ bias) for a few rows of x (M ≤ 16), with the
 op in front of a decoder layer's projection optionally fused into the product's prologue.
 
-Why: at batch 1 a decode step is a stream of weight reads (3.09 GB for the 1.5B model, ~1 ms at the H100's
-copy bandwidth). cuBLAS tiles suit large M; at M = 1 its kernels for the 1.5B model's projections ran at 28-34%
-of copy bandwidth (qkv, o_proj) to 79% (gate_up), down_proj needed a split-K reduce kernel, and the norms and
-SiLU around them were launches of their own. Here one program owns `block_n` weight rows (and, with
-`split_k`, a share of the reduction). Where one chunk of `block_k` columns holds all of K (the 1536-wide
-products), the program issues its whole weight slice and the activation row at once, so it waits for memory
-once, and it may own `tiles` such row blocks in turn, with the next block's weights in flight while it
-multiplies the current one and the activation computed once (fewer, longer programs); otherwise it streams
-chunks with the next chunk's weights and activations in flight while it multiplies the current one. The
-activation is computed in the prologue from the previous op's output: plain x, or the
-RMSNorm of x or of x + residual (each program recomputes the row's norm, and program 0 writes the new
-residual). It is rounded where its plain-torch twin rounds (`kernels/reference.py`), so the product sees the
-twin's bf16 operands; the sum runs in float32 and is rounded once, bias added first (cuBLAS's epilogue does the
-same). With split-K each program stores its float32 partial and the last of a column's programs to arrive (a
-self-resetting atomic ticket) sums them in split order: deterministic, one launch. Two product forms: FMA
-(broadcast multiply and row sums) and `tl.dot` (tensor cores, x padded to 16 rows). Which tiles serve a (N, K, M)
-shape, and whether fusing the activation pays, is measured per device by benchmarks/decode_step_gpu.py and read
-from its files in `kernels/tuning/` (`SKINNY_TABLE`; the H100's file serves devices with none of their own):
-cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper the kernel launches as a programmatic
-dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then waits for the previous kernel, so
-the weight stream starts during that kernel's tail.
+Why: at batch 1 a decode step is a stream of weight reads (3.09 GB for the 1.5B model, ~1 ms at the H100's copy
+bandwidth). cuBLAS tiles suit large M; at M = 1 its kernels for the 1.5B model's projections ran at 28-34% of copy
+bandwidth (qkv, o_proj) to 79% (gate_up), down_proj needed a split-K reduce kernel, and the norms and SiLU around
+them were launches of their own. Here one program owns `block_n` weight rows (and, with `split_k`, a share of the
+reduction). Where one chunk of `block_k` columns holds all of K (the 1536-wide products), the program issues its
+whole weight slice and the activation row at once, so it waits for memory once, and it may own `tiles` such row
+blocks in turn, with the next block's weights in flight while it multiplies the current one and the activation
+computed once (fewer, longer programs); otherwise it streams chunks with the next chunk's weights and activations in
+flight while it multiplies the current one. The activation is computed in the prologue from the previous op's
+output: plain x, the RMSNorm of x or of x + residual (each program recomputes the row's norm, and program 0 writes
+the new residual), or silu(gate) * up of the MLP's [gate, up] projection. It is rounded where its plain-torch twin
+rounds (`kernels/reference.py`), so the product sees the twin's bf16 operands; the sum runs in float32 and is
+rounded once, bias added first (cuBLAS's epilogue does the same). With split-K each program stores its float32
+partial and the last of a column's programs to arrive (a self-resetting atomic ticket) sums them in split order:
+deterministic, one launch. Two product forms: FMA (broadcast multiply and row sums) and `tl.dot` (tensor cores, x
+padded to 16 rows). Which tiles serve a (N, K, M) shape, and whether fusing the activation pays, is measured per
+device by benchmarks/decode_step_gpu.py and read from its files in `kernels/tuning/` (`SKINNY_TABLE`; the H100's
+file serves devices with none of their own): cuBLAS keeps what it won, e.g. every shape from 4 rows on. On Hopper
+the kernel launches as a programmatic dependent launch (`triton_ops.use_pdl`): it issues its first weight load, then
+waits for the previous kernel, so the weight stream starts during that kernel's tail.
 The module imports without Triton (`kernels/triton_support.py`).
 """
 
@@ -208,7 +207,7 @@ if triton is not None:
         rows = offs_m[:, None]
         if SINGLE:
             h, partner = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
-                              stride_xm, stride_rm, ACT)
+                                   stride_xm, stride_rm, ACT)
             inv_rms = tl.zeros([BLOCK_M], tl.float32)
             if ACT == 1 or ACT == 2:  # the norm's statistics from the same registers (masked columns are 0)
                 h32 = h.to(tl.float32)
@@ -229,8 +228,8 @@ if triton is not None:
             if ACT == 1 or ACT == 2:
                 inv_rms = _inv_rms(x_ptr, res_ptr, nw_ptr, offs_m, m_mask, K, eps, stride_xm, stride_rm, ACT,
                                    BLOCK_K)
-            h_next, partner_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K), K,
-                                        stride_xm, stride_rm, ACT)
+            h_next, partner_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, cols, m_mask[:, None] & (cols < K),
+                                             K, stride_xm, stride_rm, ACT)
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for k0 in range(k_lo, tl.minimum(k_end, K), BLOCK_K):
                 w, h, partner = w_next, h_next, partner_next
@@ -238,7 +237,7 @@ if triton is not None:
                 in_split = ((ks_next < K) & (ks_next < k_end))[None, :]
                 w_next = _load_rows(w_ptr, offs_n, n_mask, ks_next[None, :], in_split, stride_wn)
                 h_next, partner_next = _load_raw(x_ptr, res_ptr, nw_ptr, rows, ks_next[None, :],
-                                            m_mask[:, None] & in_split, K, stride_xm, stride_rm, ACT)
+                                                 m_mask[:, None] & in_split, K, stride_xm, stride_rm, ACT)
                 acc = _multiply_add(acc, w, _activation(h, partner, inv_rms, ACT), DOT)
             if SPLIT_K == 1:
                 store_out(y_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, stride_ym, HAS_BIAS)
