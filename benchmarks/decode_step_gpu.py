@@ -387,10 +387,11 @@ def step_candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
     return found
 
 
-def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> list[tuple[float, str]]:
+def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> dict[str, Any]:
     """Every candidate config of `op` at m rows, timed in the whole decode step's graph (batch m, the other ops
-    as the tables say): µs per replay, fastest first. The op alone in a graph of its own copies misses how its
-    launch overlaps its neighbours (PDL), which is what decides at one row."""
+    as the tables say): {"ranking": (µs per replay, config) fastest first, "winner": the tuning entry of the
+    config that was fastest again against the committed table}. The op alone in a graph of its own copies misses
+    how its launch overlaps its neighbours (PDL), which is what decides at one row."""
     form, n, k = STEP_OPS[op]
     key, device = (form, n, k, m_bucket(m)), torch.cuda.get_device_name()
     measured, committed = SKINNY_TABLE.lookup(device, key)

@@ -359,7 +359,6 @@ def test_apply_rotary_on_qkv_views(tokens: int, inplace: bool) -> None:
 # ---------------------------------------------------------------- skinny products (kernels/triton_linear.py)
 
 ACTS = ("plain", "rms_norm", "add_rms_norm", "silu")  # the skinny kernel's activations (silu: x = [gate, up])
-OPS = ACTS
 
 
 def _linear_module():
@@ -436,7 +435,7 @@ MODEL_SHAPES = {"plain": [(1536, 1536, False), (1536, 8960, False)], "rms_norm":
                 "add_rms_norm": [(17920, 1536, False), (2048, 1536, True)], "silu": [(1536, 8960, False)]}
 
 
-@pytest.mark.parametrize("act", OPS)
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
 def test_fused_ops_match_twin_at_model_shapes(act: str, m: int) -> None:
     """The 1.5B model's projections at every M the graphs run: the op (whatever it chose) against the twin, and

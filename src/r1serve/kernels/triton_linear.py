@@ -364,16 +364,21 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y, new_res
 
 
-def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool, in_cols: int | None = None
-               ) -> SkinnyConfig | None:
-    """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes).
-    `in_cols`: x's columns when they are not the weight's (the SiLU's [gate, up] halves)."""
+def _operands_fit(x: torch.Tensor, weight: torch.Tensor, in_cols: int) -> bool:
+    """Whether the skinny kernel can run on these operands at all (CUDA, bf16/fp16, aligned K, x of `in_cols`
+    columns); the float32, CPU and odd-shape calls go to the unfused path."""
     if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
-        return None
+        return False
     k = weight.shape[1]
-    if x.dtype != weight.dtype or not k or k % 8 or weight.stride(-1) != 1 or x.shape[-1] != (in_cols or k):
+    return (x.dtype == weight.dtype and k > 0 and k % 8 == 0 and weight.stride(-1) == 1
+            and x.shape[-1] == in_cols)
+
+
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> SkinnyConfig | None:
+    """The config for this call, or None when it goes to the unfused path (large M, float32, CPU, odd shapes)."""
+    if not _operands_fit(x, weight, weight.shape[1]):
         return None
-    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], k, fused, device_name(weight.device))
+    return skinny_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], fused, device_name(weight.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,9 +405,9 @@ def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _silu_config(gate_up: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     """The measured SiLU-fused config of this down projection, or None (unfused)."""
-    if _skinny_ok(gate_up, weight, fused=True, in_cols=2 * weight.shape[1]) is None or gate_up.stride(-1) != 1:
+    rows, (n, k) = gate_up.numel() // max(1, gate_up.shape[-1]), weight.shape
+    if not (1 <= rows <= SKINNY_MAX_M and _operands_fit(gate_up, weight, 2 * k) and gate_up.stride(-1) == 1):
         return None
-    rows, (n, k) = gate_up.numel() // gate_up.shape[-1], weight.shape
     measured, config = SKINNY_TABLE.lookup(device_name(weight.device), ("fused", n, k, m_bucket(rows)))
     return config if measured else None
 
