@@ -1,6 +1,7 @@
 """Host time per engine step with the model stubbed out: what the Python around the GPU costs per step.
 
-    python benchmarks/host_overhead.py --batch 256 --steps 200 [--stream] [--output-len 8000] [--profile]
+    python benchmarks/host_overhead.py --batch 256 --steps 200 [--stream [--stream-interval N]] [--profile]
+    python benchmarks/host_overhead.py --batch 256 --output-len 8000
     python benchmarks/host_overhead.py --structured json --tokenizer ../shared/data/tokenizer
 
 `--structured json` puts offline.py's JSON schema on every request (the prompts open no reasoning, so the
@@ -57,7 +58,8 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
     kv_gib = 2.0 * args.batch * max_model_len * 256 / 2**30 + 0.25  # TINY: 256 bytes of K/V per token
     engine = stubbed_engine(EngineConfig(model=str(tiny_model_folder()), load_format="dummy", device="cpu",
                                          dtype="float32", max_num_seqs=args.batch, kv_cache_space=kv_gib,
-                                         max_model_len=max_model_len, tokenizer=args.tokenizer))
+                                         max_model_len=max_model_len, tokenizer=args.tokenizer,
+                                         stream_interval=args.stream_interval))
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.output_len + args.steps + 50,
                             ignore_eos=True, structured_output=STRUCTURED.get(args.structured))
     for i in range(args.batch):
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--stream", action="store_true", help="report every step (as the server does), not only "
                         "the final outputs (as LLM.generate does)")
+    parser.add_argument("--stream-interval", type=int, default=1, help="with --stream: the tokens a stream "
+                        "gathers before its output goes out (`r1serve serve --stream-interval`)")
     parser.add_argument("--structured", choices=sorted(STRUCTURED), help="this constraint on every request")
     parser.add_argument("--tokenizer", help="a tokenizer folder (default: the byte-level fallback)")
     parser.add_argument("--profile", action="store_true")
