@@ -254,7 +254,8 @@ class HFTokenizer(Tokenizer):
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of the ids; ids past the tokenizer's entries (embedding padding rows) decode to nothing."""
         try:
-            return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+            ids = token_ids if isinstance(token_ids, list) else list(token_ids)
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         except (OverflowError, TypeError) as exc:
             raise ValueError(f"token ids must be non-negative integers: {exc}") from exc
 

@@ -83,6 +83,8 @@ class IncrementalDetokenizer:
         if len(new_token_ids) == 0:
             return ""
         self._ids.extend(new_token_ids)
+        if not self.stop:  # nothing to hold back or search: the settled text is the delta
+            return self._push(self._settle(final=False))
         return self._emit(self._settle(final=False), final=False)
 
     def finish(self) -> str:
