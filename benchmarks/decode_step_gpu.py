@@ -480,7 +480,9 @@ def main() -> None:
         entries = tuning_entries(rows)
         name = torch.cuda.get_device_name()  # this device's own entries: they take precedence over the fallback's
         command = "python benchmarks/decode_step_gpu.py " + " ".join(sys.argv[1:])
-        path = write_tuning_file("skinny", name, command.strip(), entries, Path(args.tuning_dir))
+        swept = {_key(e) for e in entries}  # the rows and ops not swept keep their entries
+        path = write_tuning_file("skinny", name, command.strip(), entries, Path(args.tuning_dir),
+                                 keep=lambda e: _key(e) not in swept)
         print(f"--- wrote {path} ({len(entries)} entries)")
         SKINNY_TABLE.override(name, {_key(e): None if e["config"] is None else SkinnyConfig(**e["config"])
                                      for e in entries})

@@ -59,6 +59,15 @@ def test_the_fallback_file_serves_devices_without_their_own_entry(tmp_path: Path
     assert table.lookup("NVIDIA C", ("plain", 64, 128, 1)) == (True, SkinnyConfig(4, 512))
 
 
+def test_a_sweep_rewriting_the_fallback_file_keeps_it_the_fallback(tmp_path: Path) -> None:
+    write_tuning_file("skinny", "NVIDIA A", "a", [_entry(1, None)], tmp_path, fallback=True)
+    path = write_tuning_file("skinny", "NVIDIA A", "b", [_entry(2, None)], tmp_path, keep=lambda e: e["m"] != 2)
+    assert json.loads(path.read_text())["fallback"] is True
+    path = write_tuning_file("skinny", "NVIDIA A", "c", [_entry(2, None)], tmp_path, fallback=False)
+    assert json.loads(path.read_text())["fallback"] is False
+    assert json.loads(write_tuning_file("skinny", "NVIDIA N", "n", [], tmp_path).read_text())["fallback"] is False
+
+
 def test_an_override_is_restored(tmp_path: Path) -> None:
     table = _table(tmp_path)
     restore = table.override("NVIDIA A", {("plain", 1, 2, 1): SkinnyConfig(1, 64)})

@@ -96,17 +96,19 @@ def _head_commit(cwd: Path) -> str | None:
 
 
 def write_tuning_file(kernel: str, device: str, command: str, entries: Iterable[dict[str, Any]],
-                      directory: Path = TUNING_DIR, fallback: bool = False,
+                      directory: Path = TUNING_DIR, fallback: bool | None = None,
                       keep: Callable[[dict[str, Any]], bool] | None = None) -> Path:
     """Writes `<kernel>-<device slug>.json` with today's date and the checkout's commit, making the directory if it
     is missing; returns its path. With `keep`, the entries of the device's existing file for which it is true
     come first and its command is followed by this one (a sweep of some shapes or rows adds to the file instead
-    of replacing it)."""
+    of replacing it). `fallback` None keeps what the existing file says (False for a new file)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / f"{kernel}-{device_slug(device)}.json"
     entries = list(entries)
-    if keep is not None and path.exists():
-        old = json.loads(path.read_text())
+    old = json.loads(path.read_text()) if path.exists() else None
+    if fallback is None:
+        fallback = bool(old and old.get("fallback"))
+    if keep is not None and old is not None:
         entries = [e for e in old["entries"] if keep(e)] + entries
         command = f"{old['command']} ; then {command}"
     data = {"kernel": kernel, "device": device, "date": datetime.date.today().isoformat(),
