@@ -394,7 +394,8 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> dict[str, Any]:
     how its launch overlaps its neighbours (PDL), which is what decides at one row."""
     form, n, k = STEP_OPS[op]
     key, device = (form, n, k, m_bucket(m)), torch.cuda.get_device_name()
-    measured, committed = SKINNY_TABLE.lookup(device, key)
+    own = op == "down_proj"  # the SiLU-fused form: only this device's own entry counts (`_silu_config`)
+    measured, committed = SKINNY_TABLE.lookup(device, key, own=own)
     committed = committed if measured else "absent"
     inp = make_inputs(op, m)
     configs = step_candidates(n, k, m)
@@ -440,10 +441,10 @@ def step_sweep_entries(sweeps: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     graph, not per call). A committed choice that won keeps its entry; where there was none, a "fused" form that
     lost to the unfused path gets null (the op's own kernel first)."""
     entries = []
-    for sweep_ in sweeps.values():
+    for op, sweep_ in sweeps.items():
         w = dict(sweep_["winner"])
         if w["config"] == "committed":
-            measured, _ = SKINNY_TABLE.lookup(torch.cuda.get_device_name(), _key(w))
+            measured, _ = SKINNY_TABLE.lookup(torch.cuda.get_device_name(), _key(w), own=op == "down_proj")
             if measured or w["form"] != "fused":
                 continue
             w["config"] = None

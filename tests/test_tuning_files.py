@@ -46,6 +46,8 @@ def test_a_partial_sweep_merges_into_the_device_file(tmp_path: Path) -> None:
     assert data["command"] == "first ; then second"
     assert sorted((e["m"], e["config"]) for e in data["entries"]) == [
         (1, {"block_n": 2, "block_k": 256}), (2, None), (4, None)]
+    again = write_tuning_file("skinny", "NVIDIA X1", "second", [_entry(4, None)], tmp_path, keep=lambda e: e["m"] != 4)
+    assert json.loads(again.read_text())["command"] == "first ; then second"  # one run writing twice
     replaced = write_tuning_file("skinny", "NVIDIA X1", "third", [_entry(8, None)], tmp_path)
     assert [e["m"] for e in json.loads(replaced.read_text())["entries"]] == [8]  # without merge_keys: replaced
 

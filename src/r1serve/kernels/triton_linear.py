@@ -404,11 +404,12 @@ def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _silu_config(gate_up: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
-    """The measured SiLU-fused config of this down projection, or None (unfused)."""
+    """The SiLU-fused config of this down projection measured on this device, or None (unfused): the fused
+    form wins or loses by a few µs per step, device by device, so it never comes from the fallback file."""
     rows, (n, k) = gate_up.numel() // max(1, gate_up.shape[-1]), weight.shape
     if not (1 <= rows <= SKINNY_MAX_M and _operands_fit(gate_up, weight, 2 * k) and gate_up.stride(-1) == 1):
         return None
-    measured, config = SKINNY_TABLE.lookup(device_name(weight.device), ("fused", n, k, m_bucket(rows)))
+    measured, config = SKINNY_TABLE.lookup(device_name(weight.device), ("fused", n, k, m_bucket(rows)), own=True)
     return config if measured else None
 
 

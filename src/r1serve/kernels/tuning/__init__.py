@@ -63,11 +63,11 @@ class TuningTable(Generic[C]):
     def _config(self, entry: dict[str, Any]) -> C | None:
         return None if entry.get("config") is None else self.parse(entry["config"])
 
-    def lookup(self, device: str, key: tuple) -> tuple[bool, C | None]:
-        """(measured, config): the device's own entry, else the fallback file's; (False, None) if neither has
-        the key (the kernel's rule applies)."""
+    def lookup(self, device: str, key: tuple, own: bool = False) -> tuple[bool, C | None]:
+        """(measured, config): the device's own entry, else (unless `own`) the fallback file's; (False, None) if
+        none has the key (the kernel's rule applies)."""
         tables = self._load()
-        for name in (device, self._fallback):
+        for name in (device,) if own else (device, self._fallback):
             found = tables.get(name, {}).get(key, _ABSENT)
             if found is not _ABSENT:
                 return True, found  # type: ignore[return-value]
@@ -110,7 +110,10 @@ def write_tuning_file(kernel: str, device: str, command: str, entries: Iterable[
         fallback = bool(old and old.get("fallback"))
     if keep is not None and old is not None:
         entries = [e for e in old["entries"] if keep(e)] + entries
-        command = f"{old['command']} ; then {command}"
+        if not old["command"].endswith(command):  # (a second write of the same run: one mention)
+            command = f"{old['command']} ; then {command}"
+        else:
+            command = old["command"]
     data = {"kernel": kernel, "device": device, "date": datetime.date.today().isoformat(),
             "commit": _head_commit(directory), "command": command, "fallback": fallback, "entries": entries}
     path.write_text(dumps(data))
