@@ -7,6 +7,9 @@
 #   bash benchmarks/device_session.sh dp OUT_DIR       # DP_SIZE replicas behind vllm-router (needs the wheels and
 #                                                       # vllm-router's: see dp_sweep.sh), through the front
 #   bash benchmarks/device_session.sh quant-offline OUT_DIR  # per weight format and KV dtype: GiB, KV tokens, decode, nano, uniform
+#   bash benchmarks/device_session.sh skinny-sweep OUT_DIR   # bf16 skinny tiles: alone at SWEEP_BATCHES (1,2; '' to
+#                                                            # skip), then inside the step (STEP_SWEEP "ops rows"
+#                                                            # lines); batch-1 decode, committed file against swept
 #   bash benchmarks/device_session.sh quant-sweep OUT_DIR    # quantized skinny tiles (QUANT_SWEEP; all at 1, 2 rows):
 #                                                            # batch-1 decode per format with the committed file, the
 #                                                            # sweep into it (OUT_DIR/quant-*.json), decode again
@@ -62,6 +65,28 @@ case $stage in
       tail -1 "$out/run.txt" | python3 benchmarks/offline_summary.py "$quantization" "$kv" >> "$summary" || true
     done
     cat "$summary" ;;
+  skinny-sweep)  # this device's skinny file: the products alone at SWEEP_BATCHES, then each "ops rows" pair of
+                 # STEP_SWEEP inside the step; batch-1 decode with the committed file and the swept one, twice
+    file=src/r1serve/kernels/tuning/skinny-$(python3 -c "import torch; from r1serve.kernels.tuning import \
+      device_slug; print(device_slug(torch.cuda.get_device_name()))").json
+    cp "$file" /tmp/committed-skinny.json 2>/dev/null || true
+    if [ -n "${SWEEP_BATCHES-1,2}" ]; then
+      (cd benchmarks && timeout 250 python3 decode_step_gpu.py --ctx 600 --sweep-batches "${SWEEP_BATCHES:-1,2}" \
+        | grep -v '^{' | tail -40)
+    fi
+    while read -r ops rows; do
+      (cd benchmarks && timeout 150 python3 decode_step_gpu.py --no-sweep --ctx 600 --step-sweep "$ops" \
+        --step-sweep-m "$rows" --write-step-sweep | grep -v '^{')
+    done <<< "${STEP_SWEEP:-qkv_proj,o_proj,down_proj 1
+qkv_proj,o_proj,down_proj 2}"
+    cp "$file" "$out/"
+    for table in committed swept committed swept; do
+      if [ $table = swept ]; then cp "$out/$(basename "$file")" "$file"; else cp /tmp/committed-skinny.json "$file" \
+        2>/dev/null || rm -f "$file"; fi
+      echo "== batch-1 decode, $table file"
+      timeout 45 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode --decode-tokens 1024 \
+        --hf "" --max-model-len 4096 | grep 'tok/s'
+    done ;;
   quant-sweep)  # each "layouts rows" pair of QUANT_SWEEP merges into this device's file in the checkout
     decode() { for q in w4a16 int8 fp8 w8a8; do echo "== $1, $q"; timeout 50 python3 benchmarks/offline.py --model 1.5b \
       --device cuda --workloads decode --decode-tokens 512 --hf "" --max-model-len 4096 --quantization "$q" | grep 'tok/s'
@@ -80,5 +105,6 @@ int4,int8,fp8 2}"
     timeout 380 python3 benchmarks/offline.py --model 1.5b --device cuda --workloads decode,nano --decode-tokens 1024 \
       --hf "" --max-model-len 4096 --structured json --repeats 3 "${tokenizer[@]}" ;;
   *)
-    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, quant-sweep, structured)" >&2; exit 2 ;;
+    echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, skinny-sweep, quant-sweep," \
+      "structured)" >&2; exit 2 ;;
 esac
