@@ -346,6 +346,40 @@ def test_the_fake_runner_gives_a_sequence_the_same_tokens_alone_and_in_a_batch(t
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def _as_delta(out: RequestOutput) -> tuple:
+    return (out.request_id, out.finished, out.num_cached_tokens,
+            [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason, c.delta_logprobs)
+             for c in out.outputs], out.prompt_logprobs)
+
+
+def test_step_deltas_are_the_deltas_of_step_outputs(tiny_model_dir: Path) -> None:
+    """Two engines on the same requests and tokens: each step's deltas (what the child process sends) are the
+    deltas of `step()`'s outputs, streamed or not, with n, stop strings, logprobs, an abort and the end."""
+    config = EngineConfig(model=str(tiny_model_dir), load_format="dummy", dtype="float32", kv_cache_space=0.05,
+                          stream_interval=2)
+    engines = [LLMEngine(config) for _ in range(2)]
+    requests = [
+        ([11, 22, 33], SamplingParams(max_tokens=9, ignore_eos=True, n=2, seed=1), True),
+        ([5, 6, 7, 8], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=["a"], logprobs=2), True),
+        ([40, 41, 42], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=1), False),
+        ([70, 71, 72], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), True),
+    ]
+    for engine in engines:
+        for i, (prompt, params, stream) in enumerate(requests):
+            engine.add_request(prompt, params, f"r{i}", stream=stream)
+    steps, seen_prompt_logprobs, seen_logprobs = 0, False, False
+    while engines[0].has_unfinished():
+        outputs, deltas = engines[0].step(), engines[1].step_deltas()
+        assert [_as_delta(o) for o in outputs] == deltas
+        seen_prompt_logprobs = seen_prompt_logprobs or any(o.prompt_logprobs for o in outputs)
+        seen_logprobs = seen_logprobs or any(c.delta_logprobs for o in outputs for c in o.outputs)
+        steps += 1
+        if steps == 3:
+            assert _as_delta(engines[0].abort_request("r3")) == engines[1].abort_delta("r3")
+    assert not engines[1].has_unfinished() and steps > 3 and seen_prompt_logprobs and seen_logprobs
+    assert engines[1].abort_delta("r3") is None
+
+
 def test_deferred_sampled_tokens_sample_once_and_keep_a_failure() -> None:
     calls: list[int] = []
 

@@ -95,6 +95,17 @@ class RequestOutput:
     prompt_logprobs: Logprobs | None = None  # when asked: in the first output after the prompt is computed
 
 
+# What is new for one sample, and for one request, since its previous output: what a step hands back to a frontend
+# in another process (`LLMEngine.step_deltas`). Plain tuples rather than NamedTuples: they cross the pipe once per
+# request per step, and a step's list of NamedTuples took several times as long as tuples to build, pickle and
+# unpickle: each one pays Python's reduce and `__new__`. Code reads them by unpacking into named variables or
+# through engine/frontend.py's accessors.
+SampleDelta = tuple[int, str, list[int], FinishReason | None, str | int | None, Logprobs | None]
+"""(index, delta_text, delta_token_ids, finish_reason, stop_reason, delta_logprobs: None unless asked)"""
+RequestDelta = tuple[str, bool, int, list[SampleDelta], Logprobs | None]
+"""(request_id, finished, num_cached_tokens, samples, prompt_logprobs: None unless asked, and sent once)"""
+
+
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     """Consecutive outputs of one request as one: the last one's state with each sample's deltas of all of them in
     order (a stream whose consumer fell behind catches up in one output). Reuses the newest `CompletionOutput` of

@@ -7,7 +7,7 @@ event loop; a stream whose consumer goes away (aclose, cancellation, a client th
 `Abort`, which frees its KV blocks. The messages are named here once, for both engines: `Add`, `Abort` and
 `Shutdown` go down to the engine; `Ready` or `LoadFailed`, then `Outputs`, `Error` and `Dead` come up from a
 child. A step's `Outputs` carries one `RequestDelta` per request with one `SampleDelta` per sample: plain tuples,
-the cheapest to pickle, whose shapes are declared here once.
+the cheapest to pickle, which the engine builds straight from its sequences (`LLMEngine.step_deltas`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from r1serve.config import EngineConfig, ModelConfig
 from r1serve.engine.llm_engine import EngineStats
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
-from r1serve.outputs import FinishReason, Logprobs, RequestOutput, merge_outputs
+from r1serve.outputs import RequestDelta, RequestOutput, SampleDelta, merge_outputs
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer
 
@@ -62,14 +62,7 @@ Command = Add | Abort | Shutdown
 # ---- up: from the engine's child process to the frontend ----------------------------------------------------
 
 
-# What is new for one sample, and for one request, since the last step. Plain tuples rather than NamedTuples: they
-# cross the pipe once per request per step, and a step's list of NamedTuples took several times as long as tuples
-# to build, pickle and unpickle: each one pays Python's reduce and `__new__`. Their
-# shapes are declared here once; code reads them by unpacking into named variables or through the accessors below.
-SampleDelta = tuple[int, str, list[int], FinishReason | None, str | int | None, Logprobs | None]
-"""(index, delta_text, delta_token_ids, finish_reason, stop_reason, delta_logprobs: None unless asked)"""
-RequestDelta = tuple[str, bool, int, list[SampleDelta], Logprobs | None]
-"""(request_id, finished, num_cached_tokens, samples, prompt_logprobs: None unless asked, and sent once)"""
+# `RequestDelta` and `SampleDelta` (r1serve/outputs.py) are the shapes `Outputs` carries; read them here by name.
 
 
 def delta_request_id(delta: RequestDelta) -> str:

@@ -1,5 +1,8 @@
 """The engine: requests in, `step()` = schedule → run the model → sample → detokenize → outputs.
 
+A step hands back one output per request that progressed: a `RequestOutput` from `step()`, or from
+`step_deltas()` only what is new (a `RequestDelta`, which a frontend in another process adds to what it keeps).
+
 `LLMEngine` is synchronous and single-threaded; `LLM` drives it in a loop and `AsyncEngine` drives it from a
 background thread. It validates requests (a `ValueError` naming the field), fans a request out into its n
 samples, applies the R1 extensions that act on tokens (the thinking budget forces `\\n</think>\\n\\n`; the
@@ -15,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +35,7 @@ from r1serve.engine.structured import Guide, MasksWaiter, StructuredOutputs, Tok
 from r1serve.engine.validation import check_request, encode_prompt
 from r1serve.errors import EngineDeadError
 from r1serve.model.loader import load_model_config, resolve_model_path
-from r1serve.outputs import FinishReason, RequestOutput
+from r1serve.outputs import FinishReason, RequestDelta, RequestOutput
 from r1serve.r1_rules import BUDGET_CLOSE
 from r1serve.sampling_params import SamplingParams
 from r1serve.tokenizer import Tokenizer, load_tokenizer
@@ -39,6 +43,9 @@ from r1serve.tokenizer import Tokenizer, load_tokenizer
 logger = logging.getLogger("r1serve")
 
 COMPILE_POLL_S = 0.01  # an engine with nothing to run but grammars compiling waits this long for one per step
+
+Emitted = Any  # what a step hands back for a request: a RequestOutput (`step`) or a RequestDelta (`step_deltas`)
+Emit = Callable[[Request, list[Sequence]], Emitted]  # builds it from the request's progressed samples
 
 
 @dataclass
@@ -72,7 +79,7 @@ class ReadThenMask:
 
     def __init__(self, engine: LLMEngine, previous: InFlight, sched: SchedulerOutput) -> None:
         self.engine, self.previous, self.sched = engine, previous, sched
-        self.outputs: list[RequestOutput] = []
+        self.outputs: list[Emitted] = []
         self.waiter: MasksWaiter | None = None
 
     def __call__(self) -> MasksWaiter:
@@ -92,7 +99,7 @@ class ReadThenMask:
             done, self.previous = self.previous, None
             self.outputs += self.engine._read(done, after_accepts)
 
-    def finish(self) -> list[RequestOutput]:
+    def finish(self) -> list[Emitted]:
         self._read_previous()
         outputs, self.outputs = self.outputs, []
         return outputs
@@ -141,6 +148,7 @@ class LLMEngine:
                                             pin_memory=self.runner.device.type == "cuda")
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self._emit: Emit = Request.to_output  # the form of the step in progress (`step` or `step_deltas`)
         # The block table (one object per KV block: ~10^5 on a GPU) and the weights' wrappers live as long as the
         # engine: move them out of the garbage collector's sight, or every full collection walks them (measured:
         # ~70 ms each, ~1.5 ms per step at 256 streams).
@@ -188,7 +196,7 @@ class LLMEngine:
                 self._start_answer(seq)  # no reasoning to wait for: the answer is constrained at once
             self.scheduler.add(seq)
 
-    def _admit_compiled(self) -> list[RequestOutput]:
+    def _admit_compiled(self) -> list[Emitted]:
         """Schedules the requests whose grammar has compiled; one whose grammar failed is aborted."""
         if not self.scheduler.num_unfinished and self.in_flight is None:
             self.structured.wait(COMPILE_POLL_S)
@@ -197,7 +205,7 @@ class LLMEngine:
             if isinstance(compiled, BaseException):
                 logger.error("request %s: its structured output does not compile (%s); aborting it",
                              request.request_id, compiled)
-                aborted = self.abort_request(request.request_id)
+                aborted = self._abort(request.request_id, self._emit)
                 outputs += [aborted] if aborted is not None else []
                 continue
             for seq in request.seqs:
@@ -219,13 +227,20 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Ends every unfinished sample of the request with finish_reason "abort"; frees its blocks."""
+        return self._abort(request_id, Request.to_output)
+
+    def abort_delta(self, request_id: str) -> RequestDelta | None:
+        """`abort_request`, handing back the final delta (as `step_deltas` does)."""
+        return self._abort(request_id, Request.to_delta)
+
+    def _abort(self, request_id: str, emit: Emit) -> Emitted | None:
         request = self._forget(request_id)
         if request is None:
             return None
         live = [s for s in request.seqs if not s.is_finished]
         for seq in live:
             self._finish(seq, "abort")
-        return request.to_output(live or request.seqs)
+        return emit(request, live or request.seqs)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -233,12 +248,24 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step (`_step`); a `RequestOutput` for each request that progressed."""
+        self._emit = Request.to_output
+        return self._step()
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """One step (`_step`); for each request that progressed only what is new, built straight from its
+        samples: what the engine's child process sends (engine/process_engine.py), without the cumulative
+        outputs that `step` builds and a frontend in another process would throw away."""
+        self._emit = Request.to_delta
+        return self._step()
+
+    def _step(self) -> list[Emitted]:
         """Schedules and launches a step, then reads the step launched before it, so that the host's work for one
         step (scheduling, packing, detokenizing) overlaps the device's work for the other. Returns the outputs of
         the step read. While a request that needs its output tokens on the host to sample (penalties) runs, the
         step before is read first instead. While a constrained answer runs, the step before is read once this
         step's forward pass is launched, and this step's masks are filled from it (`ReadThenMask`)."""
-        outputs: list[RequestOutput] = self._admit_compiled() if self.structured.compiling else []
+        outputs: list[Emitted] = self._admit_compiled() if self.structured.compiling else []
         if self.num_sync_requests and self.in_flight is not None:
             done, self.in_flight = self.in_flight, None
             outputs += self._read(done)
@@ -266,7 +293,7 @@ class LLMEngine:
             outputs += self._read(previous)
         return outputs
 
-    def _read(self, done: InFlight, after_accepts: Callable[[], None] | None = None) -> list[RequestOutput]:
+    def _read(self, done: InFlight, after_accepts: Callable[[], None] | None = None) -> list[Emitted]:
         try:
             tokens = done.sampled.tolist()  # waits for the device
         except Exception as error:
@@ -274,7 +301,7 @@ class LLMEngine:
             return self._fail(done.sched)
         return self._process(done.sched, tokens, done.sampled.logprobs, after_accepts)
 
-    def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+    def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[Emitted]:
         """A step failed to launch: each of its requests runs again in a step of its own (recomputing the same
         KV into the same slots), so that only a request that fails on its own is aborted. A device failure
         ends the engine instead (`EngineDeadError`): nothing on that device can be trusted any more."""
@@ -284,7 +311,7 @@ class LLMEngine:
             by_request.setdefault(item.request_id, []).append(item)
         logger.warning("a step of %d requests failed (%s: %s); running them one at a time", len(by_request),
                        type(error).__name__, error)
-        outputs: list[RequestOutput] = []
+        outputs: list[Emitted] = []
         for request_id, items in by_request.items():
             part = self.scheduler.refresh(items)  # the step before has been read: its tokens are on the host
             if part.is_empty:
@@ -304,7 +331,7 @@ class LLMEngine:
             outputs += self._process(part, tokens, sampled.logprobs)
         return outputs
 
-    def _abort_failed(self, request_id: str) -> list[RequestOutput]:
+    def _abort_failed(self, request_id: str) -> list[Emitted]:
         """Abort a request whose step failed; the blocks only it held leave the prefix cache (their KV may never
         have been written)."""
         request = self.requests.get(request_id)
@@ -312,10 +339,10 @@ class LLMEngine:
             return []
         for seq in request.seqs:
             self.block_manager.uncache_own_blocks(seq.block_table)
-        out = self.abort_request(request_id)
+        out = self._abort(request_id, self._emit)
         return [out] if out is not None else []
 
-    def _fail(self, sched: SchedulerOutput) -> list[RequestOutput]:
+    def _fail(self, sched: SchedulerOutput) -> list[Emitted]:
         """A launched step could not be read: abort the requests it carried; drop the prefix cache (blocks it was
         to fill are named)."""
         logger.exception("model step failed; aborting the %d requests it carried", len(sched.scheduled))
@@ -323,7 +350,7 @@ class LLMEngine:
         return self._abort_scheduled(sched)
 
     def _process(self, sched: SchedulerOutput, sampled: list[int], logprobs: StepLogprobs | None = None,
-                 after_accepts: Callable[[], None] | None = None) -> list[RequestOutput]:
+                 after_accepts: Callable[[], None] | None = None) -> list[Emitted]:
         """A step's tokens are read: the scheduler retires its samples, the engine appends those still wanted.
         The guided ones are accepted by their grammars on the grammar thread meanwhile (`after_accepts` then
         queues what must follow them there), and the sequences they end are finished after."""
@@ -364,16 +391,16 @@ class LLMEngine:
         if seq is not None and seq.request.prompt_logprobs is not None:
             record_prompt(seq.request.prompt_logprobs, item.start + 1, entries)
 
-    def _collect(self, progressed: dict[str, list[Sequence]]) -> list[RequestOutput]:
-        outputs = []
+    def _collect(self, progressed: dict[str, list[Sequence]]) -> list[Emitted]:
+        outputs, emit = [], self._emit
         for request_id, seqs in progressed.items():
             request = seqs[0].request
             if request.finished:
-                outputs.append(request.to_output(request.seqs if not request.stream else
-                                                 [s for s in request.seqs if s in seqs or s.has_unsent]))
+                outputs.append(emit(request, request.seqs if not request.stream else
+                                    [s for s in request.seqs if s in seqs or s.has_unsent]))
                 self._forget(request_id)
             elif request.stream and (due := [s for s in seqs if self._stream_due(s)]):
-                outputs.append(request.to_output(due))
+                outputs.append(emit(request, due))
         return outputs
 
     def _stream_due(self, seq: Sequence) -> bool:
@@ -468,10 +495,10 @@ class LLMEngine:
         self.structured.release(seq)
         self.scheduler.finish(seq)
 
-    def _abort_scheduled(self, sched: SchedulerOutput) -> list[RequestOutput]:
+    def _abort_scheduled(self, sched: SchedulerOutput) -> list[Emitted]:
         outputs = []
         for request_id in {s.request_id for s in sched.scheduled}:
-            out = self.abort_request(request_id)
+            out = self._abort(request_id, self._emit)
             if out is not None:
                 outputs.append(out)
         return outputs

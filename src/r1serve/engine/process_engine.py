@@ -7,9 +7,10 @@ chunks and the step itself no longer share one interpreter. Here the child owns 
 the detokenizers. The parent only validates requests, which needs the tokenizer but not the model, and keeps
 the streams. Commands go down one pipe (`Add`, `Abort`, `Shutdown`: engine/frontend.py's messages). One
 `Outputs` per step comes back up the other, carrying only what is new for each sample (text, token ids, finish
-reason) and the engine's stats. The deltas go to the streams as they are; a consumer merges what queued up
-behind it and rebuilds one cumulative output from the merged delta, so a step never pickles a whole output
-again, and a stream that fell behind costs one output per event rather than one per token.
+reason), built straight from the engine's sequences (`LLMEngine.step_deltas`), and the engine's stats. The
+deltas go to the streams as they are; a consumer merges what queued up behind it and rebuilds one cumulative
+output from the merged delta, so a step never pickles a whole output, and a stream that fell behind costs one
+output per event rather than one per token.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ from r1serve.logs import LogConfig
 from r1serve.outputs import CompletionOutput, FinishReason, Logprobs, RequestOutput, TextBuffer
 
 logger = logging.getLogger("r1serve")
-
-
-def _to_deltas(outputs: list[RequestOutput]) -> list[RequestDelta]:
-    return [(o.request_id, o.finished, o.num_cached_tokens,
-             [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason, c.delta_logprobs)
-              for c in o.outputs], o.prompt_logprobs)
-            for o in outputs]
 
 
 def _merge_deltas(deltas: list[RequestDelta]) -> RequestDelta:
@@ -103,24 +97,23 @@ def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> None
     while True:
         if not engine.has_unfinished():
             commands.poll(None)
-        outputs: list[RequestOutput] = []
+        deltas: list[RequestDelta] = []
         while commands.poll(0):
             command = commands.recv()
             if isinstance(command, Shutdown):  # every request ends with "abort"
-                for request_id in list(engine.requests):
-                    outputs.append(engine.abort_request(request_id))  # type: ignore[arg-type]
-                results.send(Outputs(_to_deltas([o for o in outputs if o]), engine.stats()))
+                aborted = [engine.abort_delta(request_id) for request_id in list(engine.requests)]
+                results.send(Outputs(deltas + [d for d in aborted if d is not None], engine.stats()))
                 return
-            outputs.extend(_apply(engine, command, results))
+            deltas.extend(_apply(engine, command, results))
         if engine.has_unfinished():
-            outputs.extend(engine.step())
-        results.send(Outputs(_to_deltas(outputs), engine.stats()))
+            deltas.extend(engine.step_deltas())
+        results.send(Outputs(deltas, engine.stats()))
 
 
-def _apply(engine: LLMEngine, command: Add | Abort, results: Connection) -> list[RequestOutput]:
+def _apply(engine: LLMEngine, command: Add | Abort, results: Connection) -> list[RequestDelta]:
     if isinstance(command, Abort):
-        out = engine.abort_request(command.request_id)
-        return [out] if out is not None else []
+        delta = engine.abort_delta(command.request_id)
+        return [delta] if delta is not None else []
     try:
         engine.add_request(command.prompt_ids or command.prompt, command.params, command.request_id)
     except Exception as e:  # already validated in the parent; anything left is this request's alone

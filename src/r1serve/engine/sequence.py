@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from r1serve.engine.logprobs import FORCED, TokenLogprob
 from r1serve.engine.scheduler_output import SequenceSpec
-from r1serve.outputs import CompletionOutput, FinishReason, RequestOutput, TextBuffer
+from r1serve.outputs import CompletionOutput, FinishReason, RequestDelta, RequestOutput, SampleDelta, TextBuffer
 from r1serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -119,17 +119,29 @@ class Sequence:
         """Whether it holds tokens or text no RequestOutput has carried yet (a stream gathering them)."""
         return self.num_emitted_tokens < len(self.output_ids) or bool(self.pending_text)
 
-    def to_output(self) -> CompletionOutput:
-        """The cumulative output so far plus the delta since the previous call."""
+    def _take_delta(self) -> tuple[int, list[int], str]:
+        """What no output has carried yet, now marked as carried: (its first output position, ids, text)."""
         start = self.num_emitted_tokens
         delta_ids = self.output_ids[start:]
         self.num_emitted_tokens += len(delta_ids)
         delta_text = "".join(self.pending_text)
         self.pending_text.clear()
+        return start, delta_ids, delta_text
+
+    def to_output(self) -> CompletionOutput:
+        """The cumulative output so far plus the delta since the previous output."""
+        start, delta_ids, delta_text = self._take_delta()
         logprobs = self.logprobs
         # positional: this runs once per sample per streamed step
         return CompletionOutput(self.index, self.text, self.output_ids, self.finish_reason, self.stop_reason,
                                 delta_text, delta_ids, logprobs, None if logprobs is None else logprobs[start:])
+
+    def to_delta(self) -> SampleDelta:
+        """Only the delta since the previous output (`to_output` without the cumulative part)."""
+        start, delta_ids, delta_text = self._take_delta()
+        logprobs = self.logprobs
+        return (self.index, delta_text, delta_ids, self.finish_reason, self.stop_reason,
+                None if logprobs is None else logprobs[start:])
 
 
 @dataclass(eq=False)
@@ -160,8 +172,14 @@ class Request:
         return self.seqs[0]
 
     def to_output(self, seqs: list[Sequence]) -> RequestOutput:
+        """The output of the request's samples `seqs` (the others have nothing new)."""
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [s.to_output() for s in seqs],
                              self.finished, self.seqs[0].num_cached_tokens, self._new_prompt_logprobs())
+
+    def to_delta(self, seqs: list[Sequence]) -> RequestDelta:
+        """`to_output` as a delta: what is new for the samples `seqs`, for a frontend that keeps the rest."""
+        return (self.request_id, self.finished, self.seqs[0].num_cached_tokens, [s.to_delta() for s in seqs],
+                self._new_prompt_logprobs())
 
     def _new_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
         """The prompt logprobs once complete, in the first output after that only."""
