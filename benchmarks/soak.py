@@ -49,7 +49,7 @@ BAD_BODIES = [
     {"model": MODEL, "messages": MESSAGE, "stop": [""]},
     {"model": MODEL, "messages": MESSAGE, "stop_token_ids": [True]},
     {"model": MODEL, "messages": MESSAGE, "max_tokens": 10**9},
-    {"model": MODEL, "messages": MESSAGE, "logprobs": True},
+    {"model": MODEL, "messages": MESSAGE, "top_logprobs": 3},  # without logprobs: true
     {"model": "no-such-model", "messages": MESSAGE},
     {"model": MODEL, "prompt": [10**9]},
     {"model": MODEL, "prompt": ""},
