@@ -8,7 +8,8 @@ from r1serve.kernels import triton_linear as tl_
 from r1serve.kernels.triton_linear import SkinnyConfig
 
 # (device, fused, N, K, M, the config chosen as str, None = cuBLAS / the activation's own kernel): every
-# projection of the 1.5B model at one, two and three rows, on the H100's table (any device) and the H200's.
+# projection of the 1.5B model at one, two and three rows, on the H100's table (any device) and the H200's. The
+# SiLU-fused down projection reads only its own device's entry: its own test, below.
 CHOICES = [
     ('', False, 1536, 1536, 1, 'fma n4 k2048 s1 w8 st1'),
     ('', False, 1536, 1536, 2, 'fma n2 k2048 s1 w8 st1'),
