@@ -387,6 +387,14 @@ def step_candidates(n: int, k: int, m: int) -> list[SkinnyConfig]:
     return found
 
 
+def committed_entry(op: str, device: str, key: tuple) -> tuple[bool, SkinnyConfig | None]:
+    """The table's (measured, config) for `op`'s key, read as the model reads it (down_proj: `silu_entry`)."""
+    if op == "down_proj":
+        _, n, k, m = key
+        return triton_linear.silu_entry(device, n, k, m)
+    return SKINNY_TABLE.lookup(device, key)
+
+
 def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> dict[str, Any]:
     """Every candidate config of `op` at m rows, timed in the whole decode step's graph (batch m, the other ops
     as the tables say): {"ranking": (µs per replay, config) fastest first, "winner": the tuning entry of the
@@ -394,8 +402,7 @@ def step_sweep(llm: LLM, op: str, m: int, ctx: int) -> dict[str, Any]:
     how its launch overlaps its neighbours (PDL), which is what decides at one row."""
     form, n, k = STEP_OPS[op]
     key, device = (form, n, k, m_bucket(m)), torch.cuda.get_device_name()
-    own = op == "down_proj"  # the SiLU-fused form: only this device's own entry counts (`_silu_config`)
-    measured, committed = SKINNY_TABLE.lookup(device, key, own=own)
+    measured, committed = committed_entry(op, device, key)
     committed = committed if measured else "absent"
     inp = make_inputs(op, m)
     configs = step_candidates(n, k, m)
@@ -444,7 +451,7 @@ def step_sweep_entries(sweeps: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     for op, sweep_ in sweeps.items():
         w = dict(sweep_["winner"])
         if w["config"] == "committed":
-            measured, _ = SKINNY_TABLE.lookup(torch.cuda.get_device_name(), _key(w), own=op == "down_proj")
+            measured, _ = committed_entry(op, torch.cuda.get_device_name(), _key(w))
             if measured or w["form"] != "fused":
                 continue
             w["config"] = None

@@ -86,11 +86,10 @@ def test_device_entries_replace_the_h100_choice() -> None:
 
 def test_the_silu_down_projection_fuses_only_where_its_device_measured_it() -> None:
     """`silu_linear`'s lookup: the device's own entry, never the fallback file's (the H200 has none: unfused)."""
-    key = ("fused", 1536, 8960, 1)
-    assert tl_.SKINNY_TABLE.lookup("NVIDIA H100 80GB HBM3", key, own=True) == (True, SkinnyConfig(4, 2048, warps=8))
-    assert tl_.SKINNY_TABLE.lookup("NVIDIA H200", key, own=True) == (False, None)
-    assert tl_.SKINNY_TABLE.lookup("NVIDIA H200", key)[0]  # (the fallback would have served it)
-    assert tl_.SKINNY_TABLE.lookup("NVIDIA H100 80GB HBM3", ("fused", 1536, 8960, 2), own=True) == (True, None)
+    assert tl_.silu_entry("NVIDIA H100 80GB HBM3", 1536, 8960, 1) == (True, SkinnyConfig(4, 2048, warps=8))
+    assert tl_.silu_entry("NVIDIA H200", 1536, 8960, 1) == (False, None)
+    assert tl_.SKINNY_TABLE.lookup("NVIDIA H200", ("fused", 1536, 8960, 1))[0]  # (the fallback would have served it)
+    assert tl_.silu_entry("NVIDIA H100 80GB HBM3", 1536, 8960, 2) == (True, None)
 
 
 def test_unlisted_devices_and_rows_keep_the_h100_table() -> None:

@@ -403,13 +403,19 @@ def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*gate_up.shape[:-1], weight.shape[0])
 
 
+def silu_entry(device: str, n: int, k: int, m_rows: int) -> tuple[bool, SkinnyConfig | None]:
+    """(measured, config) of the SiLU-fused down projection [n, k] at m_rows rows: this device's own entry only.
+    The fused form wins or loses by a few µs per step, device by device, so it never comes from the fallback
+    file."""
+    return SKINNY_TABLE.lookup(device, ("fused", n, k, m_bucket(m_rows)), own=True)
+
+
 def _silu_config(gate_up: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
-    """The SiLU-fused config of this down projection measured on this device, or None (unfused): the fused
-    form wins or loses by a few µs per step, device by device, so it never comes from the fallback file."""
+    """The SiLU-fused config of this down projection measured on this device (`silu_entry`), or None (unfused)."""
     rows, (n, k) = gate_up.numel() // max(1, gate_up.shape[-1]), weight.shape
     if not (1 <= rows <= SKINNY_MAX_M and _operands_fit(gate_up, weight, 2 * k) and gate_up.stride(-1) == 1):
         return None
-    measured, config = SKINNY_TABLE.lookup(device_name(weight.device), ("fused", n, k, m_bucket(rows)), own=True)
+    measured, config = silu_entry(device_name(weight.device), n, k, rows)
     return config if measured else None
 
 
