@@ -1,4 +1,5 @@
-"""IncrementalDetokenizer: UTF-8 safe streaming, stop strings across tokens, bounded work per token."""
+"""IncrementalDetokenizer: UTF-8 safe streaming, stop strings across tokens, bounded work per token; each test on
+the real tokenizer and the fallback, through their token bytes and through windows of decoded ids."""
 
 from __future__ import annotations
 
@@ -27,9 +28,19 @@ def fallback() -> ByteTokenizer:
     return ByteTokenizer()
 
 
-@pytest.fixture(params=["real", "fallback"])
+def windowed(tok: Tokenizer) -> Tokenizer:
+    """The same tokenizer without its token bytes: the detokenizer decodes windows of ids instead."""
+    copy = object.__new__(type(tok))
+    copy.__dict__.update(tok.__dict__)
+    copy.token_bytes = lambda skip_special_tokens=True: None
+    return copy
+
+
+@pytest.fixture(params=["real", "fallback", "real-windows", "fallback-windows"])
 def tok(request: pytest.FixtureRequest) -> Tokenizer:
-    return request.getfixturevalue(request.param)
+    name, _, windows = request.param.partition("-")
+    tokenizer = request.getfixturevalue(name)
+    return windowed(tokenizer) if windows else tokenizer
 
 
 def stream(detok: IncrementalDetokenizer, ids: Sequence[int], chunk_sizes: Sequence[int] = (1,)) -> list[str]:
@@ -194,11 +205,13 @@ def test_bad_use_is_an_error(fallback: ByteTokenizer) -> None:
 
 
 class _CountingTokenizer(ByteTokenizer):
-    """Records how many ids each decode call is given."""
+    """Records how many ids each decode call is given; the windows path unless `token_bytes` is kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_token_bytes: bool = False) -> None:
         super().__init__()
         self.window_sizes: list[int] = []
+        if not keep_token_bytes:
+            self.token_bytes = lambda skip_special_tokens=True: None
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         self.window_sizes.append(len(token_ids))
@@ -225,3 +238,24 @@ def test_invalid_bytes_stream_exactly_in_a_small_window() -> None:
         deltas = stream(detok, ids, chunk_sizes=(1, 1, 3))
         assert "".join(deltas) == ByteTokenizer().decode(ids)
     assert max(tok.window_sizes) <= 20
+
+
+def test_token_bytes_decode_no_windows_and_refuse_bad_ids() -> None:
+    """The bytes path: no decode call per token, the same text as decoding at once (stop strings and padding
+    rows past the vocabulary included), and an id outside the vocabulary refused as `decode` refuses it."""
+    tok = _CountingTokenizer(keep_token_bytes=True)
+    rng = random.Random(5)
+    ids = [rng.randrange(tok.vocab_size) for _ in range(5_000)]
+    detok = IncrementalDetokenizer(tok, prompt_of(tok), stop=["</think>"])
+    assert "".join(stream(detok, ids, chunk_sizes=(1, 2))) == ByteTokenizer().decode(ids)[:len(detok.text)]
+    assert tok.window_sizes == []
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        IncrementalDetokenizer(tok, []).add_tokens([tok.vocab_size])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        IncrementalDetokenizer(tok, []).add_tokens([-1])
+
+
+def test_the_real_tokenizers_padding_rows_decode_to_nothing(real: Tokenizer) -> None:
+    """Ids past tokenizer.json's entries (the embedding's padding rows, up to 151,936) add no text."""
+    detok = IncrementalDetokenizer(real, [])
+    assert detok.add_tokens([real.vocab_size + 5]) == "" and detok.add_tokens(real.encode("ok")) == "ok"

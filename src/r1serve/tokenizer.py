@@ -1,8 +1,10 @@
 """Text ⇄ token ids and the chat prompt, for the real tokenizer and for a byte-level stand-in.
 
 The engine needs ids, the server needs chat prompts that follow the R1 usage rules, and the detokenizer needs
-a `decode` it can call on small windows. `HFTokenizer` wraps the `tokenizers` library and renders the model's
-own jinja2 chat template (sandboxed, with the options Hugging Face uses), then enforces forced thinking: with
+a `decode` it can call on small windows, or, for a byte-level vocabulary (the model's, and the stand-in), each
+token's bytes (`token_bytes`), whose concatenation decodes to the same text. `HFTokenizer` wraps the
+`tokenizers` library and renders the model's own jinja2 chat template (sandboxed, with the options Hugging Face
+uses), then enforces forced thinking: with
 `force_thinking` the generation prompt ends `<｜Assistant｜><think>\\n` whichever template version is on disk,
 without it the `<think>\\n` a template added is removed. `ByteTokenizer` is what runs when no tokenizer files
 exist (dummy mode): UTF-8 bytes as ids 0-255, the 22 R1 added tokens at their real ids, the same chat text as
@@ -95,6 +97,12 @@ class Tokenizer(ABC):
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; bytes that do not form whole UTF-8 characters become U+FFFD."""
 
+    def token_bytes(self, skip_special_tokens: bool = True) -> Sequence[bytes] | None:
+        """The bytes of every id below the table's length, such that `decode(ids)` is always the UTF-8 decoding
+        (U+FFFD for bad bytes) of their concatenation; or None where decoding is not that (then the text of a
+        token may depend on its neighbours). Special tokens are b"" with `skip_special_tokens`."""
+        return None
+
     @abstractmethod
     def _render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
         """The chat template's own rendering, before forced thinking is applied."""
@@ -181,6 +189,25 @@ def _compile_chat_template(source: str) -> Any:
     return env.from_string(source)
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): the character that stands for each byte in a token's string.
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes, in order, for U+0100 onwards."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {chr(b): b for b in kept}
+    shifted = (b for b in range(256) if b not in set(kept))
+    chars.update((chr(0x100 + n), b) for n, b in enumerate(shifted))
+    return chars
+
+
+def _symbol_bytes(symbols: str, chars: Mapping[str, int]) -> bytes:
+    """A byte-level token string's bytes; a string with characters outside the alphabet (an added token such as
+    `<｜User｜>`) stands for its own UTF-8 bytes, as the `tokenizers` ByteLevel decoder reads it."""
+    try:
+        return bytes(chars[c] for c in symbols)
+    except KeyError:
+        return symbols.encode("utf-8")
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer folder: tokenizer.json through `tokenizers`, the chat template via jinja2."""
 
@@ -204,6 +231,10 @@ class HFTokenizer(Tokenizer):
         self.think_end_id = self._tok.token_to_id(THINK_END)
         source = _read_chat_template(self.folder, config)
         self._template = _compile_chat_template(source) if source else None
+        from tokenizers.decoders import ByteLevel
+
+        self._byte_level = isinstance(self._tok.decoder, ByteLevel)  # decoding: the UTF-8 of the bytes joined
+        self._token_bytes: dict[bool, list[bytes]] = {}
 
     def set_chat_template(self, source: str) -> None:
         self._template = _compile_chat_template(source)
@@ -215,6 +246,22 @@ class HFTokenizer(Tokenizer):
 
     def _token_strings(self) -> list[str]:
         return list(self._tok.get_vocab(with_added_tokens=True))  # byte-level: one symbol per UTF-8 byte
+
+    def token_bytes(self, skip_special_tokens: bool = True) -> Sequence[bytes] | None:
+        """Each token's bytes where tokenizer.json's decoder is `ByteLevel` (both tables built at the first call,
+        a fraction of a second for the R1 vocabulary); None for any other decoder."""
+        if not self._byte_level:
+            return None
+        if not self._token_bytes:
+            chars = _byte_level_chars()
+            table = [b""] * self.vocab_size
+            for symbols, token_id in self._tok.get_vocab(with_added_tokens=True).items():
+                table[token_id] = _symbol_bytes(symbols, chars)
+            skipping = list(table)
+            for token_id in self.all_special_ids:
+                skipping[token_id] = b""
+            self._token_bytes = {False: table, True: skipping}
+        return self._token_bytes[skip_special_tokens]
 
     def _read_json(self, filename: str) -> dict[str, Any]:
         path = self.folder / filename
@@ -321,9 +368,22 @@ class ByteTokenizer(Tokenizer):
         self.all_special_ids = {token_id for token_id, _, special in R1_ADDED_TOKENS if special}
         alternatives = sorted(self._ids_of, key=len, reverse=True)
         self._splitter = re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")")
+        self._token_bytes: dict[bool, list[bytes]] = {}
 
     def _token_strings(self) -> list[str]:
         return ["x", *self._ids_of]  # a byte, or an added token's text
+
+    def token_bytes(self, skip_special_tokens: bool = True) -> Sequence[bytes] | None:
+        """Bytes 0-255, the fallback characters, and the added tokens' text (which begins and ends with whole
+        ASCII characters, so joining it to the bytes around it decodes as `decode`'s separate runs do)."""
+        if skip_special_tokens not in self._token_bytes:
+            table = [bytes([i]) for i in range(256)]
+            table += [bytes([_FALLBACK_FIRST_CHAR + i % _FALLBACK_NUM_CHARS]) for i in range(256, self.vocab_size)]
+            for token_id, content in self._added.items():
+                skipped = skip_special_tokens and token_id in self.all_special_ids
+                table[token_id] = b"" if skipped else content.encode("utf-8")
+            self._token_bytes[skip_special_tokens] = table
+        return self._token_bytes[skip_special_tokens]
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):

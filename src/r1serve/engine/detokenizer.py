@@ -7,12 +7,16 @@ span tokens, so the tail that could still become a stop string is held back too 
 stop string minus one character), and nothing at or after a stop string is ever emitted (unless
 `include_stop_str_in_output`, which emits the stop string itself). Each step decodes only a small window of
 recent tokens (from a prefix offset, whose text is already known, to the end), so a token costs the same at
-position 10 and 30 000. The concatenation of every delta and `finish()` equals decoding the whole output
-at once.
+position 10 and 30 000. A byte-level vocabulary (the model's own, and the dummy-mode stand-in: anything whose
+`Tokenizer.token_bytes` is a table) skips the windows: each token's bytes go through Python's incremental UTF-8
+decoder, which holds back an incomplete character by itself, at a table lookup per token instead of a window's
+decode (docs/performance.md has the figures). Either way the concatenation of every delta and `finish()` equals decoding
+the whole output at once.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
 from r1serve.tokenizer import Tokenizer
@@ -43,7 +47,10 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None
         self._stop_prefixes = {s[:k] for s in self.stop for k in range(1, len(s))}
         self._max_hold = max((len(s) for s in self.stop), default=1) - 1
-        self._ids, self._prefix_text = self._prompt_context(prompt_token_ids)
+        self._token_bytes = tokenizer.token_bytes(skip_special_tokens)  # None: decode windows of ids
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        windows = self._token_bytes is None
+        self._ids, self._prefix_text = self._prompt_context(prompt_token_ids) if windows else ([], "")
         self._prefix_offset = 0  # self._ids[prefix:read] decodes to self._prefix_text, which is final
         self._read_offset = len(self._ids)  # self._ids[read:] are tokens whose text is not yet settled
         self._num_unread_emitted = 0  # characters of the unread tokens' text already emitted
@@ -82,18 +89,31 @@ class IncrementalDetokenizer:
             raise RuntimeError("add_tokens() after finish(): the stream is over")
         if len(new_token_ids) == 0:
             return ""
-        self._ids.extend(new_token_ids)
+        if self._token_bytes is not None:
+            settled = self._utf8.decode(self._bytes_of(new_token_ids))
+        else:
+            self._ids.extend(new_token_ids)
+            settled = self._settle(final=False)
         if not self.stop:  # nothing to hold back or search: the settled text is the delta
-            return self._push(self._settle(final=False))
-        return self._emit(self._settle(final=False), final=False)
+            return self._push(settled)
+        return self._emit(settled, final=False)
 
     def finish(self) -> str:
         """End of the stream: return the text still held back (incomplete bytes included, as U+FFFD)."""
         if self._finished:
             return ""
-        delta = self._emit(self._settle(final=True), final=True)
+        settled = self._utf8.decode(b"", final=True) if self._token_bytes is not None else self._settle(final=True)
+        delta = self._emit(settled, final=True)
         self._finished = True
         return delta
+
+    def _bytes_of(self, token_ids: Sequence[int]) -> bytes:
+        """The ids' bytes joined; an id outside the table is decoded by the tokenizer itself (which refuses a
+        negative id, and decodes an embedding padding row to nothing)."""
+        table = self._token_bytes
+        if len(token_ids) == 1 and 0 <= (token_id := token_ids[0]) < len(table):  # a decode step's one token
+            return table[token_id]
+        return b"".join(table[i] if 0 <= i < len(table) else self._decode([i]).encode("utf-8") for i in token_ids)
 
     def _settle(self, final: bool) -> str:
         """Text of the unread tokens that can no longer change. A lossy UTF-8 decode can only change its
