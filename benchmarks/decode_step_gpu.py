@@ -322,6 +322,7 @@ def step_variants(llm: LLM, batches: list[int], ctx: int, only: str = "") -> lis
         ("after, decode 8 warps", after, True, replace(tiles, num_warps=8)),
         ("after, decode 2 warps", after, True, replace(tiles, num_warps=2)),
         ("after, split decode with 64-key tiles", after, True, replace(tiles, block_n=64)),
+        ("after, split decode merged by its last program", after, True, replace(tiles, merge_in_decode=True)),
     ]
     wanted = {int(i) for i in only.split(",")} if only else set(range(len(variants)))
     results, reference_out = [], {}

@@ -21,6 +21,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
@@ -52,11 +53,14 @@ class _AnyPointer(set):
 
 
 gpu_tests.poison_next_allocations = lambda *shapes: _AnyPointer()
+
 ROTARY = "test_decode_with_rotary_equals_rotary_store_then_decode"
 CASES: list[tuple[str, dict]] = [
-    *[(ROTARY, {"num_splits": n}) for n in (1, 5, None)],
+    *[(ROTARY, {"num_splits": n, "merge_in_decode": m}) for n in (1, 5, None) for m in (False, True)],
     *[("test_decode_any_split_count_gives_the_same_result", {"num_splits": n}) for n in (1, 5)],
     ("test_decode_upper_bound_and_zero_length_padding", {}),
+    *[("test_decode_merge_in_kernel_equals_the_merge_kernel", {"num_splits": n, "monkeypatch": None})
+      for n in (2, 5, 64)],
     ("test_decode_matches_twin", {"batch": 7, "block_size": 16}),
     ("test_decode_gqa_groups", {"heads": (8, 1)}),
     ("test_rotary_store_equals_rotary_then_store", {"tokens": 6, "block_size": 16}),
@@ -64,7 +68,8 @@ CASES: list[tuple[str, dict]] = [
     ("test_fp8_store_kv_matches_twin_and_skips_padding", {"block_size": 16}),
     ("test_fp8_rotary_store_matches_rotary_then_store", {"tokens": 6}),
     *[("test_fp8_decode_matches_twin", {"batch": 7, "num_splits": n}) for n in (1, 5)],
-    *[("test_fp8_decode_with_rotary_equals_rotary_store_then_decode", {"num_splits": n}) for n in (1, 5)],
+    *[("test_fp8_decode_with_rotary_equals_rotary_store_then_decode", {"num_splits": n, "merge_in_decode": m})
+      for n in (1, 5) for m in (False, True)],
     ("test_fp8_prefill_matches_twin", {"case": "block_boundaries"}),
     *[("test_skinny_any_config_odd_sizes", {"act": a, "m": m, "shape": (37, 200, True)})
       for a in ("rms_norm", "add_rms_norm", "plain", "silu") for m in (1, 7)],
@@ -113,7 +118,8 @@ def _run(module: object, name: str, kwargs: dict, note: str, wanted: list[str]) 
         return 0
     start = time.perf_counter()
     try:
-        getattr(module, name)(**kwargs)
+        with pytest.MonkeyPatch.context() as patch:  # for a test that takes pytest's `monkeypatch`
+            getattr(module, name)(**{k: patch if k == "monkeypatch" else v for k, v in kwargs.items()})
         print(f"PASS {name} {kwargs}{note} ({time.perf_counter() - start:.1f} s)", flush=True)
         return 0
     except Exception:

@@ -9,6 +9,7 @@ marked `gpu`: conftest skips them without CUDA, and this module imports on CPU w
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,12 +89,12 @@ def reference_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def run_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               num_splits: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+               num_splits: int | None = None, max_seq_len: int | None = None, tiles=None) -> torch.Tensor:
     ta, _ = _triton_modules()
     out = torch.full_like(query, float("nan"))
     return ta.paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      query.shape[-1] ** -0.5, max_seq_len or meta.max_seq_len,
-                                     num_splits=num_splits, out=out)
+                                     num_splits=num_splits, out=out, tiles=tiles or ta.DECODE_TILES)
 
 
 def run_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -154,6 +155,30 @@ def test_decode_any_split_count_gives_the_same_result(num_splits: int) -> None:
     assert rel_err(first, ref) < BF16_TOL
     again = run_decode(query, k_cache, v_cache, meta, num_splits=num_splits)
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 64])
+def test_decode_merge_in_kernel_equals_the_merge_kernel(num_splits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The splits merged by the last of them to finish, by the merge kernel, and by the merge kernel again
+    when the batch needs more tickets than there are: the same up to the order of the float32 sums (the merge
+    kernel's result to the bit), a length-0 row included, and the tickets back at zero after every launch."""
+    ta, _ = _triton_modules()
+    query, _, _, k_cache, v_cache, meta = make_batch([1] * 5, [3, 100, 777, 2049, 40])
+    seq_lens = meta.seq_lens.clone()
+    seq_lens[4] = 0
+    meta = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, seq_lens, meta.block_tables, 1, 2049,
+                             [1] * 5, seq_lens.tolist())
+    merging = replace(ta.DECODE_TILES, merge_in_decode=True)
+    fused = run_decode(query, k_cache, v_cache, meta, num_splits=num_splits, tiles=merging)
+    assert not ta._TICKETS[fused.device].any()
+    kernel = run_decode(query, k_cache, v_cache, meta, num_splits=num_splits,
+                        tiles=replace(ta.DECODE_TILES, merge_in_decode=False))
+    assert rel_err(fused, kernel) < 1e-3
+    assert torch.equal(fused[4], torch.zeros_like(fused[4]))
+    monkeypatch.setattr(ta, "_TICKETS", {})
+    monkeypatch.setattr(ta, "NUM_MERGE_TICKETS", 9)  # 5 sequences × 2 KV heads need 10
+    assert torch.equal(run_decode(query, k_cache, v_cache, meta, num_splits=num_splits, tiles=merging), kernel)
+    assert rel_err(fused[:4], reference_attention(query, k_cache, v_cache, meta)[:4]) < BF16_TOL
 
 
 @pytest.mark.parametrize("heads", [(12, 2), (4, 4), (8, 1), (16, 2), (28, 4)])
@@ -576,10 +601,12 @@ def test_rotary_store_equals_rotary_then_store(tokens: int, block_size: int) -> 
     assert rel_err(out, q_fp) < BF16_TOL and rel_err(out, q_bf) < 5e-3
 
 
+@pytest.mark.parametrize("merge_in_decode", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 5, 32, None])
-def test_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | None) -> None:
+def test_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | None, merge_in_decode: bool) -> None:
     """The decode kernel with the rotary and the KV store folded in: the same output and cache as the fused
-    rotary + store kernel followed by plain decode, and the twin's result; slot -1 and length 0 rows too."""
+    rotary + store kernel followed by plain decode, and the twin's result; slot -1 and length 0 rows too; its
+    splits merged by the merge kernel or by their last program."""
     ta, _ = _triton_modules()
     seq_lens = [5, 200, 64, 65, 1, 1000, 17]
     query, key, value, k_cache, v_cache, meta = make_batch([1] * len(seq_lens), seq_lens)
@@ -601,7 +628,8 @@ def test_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | No
     out = torch.full_like(query, float("nan"))
     ta.paged_decode_attention(query, k_cache, v_cache, padded.block_tables, padded.seq_lens, 128 ** -0.5, 4096,
                               num_splits=num_splits, out=out,
-                              rotary=ta.DecodeRotary(key, value, positions, cache, slots))
+                              rotary=ta.DecodeRotary(key, value, positions, cache, slots),
+                              tiles=replace(ta.DECODE_TILES, merge_in_decode=merge_in_decode))
     assert torch.equal(v_cache, v_ref)
     assert rel_err(k_cache, k_ref) < 1e-3  # the same rotation; at most a last-bit difference
     assert rel_err(out, ref) < 2e-3
@@ -769,10 +797,13 @@ def test_fp8_decode_matches_twin(batch: int, num_splits: int | None) -> None:
     assert rel_err(out, reference_fp8_attention(query, k_cache, v_cache, meta)) < BF16_TOL
 
 
+@pytest.mark.parametrize("merge_in_decode", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 5, None])
-def test_fp8_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | None) -> None:
+def test_fp8_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int | None,
+                                                                 merge_in_decode: bool) -> None:
     """The decode kernel with rotary and the fp8 store folded in: the cache and output of the fused rotary +
-    store kernel followed by plain fp8 decode, and the twin's result; slot -1 and length 0 rows too."""
+    store kernel followed by plain fp8 decode, and the twin's result; slot -1 and length 0 rows too; its splits
+    merged by the merge kernel or by their last program."""
     ta, _ = _triton_modules()
     seq_lens = [5, 200, 64, 65, 1, 1000, 17]
     query, key, value, k_cache, v_cache, meta = make_batch([1] * len(seq_lens), seq_lens)
@@ -792,7 +823,8 @@ def test_fp8_decode_with_rotary_equals_rotary_store_then_decode(num_splits: int 
     out = torch.full_like(query, float("nan"))
     ta.paged_decode_attention(query, k_cache, v_cache, padded.block_tables, padded.seq_lens, 128 ** -0.5, 4096,
                               num_splits=num_splits, out=out,
-                              rotary=ta.DecodeRotary(key, value, positions, cache, slots), kv_scales=FP8_SCALES)
+                              rotary=ta.DecodeRotary(key, value, positions, cache, slots), kv_scales=FP8_SCALES,
+                              tiles=replace(ta.DECODE_TILES, merge_in_decode=merge_in_decode))
     assert_same_fp8(v_cache, v_ref, FP8_SCALES.v)
     f32 = torch.float32
     assert rel_err(dequantize_kv(k_cache, f32, FP8_SCALES.k), dequantize_kv(k_ref, f32, FP8_SCALES.k)) < 1e-2

@@ -6,7 +6,9 @@ same cache layout (`[num_blocks, block_size, num_kv_heads, head_dim]` per layer,
 Why these shapes: a decode step of the 1.5B model reads ~3 GB of weights, so each of its 28 attention calls
 must cost a few microseconds. The decode kernel gives one program to all query heads of a KV head (each KV
 block is read once for the 6 heads that share it) and splits a long context across programs (flash-decoding)
-when the batch alone would leave the GPU idle; a second small kernel merges the splits. The number of splits
+when the batch alone would leave the GPU idle; a second small kernel merges the splits (or, with
+`DecodeTiles.merge_in_decode`, the last of a sequence's splits to finish, counted on a self-resetting ticket per
+sequence and KV head). The number of splits
 depends only on host integers the caller passes (batch size, an upper bound of the context length), and each
 program works out its share from the device-side `seq_lens`, so a captured CUDA graph replays correctly for
 any lengths up to that bound, including padded rows of length 0 and slot -1. The prefill kernel packs the
@@ -46,6 +48,7 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+NUM_MERGE_TICKETS = 1 << 14  # (sequence, KV head) pairs of a split decode that merges in the decode kernel
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,15 @@ class DecodeTiles:
     """The decode kernel's tiles: keys per iteration (and the smallest share of a split) when a context is split
     (`block_n`) and when it is not (`block_n_whole`: one program per sequence and KV head, large batches), and
     its warps. Split contexts are faster with 32 keys at every batch and length measured, whole ones with 64 at
-    batch ~256 (docs/kernels.md has the figures); benchmarks try others through `TritonAttention(tiles)`."""
+    batch ~256 (docs/kernels.md has the figures); benchmarks try others through `TritonAttention(tiles)`.
+    `merge_in_decode`: the splits of one sequence and KV head count themselves in on a self-resetting ticket
+    and the last one merges them, instead of `_merge_kernel`'s launch after the decode kernel (off until its
+    step-graph timing decides: docs/kernels.md)."""
 
     block_n: int = 32
     block_n_whole: int = 64
     num_warps: int = 4
+    merge_in_decode: bool = False  # a split context's last program to finish merges it (no merge kernel)
 
 
 DECODE_TILES = DecodeTiles()
@@ -214,17 +221,33 @@ if triton is not None:
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         return _online_softmax_step(acc, l_i, m_i, qk, v)
 
+    @triton.jit
+    def _decode_rest(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table, start, end, newest, new_k, new_v, kv_head,
+                     scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims,
+                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+        """The tiles of a decode program's share [start, end) after its first, folded into the running state."""
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask & (offs_n != newest), kv_head,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v,
+                                         scale_log2e, FP8)
+        return acc, l_i, m_i
+
     @triton.jit(do_not_specialize=["stride_bt"])  # eager steps: a variant per table width % 16 otherwise
     def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
-                       part_lse_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
+                       part_lse_ptr, tickets_ptr, new_k_ptr, new_v_ptr, positions_ptr, cos_sin_ptr, slots_ptr,
                        scale_log2e, num_splits, v_scale, k_inv_scale, v_inv_scale,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                        stride_bt, stride_ot, stride_oh, stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cs,
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                       MERGE: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
                        ROTARY: tl.constexpr, USE_PDL: tl.constexpr, FP8: tl.constexpr):
         """Program (seq, kv_head, split): the GROUP query heads of one KV head over one share of the
-        context. SPLIT: write the normalised partial output and its log2-sum-exp, which `_merge_kernel` merges.
+        context. SPLIT: write the normalised partial output and its log2-sum-exp, which `_merge_kernel` merges,
+        or with MERGE the last of the splits that saw keys to finish (`_merge_if_last`).
         ROTARY: q is not rotated yet, and the decode token's key and value are not in the cache yet: the
         program rotates its q heads and the new key in registers, the split holding the newest key writes it
         (and the value) into the slot, and attends to it from registers. Everything but q and the new key/value
@@ -282,15 +305,31 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k0, v0, offs_n, offs_n < end, newest, new_k, new_v,
                                      scale_log2e, FP8)
-        for n0 in range(start + BLOCK_N, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
-            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, n_mask & (offs_n != newest), kv_head,
-                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, dims, PAGE, True)
-            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k, v, offs_n, n_mask, newest, new_k, new_v,
-                                         scale_log2e, FP8)
-        _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads, group,
-                          dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, SPLIT, FP8)
+        acc, l_i, m_i = _decode_rest(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, table, start, end, newest, new_k,
+                                     new_v, kv_head, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb,
+                                     stride_vs, stride_vh, dims, PAGE, BLOCK_N, FP8)
+        _decode_result(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, tickets_ptr, seq, kv_head, split,
+                       active, num_splits, heads, group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM,
+                       SPLIT, MERGE, MERGE_HEADS, SPLITS_PAD, FP8)
+
+    @triton.jit
+    def _decode_result(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, tickets_ptr, seq, kv_head, split,
+                       active, num_splits, heads, group, dims, v_scale, stride_ot, stride_oh, GROUP: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, MERGE_HEADS: tl.constexpr,
+                       SPLITS_PAD: tl.constexpr, FP8: tl.constexpr):
+        """What a decode program leaves: its output, or its partial (SPLIT); with MERGE only the `active` splits
+        that saw keys leave one, and the last of them to finish merges them (zeros from split 0 where none did)."""
+        if not MERGE:
+            _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
+                              group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, SPLIT, FP8)
+        elif split < active:
+            _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
+                              group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, SPLIT, FP8)
+            _merge_if_last(part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, active, num_splits,
+                           stride_ot, stride_oh, GROUP, MERGE_HEADS, SPLITS_PAD, HEAD_DIM)
+        elif (active == 0) & (split == 0):
+            _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
+                              group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, False, FP8)
 
     @triton.jit
     def _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
@@ -312,6 +351,51 @@ if triton is not None:
         else:
             dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _merge_if_last(part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, active, num_splits,
+                       stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                       HEAD_DIM: tl.constexpr):
+        """After a split has published its partials: the last of the `active` splits of (seq, kv_head) to
+        arrive on their ticket merges the GROUP heads and resets the ticket for the next launch."""
+        tl.debug_barrier()  # every thread's partial precedes the release below
+        ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kv_head
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == active - 1:  # the other splits have all published theirs
+            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+            _merge_group(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, active, num_splits, stride_ot,
+                         stride_oh, GROUP, GROUP_P2, SPLITS_PAD, HEAD_DIM)
+
+    @triton.jit
+    def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, active, num_splits, stride_ot, stride_oh,
+                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The GROUP heads of one KV head merged from their `active` split partials at once (read past L1: other
+        programs of this launch wrote them): the log-sum-exps first, then the partials in chunks of 8 splits, so
+        the program holds a [GROUP_P2, 8, HEAD_DIM] tile rather than every split of every head."""
+        chunk: tl.constexpr = 8
+        g = tl.arange(0, GROUP_P2)
+        heads = kv_head * GROUP + g
+        rows = (seq * tl.num_programs(1) * GROUP + heads) * num_splits  # [GROUP_P2]: each head's first split
+        splits = tl.arange(0, SPLITS_PAD)
+        lse = tl.load(part_lse_ptr + rows[:, None] + splits[None, :], mask=(g < GROUP)[:, None] &
+                      (splits < active)[None, :], other=float("-inf"), cache_modifier=".cg")  # [G, SPLITS_PAD]
+        m = tl.max(lse, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0), 1)  # [G]
+        dims = tl.arange(0, HEAD_DIM)
+        acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+        for s0 in range(0, active, chunk):
+            s = s0 + tl.arange(0, chunk)
+            mask = (g < GROUP)[:, None] & (s < active)[None, :]  # [G, chunk]
+            lse_s = tl.load(part_lse_ptr + rows[:, None] + s[None, :], mask=mask, other=float("-inf"),
+                            cache_modifier=".cg")
+            w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m[:, None]), 0.0)
+            offsets = ((rows[:, None] + s[None, :]) * HEAD_DIM)[:, :, None] + dims[None, None, :]
+            part = tl.load(part_out_ptr + offsets, mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(part * w[:, :, None], 1)
+        o = acc / tl.where(total > 0, total, 1.0)[:, None]
+        dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
 
     @triton.jit
     def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, stride_ot, stride_oh,
@@ -426,6 +510,21 @@ def _device_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _merge_tickets(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The decode kernel's merge tickets on `device` (int32 zeros; every launch leaves them at zero), one per
+    (sequence, KV head), or None when a batch needs more than there are (then the merge kernel runs)."""
+    tickets = _TICKETS.get(device)
+    if tickets is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention: run one eager call before capturing a CUDA graph (it allocates "
+                               "the merge tickets)")
+        tickets = _TICKETS[device] = torch.zeros(NUM_MERGE_TICKETS, dtype=torch.int32, device=device)
+    return tickets if needed <= tickets.numel() else None
+
+
 def _is_fp8(k_cache: torch.Tensor) -> bool:
     return k_cache.dtype == FP8_KV_DTYPE
 
@@ -535,6 +634,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(query.device), tiles.block_n)
     split = num_splits > 1
     block_n = tiles.block_n if split else tiles.block_n_whole
+    tickets = _merge_tickets(query.device, num_seqs * num_kv_heads) if split and tiles.merge_in_decode else None
     f32 = {"dtype": torch.float32, "device": query.device}
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,), **f32)  # [B,H,S,D]
     part_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), **f32)  # [B, H, S]
@@ -546,7 +646,8 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         raise ValueError("paged_decode_attention: rotary key/value need a contiguous head_dim and the cache's dtype")
     scale_log2e = scale * (kv_scales.k if fp8 else 1.0) * LOG2E  # k_scale folded into the softmax scale
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, rot.key, rot.value,
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        tickets if tickets is not None else part_lse, rot.key, rot.value,
         rot.positions, rot.cos_sin_cache, rot.slot_mapping, scale_log2e, num_splits, kv_scales.v,
         1.0 / kv_scales.k, 1.0 / kv_scales.v, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2),
@@ -554,9 +655,10 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out.stride(1), rot.key.stride(0), rot.key.stride(1), rot.value.stride(0), rot.value.stride(1),
         rot.cos_sin_cache.stride(0), PAGE=block_size, GROUP=num_heads // num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, SPLIT=split, ROTARY=rotary is not None, USE_PDL=triton_ops.use_pdl(), FP8=fp8,
-        num_warps=tiles.num_warps, num_stages=2, **triton_ops.pdl_launch())
-    if split:
+        BLOCK_N=block_n, SPLIT=split, MERGE=tickets is not None,
+        MERGE_HEADS=triton.next_power_of_2(num_heads // num_kv_heads), SPLITS_PAD=splits_pad, ROTARY=rotary is not None,
+        USE_PDL=triton_ops.use_pdl(), FP8=fp8, num_warps=tiles.num_warps, num_stages=2, **triton_ops.pdl_launch())
+    if split and tickets is None:
         _merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, seq_lens, num_splits, out.stride(0), out.stride(1),
             SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, USE_PDL=triton_ops.use_pdl(),
