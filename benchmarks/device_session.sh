@@ -13,6 +13,9 @@
 #   bash benchmarks/device_session.sh quant-sweep OUT_DIR    # quantized skinny tiles (QUANT_SWEEP; all at 1, 2 rows):
 #                                                            # batch-1 decode per format with the committed file, the
 #                                                            # sweep into it (OUT_DIR/quant-*.json), decode again
+#   bash benchmarks/device_session.sh decode-merge OUT_DIR   # the decode attention GPU tests, then the step graph
+#                                                            # with split decodes merged by the merge kernel against
+#                                                            # their last program (DecodeTiles.merge_in_decode)
 #   bash benchmarks/device_session.sh structured OUT_DIR     # structured-output GPU tests, then decode and nano with
 #                                                            # a JSON schema on every request against none (wants
 #                                                            # .carry/tokenizer, as the serving stage does)
@@ -99,6 +102,10 @@ qkv_proj,o_proj,down_proj 2}"
 int4,int8,fp8 2}"
     cp src/r1serve/kernels/tuning/quant-*.json "$out/"
     decode "after the sweep" ;;
+  decode-merge)  # variant 1 of decode_step_gpu.py is the default chain, 8 the same with merge_in_decode on
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k decode || true
+    (cd benchmarks && timeout 300 python3 decode_step_gpu.py --no-sweep --ctx 600 --batches 1,2,4,8,16 \
+      --max-model-len 4096 --variants 1,8 | grep -v '^{') ;;
   structured)  # the masks over the real vocabulary when .carry/tokenizer is there (see the serving stage)
     tokenizer=(); [ -d "${TOKENIZER:-.carry/tokenizer}" ] && tokenizer=(--tokenizer "${TOKENIZER:-.carry/tokenizer}")
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_structured_gpu.py tests/test_engine_gpu.py || true
@@ -106,5 +113,5 @@ int4,int8,fp8 2}"
       --hf "" --max-model-len 4096 --structured json --repeats 3 "${tokenizer[@]}" ;;
   *)
     echo "unknown stage $stage (tests, offline, serving, dp, quant-tests, quant-offline, skinny-sweep, quant-sweep," \
-      "structured)" >&2; exit 2 ;;
+      "decode-merge, structured)" >&2; exit 2 ;;
 esac
