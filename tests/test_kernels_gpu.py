@@ -163,6 +163,7 @@ def test_decode_merge_in_kernel_equals_the_merge_kernel(num_splits: int, monkeyp
     when the batch needs more tickets than there are: the same up to the order of the float32 sums (the merge
     kernel's result to the bit), a length-0 row included, and the tickets back at zero after every launch."""
     ta, _ = _triton_modules()
+    skinny = _linear_module()  # whose split-K tickets the merge takes
     query, _, _, k_cache, v_cache, meta = make_batch([1] * 5, [3, 100, 777, 2049, 40])
     seq_lens = meta.seq_lens.clone()
     seq_lens[4] = 0
@@ -170,13 +171,13 @@ def test_decode_merge_in_kernel_equals_the_merge_kernel(num_splits: int, monkeyp
                              [1] * 5, seq_lens.tolist())
     merging = replace(ta.DECODE_TILES, merge_in_decode=True)
     fused = run_decode(query, k_cache, v_cache, meta, num_splits=num_splits, tiles=merging)
-    assert not ta._TICKETS[fused.device].any()
+    workspace, tickets = skinny.split_k_workspace(fused.device)
+    assert not tickets.any()
     kernel = run_decode(query, k_cache, v_cache, meta, num_splits=num_splits,
                         tiles=replace(ta.DECODE_TILES, merge_in_decode=False))
     assert rel_err(fused, kernel) < 1e-3
     assert torch.equal(fused[4], torch.zeros_like(fused[4]))
-    monkeypatch.setattr(ta, "_TICKETS", {})
-    monkeypatch.setattr(ta, "NUM_MERGE_TICKETS", 9)  # 5 sequences × 2 KV heads need 10
+    monkeypatch.setitem(skinny._WORKSPACES, fused.device, (workspace, tickets[:9]))  # 5 × 2 KV heads need 10
     assert torch.equal(run_decode(query, k_cache, v_cache, meta, num_splits=num_splits, tiles=merging), kernel)
     assert rel_err(fused[:4], reference_attention(query, k_cache, v_cache, meta)[:4]) < BF16_TOL
 

@@ -38,6 +38,7 @@ from r1serve.kernels.attention import (
     KVScales,
     dequantize_kv,
 )
+from r1serve.kernels.triton_linear import split_k_workspace
 from r1serve.kernels.triton_support import HAS_TRITON, require_triton, tl, triton
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-NUM_MERGE_TICKETS = 1 << 14  # (sequence, KV head) pairs of a split decode that merges in the decode kernel
 
 
 @dataclass(frozen=True)
@@ -510,18 +510,12 @@ def _device_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
 def _merge_tickets(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The decode kernel's merge tickets on `device` (int32 zeros; every launch leaves them at zero), one per
-    (sequence, KV head), or None when a batch needs more than there are (then the merge kernel runs)."""
-    tickets = _TICKETS.get(device)
-    if tickets is None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention: run one eager call before capturing a CUDA graph (it allocates "
-                               "the merge tickets)")
-        tickets = _TICKETS[device] = torch.zeros(NUM_MERGE_TICKETS, dtype=torch.int32, device=device)
+    """Tickets for the decode kernel's merge, one per (sequence, KV head): the skinny products' self-resetting
+    int32 tickets (`triton_linear.split_k_workspace`; every launch leaves them at zero, and the kernels of a
+    stream use them one after another), or None when a batch needs more than there are (then the merge kernel
+    runs)."""
+    tickets = split_k_workspace(device)[1]
     return tickets if needed <= tickets.numel() else None
 
 

@@ -289,8 +289,8 @@ def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     space = _WORKSPACES.get(device)
     if space is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("skinny linear: run one eager call before capturing a CUDA graph (it allocates "
-                               "the split-K workspace)")
+            raise RuntimeError("skinny linear / decode attention: run one eager call before capturing a CUDA "
+                               "graph (it allocates the split-K workspace and its tickets)")
         space = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
                  torch.zeros(NUM_TICKETS, dtype=torch.int32, device=device))
         _WORKSPACES[device] = space
