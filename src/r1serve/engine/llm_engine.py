@@ -140,6 +140,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.think_close_ids = self.tokenizer.encode(BUDGET_CLOSE)
+        self.tokenizer.token_bytes()  # the detokenizers' byte table: built at start-up, not in the first step
         self.requests: dict[str, Request] = {}
         self.in_flight: InFlight | None = None  # the step launched on the device and not yet read
         self.num_sync_requests = 0  # live requests that need their tokens on the host before each step (penalties)
