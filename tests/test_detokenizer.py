@@ -3,6 +3,7 @@ the real tokenizer and the fallback, through their token bytes and through windo
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 
@@ -30,10 +31,9 @@ def fallback() -> ByteTokenizer:
 
 def windowed(tok: Tokenizer) -> Tokenizer:
     """The same tokenizer without its token bytes: the detokenizer decodes windows of ids instead."""
-    copy = object.__new__(type(tok))
-    copy.__dict__.update(tok.__dict__)
-    copy.token_bytes = lambda skip_special_tokens=True: None
-    return copy
+    windows = copy.copy(tok)
+    windows.token_bytes = lambda skip_special_tokens=True: None
+    return windows
 
 
 @pytest.fixture(params=["real", "fallback", "real-windows", "fallback-windows"])

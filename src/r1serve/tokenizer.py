@@ -374,8 +374,12 @@ class ByteTokenizer(Tokenizer):
         return ["x", *self._ids_of]  # a byte, or an added token's text
 
     def token_bytes(self, skip_special_tokens: bool = True) -> Sequence[bytes] | None:
+        return self._byte_table(skip_special_tokens)
+
+    def _byte_table(self, skip_special_tokens: bool) -> list[bytes]:
         """Bytes 0-255, the fallback characters, and the added tokens' text (which begins and ends with whole
-        ASCII characters, so joining it to the bytes around it decodes as `decode`'s separate runs do)."""
+        ASCII characters, so an incomplete character before or after one decodes as U+FFFD alone): the
+        table `decode` joins."""
         if skip_special_tokens not in self._token_bytes:
             table = [bytes([i]) for i in range(256)]
             table += [bytes([_FALLBACK_FIRST_CHAR + i % _FALLBACK_NUM_CHARS]) for i in range(256, self.vocab_size)]
@@ -397,23 +401,11 @@ class ByteTokenizer(Tokenizer):
         return ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        parts: list[str] = []
-        pending = bytearray()  # bytes of the current run; added tokens end a run
+        table = self._byte_table(skip_special_tokens)
         for token_id in token_ids:
-            if 0 <= token_id < 256:
-                pending.append(token_id)
-            elif token_id in self._added:
-                if skip_special_tokens and token_id in self.all_special_ids:
-                    continue
-                parts.append(pending.decode("utf-8", errors="replace"))
-                pending.clear()
-                parts.append(self._added[token_id])
-            elif 256 <= token_id < self.vocab_size:
-                pending.append(_FALLBACK_FIRST_CHAR + token_id % _FALLBACK_NUM_CHARS)
-            else:
+            if not 0 <= token_id < len(table):
                 raise ValueError(f"token id {token_id!r} is outside the vocabulary [0, {self.vocab_size})")
-        parts.append(pending.decode("utf-8", errors="replace"))
-        return "".join(parts)
+        return b"".join([table[token_id] for token_id in token_ids]).decode("utf-8", errors="replace")
 
     def _render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
         return _render_r1_chat(messages, add_generation_prompt)
