@@ -317,19 +317,17 @@ if triton is not None:
                        active, num_splits, heads, group, dims, v_scale, stride_ot, stride_oh, GROUP: tl.constexpr,
                        HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, MERGE_HEADS: tl.constexpr,
                        SPLITS_PAD: tl.constexpr, FP8: tl.constexpr):
-        """What a decode program leaves: its output, or its partial (SPLIT); with MERGE only the `active` splits
-        that saw keys leave one, and the last of them to finish merges them (zeros from split 0 where none did)."""
+        """What a decode program leaves: its output, or its partial (SPLIT); with MERGE only the splits that saw
+        keys leave one (split 0 of a sequence with none: an empty partial, which merges to zeros), and the last
+        of them to finish merges them."""
         if not MERGE:
             _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
                               group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, SPLIT, FP8)
-        elif split < active:
+        elif split < tl.maximum(active, 1):
             _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
                               group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, SPLIT, FP8)
-            _merge_if_last(part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, active, num_splits,
-                           stride_ot, stride_oh, GROUP, MERGE_HEADS, SPLITS_PAD, HEAD_DIM)
-        elif (active == 0) & (split == 0):
-            _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
-                              group, dims, v_scale, stride_ot, stride_oh, GROUP, HEAD_DIM, False, FP8)
+            _merge_if_last(part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, tl.maximum(active, 1),
+                           num_splits, stride_ot, stride_oh, GROUP, MERGE_HEADS, SPLITS_PAD, HEAD_DIM)
 
     @triton.jit
     def _store_decode_out(acc, l_i, m_i, out_ptr, part_out_ptr, part_lse_ptr, seq, split, num_splits, heads,
